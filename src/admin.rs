@@ -1,0 +1,312 @@
+//! The admin listener: the publish API (SPEC 4), channel info, `/metrics`,
+//! `/healthz` and `/readyz` (SPEC 6).
+
+use crate::hub::Hub;
+use crate::lifecycle::Lifecycle;
+use crate::message::is_json_type;
+use crate::metrics;
+use crate::respond::error_json;
+use crate::routes::{channel_problem, percent_decode};
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use http::{Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// The admin application.
+pub struct Admin {
+    pub hub: Arc<Hub>,
+    pub life: Arc<Lifecycle>,
+    /// Bearer token; empty = open.
+    pub token: String,
+    pub max_body: u64,
+}
+
+type Answer = Response<Vec<u8>>;
+
+fn json(status: u16, value: serde_json::Value) -> Answer {
+    let body = serde_json::to_vec(&value).unwrap_or_default();
+    respond(status, "application/json", body)
+}
+
+fn respond(status: u16, content_type: &str, body: Vec<u8>) -> Answer {
+    let len = body.len();
+    let mut r = Response::new(body);
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = r.headers_mut();
+    if let Ok(v) = content_type.parse() {
+        headers.insert(http::header::CONTENT_TYPE, v);
+    }
+    headers.insert(http::header::CONTENT_LENGTH, len.into());
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+fn error(status: u16, error: &str, detail: &str) -> Answer {
+    let mut r = respond(status, "application/json", error_json(error, detail));
+    if status == 503 {
+        r.headers_mut().insert(http::header::RETRY_AFTER, 1.into());
+    }
+    if status == 401 {
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    r
+}
+
+/// One message of a batch publish.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchMessage {
+    channel: String,
+    data: serde_json::Value,
+    #[serde(default)]
+    content_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch {
+    messages: Vec<BatchMessage>,
+}
+
+impl Admin {
+    fn authorized(&self, session: &ServerSession) -> bool {
+        if self.token.is_empty() {
+            return true;
+        }
+        let given = session
+            .req_header()
+            .headers
+            .get("Authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(given.trim().as_bytes(), self.token.as_bytes())
+    }
+
+    /// Reads the whole body; Err is the answer (413) when it is too big.
+    async fn body(&self, session: &mut ServerSession) -> Result<Bytes, Answer> {
+        let too_big = || {
+            error(
+                413,
+                "payload_too_large",
+                &format!(
+                    "body is larger than limits.max_body ({} bytes)",
+                    self.max_body
+                ),
+            )
+        };
+        let declared = session
+            .req_header()
+            .headers
+            .get("Content-Length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body) {
+            return Err(too_big());
+        }
+        let mut body = BytesMut::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if (body.len() + chunk.len()) as u64 > self.max_body {
+                        return Err(too_big());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body.freeze()),
+                Err(e) => return Err(error(400, "bad_request", &format!("cannot read body: {e}"))),
+            }
+        }
+    }
+
+    async fn publish_one(&self, session: &mut ServerSession, channel: &str) -> Answer {
+        if let Some(why) = channel_problem(channel) {
+            return error(400, "bad_channel", &why);
+        }
+        let content_type = session
+            .req_header()
+            .headers
+            .get("Content-Type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/octet-stream")
+            .to_string();
+        let body = match self.body(session).await {
+            Ok(b) => b,
+            Err(answer) => return answer,
+        };
+        if is_json_type(&content_type)
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
+        {
+            return error(
+                400,
+                "bad_json",
+                "Content-Type says JSON but the body is not valid JSON",
+            );
+        }
+        match self.hub.broker().publish(channel, content_type, body).await {
+            Ok(m) => {
+                metrics::PUBLISHED.inc();
+                json(
+                    200,
+                    serde_json::json!({ "id": m.id.to_string(), "channel": channel }),
+                )
+            }
+            Err(e) => error(503, "broker_unavailable", &e.to_string()),
+        }
+    }
+
+    async fn publish_batch(&self, session: &mut ServerSession) -> Answer {
+        let body = match self.body(session).await {
+            Ok(b) => b,
+            Err(answer) => return answer,
+        };
+        let batch: Batch = match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    400,
+                    "bad_json",
+                    &format!("expected {{\"messages\": [...]}}: {e}"),
+                )
+            }
+        };
+        let mut prepared = Vec::with_capacity(batch.messages.len());
+        for (i, m) in batch.messages.into_iter().enumerate() {
+            if let Some(why) = channel_problem(&m.channel) {
+                return error(400, "bad_channel", &format!("messages[{i}]: {why}"));
+            }
+            let content_type = m.content_type.unwrap_or_else(|| "application/json".into());
+            let data =
+                match (&m.data, is_json_type(&content_type)) {
+                    (_, true) => serde_json::to_vec(&m.data).unwrap_or_default(),
+                    (serde_json::Value::String(s), false) => s.clone().into_bytes(),
+                    (_, false) => return error(
+                        400,
+                        "bad_message",
+                        &format!(
+                            "messages[{i}]: data must be a string when content_type is not JSON"
+                        ),
+                    ),
+                };
+            if data.len() as u64 > self.max_body {
+                return error(
+                    413,
+                    "payload_too_large",
+                    &format!("messages[{i}] is larger than limits.max_body"),
+                );
+            }
+            prepared.push((m.channel, content_type, Bytes::from(data)));
+        }
+        let mut ids = Vec::with_capacity(prepared.len());
+        for (channel, content_type, data) in prepared {
+            match self
+                .hub
+                .broker()
+                .publish(&channel, content_type, data)
+                .await
+            {
+                Ok(m) => {
+                    metrics::PUBLISHED.inc();
+                    ids.push(m.id.to_string());
+                }
+                Err(e) => {
+                    let detail = format!("{e}; published {} of the batch: {:?}", ids.len(), ids);
+                    return error(503, "broker_unavailable", &detail);
+                }
+            }
+        }
+        json(200, serde_json::json!({ "ids": ids }))
+    }
+
+    async fn channel_info(&self, channel: &str) -> Answer {
+        if let Some(why) = channel_problem(channel) {
+            return error(400, "bad_channel", &why);
+        }
+        match self.hub.info(channel).await {
+            Ok(info) => json(
+                200,
+                serde_json::json!({
+                    "channel": channel,
+                    "last_id": info.last_id.to_string(),
+                    "history": info.history,
+                    "subscribers": info.subscribers,
+                }),
+            ),
+            Err(e) => error(503, "broker_unavailable", &e.to_string()),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = session.req_header().method.as_str().to_string();
+        let path = session.req_header().uri.path().to_string();
+        let is_api = path.starts_with("/v1/");
+        if is_api && !self.authorized(session) {
+            return error(
+                401,
+                "unauthorized",
+                "this publish API needs Authorization: Bearer <token>",
+            );
+        }
+        let decoded = |p: &str| percent_decode(p);
+        match (method.as_str(), path.as_str()) {
+            ("GET", "/metrics") => respond(200, "text/plain; version=0.0.4", metrics::render()),
+            ("GET", "/healthz") => json(200, serde_json::json!({ "status": "ok" })),
+            ("GET", "/readyz") => {
+                if self.life.is_draining() {
+                    error(503, "draining", "this instance is shutting down")
+                } else if !self.hub.broker().is_up() {
+                    error(503, "broker_down", "the broker is unreachable")
+                } else {
+                    json(200, serde_json::json!({ "status": "ready" }))
+                }
+            }
+            ("POST", "/v1/publish") => self.publish_batch(session).await,
+            ("POST", p) if p.starts_with("/v1/publish/") => {
+                match decoded(&p["/v1/publish/".len()..]) {
+                    Some(ch) => self.publish_one(session, &ch).await,
+                    None => error(
+                        400,
+                        "bad_channel",
+                        "the channel is not valid percent-encoded UTF-8",
+                    ),
+                }
+            }
+            ("GET", p) if p.starts_with("/v1/channels/") => {
+                match decoded(&p["/v1/channels/".len()..]) {
+                    Some(ch) => self.channel_info(&ch).await,
+                    None => error(
+                        400,
+                        "bad_channel",
+                        "the channel is not valid percent-encoded UTF-8",
+                    ),
+                }
+            }
+            (_, "/metrics" | "/healthz" | "/readyz" | "/v1/publish") => error(
+                405,
+                "method_not_allowed",
+                &format!("{method} is not allowed on {path}"),
+            ),
+            _ => error(
+                404,
+                "not_found",
+                &format!("no admin endpoint {method} {path}"),
+            ),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

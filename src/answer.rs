@@ -1,0 +1,157 @@
+//! Answers to a poll, encoded once and shared by every waiter they fit.
+//!
+//! An [`Answer`] is built from the subscription's cursor before the answer
+//! and the messages it carries; it holds the cursor after them and the body
+//! in the subscription's [`Format`], ready to write.
+
+use crate::cursor::Cursor;
+use crate::message::Message;
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Most messages one envelope answer carries.
+pub const MAX_MESSAGES: usize = 100;
+
+/// How a subscription wants its answers written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// The JSON envelope `{"cursor","gap","messages"}`.
+    Envelope,
+    /// One message per answer, its own bytes and content type.
+    Raw,
+    /// Server-Sent Events, `id:` and `data:` lines per message.
+    Sse,
+}
+
+impl Format {
+    /// Most messages one answer in this format carries.
+    pub fn limit(self) -> usize {
+        match self {
+            Format::Raw => 1,
+            Format::Envelope | Format::Sse => MAX_MESSAGES,
+        }
+    }
+}
+
+/// A ready-to-write answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// The format the body is in.
+    pub format: Format,
+    /// The cursor after the carried messages.
+    pub cursor: Cursor,
+    /// `cursor` as the client sees it.
+    pub cursor_text: String,
+    /// True when the client's position was lost (SPEC 3 `gap`).
+    pub gap: bool,
+    /// The carried messages, oldest first.
+    pub messages: Vec<Arc<Message>>,
+    /// The body in the subscription's format (for `Raw`, the first message's
+    /// bytes; empty when there is none).
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// Builds the answer for a client at `start` receiving `found`, each
+    /// message paired with the index of its channel in the cursor.
+    pub fn build(
+        format: Format,
+        start: &Cursor,
+        gap: bool,
+        found: &[(usize, Arc<Message>)],
+    ) -> Answer {
+        let mut cursor = start.clone();
+        let mut body = Vec::new();
+        let json_len: usize = found.iter().map(|(_, m)| m.json().len() + 1).sum();
+        match format {
+            Format::Envelope => body.reserve(json_len + 64),
+            Format::Sse => body.reserve(json_len + found.len() * 48),
+            Format::Raw => {}
+        }
+        for (i, (index, m)) in found.iter().enumerate() {
+            cursor.0[*index] = m.id;
+            if format == Format::Sse {
+                body.extend_from_slice(b"id: ");
+                body.extend_from_slice(cursor.to_string().as_bytes());
+                body.extend_from_slice(b"\ndata: ");
+                body.extend_from_slice(m.json());
+                body.extend_from_slice(b"\n\n");
+            } else if format == Format::Envelope {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(m.json());
+            }
+        }
+        let cursor_text = cursor.to_string();
+        let body = match format {
+            Format::Envelope => {
+                let mut env = Vec::with_capacity(body.len() + cursor_text.len() + 48);
+                env.extend_from_slice(b"{\"cursor\":\"");
+                env.extend_from_slice(cursor_text.as_bytes());
+                env.extend_from_slice(if gap {
+                    b"\",\"gap\":true"
+                } else {
+                    b"\",\"gap\":false"
+                });
+                env.extend_from_slice(b",\"messages\":[");
+                env.extend_from_slice(&body);
+                env.extend_from_slice(b"]}");
+                Bytes::from(env)
+            }
+            Format::Sse => Bytes::from(body),
+            Format::Raw => found
+                .first()
+                .map(|(_, m)| m.data.clone())
+                .unwrap_or_default(),
+        };
+        Answer {
+            format,
+            cursor,
+            cursor_text,
+            gap,
+            messages: found.iter().map(|(_, m)| m.clone()).collect(),
+            body,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::MessageId;
+
+    fn msg(ch: &str, ms: u64, data: &'static str) -> Arc<Message> {
+        Arc::new(Message::new(
+            MessageId { ms, seq: 0 },
+            ch.into(),
+            "application/json".into(),
+            Bytes::from_static(data.as_bytes()),
+        ))
+    }
+
+    #[test]
+    fn envelope_moves_each_channel_position() {
+        let start = Cursor(vec![MessageId::ZERO, MessageId::ZERO]);
+        let found = [(1, msg("b", 3, "1")), (0, msg("a", 4, "{\"x\":2}"))];
+        let a = Answer::build(Format::Envelope, &start, false, &found);
+        assert_eq!(a.cursor_text, "4-0.3-0");
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(v["cursor"], "4-0.3-0");
+        assert_eq!(v["gap"], false);
+        assert_eq!(v["messages"][1]["data"]["x"], 2);
+        assert_eq!(v["messages"][0]["channel"], "b");
+    }
+
+    #[test]
+    fn sse_events_carry_progressive_cursors() {
+        let start = Cursor(vec![MessageId::ZERO]);
+        let found = [(0, msg("a", 1, "1")), (0, msg("a", 2, "2"))];
+        let a = Answer::build(Format::Sse, &start, false, &found);
+        let text = std::str::from_utf8(&a.body).unwrap();
+        assert!(text.starts_with("id: 1-0\ndata: {"), "{text}");
+        assert!(text.contains("\n\nid: 2-0\ndata: "), "{text}");
+        let raw = Answer::build(Format::Raw, &start, false, &found[..1]);
+        assert_eq!(&raw.body[..], b"1");
+    }
+}

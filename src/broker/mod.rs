@@ -1,0 +1,72 @@
+//! The broker: where messages are stored and announced.
+//!
+//! A [`Broker`] keeps each channel's history and announces every publish to
+//! every gateway instance through the [`Sink`] it was given (the hub). The
+//! in-process [`memory::MemoryBroker`] serves a single instance; the Redis
+//! broker (a later issue) implements the same trait for several.
+
+pub mod memory;
+
+use crate::history::History;
+use crate::message::Message;
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Why the broker could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerError {
+    /// The broker cannot be reached or refused the command: retry later (503).
+    Unavailable(String),
+}
+
+impl std::fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BrokerError::Unavailable(why) => write!(f, "broker unavailable: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for BrokerError {}
+
+/// Receives every message the broker announces, in publish order per channel.
+pub trait Sink: Send + Sync {
+    /// Called once per announced message. Must not block.
+    fn deliver(&self, message: Arc<Message>);
+}
+
+/// Storage and announcement of messages.
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Stores the message in the channel's history and announces it.
+    /// Returns the stored message (with its id) only once both are done, so
+    /// that an `Ok` means every subscriber will get it.
+    async fn publish(
+        &self,
+        channel: &str,
+        content_type: String,
+        data: Bytes,
+    ) -> Result<Arc<Message>, BrokerError>;
+
+    /// Returns the channel's retained history (empty when the channel is
+    /// unknown or expired).
+    async fn history(&self, channel: &str) -> Result<History, BrokerError>;
+
+    /// Sets the receiver of announcements. Called once, before serving.
+    fn set_sink(&self, sink: Arc<dyn Sink>);
+
+    /// Tells the broker this instance now needs announcements for `channel`.
+    fn watch(&self, _channel: &str) {}
+
+    /// Tells the broker this instance no longer needs `channel`.
+    fn unwatch(&self, _channel: &str) {}
+
+    /// True while the broker is reachable.
+    fn is_up(&self) -> bool {
+        true
+    }
+
+    /// Periodic housekeeping (expiring histories); called about once a second.
+    fn maintain(&self) {}
+}

@@ -1,0 +1,204 @@
+//! The command line (SPEC 1): `serve`, `check`, `publish`, `--version`.
+//!
+//! Every flag also reads `POLLGATE_<FLAG>` from the environment.
+
+use crate::config::{Config, ConfigErrors};
+use crate::routes::RouteTable;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// The default config file, used when it exists and no -c is given.
+pub const DEFAULT_CONFIG: &str = "conf/pollgate.yaml";
+
+#[derive(Parser, Debug)]
+#[command(name = "pollgate", version, about = "A long-poll gateway on Pingora")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Validate a config file and print the effective config.
+    Check(ConfigArgs),
+    /// Publish one message through the publish API and print its id.
+    Publish(PublishArgs),
+}
+
+/// Where the config comes from, and the flags that override it.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ConfigArgs {
+    /// Config file (default: conf/pollgate.yaml when it exists, else built-in defaults).
+    #[arg(short = 'c', long = "config", env = "POLLGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Client-facing listener, e.g. 0.0.0.0:8080.
+    #[arg(long, env = "POLLGATE_LISTEN")]
+    pub listen: Option<String>,
+    /// Admin listener (publish API, metrics, health).
+    #[arg(long, env = "POLLGATE_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Broker URL: memory://, redis://host:6379/0, ...
+    #[arg(long, env = "POLLGATE_BROKER")]
+    pub broker: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Log format.
+    #[arg(long, env = "POLLGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log level or tracing filter (info, debug, pollgate=debug,pingora=warn).
+    #[arg(long, env = "POLLGATE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct PublishArgs {
+    /// Admin base URL.
+    #[arg(long, env = "POLLGATE_ADMIN", default_value = "http://127.0.0.1:9090")]
+    pub admin: String,
+    /// Bearer token of the publish API.
+    #[arg(long, env = "POLLGATE_TOKEN")]
+    pub token: Option<String>,
+    /// Content type of the message.
+    #[arg(
+        long,
+        env = "POLLGATE_CONTENT_TYPE",
+        default_value = "text/plain; charset=utf-8"
+    )]
+    pub content_type: String,
+    /// Channel to publish to.
+    pub channel: String,
+    /// The message; `-` or absent reads standard input.
+    pub data: Option<String>,
+}
+
+/// The config file `args` names, and the name used in messages.
+fn config_file(args: &ConfigArgs) -> Option<PathBuf> {
+    match &args.config {
+        Some(p) => Some(p.clone()),
+        None => Path::new(DEFAULT_CONFIG)
+            .exists()
+            .then(|| PathBuf::from(DEFAULT_CONFIG)),
+    }
+}
+
+/// Loads, overrides and validates the config. Errors are full lines.
+pub fn load(args: &ConfigArgs) -> Result<(Config, RouteTable), ConfigErrors> {
+    let file = config_file(args);
+    let name = file
+        .as_ref()
+        .map_or("(built-in defaults)".to_string(), |f| {
+            f.display().to_string()
+        });
+    let mut config = match &file {
+        Some(f) => Config::load(f)?,
+        None => Config::default(),
+    };
+    if let Some(l) = &args.listen {
+        config.listen = l.clone();
+    }
+    if let Some(a) = &args.admin_listen {
+        config.admin_listen = a.clone();
+    }
+    if let Some(b) = &args.broker {
+        config.broker.url = b.clone();
+    }
+    let routes = config.validate(&name)?;
+    Ok((config, routes))
+}
+
+/// Sets up tracing, with Pingora's `log` records bridged in.
+pub fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("--log-level '{level}': {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.finish().try_init(),
+        LogFormat::Json => builder.json().finish().try_init(),
+    };
+    result.map_err(|e| format!("cannot set up logging: {e}"))
+}
+
+/// Publishes through the admin API; returns the printed id or an error line.
+pub fn publish(args: &PublishArgs) -> Result<String, String> {
+    let data = match args.data.as_deref() {
+        Some("-") | None => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| format!("cannot read stdin: {e}"))?;
+            buf
+        }
+        Some(d) => d.as_bytes().to_vec(),
+    };
+    let rest = args
+        .admin
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("--admin '{}': only http:// URLs are supported", args.admin))?;
+    let (host, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let prefix = prefix.trim_end_matches('/');
+    let prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("/{prefix}")
+    };
+    let channel: String = args
+        .channel
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-' | b':' | b'@' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let mut head = format!(
+        "POST {prefix}/v1/publish/{channel} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        args.content_type,
+        data.len()
+    );
+    if let Some(t) = args.token.as_deref().filter(|t| !t.is_empty()) {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut stream =
+        std::net::TcpStream::connect(host).map_err(|e| format!("cannot connect to {host}: {e}"))?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .ok();
+    stream
+        .write_all(head.as_bytes())
+        .and_then(|_| stream.write_all(&data))
+        .map_err(|e| format!("cannot send to {host}: {e}"))?;
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{host} sent no HTTP answer"))?;
+    let status = head.split_whitespace().nth(1).unwrap_or("?");
+    let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null);
+    match (status, v["id"].as_str()) {
+        ("200", Some(id)) => Ok(id.to_string()),
+        _ => Err(format!(
+            "publish failed: {status} {} {}",
+            v["error"].as_str().unwrap_or(""),
+            v["detail"].as_str().unwrap_or(body.trim())
+        )),
+    }
+}

@@ -1,0 +1,379 @@
+//! The YAML configuration file (SPEC 2): its shape, defaults, `${VAR}`
+//! expansion and validation.
+//!
+//! [`Config::load`] returns either a config every other module can trust or
+//! the full list of problems, each naming the file, the key path and what is
+//! wrong, which `pollgate check` prints one per line.
+
+use crate::routes::RouteTable;
+use crate::units;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Client-facing HTTP listener.
+    pub listen: String,
+    /// Publish API, metrics, health.
+    pub admin_listen: String,
+    /// Worker threads of the gateway service.
+    pub threads: usize,
+    /// Time allowed to drain on SIGTERM.
+    #[serde(with = "units::duration")]
+    pub grace_period: Duration,
+    pub broker: BrokerConfig,
+    pub publish: PublishConfig,
+    pub limits: Limits,
+    pub cors: Cors,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    pub url: String,
+    pub namespace: String,
+    pub history: usize,
+    #[serde(with = "units::duration")]
+    pub history_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishConfig {
+    /// Bearer token of the publish API; empty means no authentication.
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_held: usize,
+    #[serde(with = "units::size")]
+    pub max_body: u64,
+    pub max_channels: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cors {
+    pub allow_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub addrs: Vec<String>,
+    #[serde(default)]
+    pub tls: bool,
+    /// TLS server name; defaults to the address's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    #[serde(default = "default_connect_timeout", with = "units::duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_read_timeout", with = "units::duration")]
+    pub read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscribe: Option<SubscribeConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<PublishThroughConfig>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publish_from_header: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeConfig {
+    pub channels: Vec<String>,
+    #[serde(default = "default_hold", with = "units::duration")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub first: FirstConfig,
+    #[serde(default)]
+    pub format: FormatConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorize: Option<String>,
+    #[serde(default, with = "units::duration")]
+    pub authorize_cache: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FirstConfig {
+    #[default]
+    Newest,
+    Oldest,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FormatConfig {
+    #[default]
+    Json,
+    Raw,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishThroughConfig {
+    pub channel: String,
+    #[serde(default)]
+    pub body: BodySource,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BodySource {
+    #[default]
+    Response,
+    Request,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_hold() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            grace_period: Duration::from_secs(10),
+            broker: BrokerConfig::default(),
+            publish: PublishConfig::default(),
+            limits: Limits::default(),
+            cors: Cors::default(),
+            upstreams: BTreeMap::new(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            url: "memory://".into(),
+            namespace: "pollgate".into(),
+            history: 100,
+            history_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_held: 100_000,
+            max_body: 1 << 20,
+            max_channels: 16,
+        }
+    }
+}
+
+/// Problems found in a config, each a full line ready to print.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads, expands, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("{file}: cannot read: {e}")]))?;
+        Config::parse(&file, &text)
+    }
+
+    /// Parses YAML `text` (named `file` in errors) into a config, without
+    /// validating it.
+    pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+        let expanded = expand_env(text, |k| std::env::var(k).ok())
+            .map_err(|e| ConfigErrors(vec![format!("{file}: {e}")]))?;
+        if expanded.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        let de = serde_yaml::Deserializer::from_str(&expanded);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            ConfigErrors(vec![if path == "." {
+                format!("{file}: {inner}")
+            } else {
+                format!("{file}: {path}: {inner}")
+            }])
+        })
+    }
+
+    /// Checks everything that parsing cannot; returns every problem found,
+    /// prefixed with `file`.
+    pub fn validate(&self, file: &str) -> Result<RouteTable, ConfigErrors> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, why: String| problems.push(format!("{file}: {key}: {why}"));
+        for (key, addr) in [
+            ("listen", &self.listen),
+            ("admin_listen", &self.admin_listen),
+        ] {
+            if addr.parse::<SocketAddr>().is_err() {
+                bad(key, format!("'{addr}' is not an address like 0.0.0.0:8080"));
+            }
+        }
+        if self.threads == 0 {
+            bad("threads", "must be at least 1".into());
+        }
+        let scheme = self.broker.url.split("://").next().unwrap_or("");
+        if !self.broker.url.contains("://")
+            || !["memory", "redis", "rediss", "redis+cluster"].contains(&scheme)
+        {
+            bad(
+                "broker.url",
+                format!(
+                    "'{}' is not memory://, redis://, rediss:// or redis+cluster:// URL",
+                    self.broker.url
+                ),
+            );
+        }
+        if self.broker.history == 0 {
+            bad("broker.history", "must be at least 1".into());
+        }
+        if self.broker.history_ttl.is_zero() {
+            bad("broker.history_ttl", "must be longer than 0s".into());
+        }
+        if self.limits.max_held == 0 {
+            bad("limits.max_held", "must be at least 1".into());
+        }
+        if self.limits.max_body == 0 {
+            bad("limits.max_body", "must be at least 1 byte".into());
+        }
+        if self.limits.max_channels == 0 {
+            bad("limits.max_channels", "must be at least 1".into());
+        }
+        for (i, o) in self.cors.allow_origins.iter().enumerate() {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                bad(
+                    &format!("cors.allow_origins[{i}]"),
+                    format!("'{o}' is not \"*\" nor an origin like https://app.example.com"),
+                );
+            }
+        }
+        for (name, up) in &self.upstreams {
+            if up.addrs.is_empty() {
+                bad(
+                    &format!("upstreams.{name}.addrs"),
+                    "needs at least one address".into(),
+                );
+            }
+            for (i, a) in up.addrs.iter().enumerate() {
+                let ok = a
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                if !ok {
+                    bad(
+                        &format!("upstreams.{name}.addrs[{i}]"),
+                        format!("'{a}' is not host:port"),
+                    );
+                }
+            }
+        }
+        let table = RouteTable::compile(self);
+        match table {
+            Ok(t) if problems.is_empty() => Ok(t),
+            Ok(_) => Err(ConfigErrors(problems)),
+            Err(route_problems) => {
+                problems.extend(route_problems.into_iter().map(|p| format!("{file}: {p}")));
+                Err(ConfigErrors(problems))
+            }
+        }
+    }
+}
+
+/// Expands `${VAR}` and `${VAR:-default}` with `lookup`. An unset variable
+/// without a default is an error naming it.
+pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed '${{' in '{}'", after.lines().next().unwrap_or("")))?;
+        let expr = &after[..end];
+        let (name, default) = match expr.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (expr, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("'${{{expr}}}' is not a valid variable reference"));
+        }
+        match (lookup(name), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable {name} is not set (write ${{{name}:-}} to allow it empty)"
+                ))
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_expansion() {
+        let env = |k: &str| (k == "A").then(|| "1".to_string());
+        assert_eq!(expand_env("x${A}y${B:-z}", env).unwrap(), "x1yz");
+        assert_eq!(expand_env("${B:-}", env).unwrap(), "");
+        assert!(expand_env("${B}", env)
+            .unwrap_err()
+            .contains("B is not set"));
+        assert!(expand_env("${A", env).is_err());
+    }
+
+    #[test]
+    fn unknown_keys_name_their_path() {
+        let e = Config::parse("f.yaml", "limits:\n  max_hled: 3\n").unwrap_err();
+        assert!(e.0[0].starts_with("f.yaml: limits"), "{e}");
+        assert!(e.0[0].contains("max_hled"), "{e}");
+        let e = Config::parse("f.yaml", "grace_period: soon\n").unwrap_err();
+        assert!(
+            e.0[0].contains("grace_period") && e.0[0].contains("invalid duration"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,91 @@
+//! Cursors: the opaque position a client sends back to resume without loss.
+//!
+//! A cursor holds one message id per channel of the subscription, in the
+//! order of the route's channel list, written `<id>` or `<id>.<id>...`. For a
+//! single channel it is therefore just the last message id, which is also
+//! what SSE's `Last-Event-ID` and an `ETag` naturally carry.
+
+use crate::message::MessageId;
+use std::fmt;
+
+/// Positions of a subscription, one per channel.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Cursor(pub Vec<MessageId>);
+
+/// Why a client's cursor was refused (a 400).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorError(pub String);
+
+impl Cursor {
+    /// Parses what a client sent for a subscription to `channels` channels.
+    /// Surrounding quotes and a weak-ETag prefix (`W/"..."`) are accepted, as
+    /// `If-None-Match` carries them.
+    pub fn parse(text: &str, channels: usize) -> Result<Cursor, CursorError> {
+        let t = text.trim();
+        let t = t.strip_prefix("W/").unwrap_or(t);
+        let t = t
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .unwrap_or(t);
+        if t.len() > 64 * channels.max(1) {
+            return Err(CursorError("cursor is too long".into()));
+        }
+        let ids = t
+            .split('.')
+            .map(|part| part.parse::<MessageId>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| {
+                CursorError(format!("'{}' is not a cursor pollgate issued", shorten(t)))
+            })?;
+        if ids.len() != channels {
+            return Err(CursorError(format!(
+                "cursor has {} position(s), this subscription has {} channel(s)",
+                ids.len(),
+                channels
+            )));
+        }
+        Ok(Cursor(ids))
+    }
+
+    /// The same cursor with position `index` moved to `id`.
+    pub fn with(&self, index: usize, id: MessageId) -> Cursor {
+        let mut c = self.clone();
+        c.0[index] = id;
+        c
+    }
+}
+
+fn shorten(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, id) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(".")?;
+            }
+            write!(f, "{id}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects() {
+        let c = Cursor::parse("\"1-2.3-4\"", 2).unwrap();
+        assert_eq!(c.to_string(), "1-2.3-4");
+        assert_eq!(Cursor::parse("W/\"5-0\"", 1).unwrap().to_string(), "5-0");
+        assert!(Cursor::parse("1-2", 2).is_err());
+        assert!(Cursor::parse("garbage", 1).is_err());
+        assert!(Cursor::parse("", 1).is_err());
+        assert_eq!(
+            c.with(1, MessageId { ms: 9, seq: 0 }).to_string(),
+            "1-2.9-0"
+        );
+    }
+}

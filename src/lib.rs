@@ -1,0 +1,23 @@
+//! pollgate: a long-poll gateway on Pingora.
+//!
+//! Data flows one way: [`config`] → [`routes`] → [`gateway`] / [`admin`] →
+//! [`hub`] → [`broker`]. [`server`] assembles the Pingora server; `main.rs`
+//! holds the command line.
+
+pub mod admin;
+pub mod answer;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod cursor;
+pub mod gateway;
+pub mod history;
+pub mod hub;
+pub mod lifecycle;
+pub mod message;
+pub mod metrics;
+pub mod poll;
+pub mod respond;
+pub mod routes;
+pub mod server;
+pub mod units;

@@ -1,0 +1,215 @@
+//! Messages and their ids: what a publish stores and what a poll answers with.
+//!
+//! A [`Message`] is immutable once published and shared by `Arc` between the
+//! broker's history, the hub's local window and every answer that carries it.
+//! Its JSON form (the object inside an envelope's `messages` list) is encoded
+//! once, when the message is built, so fan-out never re-encodes a payload.
+
+use base64::Engine;
+use bytes::Bytes;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// A message id, `<ms>-<seq>`: milliseconds since the epoch and a sequence
+/// number within that millisecond. Ids grow strictly within a channel (the
+/// same scheme as Redis stream ids) and compare across channels by time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl MessageId {
+    /// The position before any message: what a cursor holds for a channel
+    /// that had no messages when it was handed out.
+    pub const ZERO: MessageId = MessageId { ms: 0, seq: 0 };
+
+    /// Returns the next id after `self` for a message published now: the
+    /// current time, or `self` with its sequence bumped when the clock has not
+    /// moved past `self` (so ids never go backwards).
+    pub fn next_after(self) -> MessageId {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if now > self.ms {
+            MessageId { ms: now, seq: 0 }
+        } else {
+            MessageId {
+                ms: self.ms,
+                seq: self.seq + 1,
+            }
+        }
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// Why a string is not a message id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadId;
+
+impl FromStr for MessageId {
+    type Err = BadId;
+
+    /// Parses `<ms>-<seq>`, both plain decimal numbers.
+    fn from_str(s: &str) -> Result<Self, BadId> {
+        let (ms, seq) = s.split_once('-').ok_or(BadId)?;
+        let num = |t: &str| -> Result<u64, BadId> {
+            if t.is_empty() || t.len() > 20 || !t.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(BadId);
+            }
+            t.parse().map_err(|_| BadId)
+        };
+        Ok(MessageId {
+            ms: num(ms)?,
+            seq: num(seq)?,
+        })
+    }
+}
+
+/// One published message.
+#[derive(Debug)]
+pub struct Message {
+    pub id: MessageId,
+    pub channel: Arc<str>,
+    pub content_type: String,
+    pub data: Bytes,
+    /// When this instance accepted or received the message; the start of
+    /// `pollgate_delivery_latency_seconds`.
+    pub received_at: Instant,
+    /// The message as a JSON object, compact and on one line (so it also
+    /// serves as an SSE `data:` line).
+    json: Bytes,
+}
+
+impl Message {
+    /// Builds a message and encodes its JSON form once.
+    pub fn new(id: MessageId, channel: Arc<str>, content_type: String, data: Bytes) -> Message {
+        let json = encode_json(id, &channel, &content_type, &data);
+        Message {
+            id,
+            channel,
+            content_type,
+            data,
+            received_at: Instant::now(),
+            json,
+        }
+    }
+
+    /// The message as the JSON object that envelopes and SSE events carry.
+    pub fn json(&self) -> &Bytes {
+        &self.json
+    }
+}
+
+/// True when `content_type` names JSON (`application/json`, `*/*+json`).
+pub fn is_json_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json" || essence.ends_with("+json")
+}
+
+fn encode_json(id: MessageId, channel: &str, content_type: &str, data: &[u8]) -> Bytes {
+    use serde_json::Value;
+    let mut out = Vec::with_capacity(data.len() + channel.len() + content_type.len() + 80);
+    out.extend_from_slice(b"{\"id\":\"");
+    out.extend_from_slice(id.to_string().as_bytes());
+    out.extend_from_slice(b"\",\"channel\":");
+    out.extend_from_slice(&serde_json::to_vec(channel).unwrap_or_default());
+    out.extend_from_slice(b",\"content_type\":");
+    out.extend_from_slice(&serde_json::to_vec(content_type).unwrap_or_default());
+    out.extend_from_slice(b",\"data\":");
+    let as_json = is_json_type(content_type)
+        .then(|| serde_json::from_slice::<Value>(data).ok())
+        .flatten();
+    match (as_json, std::str::from_utf8(data)) {
+        (Some(value), _) => {
+            // Re-encoding keeps the object on one line whatever the publisher sent.
+            out.extend_from_slice(&serde_json::to_vec(&value).unwrap_or_default());
+        }
+        (None, Ok(text)) => out.extend_from_slice(&serde_json::to_vec(text).unwrap_or_default()),
+        (None, Err(_)) => {
+            out.push(b'"');
+            out.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(data)
+                    .as_bytes(),
+            );
+            out.extend_from_slice(b"\",\"encoding\":\"base64\"");
+        }
+    }
+    out.push(b'}');
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json_of(ct: &str, data: &[u8]) -> serde_json::Value {
+        let m = Message::new(
+            MessageId { ms: 5, seq: 1 },
+            "a".into(),
+            ct.into(),
+            Bytes::copy_from_slice(data),
+        );
+        serde_json::from_slice(m.json()).unwrap()
+    }
+
+    #[test]
+    fn ids_parse_and_print() {
+        let id: MessageId = "1732400000000-7".parse().unwrap();
+        assert_eq!(
+            id,
+            MessageId {
+                ms: 1732400000000,
+                seq: 7
+            }
+        );
+        assert_eq!(id.to_string(), "1732400000000-7");
+        for bad in [
+            "",
+            "1",
+            "-1",
+            "1-",
+            "a-1",
+            "1-1-1",
+            "+1-2",
+            "99999999999999999999999-1",
+        ] {
+            assert!(bad.parse::<MessageId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn next_ids_grow() {
+        let far = MessageId {
+            ms: u64::MAX / 2,
+            seq: 3,
+        };
+        assert_eq!(far.next_after(), MessageId { ms: far.ms, seq: 4 });
+        assert!(MessageId::ZERO.next_after() > MessageId::ZERO);
+    }
+
+    #[test]
+    fn data_is_json_text_or_base64() {
+        let v = json_of("application/json", b"{\"text\":\n\"hi\"}");
+        assert_eq!(v["data"]["text"], "hi");
+        assert_eq!(json_of("text/plain", b"hi")["data"], "hi");
+        assert_eq!(json_of("application/json", b"not json")["data"], "not json");
+        let b = json_of("application/octet-stream", &[0xff, 0x00]);
+        assert_eq!(b["data"], "/wA=");
+        assert_eq!(b["encoding"], "base64");
+    }
+}

@@ -1,0 +1,155 @@
+//! Prometheus metrics (SPEC 6), registered in the default registry that
+//! Pingora's own metrics use, and served by the admin listener.
+
+use prometheus::{
+    register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+};
+use std::sync::LazyLock;
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Long-polls currently held.
+pub static HELD: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("pollgate_held_requests", "Long-polls currently held").unwrap()
+});
+
+/// Subscribe requests by outcome.
+pub static SUBSCRIBES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "pollgate_subscribe_requests_total",
+        "Subscribe requests by outcome (message, timeout, gap, rejected, error, disconnected)",
+        &["outcome"]
+    )
+    .unwrap()
+});
+
+/// Messages accepted by a publish.
+pub static PUBLISHED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!("pollgate_messages_published_total", "Messages published").unwrap()
+});
+
+/// Messages written to subscribers (one per message per subscriber).
+pub static DELIVERED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "pollgate_messages_delivered_total",
+        "Messages written to subscribers"
+    )
+    .unwrap()
+});
+
+/// Publish accepted (or received from the broker) to answer written.
+pub static DELIVERY_LATENCY: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "pollgate_delivery_latency_seconds",
+        "Time from a publish being accepted to a held subscriber's answer being written",
+        LATENCY_BUCKETS.to_vec()
+    )
+    .unwrap()
+});
+
+/// Channels this instance tracks (with held polls or a recent local window).
+pub static CHANNELS_ACTIVE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "pollgate_channels_active",
+        "Channels tracked by this instance"
+    )
+    .unwrap()
+});
+
+/// 1 while the broker is reachable.
+pub static BROKER_UP: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("pollgate_broker_up", "1 while the broker is reachable").unwrap()
+});
+
+/// Broker reconnections.
+pub static BROKER_RECONNECTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "pollgate_broker_reconnects_total",
+        "Reconnections to the broker"
+    )
+    .unwrap()
+});
+
+/// Requests sent to upstreams by upstream and status.
+pub static UPSTREAM_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "pollgate_upstream_requests_total",
+        "Requests proxied to upstreams",
+        &["upstream", "status"]
+    )
+    .unwrap()
+});
+
+/// Upstream answer latency by upstream.
+pub static UPSTREAM_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "pollgate_upstream_latency_seconds",
+        "Upstream answer latency",
+        &["upstream"],
+        LATENCY_BUCKETS.to_vec()
+    )
+    .unwrap()
+});
+
+/// Outcome label of a subscribe request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Message,
+    Timeout,
+    Gap,
+    Rejected,
+    Error,
+    Disconnected,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Message => "message",
+            Outcome::Timeout => "timeout",
+            Outcome::Gap => "gap",
+            Outcome::Rejected => "rejected",
+            Outcome::Error => "error",
+            Outcome::Disconnected => "disconnected",
+        }
+    }
+
+    /// Counts one subscribe request with this outcome.
+    pub fn count(self) {
+        SUBSCRIBES.with_label_values(&[self.label()]).inc();
+    }
+}
+
+/// Registers every metric so that `/metrics` lists them from the start.
+pub fn init() {
+    LazyLock::force(&HELD);
+    for o in [
+        Outcome::Message,
+        Outcome::Timeout,
+        Outcome::Gap,
+        Outcome::Rejected,
+        Outcome::Error,
+        Outcome::Disconnected,
+    ] {
+        SUBSCRIBES.with_label_values(&[o.label()]);
+    }
+    LazyLock::force(&PUBLISHED);
+    LazyLock::force(&DELIVERED);
+    LazyLock::force(&DELIVERY_LATENCY);
+    LazyLock::force(&CHANNELS_ACTIVE);
+    LazyLock::force(&BROKER_UP);
+    LazyLock::force(&BROKER_RECONNECTS);
+    LazyLock::force(&UPSTREAM_REQUESTS);
+    LazyLock::force(&UPSTREAM_LATENCY);
+}
+
+/// The default registry in Prometheus text format.
+pub fn render() -> Vec<u8> {
+    use prometheus::Encoder;
+    let mut out = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&prometheus::gather(), &mut out);
+    out
+}

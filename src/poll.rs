@@ -1,0 +1,415 @@
+//! Subscribe requests over HTTP (SPEC 3): parse the request, ask the hub,
+//! hold, and write the answer as a JSON envelope, a raw message or an SSE
+//! stream.
+//!
+//! A held poll waits for the first of: its wake-up from the hub, its timeout
+//! (on Pingora's shared coarse timer), the client going away (detected by
+//! reading the idle connection), or draining.
+
+use crate::answer::{Answer, Format};
+use crate::config::Cors;
+use crate::cursor::Cursor;
+use crate::hub::{Held, Hub, Poll};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::{self, Outcome};
+use crate::respond;
+use crate::routes::{Params, SubscribeRoute};
+use bytes::Bytes;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorType, Result};
+use pingora_timeout::fast_timeout::fast_sleep;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Interval of SSE keep-alive comments.
+pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
+/// Retry-After (seconds) of 503 answers.
+const RETRY_AFTER: &str = "1";
+
+/// Serves subscribe routes.
+pub struct Poller {
+    pub hub: Arc<Hub>,
+    pub life: Arc<Lifecycle>,
+    pub max_held: usize,
+    pub cors: Cors,
+}
+
+/// What ended a hold.
+enum Ending {
+    Woken(Arc<Answer>),
+    Timeout,
+    Drain,
+    Gone,
+}
+
+/// A bad request: its 400 detail.
+struct BadRequest(String);
+
+/// The parsed parts of a subscribe request.
+struct Request {
+    channels: Vec<String>,
+    cursor: Option<Cursor>,
+    timeout: Duration,
+    format: Format,
+}
+
+impl Poller {
+    /// Answers one subscribe request on `route` with the path `params`.
+    pub async fn serve(
+        &self,
+        session: &mut Session,
+        route: &SubscribeRoute,
+        params: &Params,
+    ) -> Result<()> {
+        let req = match parse(session, route, params) {
+            Ok(r) => r,
+            Err(BadRequest(detail)) => {
+                Outcome::Error.count();
+                return respond::error(
+                    session,
+                    400,
+                    "bad_request",
+                    &detail,
+                    &self.cors_headers(session),
+                )
+                .await;
+            }
+        };
+        if let Some(why) = self.refusal() {
+            Outcome::Rejected.count();
+            let mut extra = self.cors_headers(session);
+            extra.push(("Retry-After", RETRY_AFTER.into()));
+            return respond::error(session, 503, "unavailable", why, &extra).await;
+        }
+        if req.format == Format::Sse {
+            return self.stream(session, route, req).await;
+        }
+        let held = match self
+            .hub
+            .poll(&req.channels, req.cursor, route.first, req.format)
+            .await
+        {
+            Ok(Poll::Ready(answer)) => {
+                let outcome = if answer.gap {
+                    Outcome::Gap
+                } else {
+                    Outcome::Message
+                };
+                return self.answer(session, &answer, outcome, false).await;
+            }
+            Ok(Poll::Held(held)) => held,
+            Err(e) => {
+                Outcome::Error.count();
+                let mut extra = self.cors_headers(session);
+                extra.push(("Retry-After", RETRY_AFTER.into()));
+                return respond::error(session, 503, "broker_unavailable", &e.to_string(), &extra)
+                    .await;
+            }
+        };
+        let cursor = held.cursor.clone();
+        match self.hold(session, held, jitter(req.timeout)).await {
+            Ending::Woken(answer) => self.answer(session, &answer, Outcome::Message, true).await,
+            Ending::Timeout => {
+                let empty = Answer::build(req.format, &cursor, false, &[]);
+                self.answer(session, &empty, Outcome::Timeout, false).await
+            }
+            Ending::Drain => {
+                session.set_keepalive(None);
+                let empty = Answer::build(req.format, &cursor, false, &[]);
+                self.answer(session, &empty, Outcome::Timeout, false).await
+            }
+            Ending::Gone => {
+                Outcome::Disconnected.count();
+                Error::e_explain(ErrorType::ConnectionClosed, "client left a held poll")
+                    .map_err(|e| e.into_down())
+            }
+        }
+    }
+
+    /// Why a new poll is refused now (draining, broker down, max_held).
+    fn refusal(&self) -> Option<&'static str> {
+        if self.life.is_draining() {
+            Some("this instance is shutting down; reconnect")
+        } else if !self.hub.broker().is_up() {
+            Some("the broker is unreachable")
+        } else if metrics::HELD.get() >= self.max_held as i64 {
+            Some("too many held polls on this instance (limits.max_held)")
+        } else {
+            None
+        }
+    }
+
+    /// Waits for the first event that ends a held poll.
+    async fn hold(&self, session: &mut Session, mut held: Held, timeout: Duration) -> Ending {
+        metrics::HELD.inc();
+        let ending = tokio::select! {
+            woken = &mut held.wake => match woken {
+                Ok(answer) => Ending::Woken(answer),
+                Err(_) => Ending::Timeout,
+            },
+            _ = fast_sleep(timeout) => Ending::Timeout,
+            _ = self.life.drained() => Ending::Drain,
+            _ = session.downstream_session.read_body_or_idle(true) => Ending::Gone,
+        };
+        metrics::HELD.dec();
+        ending
+    }
+
+    /// Writes an answer in its format and counts it.
+    async fn answer(
+        &self,
+        session: &mut Session,
+        answer: &Answer,
+        outcome: Outcome,
+        live: bool,
+    ) -> Result<()> {
+        let raw = answer.format == Format::Raw;
+        let (status, content_type) = match (raw, answer.messages.first()) {
+            (true, Some(m)) => (200, m.content_type.as_str()),
+            (true, None) => (204, ""),
+            (false, _) => (200, "application/json"),
+        };
+        let mut h = respond::header(status, content_type, answer.body.len())?;
+        h.insert_header("Cache-Control", "no-store")?;
+        h.insert_header("Pollgate-Cursor", answer.cursor_text.as_str())?;
+        if raw {
+            h.insert_header("ETag", format!("\"{}\"", answer.cursor_text))?;
+        }
+        if answer.gap {
+            h.insert_header("Pollgate-Gap", "1")?;
+        }
+        if session.get_keepalive().is_none() {
+            h.insert_header("Connection", "close")?;
+        }
+        for (k, v) in self.cors_headers(session) {
+            h.insert_header(k, v)?;
+        }
+        respond::send(session, h, answer.body.clone()).await?;
+        outcome.count();
+        count_delivered(answer, live);
+        Ok(())
+    }
+
+    /// Streams Server-Sent Events until the client leaves or draining.
+    async fn stream(
+        &self,
+        session: &mut Session,
+        route: &SubscribeRoute,
+        req: Request,
+    ) -> Result<()> {
+        let mut h = pingora::http::ResponseHeader::build(200, Some(6))?;
+        h.insert_header("Content-Type", "text/event-stream")?;
+        h.insert_header("Cache-Control", "no-store")?;
+        h.insert_header("Transfer-Encoding", "chunked")?;
+        for (k, v) in self.cors_headers(session) {
+            h.insert_header(k, v)?;
+        }
+        session.set_keepalive(None);
+        session.write_response_header(Box::new(h), false).await?;
+        session
+            .write_response_body(Some(Bytes::from_static(b": pollgate\n\n")), false)
+            .await?;
+        let mut cursor = req.cursor;
+        loop {
+            let poll = self
+                .hub
+                .poll(&req.channels, cursor.clone(), route.first, Format::Sse)
+                .await;
+            let mut held = match poll {
+                Ok(Poll::Ready(answer)) => {
+                    session
+                        .write_response_body(Some(answer.body.clone()), false)
+                        .await?;
+                    count_delivered(&answer, false);
+                    cursor = Some(answer.cursor.clone());
+                    continue;
+                }
+                Ok(Poll::Held(held)) => held,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SSE stream ends: broker unavailable");
+                    break;
+                }
+            };
+            metrics::HELD.inc();
+            let ending = loop {
+                let ending = tokio::select! {
+                    woken = &mut held.wake => match woken {
+                        Ok(answer) => Ending::Woken(answer),
+                        Err(_) => Ending::Timeout,
+                    },
+                    _ = fast_sleep(SSE_KEEPALIVE) => Ending::Timeout,
+                    _ = self.life.drained() => Ending::Drain,
+                    _ = session.downstream_session.read_body_or_idle(true) => Ending::Gone,
+                };
+                if !matches!(ending, Ending::Timeout) {
+                    break ending;
+                }
+                let ping = Bytes::from_static(b": keep-alive\n\n");
+                if session
+                    .write_response_body(Some(ping), false)
+                    .await
+                    .is_err()
+                {
+                    break Ending::Gone;
+                }
+            };
+            metrics::HELD.dec();
+            match ending {
+                Ending::Woken(answer) => {
+                    session
+                        .write_response_body(Some(answer.body.clone()), false)
+                        .await?;
+                    count_delivered(&answer, true);
+                    cursor = Some(answer.cursor.clone());
+                }
+                Ending::Gone => {
+                    Outcome::Disconnected.count();
+                    return Error::e_explain(ErrorType::ConnectionClosed, "SSE client left")
+                        .map_err(|e| e.into_down());
+                }
+                Ending::Drain | Ending::Timeout => break,
+            }
+        }
+        Outcome::Timeout.count();
+        session.write_response_body(Some(Bytes::new()), true).await
+    }
+
+    /// CORS headers for the request's Origin, per `cors.allow_origins`.
+    fn cors_headers(&self, session: &Session) -> Vec<(&'static str, String)> {
+        cors_headers(&self.cors, session)
+    }
+}
+
+/// CORS headers for an allowed Origin (none when CORS is off or the origin
+/// is not listed).
+pub fn cors_headers(cors: &Cors, session: &Session) -> Vec<(&'static str, String)> {
+    let Some(origin) = session
+        .req_header()
+        .headers
+        .get("Origin")
+        .and_then(|o| o.to_str().ok())
+    else {
+        return Vec::new();
+    };
+    let any = cors.allow_origins.iter().any(|o| o == "*");
+    if !any && !cors.allow_origins.iter().any(|o| o == origin) {
+        return Vec::new();
+    }
+    vec![
+        (
+            "Access-Control-Allow-Origin",
+            if any { "*".into() } else { origin.to_string() },
+        ),
+        (
+            "Access-Control-Expose-Headers",
+            "Pollgate-Cursor, Pollgate-Gap, ETag".into(),
+        ),
+        ("Vary", "Origin".into()),
+    ]
+}
+
+fn count_delivered(answer: &Answer, live: bool) {
+    metrics::DELIVERED.inc_by(answer.messages.len() as u64);
+    if live {
+        let now = Instant::now();
+        for m in &answer.messages {
+            metrics::DELIVERY_LATENCY.observe(now.duration_since(m.received_at).as_secs_f64());
+        }
+    }
+}
+
+/// Up to 10% shorter, so that reconnects spread.
+fn jitter(timeout: Duration) -> Duration {
+    timeout.mul_f64(1.0 - fastrand::f64() * 0.1)
+}
+
+fn parse(
+    session: &Session,
+    route: &SubscribeRoute,
+    params: &Params,
+) -> Result<Request, BadRequest> {
+    let req = session.req_header();
+    let query = req.uri.query().unwrap_or("");
+    let mut channels = Vec::with_capacity(route.channels.len());
+    for t in &route.channels {
+        let name = t.render(params).map_err(BadRequest)?;
+        if !channels.contains(&name) {
+            channels.push(name);
+        }
+    }
+    let header = |name: &str| {
+        req.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let cursor_text = query_param(query, "cursor")
+        .or_else(|| header("Last-Event-ID"))
+        .or_else(|| header("If-None-Match"));
+    let cursor = match cursor_text {
+        Some(t) if !t.is_empty() => {
+            Some(Cursor::parse(&t, channels.len()).map_err(|e| BadRequest(e.0))?)
+        }
+        _ => None,
+    };
+    let timeout = match query_param(query, "timeout") {
+        None => route.timeout,
+        Some(t) => {
+            let secs: f64 = t
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                .ok_or_else(|| BadRequest(format!("timeout '{t}' is not a number of seconds")))?;
+            Duration::from_secs_f64(secs.min(route.timeout.as_secs_f64()))
+        }
+    };
+    let sse = header("Accept").is_some_and(|a| a.contains("text/event-stream"));
+    let format = match query_param(query, "format").as_deref() {
+        _ if sse => Format::Sse,
+        None => {
+            if route.raw {
+                Format::Raw
+            } else {
+                Format::Envelope
+            }
+        }
+        Some("raw") => Format::Raw,
+        Some("json") => Format::Envelope,
+        Some(other) => return Err(BadRequest(format!("format '{other}' is not json or raw"))),
+    };
+    Ok(Request {
+        channels,
+        cursor,
+        timeout,
+        format,
+    })
+}
+
+/// The first value of `name` in a query string, percent-decoded.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| decode(v))
+    })
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = s
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'+', _) => out.push(b' '),
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 2;
+            }
+            (c, _) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

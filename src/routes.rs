@@ -1,0 +1,460 @@
+//! Routes: path templates with `{name}` segments, prefix routes, channel
+//! templates and channel-name rules (SPEC 2).
+//!
+//! A [`PathTemplate`] matches whole segments of a request path and captures
+//! `{name}` segments; a template ending in `/` (or the single `/`) matches any
+//! path under it. A [`ChannelTemplate`] renders a channel name from captures.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Longest channel name, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 256;
+
+/// Why a channel name is refused; `None` when it is valid.
+pub fn channel_problem(name: &str) -> Option<String> {
+    if name.is_empty() || name.len() > MAX_CHANNEL_LEN {
+        return Some(format!(
+            "channel names are 1 to {MAX_CHANNEL_LEN} bytes, got {}",
+            name.len()
+        ));
+    }
+    name.chars().find(|c| !is_channel_char(*c)).map(|c| {
+        format!("'{c}' is not allowed in a channel name (allowed: A-Z a-z 0-9 _ . : @ / -)")
+    })
+}
+
+fn is_channel_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "_.:@/-".contains(c)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Param(String),
+}
+
+/// A compiled route path.
+#[derive(Debug, Clone)]
+pub struct PathTemplate {
+    segments: Vec<Segment>,
+    prefix: bool,
+}
+
+/// Path parameters captured by a match.
+pub type Params = BTreeMap<String, String>;
+
+impl PathTemplate {
+    /// Compiles `path`; the error says what is wrong with it.
+    pub fn parse(path: &str) -> Result<PathTemplate, String> {
+        let rest = path
+            .strip_prefix('/')
+            .ok_or_else(|| format!("'{path}' must start with '/'"))?;
+        let prefix = path.ends_with('/');
+        let body = rest.strip_suffix('/').unwrap_or(rest);
+        let mut segments = Vec::new();
+        if !body.is_empty() {
+            for seg in body.split('/') {
+                if seg.is_empty() {
+                    return Err(format!("'{path}' has an empty segment"));
+                }
+                segments.push(match param_name(seg)? {
+                    Some(name) => {
+                        if segments.contains(&Segment::Param(name.clone())) {
+                            return Err(format!("'{path}' names {{{name}}} twice"));
+                        }
+                        Segment::Param(name)
+                    }
+                    None => Segment::Literal(seg.to_string()),
+                });
+            }
+        }
+        Ok(PathTemplate { segments, prefix })
+    }
+
+    /// Names of the `{name}` segments.
+    pub fn params(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Param(n) => Some(n.as_str()),
+            Segment::Literal(_) => None,
+        })
+    }
+
+    /// Matches a request path (without query). Returns the captures
+    /// (percent-decoded) or None.
+    pub fn matches(&self, path: &str) -> Option<Params> {
+        let rest = path.strip_prefix('/')?;
+        let mut parts = rest.split('/');
+        let mut params = Params::new();
+        for seg in &self.segments {
+            let part = parts.next()?;
+            match seg {
+                Segment::Literal(l) if l == part => {}
+                Segment::Literal(_) => return None,
+                Segment::Param(name) => {
+                    if part.is_empty() {
+                        return None;
+                    }
+                    params.insert(name.clone(), percent_decode(part)?);
+                }
+            }
+        }
+        let remaining: Vec<&str> = parts.collect();
+        let exact = remaining.is_empty() || remaining == [""];
+        (exact || self.prefix).then_some(params)
+    }
+}
+
+/// `{name}` → Some(name); a plain segment → None; a malformed one → Err.
+fn param_name(seg: &str) -> Result<Option<String>, String> {
+    match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+        Some(name)
+            if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
+            Ok(Some(name.to_string()))
+        }
+        Some(_) => Err(format!(
+            "'{seg}' is not a valid {{name}} (letters, digits, _)"
+        )),
+        None if seg.contains(['{', '}']) => {
+            Err(format!("'{seg}': a {{name}} must be a whole segment"))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Decodes `%XX` escapes; None when they are malformed or not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    if !s.contains('%') {
+        return Some(s.to_string());
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Param(String),
+}
+
+/// A channel name with `{name}` placeholders, e.g. `room:{room}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelTemplate {
+    pieces: Vec<Piece>,
+}
+
+impl ChannelTemplate {
+    /// Compiles `text`, checking its literal parts and that every
+    /// placeholder is one of `params`.
+    pub fn parse<'a>(
+        text: &str,
+        params: impl IntoIterator<Item = &'a str> + Clone,
+    ) -> Result<ChannelTemplate, String> {
+        let mut pieces = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            let (lit, after) = rest.split_at(open);
+            let close = after
+                .find('}')
+                .ok_or_else(|| format!("'{text}' has an unclosed '{{'"))?;
+            let name = &after[1..close];
+            if !params.clone().into_iter().any(|p| p == name) {
+                return Err(format!(
+                    "'{text}' uses {{{name}}}, which the route's path does not capture"
+                ));
+            }
+            if !lit.is_empty() {
+                pieces.push(Piece::Text(lit.to_string()));
+            }
+            pieces.push(Piece::Param(name.to_string()));
+            rest = &after[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("'{text}' has a '}}' without '{{'"));
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Text(rest.to_string()));
+        }
+        if pieces.is_empty() {
+            return Err("a channel template cannot be empty".into());
+        }
+        for p in &pieces {
+            if let Piece::Text(t) = p {
+                if let Some(c) = t.chars().find(|c| !is_channel_char(*c)) {
+                    return Err(format!("'{text}': '{c}' is not allowed in a channel name"));
+                }
+            }
+        }
+        Ok(ChannelTemplate { pieces })
+    }
+
+    /// Renders the channel name for `params`; the error is a 400 detail.
+    pub fn render(&self, params: &Params) -> Result<String, String> {
+        let mut out = String::new();
+        for p in &self.pieces {
+            match p {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Param(n) => out.push_str(params.get(n).map(String::as_str).unwrap_or("")),
+            }
+        }
+        match channel_problem(&out) {
+            None => Ok(out),
+            Some(why) => Err(format!("channel '{}': {why}", out.escape_default())),
+        }
+    }
+}
+
+impl fmt::Display for ChannelTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for p in &self.pieces {
+            match p {
+                Piece::Text(t) => f.write_str(t)?,
+                Piece::Param(n) => write!(f, "{{{n}}}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_match_whole_segments_and_prefixes() {
+        let t = PathTemplate::parse("/rooms/{room}/events").unwrap();
+        assert_eq!(t.matches("/rooms/1/events").unwrap()["room"], "1");
+        assert_eq!(t.matches("/rooms/a%3Ab/events").unwrap()["room"], "a:b");
+        assert!(t.matches("/rooms/1/events/x").is_none());
+        assert!(t.matches("/rooms//events").is_none());
+        assert!(t.matches("/rooms/1").is_none());
+        let p = PathTemplate::parse("/api/").unwrap();
+        assert!(p.matches("/api/x/y").is_some());
+        assert!(p.matches("/apix").is_none());
+        assert!(PathTemplate::parse("/")
+            .unwrap()
+            .matches("/anything")
+            .is_some());
+        assert!(PathTemplate::parse("rooms").is_err());
+        assert!(PathTemplate::parse("/a/x{b}").is_err());
+        assert!(PathTemplate::parse("/a/{b}/{b}").is_err());
+    }
+
+    #[test]
+    fn channel_templates_render_and_validate() {
+        let t = ChannelTemplate::parse("room:{room}", ["room"]).unwrap();
+        let mut p = Params::new();
+        p.insert("room".into(), "42".into());
+        assert_eq!(t.render(&p).unwrap(), "room:42");
+        p.insert("room".into(), "a b".into());
+        assert!(t.render(&p).is_err());
+        assert!(ChannelTemplate::parse("room:{nope}", ["room"]).is_err());
+        assert!(ChannelTemplate::parse("bad channel", ["room"]).is_err());
+        assert!(ChannelTemplate::parse("room:{room", ["room"]).is_err());
+        assert!(channel_problem(&"x".repeat(257)).is_some());
+    }
+}
+
+/// A compiled route (config → request matching).
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub path: PathTemplate,
+    /// Upper-case methods; empty = any.
+    pub methods: Vec<String>,
+    pub action: Action,
+}
+
+/// What a route does with a request.
+#[derive(Debug, Clone)]
+pub enum Action {
+    Subscribe(SubscribeRoute),
+    Proxy(ProxyRoute),
+}
+
+/// A long-poll route.
+#[derive(Debug, Clone)]
+pub struct SubscribeRoute {
+    pub channels: Vec<ChannelTemplate>,
+    pub timeout: std::time::Duration,
+    pub first: crate::hub::First,
+    pub raw: bool,
+    pub authorize: Option<String>,
+    pub authorize_cache: std::time::Duration,
+}
+
+/// A reverse-proxy route, optionally publishing what passes through.
+#[derive(Debug, Clone)]
+pub struct ProxyRoute {
+    pub upstream: String,
+    pub publish: Option<(ChannelTemplate, crate::config::BodySource)>,
+    pub publish_from_header: bool,
+}
+
+/// The routes of a config, first match wins.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+/// The result of matching a request.
+pub enum Match<'a> {
+    Found(&'a Route, Params),
+    /// Some route has this path but none this method; the allowed methods.
+    MethodNotAllowed(Vec<String>),
+    NotFound,
+}
+
+impl RouteTable {
+    /// Compiles the config's routes; each problem names `routes[i]...`.
+    pub fn compile(config: &crate::config::Config) -> Result<RouteTable, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut routes = Vec::new();
+        for (i, rc) in config.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            match compile_route(config, &key, rc) {
+                Ok(r) => routes.push(r),
+                Err(mut p) => problems.append(&mut p),
+            }
+        }
+        if problems.is_empty() {
+            Ok(RouteTable { routes })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Finds the first route for `method` and `path`.
+    pub fn find(&self, method: &str, path: &str) -> Match<'_> {
+        let mut allowed: Vec<String> = Vec::new();
+        for r in &self.routes {
+            if let Some(params) = r.path.matches(path) {
+                if r.methods.is_empty() || r.methods.iter().any(|m| m == method) {
+                    return Match::Found(r, params);
+                }
+                allowed.extend(r.methods.iter().cloned());
+            }
+        }
+        if allowed.is_empty() {
+            Match::NotFound
+        } else {
+            allowed.dedup();
+            Match::MethodNotAllowed(allowed)
+        }
+    }
+}
+
+fn compile_route(
+    config: &crate::config::Config,
+    key: &str,
+    rc: &crate::config::RouteConfig,
+) -> Result<Route, Vec<String>> {
+    use crate::config::{FirstConfig, FormatConfig};
+    let mut problems = Vec::new();
+    let path = PathTemplate::parse(&rc.path).map_err(|e| vec![format!("{key}.path: {e}")])?;
+    let params: Vec<&str> = path.params().collect();
+    let mut methods = Vec::new();
+    for (j, m) in rc.methods.iter().enumerate() {
+        let up = m.to_ascii_uppercase();
+        if up.is_empty() || !up.bytes().all(|b| b.is_ascii_uppercase()) {
+            problems.push(format!("{key}.methods[{j}]: '{m}' is not an HTTP method"));
+        }
+        methods.push(up);
+    }
+    let upstream_known = |field: &str, name: &str, problems: &mut Vec<String>| {
+        if !config.upstreams.contains_key(name) {
+            problems.push(format!(
+                "{key}.{field}: no upstream named '{name}' in upstreams"
+            ));
+        }
+    };
+    let action = match (&rc.subscribe, &rc.upstream) {
+        (Some(_), Some(_)) | (None, None) => {
+            problems.push(format!(
+                "{key}: needs exactly one of 'subscribe' or 'upstream'"
+            ));
+            None
+        }
+        (Some(s), None) => {
+            if rc.publish.is_some() || rc.publish_from_header {
+                problems.push(format!(
+                    "{key}: 'publish' belongs on an upstream route, not a subscribe route"
+                ));
+            }
+            if s.channels.is_empty() {
+                problems.push(format!(
+                    "{key}.subscribe.channels: needs at least one channel"
+                ));
+            }
+            if s.channels.len() > config.limits.max_channels {
+                problems.push(format!(
+                    "{key}.subscribe.channels: {} channels, more than limits.max_channels ({})",
+                    s.channels.len(),
+                    config.limits.max_channels
+                ));
+            }
+            let mut channels = Vec::new();
+            for (j, c) in s.channels.iter().enumerate() {
+                match ChannelTemplate::parse(c, params.iter().copied()) {
+                    Ok(t) => channels.push(t),
+                    Err(e) => problems.push(format!("{key}.subscribe.channels[{j}]: {e}")),
+                }
+            }
+            if s.timeout.is_zero() {
+                problems.push(format!("{key}.subscribe.timeout: must be longer than 0s"));
+            }
+            if let Some(a) = &s.authorize {
+                upstream_known("subscribe.authorize", a, &mut problems);
+            }
+            Some(Action::Subscribe(SubscribeRoute {
+                channels,
+                timeout: s.timeout,
+                first: match s.first {
+                    FirstConfig::Newest => crate::hub::First::Newest,
+                    FirstConfig::Oldest => crate::hub::First::Oldest,
+                },
+                raw: s.format == FormatConfig::Raw,
+                authorize: s.authorize.clone(),
+                authorize_cache: s.authorize_cache,
+            }))
+        }
+        (None, Some(up)) => {
+            upstream_known("upstream", up, &mut problems);
+            let publish = match &rc.publish {
+                Some(p) => match ChannelTemplate::parse(&p.channel, params.iter().copied()) {
+                    Ok(t) => Some((t, p.body)),
+                    Err(e) => {
+                        problems.push(format!("{key}.publish.channel: {e}"));
+                        None
+                    }
+                },
+                None => None,
+            };
+            Some(Action::Proxy(ProxyRoute {
+                upstream: up.clone(),
+                publish,
+                publish_from_header: rc.publish_from_header,
+            }))
+        }
+    };
+    match action {
+        Some(action) if problems.is_empty() => Ok(Route {
+            path,
+            methods,
+            action,
+        }),
+        _ => Err(problems),
+    }
+}

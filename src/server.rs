@@ -1,0 +1,159 @@
+//! Assembles the Pingora server from a validated config: the gateway
+//! service, the admin service, the housekeeping background service and the
+//! signal handling that drains held polls.
+
+use crate::admin::Admin;
+use crate::broker::memory::MemoryBroker;
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::hub::Hub;
+use crate::lifecycle::Lifecycle;
+use crate::metrics;
+use crate::routes::RouteTable;
+use async_trait::async_trait;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Per-connection read buffer of the client listener. Pingora's default is
+/// 64 KiB, which at 20k held polls alone is over 1 GiB; requests to a
+/// long-poll gateway are small, and larger bodies still stream through.
+pub const READ_BUFFER: usize = 4 * 1024;
+
+/// How long a channel nobody polls stays in the hub after its last waiter.
+pub const CHANNEL_LINGER: Duration = Duration::from_secs(30);
+
+/// Builds the broker named by `config.broker.url`.
+pub fn broker(config: &Config) -> Result<Arc<dyn Broker>, String> {
+    let url = &config.broker.url;
+    if url.starts_with("memory://") {
+        Ok(Arc::new(MemoryBroker::new(
+            config.broker.history,
+            config.broker.history_ttl,
+        )))
+    } else {
+        Err(format!(
+            "broker.url: '{url}': only memory:// is available in this build"
+        ))
+    }
+}
+
+/// Runs the gateway until SIGTERM/SIGINT; exits the process.
+pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
+    metrics::init();
+    let broker = broker(&config)?;
+    metrics::BROKER_UP.set(broker.is_up() as i64);
+    let hub = Hub::new(broker, config.broker.history, CHANNEL_LINGER);
+    let life = Arc::new(Lifecycle::default());
+
+    let mut conf = ServerConf::default();
+    conf.threads = config.threads;
+    conf.grace_period_seconds = Some(config.grace_period.as_secs());
+    conf.graceful_shutdown_timeout_seconds = Some(1);
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let gateway = Gateway::new(&config, routes, hub.clone(), life.clone());
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        gateway,
+        "pollgate gateway",
+    );
+    proxy.add_listener(
+        ListenerConfig::tcp(config.listen.clone()).l4_buffer(L4BufferSettings {
+            read: Some(READ_BUFFER),
+            write: None,
+        }),
+    );
+
+    let admin = Admin {
+        hub: hub.clone(),
+        life: life.clone(),
+        token: config.publish.token.clone(),
+        max_body: config.limits.max_body,
+    };
+    let mut admin = Service::new("pollgate admin".to_string(), admin);
+    admin.threads = Some(1);
+    admin.add_tcp(&config.admin_listen);
+
+    let housekeeping = background_service("pollgate housekeeping", Housekeeping { hub });
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(housekeeping);
+    tracing::info!(listen = %config.listen, admin = %config.admin_listen, broker = %config.broker.url, "pollgate starting");
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals {
+            life,
+            grace: config.grace_period,
+        }),
+    });
+    Ok(())
+}
+
+/// Expires histories and forgets idle channels, once a second.
+struct Housekeeping {
+    hub: Arc<Hub>,
+}
+
+#[async_trait]
+impl BackgroundService for Housekeeping {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.hub.broker().maintain();
+                    self.hub.sweep();
+                    metrics::BROKER_UP.set(self.hub.broker().is_up() as i64);
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// SIGTERM drains: held polls are answered at once, and the process exits
+/// as soon as nothing is in flight (or when `grace` ends), rather than
+/// sitting out Pingora's whole grace period.
+struct Signals {
+    life: Arc<Lifecycle>,
+    grace: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => return ShutdownSignal::FastShutdown,
+            _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
+            _ = term.recv() => {}
+        }
+        tracing::info!(grace = ?self.grace, "SIGTERM: draining held polls");
+        self.life.drain();
+        let life = self.life.clone();
+        let grace = self.grace;
+        std::thread::spawn(move || {
+            // Give Pingora a moment to stop its listeners, then wait for the rest.
+            std::thread::sleep(Duration::from_millis(50));
+            let clean = life.wait_idle(grace);
+            tracing::info!(clean, "drained; exiting");
+            std::process::exit(0);
+        });
+        ShutdownSignal::GracefulTerminate
+    }
+}

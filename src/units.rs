@@ -1,0 +1,81 @@
+//! Serde helpers for the config's human units: humantime durations (`30s`,
+//! `1m 30s`, `250ms`) and byte sizes (`1MiB`, `512KiB`, `1000`).
+
+use serde::{de, Deserialize, Deserializer, Serializer};
+use std::time::Duration;
+
+/// `#[serde(with = "units::duration")]`
+pub mod duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(text.trim()).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid duration '{text}': {e} (write e.g. 30s, 1m 30s, 250ms)"
+            ))
+        })
+    }
+}
+
+/// `#[serde(with = "units::size")]`
+pub mod size {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*n)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(n),
+            Raw::Text(t) => parse(&t).ok_or_else(|| {
+                de::Error::custom(format!(
+                    "invalid size '{t}' (write e.g. 1MiB, 512KiB or a byte count)"
+                ))
+            }),
+        }
+    }
+
+    /// Parses `1MiB`, `512 KiB`, `2MB`, `100B` or `1000` into bytes.
+    pub fn parse(text: &str) -> Option<u64> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().ok()?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            _ => return None,
+        };
+        n.checked_mul(mult)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn sizes() {
+            assert_eq!(super::parse("1MiB"), Some(1 << 20));
+            assert_eq!(super::parse("512 KiB"), Some(512 << 10));
+            assert_eq!(super::parse("1000"), Some(1000));
+            assert_eq!(super::parse("1 parsec"), None);
+            assert_eq!(super::parse("MiB"), None);
+        }
+    }
+}

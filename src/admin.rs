@@ -185,18 +185,19 @@ impl Admin {
                 return error(400, "bad_channel", &format!("messages[{i}]: {why}"));
             }
             let content_type = m.content_type.unwrap_or_else(|| "application/json".into());
-            let data =
-                match (&m.data, is_json_type(&content_type)) {
-                    (_, true) => serde_json::to_vec(&m.data).unwrap_or_default(),
-                    (serde_json::Value::String(s), false) => s.clone().into_bytes(),
-                    (_, false) => return error(
+            let data = match (&m.data, is_json_type(&content_type)) {
+                (_, true) => serde_json::to_vec(&m.data).unwrap_or_default(),
+                (serde_json::Value::String(s), false) => s.clone().into_bytes(),
+                (_, false) => {
+                    return error(
                         400,
                         "bad_message",
                         &format!(
                             "messages[{i}]: data must be a string when content_type is not JSON"
                         ),
-                    ),
-                };
+                    )
+                }
+            };
             if data.len() as u64 > self.max_body {
                 return error(
                     413,

@@ -95,7 +95,10 @@ impl PathTemplate {
                     if part.is_empty() {
                         return None;
                     }
-                    params.insert(name.clone(), percent_decode(part)?);
+                    params.insert(
+                        name.clone(),
+                        percent_decode(part).unwrap_or_else(|| part.to_string()),
+                    );
                 }
             }
         }

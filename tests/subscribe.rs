@@ -1,0 +1,369 @@
+//! Subscribing (SPEC 3): hold, wake, cursors, gaps, formats, keep-alive and
+//! disconnects, against a real pollgate over HTTP.
+
+mod support;
+
+use serde_json::Value;
+use std::io::Read;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+use support::*;
+
+fn ids(v: &Value) -> Vec<String> {
+    v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_held_poll_is_answered_by_a_publish() {
+    let pg = Pollgate::start(ROUTES);
+    let url = pg.url("/sub/news");
+    let poll = tokio::spawn(async move { get_json(&url).await });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    let started = Instant::now();
+    let id = pg
+        .publish("news", "application/json", r#"{"text":"hi"}"#)
+        .await;
+    let (status, headers, body) = poll.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(status, 200);
+    assert_eq!(headers["cache-control"], "no-store");
+    assert_eq!(headers["pollgate-cursor"], id.as_str());
+    assert_eq!(body["cursor"], id.as_str());
+    assert_eq!(body["gap"], false);
+    assert_eq!(body["messages"][0]["id"], id.as_str());
+    assert_eq!(body["messages"][0]["channel"], "news");
+    assert_eq!(body["messages"][0]["content_type"], "application/json");
+    assert_eq!(body["messages"][0]["data"]["text"], "hi");
+    assert_eq!(
+        pg.metric("pollgate_subscribe_requests_total{outcome=\"message\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(pg.metric("pollgate_messages_delivered_total").await, 1.0);
+    assert_eq!(
+        pg.metric("pollgate_delivery_latency_seconds_count").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_timeout_answers_empty_with_the_cursor_unchanged_and_jitter() {
+    let pg = Pollgate::start(ROUTES);
+    let id = pg.publish("t", "text/plain", "one").await;
+    let started = Instant::now();
+    let (status, headers, body) = get_json(&pg.url(&format!("/sub/t?cursor={id}&timeout=1"))).await;
+    let took = started.elapsed();
+    assert_eq!(status, 200);
+    assert!(took <= Duration::from_millis(1100), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(880),
+        "jitter is at most 10%: {took:?}"
+    );
+    assert_eq!(body["messages"], serde_json::json!([]));
+    assert_eq!(body["cursor"], id.as_str());
+    assert_eq!(headers["pollgate-cursor"], id.as_str());
+    // ?timeout= cannot exceed the route's 10s; 0 answers at once.
+    let (_, _, body) = get_json(&pg.url(&format!("/sub/t?cursor={id}&timeout=0"))).await;
+    assert_eq!(body["cursor"], id.as_str());
+    assert_eq!(
+        pg.metric("pollgate_subscribe_requests_total{outcome=\"timeout\"}")
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn a_poll_without_cursor_gets_the_current_cursor_so_nothing_is_missed() {
+    let pg = Pollgate::start(ROUTES);
+    pg.publish("c", "text/plain", "old").await;
+    let (_, _, first) = get_json(&pg.url("/sub/c?timeout=0")).await;
+    assert_eq!(
+        first["messages"],
+        serde_json::json!([]),
+        "first: newest skips the past"
+    );
+    let cursor = first["cursor"].as_str().unwrap().to_string();
+    // Published while the client is not polling:
+    let a = pg.publish("c", "text/plain", "a").await;
+    let b = pg.publish("c", "text/plain", "b").await;
+    let c = pg.publish("c", "text/plain", "c").await;
+    let (_, _, next) = get_json(&pg.url(&format!("/sub/c?cursor={cursor}"))).await;
+    assert_eq!(ids(&next), [a, b, c.clone()]);
+    assert_eq!(next["messages"][0]["data"], "a");
+    assert_eq!(next["cursor"], c.as_str());
+}
+
+#[tokio::test]
+async fn cursors_also_come_from_last_event_id_and_if_none_match() {
+    let pg = Pollgate::start(ROUTES);
+    let a = pg.publish("h", "text/plain", "a").await;
+    let b = pg.publish("h", "text/plain", "b").await;
+    for (name, value) in [
+        ("Last-Event-ID", a.clone()),
+        ("If-None-Match", format!("\"{a}\"")),
+    ] {
+        let r = client()
+            .get(pg.url("/sub/h"))
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(ids(&v), [b.clone()], "{name}");
+    }
+}
+
+#[tokio::test]
+async fn first_oldest_returns_the_retained_history() {
+    let pg = Pollgate::start(ROUTES);
+    let a = pg.publish("o", "text/plain", "a").await;
+    let b = pg.publish("o", "text/plain", "b").await;
+    let (_, _, v) = get_json(&pg.url("/oldest/o")).await;
+    assert_eq!(ids(&v), [a, b]);
+    assert_eq!(v["gap"], false);
+}
+
+#[tokio::test]
+async fn answers_carry_at_most_100_messages_oldest_first() {
+    let pg = Pollgate::start(&format!("broker:\n  history: 300\n{ROUTES}"));
+    let mut published = Vec::new();
+    for i in 0..150 {
+        published.push(pg.publish("many", "text/plain", &i.to_string()).await);
+    }
+    let (_, _, first) = get_json(&pg.url("/oldest/many")).await;
+    assert_eq!(ids(&first), published[..100]);
+    let (_, _, rest) = get_json(&pg.url(&format!(
+        "/oldest/many?cursor={}",
+        first["cursor"].as_str().unwrap()
+    )))
+    .await;
+    assert_eq!(ids(&rest), published[100..]);
+}
+
+#[tokio::test]
+async fn a_cursor_older_than_history_or_unknown_is_a_gap() {
+    let pg = Pollgate::start(&format!("broker:\n  history: 3\n{ROUTES}"));
+    let mut published = Vec::new();
+    for i in 0..5 {
+        published.push(pg.publish("g", "text/plain", &i.to_string()).await);
+    }
+    let (status, headers, v) = get_json(&pg.url(&format!("/sub/g?cursor={}", published[0]))).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["gap"], true);
+    assert_eq!(headers["pollgate-gap"], "1");
+    assert_eq!(ids(&v), published[2..], "what is retained");
+    assert_eq!(v["cursor"], published[4].as_str());
+    // An id this channel never had (e.g. after a flush) is a gap too.
+    let (_, _, v) = get_json(&pg.url("/sub/g?cursor=99999999999999-0")).await;
+    assert_eq!(v["gap"], true);
+    let (_, _, v) = get_json(&pg.url("/sub/g?cursor=1-0")).await;
+    assert_eq!(v["gap"], true);
+    assert_eq!(ids(&v), published[2..]);
+    // The fresh cursor then resumes normally.
+    let (_, headers, v) =
+        get_json(&pg.url(&format!("/sub/g?cursor={}&timeout=0", published[4]))).await;
+    assert_eq!(v["gap"], false);
+    assert!(!headers.contains_key("pollgate-gap"));
+    assert_eq!(
+        pg.metric("pollgate_subscribe_requests_total{outcome=\"gap\"}")
+            .await,
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn one_cursor_covers_every_channel_of_a_multi_channel_route() {
+    let pg = Pollgate::start(ROUTES);
+    let (_, _, v) = get_json(&pg.url("/multi/1/2?timeout=0")).await;
+    let start = v["cursor"].as_str().unwrap().to_string();
+    let x = pg.publish("a:1", "text/plain", "x").await;
+    let y = pg.publish("b:2", "text/plain", "y").await;
+    pg.publish("a:9", "text/plain", "not mine").await;
+    let (_, _, v) = get_json(&pg.url(&format!("/multi/1/2?cursor={start}"))).await;
+    assert_eq!(ids(&v), [x, y]);
+    assert_eq!(v["messages"][0]["channel"], "a:1");
+    assert_eq!(v["messages"][1]["channel"], "b:2");
+    let cursor = v["cursor"].as_str().unwrap().to_string();
+    // Held on both channels: a publish on the second wakes it.
+    let url = pg.url(&format!("/multi/1/2?cursor={cursor}"));
+    let poll = tokio::spawn(async move { get_json(&url).await });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    let z = pg.publish("b:2", "text/plain", "z").await;
+    let (_, _, v) = poll.await.unwrap();
+    assert_eq!(ids(&v), [z]);
+    // A single-channel cursor does not fit a two-channel route.
+    let (status, _, v) = get_json(&pg.url(&format!("/multi/1/2?cursor={}", ids(&v)[0]))).await;
+    assert_eq!(status, 400);
+    assert!(v["detail"].as_str().unwrap().contains("2 channel"));
+}
+
+#[tokio::test]
+async fn raw_mode_answers_one_message_with_its_own_bytes() {
+    let pg = Pollgate::start(ROUTES);
+    let a = pg.publish("r", "image/svg+xml", "<svg/>").await;
+    let b = pg.publish("r", "text/plain", "second").await;
+    let r = client()
+        .get(pg.url("/raw/r?cursor=0-0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/svg+xml");
+    assert_eq!(r.headers()["pollgate-cursor"], a.as_str());
+    assert_eq!(r.headers()["etag"], format!("\"{a}\"").as_str());
+    assert_eq!(r.text().await.unwrap(), "<svg/>");
+    // ETag round trip through If-None-Match, like a legacy client does.
+    let r = client()
+        .get(pg.url("/raw/r"))
+        .header("If-None-Match", format!("\"{a}\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "second");
+    // ?format=raw on an envelope route; a timeout is 204.
+    let r = client()
+        .get(pg.url(&format!("/sub/r?format=raw&cursor={b}&timeout=0.2")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["pollgate-cursor"], b.as_str());
+}
+
+#[tokio::test]
+async fn non_utf8_bodies_are_base64_in_the_envelope() {
+    let pg = Pollgate::start(ROUTES);
+    let r = client()
+        .post(pg.admin("/v1/publish/bin"))
+        .header("Content-Type", "application/octet-stream")
+        .body(vec![0xffu8, 0x00, 0x01])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, _, v) = get_json(&pg.url("/oldest/bin")).await;
+    assert_eq!(v["messages"][0]["data"], "/wAB");
+    assert_eq!(v["messages"][0]["encoding"], "base64");
+}
+
+#[tokio::test]
+async fn keep_alive_between_polls() {
+    let pg = Pollgate::start(ROUTES);
+    let id = pg.publish("k", "text/plain", "x").await;
+    let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
+    for _ in 0..3 {
+        let req = format!("GET /sub/k?cursor=0-0 HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (status, headers, body) = raw_exchange(&mut s, &req);
+        assert!(status.contains("200"), "{status}");
+        assert!(headers.iter().any(|(k, _)| k == "content-length"));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["cursor"], id.as_str());
+    }
+    // A timed-out poll keeps the connection too.
+    let req = format!("GET /sub/k?cursor={id}&timeout=0.1 HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (status, _, _) = raw_exchange(&mut s, &req);
+    assert!(status.contains("200"));
+    let (status, _, _) = raw_exchange(&mut s, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(status.contains("404"));
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_is_released_at_once() {
+    let pg = Pollgate::start(ROUTES);
+    let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /sub/gone HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    drop(s);
+    pg.wait_metric("pollgate_held_requests", 0.0).await;
+    pg.wait_metric(
+        "pollgate_subscribe_requests_total{outcome=\"disconnected\"}",
+        1.0,
+    )
+    .await;
+    let info: Value = client()
+        .get(pg.admin("/v1/channels/gone"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["subscribers"], 0);
+}
+
+#[tokio::test]
+async fn server_sent_events_stream_and_resume() {
+    let pg = Pollgate::start(ROUTES);
+    let a = pg.publish("s", "text/plain", "a").await;
+    let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
+    let req = format!(
+        "GET /sub/s HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nLast-Event-ID: {a}\r\n\r\n"
+    );
+    std::io::Write::write_all(&mut s, req.as_bytes()).unwrap();
+    let b = pg.publish("s", "application/json", "{\"n\":2}").await;
+    let text = read_until(&mut s, &format!("id: {b}"), Duration::from_secs(5));
+    assert!(
+        text.contains("content-type: text/event-stream")
+            || text.contains("Content-Type: text/event-stream"),
+        "{text}"
+    );
+    let c = pg.publish("s", "text/plain", "c").await;
+    let text = read_until(&mut s, &format!("id: {c}"), Duration::from_secs(5));
+    assert!(text.contains("\"data\":\"c\""), "{text}");
+    // A keep-alive comment every 15 s.
+    let text = read_until(&mut s, ": keep-alive", Duration::from_secs(17));
+    assert!(text.contains(": keep-alive"));
+}
+
+/// Reads from `s` until `needle` shows up; returns what was read.
+fn read_until(s: &mut TcpStream, needle: &str, limit: Duration) -> String {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let n = s.read(&mut buf).expect("stream ended");
+        assert!(n > 0, "stream closed");
+        seen.extend_from_slice(&buf[..n]);
+        if String::from_utf8_lossy(&seen).contains(needle) {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test]
+async fn bad_input_is_a_json_400_never_a_crash() {
+    let pg = Pollgate::start(ROUTES);
+    for (path, word) in [
+        ("/sub/x?cursor=garbage", "cursor"),
+        ("/sub/x?cursor=1-2.3-4", "channel"),
+        ("/sub/x?timeout=soon", "timeout"),
+        ("/sub/x?timeout=-1", "timeout"),
+        ("/sub/x?format=xml", "format"),
+        ("/sub/bad%20channel", "channel"),
+        ("/sub/%FF", "channel"),
+    ] {
+        let (status, headers, v) = get_json(&pg.url(path)).await;
+        assert_eq!(status, 400, "{path}");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(v["error"], "bad_request", "{path}");
+        assert!(v["detail"].as_str().unwrap().contains(word), "{path}: {v}");
+    }
+    let long = "x".repeat(300);
+    let (status, _, _) = get_json(&pg.url(&format!("/sub/{long}"))).await;
+    assert_eq!(status, 400);
+    let (status, _, v) = get_json(&pg.url("/nowhere")).await;
+    assert_eq!(status, 404);
+    assert_eq!(v["error"], "not_found");
+    let r = client().post(pg.url("/sub/x")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    // Still serving after all that.
+    let (status, _, _) = get_json(&pg.url("/sub/x?timeout=0")).await;
+    assert_eq!(status, 200);
+}

@@ -1,0 +1,262 @@
+//! Test harness: starts a real `pollgate serve` on free ports with a config
+//! written for the test, and talks to it over HTTP.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A file in the temp dir, unique to this test process.
+pub fn temp_file(name: &str, contents: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "pollgate-test-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+/// Runs the pollgate binary with `args`, returning (status, stdout, stderr).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pollgate"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A running gateway; killed when dropped.
+pub struct Pollgate {
+    child: Option<Child>,
+    pub port: u16,
+    pub admin_port: u16,
+    pub config: PathBuf,
+}
+
+/// The routes most tests use, on top of the listener lines.
+pub const ROUTES: &str = r#"
+routes:
+  - path: "/sub/{channel}"
+    methods: [GET]
+    subscribe:
+      channels: ["{channel}"]
+      timeout: 10s
+  - path: "/oldest/{channel}"
+    subscribe:
+      channels: ["{channel}"]
+      first: oldest
+  - path: "/raw/{channel}"
+    subscribe:
+      channels: ["{channel}"]
+      format: raw
+      timeout: 10s
+  - path: "/multi/{a}/{b}"
+    subscribe:
+      channels: ["a:{a}", "b:{b}"]
+      timeout: 10s
+"#;
+
+impl Pollgate {
+    /// Starts pollgate with `body` appended to generated listen lines.
+    pub fn start(body: &str) -> Pollgate {
+        Self::start_with_env(body, &[])
+    }
+
+    /// Like [`Pollgate::start`] with extra environment variables.
+    pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Pollgate {
+        let port = free_port();
+        let admin_port = free_port();
+        let yaml = format!(
+            "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin_port}\"\nthreads: 2\n{body}"
+        );
+        let config = temp_file("pollgate.yaml", &yaml);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pollgate"));
+        cmd.args(["serve", "-c"])
+            .arg(&config)
+            .args(["--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let pg = Pollgate {
+            child: Some(child),
+            port,
+            admin_port,
+            config,
+        };
+        pg.wait_until_up();
+        pg
+    }
+
+    fn wait_until_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let admin = TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok();
+            let gateway = TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            if admin && gateway {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("pollgate did not start listening");
+    }
+
+    /// `http://127.0.0.1:<port><path>` on the client listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `http://127.0.0.1:<admin_port><path>` on the admin listener.
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// Publishes `data` as `content_type`; returns the id.
+    pub async fn publish(&self, channel: &str, content_type: &str, data: &str) -> String {
+        let r = client()
+            .post(self.admin(&format!("/v1/publish/{channel}")))
+            .header("Content-Type", content_type)
+            .body(data.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "publish to {channel}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    /// The value of a metric line (first sample whose name and labels start
+    /// with `prefix`).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = client()
+            .get(self.admin("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {prefix}"))
+    }
+
+    /// Polls `metric` until it equals `want` (or panics after 5 s).
+    pub async fn wait_metric(&self, prefix: &str, want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = self.metric(prefix).await;
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{prefix} is {got}, want {want}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        Command::new("kill").args([sig, &pid]).status().unwrap();
+    }
+
+    /// Waits for the process to exit (at most `limit`).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().unwrap();
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Pollgate {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// An HTTP client with no connection reuse surprises.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().build().unwrap()
+}
+
+/// GETs `url` and returns (status, headers, JSON body or Null).
+pub async fn get_json(url: &str) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
+    let r = client().get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.bytes().await.unwrap();
+    let v = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    (status, headers, v)
+}
+
+/// Writes a raw HTTP/1.1 request on `stream` and reads one answer:
+/// (status line, headers lowercased, body by Content-Length).
+pub fn raw_exchange(
+    stream: &mut TcpStream,
+    request: &str,
+) -> (String, Vec<(String, String)>, Vec<u8>) {
+    stream.write_all(request.as_bytes()).unwrap();
+    read_answer(stream)
+}
+
+/// Reads one HTTP/1.1 answer with a Content-Length body.
+pub fn read_answer(stream: &mut TcpStream) -> (String, Vec<(String, String)>, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).unwrap();
+        assert!(n > 0, "connection closed before the answer's head");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.trim().to_ascii_lowercase(), v.trim().to_string())
+        })
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .map_or(0, |(_, v)| v.parse().unwrap());
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).unwrap();
+    (status, headers, body)
+}

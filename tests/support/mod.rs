@@ -86,8 +86,13 @@ impl Pollgate {
     pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Pollgate {
         let port = free_port();
         let admin_port = free_port();
+        let threads = if body.contains("threads:") {
+            ""
+        } else {
+            "threads: 2\n"
+        };
         let yaml = format!(
-            "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin_port}\"\nthreads: 2\n{body}"
+            "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin_port}\"\n{threads}{body}"
         );
         let config = temp_file("pollgate.yaml", &yaml);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pollgate"));
@@ -100,7 +105,7 @@ impl Pollgate {
             cmd.env(k, v);
         }
         let child = cmd.spawn().unwrap();
-        let pg = Pollgate {
+        let mut pg = Pollgate {
             child: Some(child),
             port,
             admin_port,
@@ -110,9 +115,12 @@ impl Pollgate {
         pg
     }
 
-    fn wait_until_up(&self) {
+    fn wait_until_up(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("pollgate exited at start: {status}");
+            }
             let admin = TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok();
             let gateway = TcpStream::connect(("127.0.0.1", self.port)).is_ok();
             if admin && gateway {

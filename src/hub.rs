@@ -16,15 +16,13 @@ use crate::cursor::Cursor;
 use crate::history::{History, Lookup};
 use crate::message::{Message, MessageId};
 use crate::metrics;
-use parking_lot::{Mutex, RwLock};
+use crate::shards::ShardedMap;
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OnceCell};
-
-const SHARDS: usize = 64;
 
 /// What a poll without a cursor starts from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,8 +113,7 @@ impl ChannelState {
 
 /// Per-instance registry of channels and held polls.
 pub struct Hub {
-    shards: Vec<RwLock<HashMap<Arc<str>, Arc<Channel>>>>,
-    hasher: RandomState,
+    channels: ShardedMap<Arc<Channel>>,
     broker: Arc<dyn Broker>,
     history: usize,
     linger: Duration,
@@ -137,8 +134,7 @@ impl Hub {
     /// registers itself as the broker's sink.
     pub fn new(broker: Arc<dyn Broker>, history: usize, linger: Duration) -> Arc<Hub> {
         let hub = Arc::new(Hub {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            channels: ShardedMap::default(),
             broker: broker.clone(),
             history,
             linger,
@@ -153,40 +149,28 @@ impl Hub {
         &self.broker
     }
 
-    fn shard(&self, name: &str) -> &RwLock<HashMap<Arc<str>, Arc<Channel>>> {
-        &self.shards[self.hasher.hash_one(name) as usize % SHARDS]
-    }
-
     fn lookup_channel(&self, name: &str) -> Option<Arc<Channel>> {
-        self.shard(name).read().get(name).cloned()
+        self.channels.get(name)
     }
 
     /// Returns the channel, creating it and loading its window on first use.
     async fn channel(&self, name: &str) -> Result<Arc<Channel>, BrokerError> {
-        let ch = match self.lookup_channel(name) {
-            Some(ch) => ch,
-            None => {
-                let mut map = self.shard(name).write();
-                map.entry(name.into())
-                    .or_insert_with(|| {
-                        metrics::CHANNELS_ACTIVE.inc();
-                        self.broker.watch(name);
-                        Arc::new(Channel {
-                            name: name.into(),
-                            ready: OnceCell::new(),
-                            state: Mutex::new(ChannelState {
-                                window: History::new(self.history),
-                                early: Vec::new(),
-                                synced: false,
-                                removed: false,
-                                waiters: HashMap::new(),
-                                idle_since: Instant::now(),
-                            }),
-                        })
-                    })
-                    .clone()
-            }
-        };
+        let ch = self.channels.get_or_insert_with(name, |name| {
+            metrics::CHANNELS_ACTIVE.inc();
+            self.broker.watch(name);
+            Arc::new(Channel {
+                name: name.clone(),
+                ready: OnceCell::new(),
+                state: Mutex::new(ChannelState {
+                    window: History::new(self.history),
+                    early: Vec::new(),
+                    synced: false,
+                    removed: false,
+                    waiters: HashMap::new(),
+                    idle_since: Instant::now(),
+                }),
+            })
+        });
         ch.ready
             .get_or_try_init(|| async {
                 let history = self.broker.history(&ch.name).await?;
@@ -384,22 +368,20 @@ impl Hub {
         let stale = |st: &ChannelState| {
             st.synced && st.waiters.is_empty() && now.duration_since(st.idle_since) >= self.linger
         };
-        for shard in &self.shards {
-            if !shard.read().values().any(|ch| stale(&ch.state.lock())) {
-                continue;
-            }
-            shard.write().retain(|name, ch| {
+        self.channels.remove_where(
+            |ch| stale(&ch.state.lock()),
+            |name, ch| {
                 // Checked and marked under one lock, so no waiter slips in.
                 let mut st = ch.state.lock();
                 if !stale(&st) {
-                    return true;
+                    return false;
                 }
                 st.removed = true;
                 self.broker.unwatch(name);
                 metrics::CHANNELS_ACTIVE.dec();
-                false
-            });
-        }
+                true
+            },
+        );
     }
 }
 
@@ -411,5 +393,175 @@ impl Sink for HubSink {
         if let Some(hub) = self.0.upgrade() {
             hub.deliver(message);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use std::sync::atomic::AtomicUsize;
+
+    /// The memory broker, counting the history reads the hub makes.
+    struct Counting {
+        inner: MemoryBroker,
+        reads: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Broker for Counting {
+        async fn publish(
+            &self,
+            ch: &str,
+            ct: String,
+            data: Bytes,
+        ) -> Result<Arc<Message>, BrokerError> {
+            self.inner.publish(ch, ct, data).await
+        }
+        async fn history(&self, ch: &str) -> Result<History, BrokerError> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.inner.history(ch).await
+        }
+        fn set_sink(&self, sink: Arc<dyn Sink>) {
+            self.inner.set_sink(sink)
+        }
+    }
+
+    fn hub() -> (Arc<Hub>, Arc<Counting>) {
+        let broker = Arc::new(Counting {
+            inner: MemoryBroker::new(100, Duration::from_secs(60)),
+            reads: AtomicUsize::new(0),
+        });
+        (
+            Hub::new(broker.clone(), 100, Duration::from_secs(30)),
+            broker,
+        )
+    }
+
+    async fn publish(b: &Counting, ch: &str, text: &'static str) -> Arc<Message> {
+        b.publish(ch, "text/plain".into(), Bytes::from_static(text.as_bytes()))
+            .await
+            .unwrap()
+    }
+
+    fn held(p: Poll) -> Held {
+        match p {
+            Poll::Held(h) => h,
+            Poll::Ready(a) => panic!("expected a hold, got {a:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_publish_wakes_every_waiter_with_one_shared_answer_and_no_broker_call() {
+        let (hub, broker) = hub();
+        let names = vec!["room".to_string()];
+        let mut waiters = Vec::new();
+        for _ in 0..1000 {
+            waiters.push(held(
+                hub.poll(&names, None, First::Newest, Format::Envelope)
+                    .await
+                    .unwrap(),
+            ));
+        }
+        assert_eq!(
+            broker.reads.load(Ordering::Relaxed),
+            1,
+            "one window load for the channel"
+        );
+        let m = publish(&broker, "room", "hi").await;
+        let mut answers = Vec::new();
+        for w in waiters {
+            answers.push(w.wake.await.unwrap());
+        }
+        assert!(
+            answers.iter().all(|a| Arc::ptr_eq(a, &answers[0])),
+            "encoded once"
+        );
+        assert_eq!(answers[0].messages[0].id, m.id);
+        // Everyone re-polls with the new cursor: answered from the window.
+        let cursor = answers[0].cursor.clone();
+        for _ in 0..1000 {
+            held(
+                hub.poll(
+                    &names,
+                    Some(cursor.clone()),
+                    First::Newest,
+                    Format::Envelope,
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        let late = Cursor(vec![MessageId::ZERO]);
+        match hub
+            .poll(&names, Some(late), First::Newest, Format::Envelope)
+            .await
+            .unwrap()
+        {
+            Poll::Ready(a) => assert_eq!(a.messages.len(), 1),
+            Poll::Held(_) => panic!("a client behind gets the window at once"),
+        }
+        assert_eq!(
+            broker.reads.load(Ordering::Relaxed),
+            1,
+            "no broker call per poll"
+        );
+    }
+
+    #[tokio::test]
+    async fn waiters_with_different_cursors_get_their_own_answers() {
+        let (hub, broker) = hub();
+        let names = vec!["a".to_string(), "b".to_string()];
+        let first = held(
+            hub.poll(&names, None, First::Newest, Format::Envelope)
+                .await
+                .unwrap(),
+        );
+        let m = publish(&broker, "b", "1").await;
+        let after = first.wake.await.unwrap();
+        assert_eq!(after.cursor.0, vec![MessageId::ZERO, m.id]);
+        let w1 = held(
+            hub.poll(
+                &names,
+                Some(after.cursor.clone()),
+                First::Newest,
+                Format::Envelope,
+            )
+            .await
+            .unwrap(),
+        );
+        let w2 = held(
+            hub.poll(&names[..1], None, First::Newest, Format::Envelope)
+                .await
+                .unwrap(),
+        );
+        let n = publish(&broker, "a", "2").await;
+        let (a1, a2) = (w1.wake.await.unwrap(), w2.wake.await.unwrap());
+        assert_eq!(a1.cursor.0, vec![n.id, m.id]);
+        assert_eq!(a2.cursor.0, vec![n.id]);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_waiter_leaves_its_channels_and_idle_channels_are_swept() {
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(10, Duration::from_secs(60)));
+        let hub = Hub::new(broker, 10, Duration::ZERO);
+        let names = vec!["x".to_string(), "y".to_string()];
+        let w = held(
+            hub.poll(&names, None, First::Newest, Format::Envelope)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(hub.info("x").await.unwrap().subscribers, 1);
+        hub.sweep();
+        assert!(
+            hub.lookup_channel("x").is_some(),
+            "kept while a waiter holds it"
+        );
+        drop(w);
+        assert_eq!(hub.info("y").await.unwrap().subscribers, 0);
+        hub.sweep();
+        assert!(hub.lookup_channel("x").is_none() && hub.lookup_channel("y").is_none());
     }
 }

@@ -20,4 +20,5 @@ pub mod poll;
 pub mod respond;
 pub mod routes;
 pub mod server;
+pub mod shards;
 pub mod units;

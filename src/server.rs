@@ -51,10 +51,12 @@ pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
     let hub = Hub::new(broker, config.broker.history, CHANNEL_LINGER);
     let life = Arc::new(Lifecycle::default());
 
-    let mut conf = ServerConf::default();
-    conf.threads = config.threads;
-    conf.grace_period_seconds = Some(config.grace_period.as_secs());
-    conf.graceful_shutdown_timeout_seconds = Some(1);
+    let conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(config.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 

@@ -114,7 +114,7 @@ async fn cursors_also_come_from_last_event_id_and_if_none_match() {
             .await
             .unwrap();
         let v: Value = r.json().await.unwrap();
-        assert_eq!(ids(&v), [b.clone()], "{name}");
+        assert_eq!(ids(&v), std::slice::from_ref(&b), "{name}");
     }
 }
 
@@ -257,8 +257,8 @@ async fn keep_alive_between_polls() {
     let id = pg.publish("k", "text/plain", "x").await;
     let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
     for _ in 0..3 {
-        let req = format!("GET /sub/k?cursor=0-0 HTTP/1.1\r\nHost: x\r\n\r\n");
-        let (status, headers, body) = raw_exchange(&mut s, &req);
+        let req = "GET /sub/k?cursor=0-0 HTTP/1.1\r\nHost: x\r\n\r\n";
+        let (status, headers, body) = raw_exchange(&mut s, req);
         assert!(status.contains("200"), "{status}");
         assert!(headers.iter().any(|(k, _)| k == "content-length"));
         let v: Value = serde_json::from_slice(&body).unwrap();

@@ -8,17 +8,15 @@
 use super::{Broker, BrokerError, Sink};
 use crate::history::History;
 use crate::message::{Message, MessageId};
+use crate::shards::ShardedMap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use parking_lot::Mutex;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-const SHARDS: usize = 64;
-
 struct Stream {
+    name: Arc<str>,
     history: History,
     last_publish: Instant,
 }
@@ -26,8 +24,7 @@ struct Stream {
 /// The memory broker. Histories keep `history` messages each and vanish
 /// `history_ttl` after their last publish.
 pub struct MemoryBroker {
-    shards: Vec<RwLock<HashMap<Arc<str>, Arc<Mutex<Stream>>>>>,
-    hasher: RandomState,
+    streams: ShardedMap<Arc<Mutex<Stream>>>,
     sink: OnceLock<Arc<dyn Sink>>,
     history: usize,
     history_ttl: Duration,
@@ -37,38 +34,15 @@ impl MemoryBroker {
     /// A broker keeping `history` messages per channel for `history_ttl`.
     pub fn new(history: usize, history_ttl: Duration) -> MemoryBroker {
         MemoryBroker {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            streams: ShardedMap::default(),
             sink: OnceLock::new(),
             history,
             history_ttl,
         }
     }
 
-    fn shard(&self, channel: &str) -> &RwLock<HashMap<Arc<str>, Arc<Mutex<Stream>>>> {
-        &self.shards[self.hasher.hash_one(channel) as usize % SHARDS]
-    }
-
     fn stream(&self, channel: &str) -> Option<Arc<Mutex<Stream>>> {
-        self.shard(channel).read().get(channel).cloned()
-    }
-
-    fn stream_or_create(&self, channel: &str) -> (Arc<str>, Arc<Mutex<Stream>>) {
-        let shard = self.shard(channel);
-        if let Some((name, s)) = shard.read().get_key_value(channel) {
-            return (name.clone(), s.clone());
-        }
-        let mut map = shard.write();
-        if let Some((name, s)) = map.get_key_value(channel) {
-            return (name.clone(), s.clone());
-        }
-        let name: Arc<str> = channel.into();
-        let stream = Arc::new(Mutex::new(Stream {
-            history: History::new(self.history),
-            last_publish: Instant::now(),
-        }));
-        map.insert(name.clone(), stream.clone());
-        (name, stream)
+        self.streams.get(channel)
     }
 }
 
@@ -80,10 +54,16 @@ impl Broker for MemoryBroker {
         content_type: String,
         data: Bytes,
     ) -> Result<Arc<Message>, BrokerError> {
-        let (name, stream) = self.stream_or_create(channel);
+        let stream = self.streams.get_or_insert_with(channel, |name| {
+            Arc::new(Mutex::new(Stream {
+                name: name.clone(),
+                history: History::new(self.history),
+                last_publish: Instant::now(),
+            }))
+        });
         let mut s = stream.lock();
         let id = s.history.last_id().next_after();
-        let message = Arc::new(Message::new(id, name, content_type, data));
+        let message = Arc::new(Message::new(id, s.name.clone(), content_type, data));
         s.history.push(message.clone());
         s.last_publish = Instant::now();
         if let Some(sink) = self.sink.get() {
@@ -105,14 +85,9 @@ impl Broker for MemoryBroker {
 
     fn maintain(&self) {
         let now = Instant::now();
-        for shard in &self.shards {
-            let expired = |s: &Arc<Mutex<Stream>>| {
-                now.duration_since(s.lock().last_publish) >= self.history_ttl
-            };
-            if shard.read().values().any(expired) {
-                shard.write().retain(|_, s| !expired(s));
-            }
-        }
+        let expired =
+            |s: &Arc<Mutex<Stream>>| now.duration_since(s.lock().last_publish) >= self.history_ttl;
+        self.streams.remove_where(expired, |_, s| expired(s));
     }
 }
 

@@ -41,10 +41,19 @@ pub enum Poll {
     Held(Held),
 }
 
+/// Why a held poll wakes up.
+#[derive(Debug)]
+pub enum Wake {
+    /// A message arrived: write this answer.
+    Answer(Arc<Answer>),
+    /// The channel's history was replaced (the broker lost it): poll again.
+    Repoll,
+}
+
 /// A registered poll. Dropping it deregisters the waiter.
 pub struct Held {
-    /// Resolves with the answer when a message arrives.
-    pub wake: oneshot::Receiver<Arc<Answer>>,
+    /// Resolves when a message arrives (or the poll must be redone).
+    pub wake: oneshot::Receiver<Wake>,
     /// The subscription's cursor while it waits (the timeout answer's cursor).
     pub cursor: Cursor,
     _registration: Registration,
@@ -55,15 +64,15 @@ struct Waiter {
     cursor: Cursor,
     format: Format,
     fired: AtomicBool,
-    tx: Mutex<Option<oneshot::Sender<Arc<Answer>>>>,
+    tx: Mutex<Option<oneshot::Sender<Wake>>>,
 }
 
 impl Waiter {
-    /// Hands the answer over; false when another channel was faster.
-    fn fire(&self, answer: Arc<Answer>) -> bool {
+    /// Wakes the poll; false when another channel was faster.
+    fn fire(&self, wake: Wake) -> bool {
         self.fired.store(true, Ordering::Relaxed);
         match self.tx.lock().take() {
-            Some(tx) => tx.send(answer).is_ok(),
+            Some(tx) => tx.send(wake).is_ok(),
             None => false,
         }
     }
@@ -157,7 +166,6 @@ impl Hub {
     async fn channel(&self, name: &str) -> Result<Arc<Channel>, BrokerError> {
         let ch = self.channels.get_or_insert_with(name, |name| {
             metrics::CHANNELS_ACTIVE.inc();
-            self.broker.watch(name);
             Arc::new(Channel {
                 name: name.clone(),
                 ready: OnceCell::new(),
@@ -173,6 +181,7 @@ impl Hub {
         });
         ch.ready
             .get_or_try_init(|| async {
+                self.broker.watch(&ch.name).await?;
                 let history = self.broker.history(&ch.name).await?;
                 let mut st = ch.state.lock();
                 st.window = history;
@@ -345,7 +354,40 @@ impl Hub {
                     ))
                 })
                 .clone();
-            waiter.fire(answer);
+            waiter.fire(Wake::Answer(answer));
+        }
+    }
+
+    /// Brings a channel's window up to the broker's `history` after a
+    /// reconnect: missed messages are delivered as if announced; a history
+    /// that no longer contains the window's position (the broker lost it)
+    /// replaces the window and sends every waiter back to poll, which then
+    /// reports the gap.
+    pub fn resync(&self, name: &str, history: History) {
+        let Some(ch) = self.lookup_channel(name) else {
+            return;
+        };
+        let missed = {
+            let mut st = ch.state.lock();
+            if !st.synced {
+                return;
+            }
+            match history.lookup(st.window.last_id(), usize::MAX) {
+                Lookup::UpToDate => return,
+                Lookup::Newer(missed) => missed,
+                Lookup::Gap(_) | Lookup::Ahead => {
+                    st.window = history;
+                    let waiters = std::mem::take(&mut st.waiters);
+                    drop(st);
+                    for (waiter, _) in waiters.values() {
+                        waiter.fire(Wake::Repoll);
+                    }
+                    return;
+                }
+            }
+        };
+        for m in missed {
+            self.deliver(m);
         }
     }
 
@@ -366,7 +408,7 @@ impl Hub {
     pub fn sweep(&self) {
         let now = Instant::now();
         let stale = |st: &ChannelState| {
-            st.synced && st.waiters.is_empty() && now.duration_since(st.idle_since) >= self.linger
+            st.waiters.is_empty() && now.duration_since(st.idle_since) >= self.linger
         };
         self.channels.remove_where(
             |ch| stale(&ch.state.lock()),
@@ -392,6 +434,12 @@ impl Sink for HubSink {
     fn deliver(&self, message: Arc<Message>) {
         if let Some(hub) = self.0.upgrade() {
             hub.deliver(message);
+        }
+    }
+
+    fn resync(&self, channel: &str, history: History) {
+        if let Some(hub) = self.0.upgrade() {
+            hub.resync(channel, history);
         }
     }
 }
@@ -446,6 +494,13 @@ mod tests {
             .unwrap()
     }
 
+    async fn answer(h: Held) -> Arc<Answer> {
+        match h.wake.await.unwrap() {
+            Wake::Answer(a) => a,
+            Wake::Repoll => panic!("unexpected repoll"),
+        }
+    }
+
     fn held(p: Poll) -> Held {
         match p {
             Poll::Held(h) => h,
@@ -473,7 +528,7 @@ mod tests {
         let m = publish(&broker, "room", "hi").await;
         let mut answers = Vec::new();
         for w in waiters {
-            answers.push(w.wake.await.unwrap());
+            answers.push(answer(w).await);
         }
         assert!(
             answers.iter().all(|a| Arc::ptr_eq(a, &answers[0])),
@@ -520,7 +575,7 @@ mod tests {
                 .unwrap(),
         );
         let m = publish(&broker, "b", "1").await;
-        let after = first.wake.await.unwrap();
+        let after = answer(first).await;
         assert_eq!(after.cursor.0, vec![MessageId::ZERO, m.id]);
         let w1 = held(
             hub.poll(
@@ -538,7 +593,7 @@ mod tests {
                 .unwrap(),
         );
         let n = publish(&broker, "a", "2").await;
-        let (a1, a2) = (w1.wake.await.unwrap(), w2.wake.await.unwrap());
+        let (a1, a2) = (answer(w1).await, answer(w2).await);
         assert_eq!(a1.cursor.0, vec![n.id, m.id]);
         assert_eq!(a2.cursor.0, vec![n.id]);
     }

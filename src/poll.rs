@@ -9,7 +9,7 @@
 use crate::answer::{Answer, Format};
 use crate::config::Cors;
 use crate::cursor::Cursor;
-use crate::hub::{Held, Hub, Poll};
+use crate::hub::{Held, Hub, Poll, Wake};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{self, Outcome};
 use crate::respond;
@@ -36,6 +36,8 @@ pub struct Poller {
 /// What ended a hold.
 enum Ending {
     Woken(Arc<Answer>),
+    /// The hub asks for the poll to be redone (its channel was resynced).
+    Repoll,
     Timeout,
     Drain,
     Gone,
@@ -83,45 +85,59 @@ impl Poller {
         if req.format == Format::Sse {
             return self.stream(session, route, req).await;
         }
-        let held = match self
-            .hub
-            .poll(&req.channels, req.cursor, route.first, req.format)
-            .await
-        {
-            Ok(Poll::Ready(answer)) => {
-                let outcome = if answer.gap {
-                    Outcome::Gap
-                } else {
-                    Outcome::Message
-                };
-                return self.answer(session, &answer, outcome, false).await;
-            }
-            Ok(Poll::Held(held)) => held,
-            Err(e) => {
-                Outcome::Error.count();
-                let mut extra = self.cors_headers(session);
-                extra.push(("Retry-After", RETRY_AFTER.into()));
-                return respond::error(session, 503, "broker_unavailable", &e.to_string(), &extra)
-                    .await;
-            }
-        };
-        let cursor = held.cursor.clone();
-        match self.hold(session, held, jitter(req.timeout)).await {
-            Ending::Woken(answer) => self.answer(session, &answer, Outcome::Message, true).await,
-            Ending::Timeout => {
-                let empty = Answer::build(req.format, &cursor, false, &[]);
-                self.answer(session, &empty, Outcome::Timeout, false).await
-            }
-            Ending::Drain => {
-                session.set_keepalive(None);
-                let empty = Answer::build(req.format, &cursor, false, &[]);
-                self.answer(session, &empty, Outcome::Timeout, false).await
-            }
-            Ending::Gone => {
-                Outcome::Disconnected.count();
-                Error::e_explain(ErrorType::ConnectionClosed, "client left a held poll")
-                    .map_err(|e| e.into_down())
-            }
+        let deadline = Instant::now() + jitter(req.timeout);
+        let mut cursor = req.cursor;
+        loop {
+            let held = match self
+                .hub
+                .poll(&req.channels, cursor, route.first, req.format)
+                .await
+            {
+                Ok(Poll::Ready(answer)) => {
+                    let outcome = if answer.gap {
+                        Outcome::Gap
+                    } else {
+                        Outcome::Message
+                    };
+                    return self.answer(session, &answer, outcome, false).await;
+                }
+                Ok(Poll::Held(held)) => held,
+                Err(e) => {
+                    Outcome::Error.count();
+                    let mut extra = self.cors_headers(session);
+                    extra.push(("Retry-After", RETRY_AFTER.into()));
+                    let detail = e.to_string();
+                    return respond::error(session, 503, "broker_unavailable", &detail, &extra)
+                        .await;
+                }
+            };
+            let current = held.cursor.clone();
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ending = self.hold(session, held, left).await;
+            let empty = || Answer::build(req.format, &current, false, &[]);
+            return match ending {
+                Ending::Woken(answer) => {
+                    self.answer(session, &answer, Outcome::Message, true).await
+                }
+                Ending::Repoll => {
+                    cursor = Some(current);
+                    continue;
+                }
+                Ending::Timeout => {
+                    self.answer(session, &empty(), Outcome::Timeout, false)
+                        .await
+                }
+                Ending::Drain => {
+                    session.set_keepalive(None);
+                    self.answer(session, &empty(), Outcome::Timeout, false)
+                        .await
+                }
+                Ending::Gone => {
+                    Outcome::Disconnected.count();
+                    Error::e_explain(ErrorType::ConnectionClosed, "client left a held poll")
+                        .map_err(|e| e.into_down())
+                }
+            };
         }
     }
 
@@ -142,10 +158,7 @@ impl Poller {
     async fn hold(&self, session: &mut Session, mut held: Held, timeout: Duration) -> Ending {
         metrics::HELD.inc();
         let ending = tokio::select! {
-            woken = &mut held.wake => match woken {
-                Ok(answer) => Ending::Woken(answer),
-                Err(_) => Ending::Timeout,
-            },
+            woken = &mut held.wake => woken_by(woken),
             _ = sleep(timeout) => Ending::Timeout,
             _ = self.life.drained() => Ending::Drain,
             _ = session.downstream_session.read_body_or_idle(true) => Ending::Gone,
@@ -232,10 +245,7 @@ impl Poller {
             metrics::HELD.inc();
             let ending = loop {
                 let ending = tokio::select! {
-                    woken = &mut held.wake => match woken {
-                        Ok(answer) => Ending::Woken(answer),
-                        Err(_) => Ending::Timeout,
-                    },
+                    woken = &mut held.wake => woken_by(woken),
                     _ = sleep(SSE_KEEPALIVE) => Ending::Timeout,
                     _ = self.life.drained() => Ending::Drain,
                     _ = session.downstream_session.read_body_or_idle(true) => Ending::Gone,
@@ -261,6 +271,7 @@ impl Poller {
                     count_delivered(&answer, true);
                     cursor = Some(answer.cursor.clone());
                 }
+                Ending::Repoll => {}
                 Ending::Gone => {
                     Outcome::Disconnected.count();
                     return Error::e_explain(ErrorType::ConnectionClosed, "SSE client left")
@@ -305,6 +316,14 @@ pub fn cors_headers(cors: &Cors, session: &Session) -> Vec<(&'static str, String
         ),
         ("Vary", "Origin".into()),
     ]
+}
+
+fn woken_by(wake: Result<Wake, tokio::sync::oneshot::error::RecvError>) -> Ending {
+    match wake {
+        Ok(Wake::Answer(answer)) => Ending::Woken(answer),
+        // A waiter is only dropped unfired when its channel is reset.
+        Ok(Wake::Repoll) | Err(_) => Ending::Repoll,
+    }
 }
 
 fn count_delivered(answer: &Answer, live: bool) {

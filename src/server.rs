@@ -4,6 +4,7 @@
 
 use crate::admin::Admin;
 use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::gateway::Gateway;
@@ -31,15 +32,16 @@ pub const CHANNEL_LINGER: Duration = Duration::from_secs(30);
 /// Builds the broker named by `config.broker.url`.
 pub fn broker(config: &Config) -> Result<Arc<dyn Broker>, String> {
     let url = &config.broker.url;
+    let b = &config.broker;
     if url.starts_with("memory://") {
-        Ok(Arc::new(MemoryBroker::new(
-            config.broker.history,
-            config.broker.history_ttl,
-        )))
+        Ok(Arc::new(MemoryBroker::new(b.history, b.history_ttl)))
     } else {
-        Err(format!(
-            "broker.url: '{url}': only memory:// is available in this build"
-        ))
+        Ok(Arc::new(RedisBroker::new(
+            url,
+            &b.namespace,
+            b.history,
+            b.history_ttl,
+        )?))
     }
 }
 
@@ -83,11 +85,14 @@ pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
     admin.threads = Some(1);
     admin.add_tcp(&config.admin_listen);
 
-    let housekeeping = background_service("pollgate housekeeping", Housekeeping { hub });
+    let housekeeping =
+        background_service("pollgate housekeeping", Housekeeping { hub: hub.clone() });
+    let connection = background_service("pollgate broker", BrokerConnection { hub });
 
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(housekeeping);
+    server.add_service(connection);
     tracing::info!(listen = %config.listen, admin = %config.admin_listen, broker = %config.broker.url, "pollgate starting");
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
@@ -117,6 +122,18 @@ impl BackgroundService for Housekeeping {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+/// Runs the broker's connection work (nothing for the memory broker).
+struct BrokerConnection {
+    hub: Arc<Hub>,
+}
+
+#[async_trait]
+impl BackgroundService for BrokerConnection {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.hub.broker().run(shutdown).await;
     }
 }
 

@@ -6,6 +6,7 @@
 //! broker (a later issue) implements the same trait for several.
 
 pub mod memory;
+pub mod redis;
 
 use crate::history::History;
 use crate::message::Message;
@@ -34,6 +35,11 @@ impl std::error::Error for BrokerError {}
 pub trait Sink: Send + Sync {
     /// Called once per announced message. Must not block.
     fn deliver(&self, message: Arc<Message>);
+
+    /// Called after the broker reconnected, with the channel's stored history,
+    /// so that messages announced while disconnected are caught up (or a
+    /// lost history is noticed).
+    fn resync(&self, channel: &str, history: History);
 }
 
 /// Storage and announcement of messages.
@@ -56,8 +62,12 @@ pub trait Broker: Send + Sync {
     /// Sets the receiver of announcements. Called once, before serving.
     fn set_sink(&self, sink: Arc<dyn Sink>);
 
-    /// Tells the broker this instance now needs announcements for `channel`.
-    fn watch(&self, _channel: &str) {}
+    /// Tells the broker this instance now needs announcements for
+    /// `channel`; returns once they are flowing (so that a history read
+    /// after it misses nothing).
+    async fn watch(&self, _channel: &str) -> Result<(), BrokerError> {
+        Ok(())
+    }
 
     /// Tells the broker this instance no longer needs `channel`.
     fn unwatch(&self, _channel: &str) {}
@@ -69,4 +79,8 @@ pub trait Broker: Send + Sync {
 
     /// Periodic housekeeping (expiring histories); called about once a second.
     fn maintain(&self) {}
+
+    /// The broker's connection work (connect, announce, reconnect), run
+    /// until `shutdown` turns true. Brokers without any return at once.
+    async fn run(&self, _shutdown: tokio::sync::watch::Receiver<bool>) {}
 }

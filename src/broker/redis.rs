@@ -1,0 +1,315 @@
+//! The Redis broker behind `redis://`, `rediss://` and `redis+cluster://`:
+//! any number of pollgate instances share one set of channels.
+//!
+//! Each channel's history is a Redis Stream (the stream id is the message
+//! id), trimmed to `history` entries and expiring `history_ttl` after the
+//! last publish. A publish is one Lua script that appends to the stream and
+//! announces the message, payload included, on the channel's pub/sub name.
+//! Each instance holds one multiplexed RESP3 connection that carries both
+//! commands and the subscriptions of the channels it has waiters on, and
+//! hands every announcement to the hub. When the connection drops, the
+//! broker reports itself down, reconnects with backoff, resubscribes and
+//! catches every watched channel up from its stream. The key layout and
+//! payload are documented in `docs/redis.md`.
+
+mod conn;
+mod layout;
+
+use super::{Broker, BrokerError, Sink};
+use crate::history::History;
+use crate::message::Message;
+use crate::metrics;
+use async_trait::async_trait;
+use bytes::Bytes;
+use conn::{Conn, Target};
+use layout::Layout;
+use parking_lot::{Mutex, RwLock};
+use redis::{PushInfo, PushKind};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use layout::{PUBLISH_SCRIPT, READ_SCRIPT};
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Requests from the hub to the connection task.
+enum Control {
+    Watch(String, oneshot::Sender<Result<(), BrokerError>>),
+    Unwatch(String),
+}
+
+/// Why the connection task left its serving loop.
+enum Left {
+    Lost,
+    Shutdown,
+}
+
+/// The Redis broker.
+pub struct RedisBroker {
+    target: Target,
+    layout: Layout,
+    conn: RwLock<Option<Conn>>,
+    up: AtomicBool,
+    sink: OnceLock<Arc<dyn Sink>>,
+    control: mpsc::UnboundedSender<Control>,
+    control_rx: Mutex<Option<mpsc::UnboundedReceiver<Control>>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+impl RedisBroker {
+    /// A broker for `url` (not connected until [`Broker::run`]), keeping
+    /// `history` messages per channel for `history_ttl`, under `namespace`.
+    pub fn new(
+        url: &str,
+        namespace: &str,
+        history: usize,
+        history_ttl: Duration,
+    ) -> Result<RedisBroker, String> {
+        let target = Target::parse(url)?;
+        let (control, control_rx) = mpsc::unbounded_channel();
+        Ok(RedisBroker {
+            target,
+            layout: Layout::new(namespace, history, history_ttl),
+            conn: RwLock::new(None),
+            up: AtomicBool::new(false),
+            sink: OnceLock::new(),
+            control,
+            control_rx: Mutex::new(Some(control_rx)),
+        })
+    }
+
+    fn connection(&self) -> Result<Conn, BrokerError> {
+        self.conn
+            .read()
+            .clone()
+            .ok_or_else(|| unavailable("not connected to redis"))
+    }
+
+    fn set_up(&self, conn: Option<Conn>) {
+        self.up.store(conn.is_some(), Ordering::Release);
+        metrics::BROKER_UP.set(conn.is_some() as i64);
+        *self.conn.write() = conn;
+    }
+
+    /// Hands an announcement to the sink.
+    fn on_push(&self, push: PushInfo) {
+        let [redis::Value::BulkString(name), redis::Value::BulkString(payload)] =
+            push.data.as_slice()
+        else {
+            return;
+        };
+        let Some(channel) = self.layout.channel_of(name) else {
+            return;
+        };
+        match layout::decode_payload(&channel, payload) {
+            Some(m) => {
+                if let Some(sink) = self.sink.get() {
+                    sink.deliver(Arc::new(m));
+                }
+            }
+            None => tracing::warn!(%channel, "ignoring a malformed announcement"),
+        }
+    }
+
+    /// Subscribes every watched channel on a new connection.
+    async fn resubscribe(
+        &self,
+        conn: &mut Conn,
+        watched: &HashSet<String>,
+    ) -> redis::RedisResult<()> {
+        let names: Vec<String> = watched.iter().map(|c| self.layout.announce(c)).collect();
+        for chunk in names.chunks(500) {
+            conn.subscribe(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Delivers what was published while the connection was down.
+    async fn catch_up(&self, watched: &HashSet<String>) {
+        let Some(sink) = self.sink.get() else { return };
+        for channel in watched {
+            match self.history(channel).await {
+                Ok(h) => sink.resync(channel, h),
+                Err(e) => tracing::warn!(%channel, error = %e, "catch-up failed"),
+            }
+        }
+    }
+
+    /// Serves one connection until it is lost or shutdown.
+    async fn serve(
+        &self,
+        mut conn: Conn,
+        pushes: &mut mpsc::UnboundedReceiver<PushInfo>,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+        watched: &mut HashSet<String>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Left {
+        loop {
+            tokio::select! {
+                push = pushes.recv() => match push {
+                    Some(p) if matches!(p.kind, PushKind::Message | PushKind::SMessage) => self.on_push(p),
+                    Some(p) if p.kind == PushKind::Disconnection => return Left::Lost,
+                    Some(_) => {}
+                    None => return Left::Lost,
+                },
+                c = control.recv() => match c {
+                    Some(Control::Watch(channel, ack)) => {
+                        if watched.contains(&channel) {
+                            let _ = ack.send(Ok(()));
+                            continue;
+                        }
+                        let result = conn.subscribe(&[self.layout.announce(&channel)]).await;
+                        watched.insert(channel);
+                        let failed = result.is_err();
+                        let _ = ack.send(result.map_err(unavailable));
+                        if failed {
+                            return Left::Lost;
+                        }
+                    }
+                    Some(Control::Unwatch(channel)) => {
+                        if watched.remove(&channel) {
+                            let _ = conn.unsubscribe(&[self.layout.announce(&channel)]).await;
+                        }
+                    }
+                    None => return Left::Shutdown,
+                },
+                _ = shutdown.changed() => return Left::Shutdown,
+            }
+        }
+    }
+
+    /// Waits out a backoff while recording (and refusing) watch requests.
+    async fn wait_offline(
+        &self,
+        backoff: Duration,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+        watched: &mut HashSet<String>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let until = tokio::time::Instant::now() + backoff;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return true,
+                c = control.recv() => match c {
+                    Some(Control::Watch(channel, ack)) => {
+                        watched.insert(channel);
+                        let _ = ack.send(Err(unavailable("not connected to redis")));
+                    }
+                    Some(Control::Unwatch(channel)) => {
+                        watched.remove(&channel);
+                    }
+                    None => return false,
+                },
+                _ = shutdown.changed() => return false,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(
+        &self,
+        channel: &str,
+        content_type: String,
+        data: Bytes,
+    ) -> Result<Arc<Message>, BrokerError> {
+        let mut conn = self.connection()?;
+        let id = self
+            .layout
+            .publish(&mut conn, channel, &content_type, &data)
+            .await
+            .map_err(unavailable)?;
+        Ok(Arc::new(Message::new(
+            id,
+            channel.into(),
+            content_type,
+            data,
+        )))
+    }
+
+    async fn history(&self, channel: &str) -> Result<History, BrokerError> {
+        let mut conn = self.connection()?;
+        self.layout
+            .read(&mut conn, channel)
+            .await
+            .map_err(unavailable)
+    }
+
+    fn set_sink(&self, sink: Arc<dyn Sink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    async fn watch(&self, channel: &str) -> Result<(), BrokerError> {
+        let (ack, done) = oneshot::channel();
+        self.control
+            .send(Control::Watch(channel.to_string(), ack))
+            .map_err(|_| unavailable("broker stopped"))?;
+        done.await.map_err(|_| unavailable("broker stopped"))?
+    }
+
+    fn unwatch(&self, channel: &str) {
+        let _ = self.control.send(Control::Unwatch(channel.to_string()));
+    }
+
+    fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+        let Some(mut control) = self.control_rx.lock().take() else {
+            return;
+        };
+        let mut watched = HashSet::new();
+        let mut backoff = MIN_BACKOFF;
+        let mut connected_before = false;
+        loop {
+            let (push_tx, mut pushes) = mpsc::unbounded_channel();
+            match self.target.connect(push_tx).await {
+                Ok(mut conn) => match self.resubscribe(&mut conn, &watched).await {
+                    Ok(()) => {
+                        self.set_up(Some(conn.clone()));
+                        if connected_before {
+                            metrics::BROKER_RECONNECTS.inc();
+                            tracing::info!(
+                                channels = watched.len(),
+                                "reconnected to redis; catching up"
+                            );
+                            self.catch_up(&watched).await;
+                        } else {
+                            tracing::info!("connected to redis");
+                        }
+                        connected_before = true;
+                        backoff = MIN_BACKOFF;
+                        let left = self
+                            .serve(conn, &mut pushes, &mut control, &mut watched, &mut shutdown)
+                            .await;
+                        self.set_up(None);
+                        if let Left::Shutdown = left {
+                            return;
+                        }
+                        tracing::warn!("lost the redis connection; reconnecting");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "redis resubscribe failed"),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to redis")
+                }
+            }
+            if !self
+                .wait_offline(backoff, &mut control, &mut watched, &mut shutdown)
+                .await
+            {
+                return;
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}

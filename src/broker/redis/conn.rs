@@ -1,0 +1,179 @@
+//! Connecting to Redis: a single server (`redis://`, `rediss://`) or a
+//! cluster (`redis+cluster://h1:p1,h2:p2`), always RESP3 so that one
+//! multiplexed connection carries commands and pub/sub pushes.
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo, RedisFuture, RedisResult, Value,
+};
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedSender;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the broker connects.
+pub enum Target {
+    Single(redis::ConnectionInfo),
+    Cluster(Vec<redis::ConnectionInfo>),
+}
+
+impl Target {
+    /// Parses a broker URL; the error names what is wrong.
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let resp3 = |mut info: redis::ConnectionInfo| {
+            info.redis.protocol = ProtocolVersion::RESP3;
+            info
+        };
+        if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            let (auth, hosts) = match rest.rsplit_once('@') {
+                Some((a, h)) => (format!("{a}@"), h),
+                None => (String::new(), rest),
+            };
+            let hosts = hosts.trim_end_matches('/');
+            let mut nodes = Vec::new();
+            for host in hosts.split(',').filter(|h| !h.is_empty()) {
+                let node = format!("redis://{auth}{host}");
+                let info = node
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(|e| format!("broker.url: cluster node '{host}': {e}"))?;
+                nodes.push(resp3(info));
+            }
+            if nodes.is_empty() {
+                return Err("broker.url: redis+cluster:// needs at least one host:port".into());
+            }
+            return Ok(Target::Cluster(nodes));
+        }
+        let info = url
+            .into_connection_info()
+            .map_err(|e| format!("broker.url: '{url}': {e}"))?;
+        Ok(Target::Single(resp3(info)))
+    }
+
+    /// Opens a connection whose pub/sub pushes go to `pushes`.
+    pub async fn connect(&self, pushes: UnboundedSender<PushInfo>) -> RedisResult<Conn> {
+        match self {
+            Target::Single(info) => {
+                let client = redis::Client::open(info.clone())?;
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(RESPONSE_TIMEOUT)
+                    .set_push_sender(pushes);
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                Ok(Conn::Single(conn))
+            }
+            Target::Cluster(nodes) => {
+                let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .retries(2)
+                    .push_sender(pushes)
+                    .build()?;
+                let mut conn = client.get_async_connection().await?;
+                // Sharded pub/sub (Redis >= 7) keeps announcements on the
+                // channel's own shard; older clusters broadcast.
+                let info: Value = redis::cmd("COMMAND")
+                    .arg("INFO")
+                    .arg("SPUBLISH")
+                    .query_async(&mut conn)
+                    .await?;
+                let sharded = matches!(&info, Value::Array(items) if items.iter().any(|v| !matches!(v, Value::Nil)));
+                Ok(Conn::Cluster { conn, sharded })
+            }
+        }
+    }
+}
+
+/// One connection, single-server or cluster.
+#[derive(Clone)]
+pub enum Conn {
+    Single(MultiplexedConnection),
+    Cluster {
+        conn: ClusterConnection,
+        sharded: bool,
+    },
+}
+
+impl Conn {
+    /// True when announcements use SPUBLISH/SSUBSCRIBE.
+    pub fn sharded(&self) -> bool {
+        matches!(self, Conn::Cluster { sharded: true, .. })
+    }
+
+    /// Subscribes to announcement names.
+    pub async fn subscribe(&mut self, names: &[String]) -> RedisResult<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Conn::Single(c) => c.subscribe(names).await,
+            Conn::Cluster {
+                conn,
+                sharded: true,
+            } => {
+                // Sharded channels of different slots cannot share a command.
+                for n in names {
+                    conn.ssubscribe(n).await?;
+                }
+                Ok(())
+            }
+            Conn::Cluster {
+                conn,
+                sharded: false,
+            } => conn.subscribe(names).await,
+        }
+    }
+
+    /// Unsubscribes from announcement names.
+    pub async fn unsubscribe(&mut self, names: &[String]) -> RedisResult<()> {
+        match self {
+            Conn::Single(c) => c.unsubscribe(names).await,
+            Conn::Cluster {
+                conn,
+                sharded: true,
+            } => {
+                for n in names {
+                    conn.sunsubscribe(n).await?;
+                }
+                Ok(())
+            }
+            Conn::Cluster {
+                conn,
+                sharded: false,
+            } => conn.unsubscribe(names).await,
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster { conn, .. } => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster { conn, .. } => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster { conn, .. } => conn.get_db(),
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! What pollgate keeps in Redis and how: key names, the publish and read
+//! scripts, and the announcement payload. `docs/redis.md` documents the same
+//! for backends that publish straight into Redis.
+//!
+//! For channel `C` under namespace `NS`:
+//! - `NS:{C}:h` — Stream of the retained messages, fields `ct` (content
+//!   type) and `d` (data); the stream id is the message id.
+//! - `NS:{C}:f` — the id of the newest message trimmed from the stream.
+//! - `NS:{C}` — the pub/sub (or sharded pub/sub) name announcements go to,
+//!   with the payload `<id>\n<content type>\n<data>`.
+//!
+//! The `{C}` hash tag keeps all three on one Cluster slot.
+
+use super::conn::Conn;
+use crate::history::History;
+use crate::message::{Message, MessageId};
+use bytes::Bytes;
+use redis::{RedisResult, Script, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Appends to the history, trims it, records the floor, refreshes the TTL
+/// and announces, atomically. Returns the message id.
+pub const PUBLISH_SCRIPT: &str = r#"
+-- KEYS[1] history stream, KEYS[2] floor
+-- ARGV[1] announce name, ARGV[2] history length, ARGV[3] TTL (ms),
+-- ARGV[4] content type, ARGV[5] data, ARGV[6] PUBLISH or SPUBLISH
+local keep = tonumber(ARGV[2])
+local len = redis.call('XLEN', KEYS[1])
+if len >= keep then
+  local dropped = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', len - keep + 1)
+  redis.call('SET', KEYS[2], dropped[#dropped][1])
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', keep, '*', 'ct', ARGV[4], 'd', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call(ARGV[6], ARGV[1], id .. '\n' .. ARGV[4] .. '\n' .. ARGV[5])
+return id
+"#;
+
+/// Reads the floor and the retained entries in one atomic step.
+pub const READ_SCRIPT: &str = r#"
+-- KEYS[1] history stream, KEYS[2] floor; ARGV[1] history length
+local floor = redis.call('GET', KEYS[2]) or ''
+return {floor, redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[1])}
+"#;
+
+/// Key and name scheme of one namespace.
+pub struct Layout {
+    namespace: String,
+    history: usize,
+    ttl_ms: u64,
+    publish: Script,
+    read: Script,
+}
+
+impl Layout {
+    pub fn new(namespace: &str, history: usize, ttl: Duration) -> Layout {
+        Layout {
+            namespace: namespace.to_string(),
+            history,
+            ttl_ms: ttl.as_millis().max(1) as u64,
+            publish: Script::new(PUBLISH_SCRIPT),
+            read: Script::new(READ_SCRIPT),
+        }
+    }
+
+    /// The pub/sub name of `channel`'s announcements.
+    pub fn announce(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}", self.namespace)
+    }
+
+    fn history_key(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:h", self.namespace)
+    }
+
+    fn floor_key(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:f", self.namespace)
+    }
+
+    /// The channel an announcement name belongs to.
+    pub fn channel_of(&self, name: &[u8]) -> Option<String> {
+        let name = std::str::from_utf8(name).ok()?;
+        let inner = name
+            .strip_prefix(self.namespace.as_str())?
+            .strip_prefix(":{")?;
+        Some(inner.strip_suffix('}')?.to_string())
+    }
+
+    /// Runs the publish script; returns the new id.
+    pub async fn publish(
+        &self,
+        conn: &mut Conn,
+        channel: &str,
+        content_type: &str,
+        data: &[u8],
+    ) -> RedisResult<MessageId> {
+        let command = if conn.sharded() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let id: String = self
+            .publish
+            .key(self.history_key(channel))
+            .key(self.floor_key(channel))
+            .arg(self.announce(channel))
+            .arg(self.history)
+            .arg(self.ttl_ms)
+            .arg(content_type)
+            .arg(data)
+            .arg(command)
+            .invoke_async(conn)
+            .await?;
+        id.parse().map_err(|_| {
+            (
+                redis::ErrorKind::TypeError,
+                "XADD returned an unexpected id",
+            )
+                .into()
+        })
+    }
+
+    /// Reads a channel's retained history.
+    pub async fn read(&self, conn: &mut Conn, channel: &str) -> RedisResult<History> {
+        let reply: Value = self
+            .read
+            .key(self.history_key(channel))
+            .key(self.floor_key(channel))
+            .arg(self.history)
+            .invoke_async(conn)
+            .await?;
+        let bad =
+            || redis::RedisError::from((redis::ErrorKind::TypeError, "unexpected history reply"));
+        let Value::Array(parts) = reply else {
+            return Err(bad());
+        };
+        let [floor, Value::Array(entries)] = parts.as_slice() else {
+            return Err(bad());
+        };
+        let floor = match floor {
+            Value::BulkString(b) if !b.is_empty() => std::str::from_utf8(b)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(bad)?,
+            _ => MessageId::ZERO,
+        };
+        let channel: Arc<str> = channel.into();
+        let mut messages = Vec::with_capacity(entries.len());
+        for e in entries {
+            messages.push(Arc::new(decode_entry(&channel, e).ok_or_else(bad)?));
+        }
+        Ok(History::from_parts(self.history, floor, messages))
+    }
+}
+
+fn bytes_of(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+/// One XRANGE entry `[id, [field, value, ...]]` as a message.
+fn decode_entry(channel: &Arc<str>, entry: &Value) -> Option<Message> {
+    let Value::Array(pair) = entry else {
+        return None;
+    };
+    let [id, Value::Array(fields)] = pair.as_slice() else {
+        return None;
+    };
+    let id: MessageId = std::str::from_utf8(bytes_of(id)?).ok()?.parse().ok()?;
+    let mut content_type = String::new();
+    let mut data = Bytes::new();
+    for kv in fields.chunks(2) {
+        let [k, v] = kv else { return None };
+        match bytes_of(k)? {
+            b"ct" => content_type = String::from_utf8_lossy(bytes_of(v)?).into_owned(),
+            b"d" => data = Bytes::copy_from_slice(bytes_of(v)?),
+            _ => {}
+        }
+    }
+    Some(Message::new(id, channel.clone(), content_type, data))
+}
+
+/// An announcement payload `<id>\n<content type>\n<data>` as a message.
+pub fn decode_payload(channel: &str, payload: &[u8]) -> Option<Message> {
+    let first = payload.iter().position(|b| *b == b'\n')?;
+    let rest = &payload[first + 1..];
+    let second = rest.iter().position(|b| *b == b'\n')?;
+    let id: MessageId = std::str::from_utf8(&payload[..first]).ok()?.parse().ok()?;
+    let content_type = std::str::from_utf8(&rest[..second]).ok()?.to_string();
+    let data = Bytes::copy_from_slice(&rest[second + 1..]);
+    Some(Message::new(id, channel.into(), content_type, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_payloads() {
+        let l = Layout::new("pg", 10, Duration::from_secs(1));
+        assert_eq!(l.announce("room:1"), "pg:{room:1}");
+        assert_eq!(l.history_key("room:1"), "pg:{room:1}:h");
+        assert_eq!(l.channel_of(b"pg:{room:1}").as_deref(), Some("room:1"));
+        assert_eq!(l.channel_of(b"other:{room:1}"), None);
+        let m = decode_payload("c", b"5-1\ntext/plain\nhello\nworld").unwrap();
+        assert_eq!(m.id, MessageId { ms: 5, seq: 1 });
+        assert_eq!(m.content_type, "text/plain");
+        assert_eq!(&m.data[..], b"hello\nworld");
+        assert!(decode_payload("c", b"garbage").is_none());
+    }
+}

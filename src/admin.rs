@@ -294,11 +294,17 @@ impl ServeHttp for Admin {
                     ),
                 }
             }
-            (_, "/metrics" | "/healthz" | "/readyz" | "/v1/publish") => error(
-                405,
-                "method_not_allowed",
-                &format!("{method} is not allowed on {path}"),
-            ),
+            (_, "/metrics" | "/healthz" | "/readyz" | "/v1/publish") => {
+                let allow = if path == "/v1/publish" { "POST" } else { "GET" };
+                let mut r = error(
+                    405,
+                    "method_not_allowed",
+                    &format!("{method} is not allowed on {path}"),
+                );
+                r.headers_mut()
+                    .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+                r
+            }
             _ => error(
                 404,
                 "not_found",

@@ -68,6 +68,10 @@ impl Answer {
             Format::Sse => body.reserve(json_len + found.len() * 48),
             Format::Raw => {}
         }
+        if gap && format == Format::Sse {
+            // SSE has no envelope: the lost position is its own event.
+            body.extend_from_slice(b"event: gap\ndata: {\"gap\":true}\n\n");
+        }
         for (i, (index, m)) in found.iter().enumerate() {
             cursor.0[*index] = m.id;
             if format == Format::Sse {

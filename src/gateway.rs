@@ -153,7 +153,20 @@ impl ProxyHttp for Gateway {
         let addr = &addrs[up.next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
         let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
         let sni = up.config.sni.clone().unwrap_or_else(|| host.to_string());
-        let mut peer = HttpPeer::new(addr.as_str(), up.config.tls, sni);
+        // Resolved here so that a name that does not resolve is a 502, not a
+        // panic inside HttpPeer::new.
+        let resolved = tokio::net::lookup_host(addr.as_str())
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    format!("cannot resolve upstream address {addr}"),
+                )
+                .into_up()
+            })?;
+        let mut peer = HttpPeer::new(resolved, up.config.tls, sni);
         peer.options.connection_timeout = Some(up.config.connect_timeout);
         peer.options.read_timeout = Some(up.config.read_timeout);
         Ok(Box::new(peer))

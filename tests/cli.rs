@@ -84,7 +84,10 @@ fn check_reports_bad_units_and_unset_variables() {
         &[("POLLGATE_TEST_UNSET_VAR", "tok")],
     );
     assert_eq!(code, 0);
-    assert!(out.contains("token: tok"), "{out}");
+    assert!(
+        out.contains("token: <set, hidden>"),
+        "secrets are not printed: {out}"
+    );
     let (code, _, err) = run_cli(&["check", "-c", "/no/such/file.yaml"], &[]);
     assert_eq!(code, 2);
     assert!(err.contains("/no/such/file.yaml: cannot read"), "{err}");

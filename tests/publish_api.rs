@@ -1,4 +1,6 @@
 //! The publish API and admin endpoints (SPEC 4, 6) on a real pollgate.
+//! Every test runs on both brokers (memory and a real redis-server), so
+//! their semantics cannot drift.
 
 mod support;
 
@@ -7,9 +9,8 @@ use support::*;
 
 const WITH_TOKEN: &str = "publish:\n  token: \"${TEST_TOKEN}\"\nlimits:\n  max_body: 1KiB\n";
 
-#[tokio::test]
-async fn single_publish_keeps_the_content_type_and_returns_the_id() {
-    let pg = Pollgate::start(ROUTES);
+async fn single_publish_keeps_the_content_type_and_returns_the_id(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let r = client()
         .post(pg.admin("/v1/publish/room:1"))
         .header("Content-Type", "text/csv")
@@ -29,9 +30,8 @@ async fn single_publish_keeps_the_content_type_and_returns_the_id() {
     assert_eq!(pg.metric("pollgate_messages_published_total").await, 1.0);
 }
 
-#[tokio::test]
-async fn a_batch_is_published_in_order() {
-    let pg = Pollgate::start(ROUTES);
+async fn a_batch_is_published_in_order(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let batch = json!({"messages": [
         {"channel": "b", "data": {"n": 1}},
         {"channel": "other", "data": "x", "content_type": "text/plain"},
@@ -66,9 +66,8 @@ async fn a_batch_is_published_in_order() {
     assert_eq!(env["messages"][2]["data"], json!([3]));
 }
 
-#[tokio::test]
-async fn bad_batches_are_refused_whole() {
-    let pg = Pollgate::start(ROUTES);
+async fn bad_batches_are_refused_whole(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     for (body, error) in [
         ("not json", "bad_json"),
         ("{\"messages\": [{\"channel\": \"a\"}]}", "bad_json"),
@@ -88,9 +87,8 @@ async fn bad_batches_are_refused_whole() {
     );
 }
 
-#[tokio::test]
-async fn channel_info_reports_history_and_local_subscribers() {
-    let pg = Pollgate::start(ROUTES);
+async fn channel_info_reports_history_and_local_subscribers(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let id = pg.publish("info", "text/plain", "x").await;
     let url = pg.url(&format!("/sub/info?cursor={id}"));
     let held = tokio::spawn(async move { get_json(&url).await });
@@ -182,9 +180,8 @@ async fn bad_channels_and_big_bodies_are_refused() {
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "bad_json");
 }
 
-#[tokio::test]
-async fn health_readiness_and_metrics() {
-    let pg = Pollgate::start(ROUTES);
+async fn health_readiness_and_metrics(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let (status, _, _) = get_json(&pg.admin("/healthz")).await;
     assert_eq!(status, 200);
     let (status, _, v) = get_json(&pg.admin("/readyz")).await;
@@ -216,3 +213,11 @@ async fn health_readiness_and_metrics() {
     get_json(&pg.url("/sub/two?timeout=0")).await;
     assert_eq!(pg.metric("pollgate_channels_active").await, 2.0);
 }
+
+on_both_brokers!(
+    single_publish_keeps_the_content_type_and_returns_the_id,
+    a_batch_is_published_in_order,
+    bad_batches_are_refused_whole,
+    channel_info_reports_history_and_local_subscribers,
+    health_readiness_and_metrics,
+);

@@ -1,5 +1,7 @@
 //! Subscribing (SPEC 3): hold, wake, cursors, gaps, formats, keep-alive and
 //! disconnects, against a real pollgate over HTTP.
+//! Every test runs on both brokers (memory and a real redis-server), so
+//! their semantics cannot drift.
 
 mod support;
 
@@ -18,9 +20,8 @@ fn ids(v: &Value) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_held_poll_is_answered_by_a_publish() {
-    let pg = Pollgate::start(ROUTES);
+async fn a_held_poll_is_answered_by_a_publish(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let url = pg.url("/sub/news");
     let poll = tokio::spawn(async move { get_json(&url).await });
     pg.wait_metric("pollgate_held_requests", 1.0).await;
@@ -51,9 +52,8 @@ async fn a_held_poll_is_answered_by_a_publish() {
     );
 }
 
-#[tokio::test]
-async fn a_timeout_answers_empty_with_the_cursor_unchanged_and_jitter() {
-    let pg = Pollgate::start(ROUTES);
+async fn a_timeout_answers_empty_with_the_cursor_unchanged_and_jitter(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let id = pg.publish("t", "text/plain", "one").await;
     let started = Instant::now();
     let (status, headers, body) = get_json(&pg.url(&format!("/sub/t?cursor={id}&timeout=1"))).await;
@@ -77,9 +77,8 @@ async fn a_timeout_answers_empty_with_the_cursor_unchanged_and_jitter() {
     );
 }
 
-#[tokio::test]
-async fn a_poll_without_cursor_gets_the_current_cursor_so_nothing_is_missed() {
-    let pg = Pollgate::start(ROUTES);
+async fn a_poll_without_cursor_gets_the_current_cursor_so_nothing_is_missed(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     pg.publish("c", "text/plain", "old").await;
     let (_, _, first) = get_json(&pg.url("/sub/c?timeout=0")).await;
     assert_eq!(
@@ -98,9 +97,8 @@ async fn a_poll_without_cursor_gets_the_current_cursor_so_nothing_is_missed() {
     assert_eq!(next["cursor"], c.as_str());
 }
 
-#[tokio::test]
-async fn cursors_also_come_from_last_event_id_and_if_none_match() {
-    let pg = Pollgate::start(ROUTES);
+async fn cursors_also_come_from_last_event_id_and_if_none_match(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let a = pg.publish("h", "text/plain", "a").await;
     let b = pg.publish("h", "text/plain", "b").await;
     for (name, value) in [
@@ -118,9 +116,8 @@ async fn cursors_also_come_from_last_event_id_and_if_none_match() {
     }
 }
 
-#[tokio::test]
-async fn first_oldest_returns_the_retained_history() {
-    let pg = Pollgate::start(ROUTES);
+async fn first_oldest_returns_the_retained_history(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let a = pg.publish("o", "text/plain", "a").await;
     let b = pg.publish("o", "text/plain", "b").await;
     let (_, _, v) = get_json(&pg.url("/oldest/o")).await;
@@ -128,9 +125,8 @@ async fn first_oldest_returns_the_retained_history() {
     assert_eq!(v["gap"], false);
 }
 
-#[tokio::test]
-async fn answers_carry_at_most_100_messages_oldest_first() {
-    let pg = Pollgate::start(&format!("broker:\n  history: 300\n{ROUTES}"));
+async fn answers_carry_at_most_100_messages_oldest_first(backend: Backend) {
+    let pg = Pollgate::start_on(backend, &format!("broker:\n  history: 300\n{ROUTES}"));
     let mut published = Vec::new();
     for i in 0..150 {
         published.push(pg.publish("many", "text/plain", &i.to_string()).await);
@@ -145,9 +141,8 @@ async fn answers_carry_at_most_100_messages_oldest_first() {
     assert_eq!(ids(&rest), published[100..]);
 }
 
-#[tokio::test]
-async fn a_cursor_older_than_history_or_unknown_is_a_gap() {
-    let pg = Pollgate::start(&format!("broker:\n  history: 3\n{ROUTES}"));
+async fn a_cursor_older_than_history_or_unknown_is_a_gap(backend: Backend) {
+    let pg = Pollgate::start_on(backend, &format!("broker:\n  history: 3\n{ROUTES}"));
     let mut published = Vec::new();
     for i in 0..5 {
         published.push(pg.publish("g", "text/plain", &i.to_string()).await);
@@ -176,9 +171,8 @@ async fn a_cursor_older_than_history_or_unknown_is_a_gap() {
     );
 }
 
-#[tokio::test]
-async fn one_cursor_covers_every_channel_of_a_multi_channel_route() {
-    let pg = Pollgate::start(ROUTES);
+async fn one_cursor_covers_every_channel_of_a_multi_channel_route(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let (_, _, v) = get_json(&pg.url("/multi/1/2?timeout=0")).await;
     let start = v["cursor"].as_str().unwrap().to_string();
     let x = pg.publish("a:1", "text/plain", "x").await;
@@ -202,9 +196,8 @@ async fn one_cursor_covers_every_channel_of_a_multi_channel_route() {
     assert!(v["detail"].as_str().unwrap().contains("2 channel"));
 }
 
-#[tokio::test]
-async fn raw_mode_answers_one_message_with_its_own_bytes() {
-    let pg = Pollgate::start(ROUTES);
+async fn raw_mode_answers_one_message_with_its_own_bytes(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let a = pg.publish("r", "image/svg+xml", "<svg/>").await;
     let b = pg.publish("r", "text/plain", "second").await;
     let r = client()
@@ -235,9 +228,8 @@ async fn raw_mode_answers_one_message_with_its_own_bytes() {
     assert_eq!(r.headers()["pollgate-cursor"], b.as_str());
 }
 
-#[tokio::test]
-async fn non_utf8_bodies_are_base64_in_the_envelope() {
-    let pg = Pollgate::start(ROUTES);
+async fn non_utf8_bodies_are_base64_in_the_envelope(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let r = client()
         .post(pg.admin("/v1/publish/bin"))
         .header("Content-Type", "application/octet-stream")
@@ -251,9 +243,8 @@ async fn non_utf8_bodies_are_base64_in_the_envelope() {
     assert_eq!(v["messages"][0]["encoding"], "base64");
 }
 
-#[tokio::test]
-async fn keep_alive_between_polls() {
-    let pg = Pollgate::start(ROUTES);
+async fn keep_alive_between_polls(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let id = pg.publish("k", "text/plain", "x").await;
     let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
     for _ in 0..3 {
@@ -272,9 +263,8 @@ async fn keep_alive_between_polls() {
     assert!(status.contains("404"));
 }
 
-#[tokio::test]
-async fn a_client_that_leaves_is_released_at_once() {
-    let pg = Pollgate::start(ROUTES);
+async fn a_client_that_leaves_is_released_at_once(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
     std::io::Write::write_all(&mut s, b"GET /sub/gone HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     pg.wait_metric("pollgate_held_requests", 1.0).await;
@@ -296,9 +286,8 @@ async fn a_client_that_leaves_is_released_at_once() {
     assert_eq!(info["subscribers"], 0);
 }
 
-#[tokio::test]
-async fn server_sent_events_stream_and_resume() {
-    let pg = Pollgate::start(ROUTES);
+async fn server_sent_events_stream_and_resume(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     let a = pg.publish("s", "text/plain", "a").await;
     let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
     let req = format!(
@@ -337,9 +326,8 @@ fn read_until(s: &mut TcpStream, needle: &str, limit: Duration) -> String {
     String::from_utf8_lossy(&seen).into_owned()
 }
 
-#[tokio::test]
-async fn bad_input_is_a_json_400_never_a_crash() {
-    let pg = Pollgate::start(ROUTES);
+async fn bad_input_is_a_json_400_never_a_crash(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
     for (path, word) in [
         ("/sub/x?cursor=garbage", "cursor"),
         ("/sub/x?cursor=1-2.3-4", "channel"),
@@ -367,3 +355,20 @@ async fn bad_input_is_a_json_400_never_a_crash() {
     let (status, _, _) = get_json(&pg.url("/sub/x?timeout=0")).await;
     assert_eq!(status, 200);
 }
+
+on_both_brokers!(
+    a_held_poll_is_answered_by_a_publish,
+    a_timeout_answers_empty_with_the_cursor_unchanged_and_jitter,
+    a_poll_without_cursor_gets_the_current_cursor_so_nothing_is_missed,
+    cursors_also_come_from_last_event_id_and_if_none_match,
+    first_oldest_returns_the_retained_history,
+    answers_carry_at_most_100_messages_oldest_first,
+    a_cursor_older_than_history_or_unknown_is_a_gap,
+    one_cursor_covers_every_channel_of_a_multi_channel_route,
+    raw_mode_answers_one_message_with_its_own_bytes,
+    non_utf8_bodies_are_base64_in_the_envelope,
+    keep_alive_between_polls,
+    a_client_that_leaves_is_released_at_once,
+    server_sent_events_stream_and_resume,
+    bad_input_is_a_json_400_never_a_crash,
+);

@@ -1,6 +1,9 @@
 //! Test harness: starts a real `pollgate serve` on free ports with a config
-//! written for the test, and talks to it over HTTP.
+//! written for the test (on the memory broker or a real `redis-server`), and
+//! talks to it over HTTP.
 #![allow(dead_code)]
+
+pub mod redis;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -51,6 +54,25 @@ pub struct Pollgate {
     pub port: u16,
     pub admin_port: u16,
     pub config: PathBuf,
+    /// The Redis server this gateway owns (see [`Pollgate::start_on`]).
+    pub redis: Option<redis::RedisServer>,
+}
+
+/// Which broker a behavioural test runs against.
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Memory,
+    Redis,
+}
+
+/// `body` with `broker.url` set to `url` (merged into a `broker:` block).
+pub fn with_broker(body: &str, url: &str) -> String {
+    let line = format!("broker:\n  url: \"{url}\"\n");
+    if body.contains("broker:\n") {
+        body.replacen("broker:\n", &line, 1)
+    } else {
+        format!("{line}{body}")
+    }
 }
 
 /// The routes most tests use, on top of the listener lines.
@@ -77,6 +99,34 @@ routes:
 "#;
 
 impl Pollgate {
+    /// Starts pollgate on `backend`: for Redis, with its own fresh server.
+    pub fn start_on(backend: Backend, body: &str) -> Pollgate {
+        match backend {
+            Backend::Memory => Self::start(body),
+            Backend::Redis => {
+                let r = redis::RedisServer::start();
+                let mut pg = Self::start(&with_broker(body, &r.url()));
+                pg.wait_ready();
+                pg.redis = Some(r);
+                pg
+            }
+        }
+    }
+
+    /// Waits until /readyz answers 200.
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let mut s = TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
+            let (status, _, _) = raw_exchange(&mut s, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
+            if status.contains("200") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("pollgate did not become ready");
+    }
+
     /// Starts pollgate with `body` appended to generated listen lines.
     pub fn start(body: &str) -> Pollgate {
         Self::start_with_env(body, &[])
@@ -110,6 +160,7 @@ impl Pollgate {
             port,
             admin_port,
             config,
+            redis: None,
         };
         pg.wait_until_up();
         pg
@@ -206,14 +257,36 @@ impl Pollgate {
     }
 }
 
-impl Drop for Pollgate {
-    fn drop(&mut self) {
+impl Pollgate {
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Drop for Pollgate {
+    fn drop(&mut self) {
+        self.kill();
         let _ = std::fs::remove_file(&self.config);
     }
+}
+
+/// Generates one `#[tokio::test]` per backend for each listed
+/// `async fn name(backend: Backend)`, in modules `memory` and `redis`, so
+/// that both brokers pass the same behavioural suite.
+#[macro_export]
+macro_rules! on_both_brokers {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test] async fn $name() { super::$name($crate::support::Backend::Memory).await })*
+        }
+        mod redis {
+            $(#[tokio::test] async fn $name() { super::$name($crate::support::Backend::Redis).await })*
+        }
+    };
 }
 
 /// An HTTP client with no connection reuse surprises.

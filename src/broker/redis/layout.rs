@@ -213,3 +213,15 @@ mod tests {
         assert!(decode_payload("c", b"garbage").is_none());
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    /// docs/redis.md shows backends the very script pollgate runs.
+    #[test]
+    fn the_documented_script_is_the_one_in_use() {
+        let doc = include_str!("../../../docs/redis.md");
+        let start = doc.find("```lua\n").unwrap() + 7;
+        let end = start + doc[start..].find("```").unwrap();
+        assert_eq!(doc[start..end].trim(), super::PUBLISH_SCRIPT.trim());
+    }
+}

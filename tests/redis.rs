@@ -1,0 +1,336 @@
+//! The Redis broker (issue [2]): several instances as one, resume anywhere,
+//! outages without loss, raw-Redis publishing, Redis Cluster. Every test
+//! starts its own redis-server processes.
+
+mod support;
+
+use serde_json::Value;
+use std::time::Duration;
+use support::redis::{RedisCluster, RedisServer};
+use support::*;
+
+fn ids(v: &Value) -> Vec<String> {
+    v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `n` gateways sharing `redis`, ready.
+fn gateways(redis_url: &str, n: usize, extra: &str) -> Vec<Pollgate> {
+    (0..n)
+        .map(|_| {
+            let pg = Pollgate::start(&with_broker(&format!("{extra}{ROUTES}"), redis_url));
+            pg.wait_ready();
+            pg
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_publish_on_one_instance_answers_polls_held_on_the_others() {
+    let redis = RedisServer::start();
+    let gw = gateways(&redis.url(), 3, "");
+    let mut polls = Vec::new();
+    for pg in &gw[1..] {
+        let url = pg.url("/sub/shared");
+        polls.push(tokio::spawn(async move { get_json(&url).await }));
+        pg.wait_metric("pollgate_held_requests", 1.0).await;
+    }
+    let id = gw[0]
+        .publish("shared", "application/json", "{\"n\":1}")
+        .await;
+    for p in polls {
+        let (status, _, v) = p.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(ids(&v), [id.clone()]);
+        assert_eq!(v["messages"][0]["data"]["n"], 1);
+    }
+    // Each instance received one announcement, whatever its number of waiters.
+    assert_eq!(gw[1].metric("pollgate_messages_delivered_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn twenty_channels_published_round_robin_arrive_complete_and_in_order_everywhere() {
+    let redis = RedisServer::start();
+    let gw = gateways(&redis.url(), 3, "");
+    let mut readers = Vec::new();
+    for pg in &gw {
+        for ch in 0..20 {
+            // Take the current cursor first, then follow the channel.
+            let base = pg.url(&format!("/sub/rr{ch}"));
+            let (_, _, first) = get_json(&format!("{base}?timeout=0")).await;
+            let mut cursor = first["cursor"].as_str().unwrap().to_string();
+            readers.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                while got.len() < 10 {
+                    let (status, _, v) =
+                        get_json(&format!("{base}?cursor={cursor}&timeout=5")).await;
+                    assert_eq!(status, 200);
+                    assert_eq!(v["gap"], false);
+                    for m in v["messages"].as_array().unwrap() {
+                        got.push(m["data"].as_str().unwrap().to_string());
+                    }
+                    cursor = v["cursor"].as_str().unwrap().to_string();
+                    assert!(
+                        !v["messages"].as_array().unwrap().is_empty(),
+                        "timed out with {got:?}"
+                    );
+                }
+                got
+            }));
+        }
+    }
+    let mut k = 0;
+    for i in 0..10 {
+        for ch in 0..20 {
+            gw[k % 3]
+                .publish(&format!("rr{ch}"), "text/plain", &format!("{ch}:{i}"))
+                .await;
+            k += 1;
+        }
+    }
+    for (n, r) in readers.into_iter().enumerate() {
+        let ch = n % 20;
+        let want: Vec<String> = (0..10).map(|i| format!("{ch}:{i}")).collect();
+        assert_eq!(r.await.unwrap(), want, "instance {} channel rr{ch}", n / 20);
+    }
+}
+
+#[tokio::test]
+async fn a_cursor_resumes_on_another_instance_and_after_a_restart() {
+    let redis = RedisServer::start();
+    let mut gw = gateways(&redis.url(), 2, "");
+    let a = gw[0].publish("resume", "text/plain", "a").await;
+    let b = gw[1].publish("resume", "text/plain", "b").await;
+    let c = gw[0].publish("resume", "text/plain", "c").await;
+    let (_, _, v) = get_json(&gw[1].url(&format!("/sub/resume?cursor={a}"))).await;
+    assert_eq!(ids(&v), [b.clone(), c.clone()]);
+    // A new instance that never saw the channel resumes from Redis.
+    gw[1].kill();
+    let fresh = gateways(&redis.url(), 1, "").remove(0);
+    let (_, _, v) = get_json(&fresh.url(&format!("/sub/resume?cursor={b}"))).await;
+    assert_eq!(ids(&v), [c.clone()]);
+    assert_eq!(v["gap"], false);
+    let url = fresh.url(&format!("/sub/resume?cursor={c}"));
+    let held = tokio::spawn(async move { get_json(&url).await });
+    fresh.wait_metric("pollgate_held_requests", 1.0).await;
+    let d = gw[0].publish("resume", "text/plain", "d").await;
+    assert_eq!(ids(&held.await.unwrap().2), [d]);
+}
+
+#[tokio::test]
+async fn a_redis_outage_loses_nothing_for_clients_holding_a_cursor() {
+    let mut redis = RedisServer::start_persistent();
+    let pg = gateways(&redis.url(), 1, "").remove(0);
+    let before = pg.publish("out", "text/plain", "before").await;
+    let url = pg.url(&format!("/sub/out?cursor={before}"));
+    let held = tokio::spawn(async move { get_json(&url).await });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+
+    redis.kill();
+    pg.wait_metric("pollgate_broker_up", 0.0).await;
+    let (status, headers, v) = get_json(&pg.admin("/readyz")).await;
+    assert_eq!((status, v["error"].as_str()), (503, Some("broker_down")));
+    assert!(headers.contains_key("retry-after"));
+    let r = client()
+        .post(pg.admin("/v1/publish/out"))
+        .body("lost?")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "never a silent drop");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "broker_unavailable"
+    );
+    let (status, headers, _) = get_json(&pg.url("/sub/other")).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(
+        pg.metric("pollgate_held_requests").await,
+        1.0,
+        "held polls stay held"
+    );
+
+    redis.restart();
+    pg.wait_metric("pollgate_broker_up", 1.0).await;
+    pg.wait_ready();
+    assert!(pg.metric("pollgate_broker_reconnects_total").await >= 1.0);
+    let after = pg.publish("out", "text/plain", "after").await;
+    let (status, _, v) = held.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(v["gap"], false);
+    assert_eq!(ids(&v), [after.clone()]);
+    // The history survived: a client at the old cursor gets everything.
+    let (_, _, v) = get_json(&pg.url(&format!("/sub/out?cursor={before}"))).await;
+    assert_eq!(ids(&v), [after]);
+}
+
+#[tokio::test]
+async fn messages_published_while_an_instance_is_disconnected_are_caught_up() {
+    let mut redis = RedisServer::start_persistent();
+    let pg = gateways(&redis.url(), 1, "").remove(0);
+    let first = pg.publish("cu", "text/plain", "first").await;
+    let url = pg.url(&format!("/sub/cu?cursor={first}&timeout=10"));
+    let held = tokio::spawn(async move { get_json(&url).await });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    redis.kill();
+    pg.wait_metric("pollgate_broker_up", 0.0).await;
+    // Let the reconnect backoff grow, then publish straight into Redis the
+    // moment it is back, most likely before pollgate has resubscribed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart();
+    let id = raw_publish(&redis, "pollgate", "cu", "text/plain", "during");
+    let (status, _, v) = held.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(ids(&v), [id]);
+    assert_eq!(v["messages"][0]["data"], "during");
+}
+
+#[tokio::test]
+async fn an_empty_restart_answers_gap_not_silence() {
+    let mut redis = RedisServer::start();
+    let pg = gateways(&redis.url(), 1, "").remove(0);
+    let id = pg.publish("flush", "text/plain", "x").await;
+    let url = pg.url(&format!("/sub/flush?cursor={id}"));
+    let held = tokio::spawn(async move { get_json(&url).await });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    redis.restart();
+    let (status, headers, v) = tokio::time::timeout(Duration::from_secs(8), held)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(v["gap"], true);
+    assert_eq!(headers["pollgate-gap"], "1");
+    // A new poll with the old cursor says the same.
+    let (_, _, v) = get_json(&pg.url(&format!("/sub/flush?cursor={id}"))).await;
+    assert_eq!(v["gap"], true);
+    assert_eq!(v["cursor"], "0-0");
+}
+
+/// The ```lua block of docs/redis.md, as a backend would copy it.
+fn documented_script() -> String {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/redis.md")).unwrap();
+    let start = doc.find("```lua\n").expect("docs/redis.md has a lua block") + 7;
+    let end = start + doc[start..].find("```").unwrap();
+    doc[start..end].to_string()
+}
+
+/// Publishes with redis-cli and the documented script only; returns the id.
+fn raw_publish(
+    redis: &RedisServer,
+    ns: &str,
+    channel: &str,
+    content_type: &str,
+    data: &str,
+) -> String {
+    let script = documented_script();
+    let stream = format!("{ns}:{{{channel}}}:h");
+    let floor = format!("{ns}:{{{channel}}}:f");
+    let announce = format!("{ns}:{{{channel}}}");
+    let out = redis.cli(&[
+        "EVAL",
+        &script,
+        "2",
+        &stream,
+        &floor,
+        &announce,
+        "100",
+        "3600000",
+        content_type,
+        data,
+        "PUBLISH",
+    ]);
+    let id = out.trim().to_string();
+    assert!(id.contains('-'), "script answered {out:?}");
+    id
+}
+
+#[tokio::test]
+async fn a_backend_can_publish_straight_into_redis() {
+    let redis = RedisServer::start();
+    let pg = gateways(&redis.url(), 1, "").remove(0);
+    let url = pg.url("/sub/direct");
+    let held = tokio::spawn(async move { get_json(&url).await });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    let id = raw_publish(
+        &redis,
+        "pollgate",
+        "direct",
+        "application/json",
+        "{\"from\":\"redis-cli\"}",
+    );
+    let (_, _, v) = held.await.unwrap();
+    assert_eq!(ids(&v), [id.clone()]);
+    assert_eq!(v["messages"][0]["data"]["from"], "redis-cli");
+    let (_, _, info) = get_json(&pg.admin("/v1/channels/direct")).await;
+    assert_eq!(info["last_id"], id.as_str());
+}
+
+#[tokio::test]
+async fn keys_are_namespaced_hash_tagged_trimmed_and_expiring() {
+    let redis = RedisServer::start();
+    let pg = Pollgate::start(&with_broker(
+        &format!("broker:\n  namespace: app1\n  history: 2\n  history_ttl: 1m\n{ROUTES}"),
+        &redis.url(),
+    ));
+    pg.wait_ready();
+    let mut published = Vec::new();
+    for i in 0..3 {
+        published.push(pg.publish("room:7", "text/plain", &i.to_string()).await);
+    }
+    let mut keys: Vec<String> = redis
+        .cli(&["KEYS", "*"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["app1:{room:7}:f", "app1:{room:7}:h"]);
+    assert_eq!(redis.cli(&["XLEN", "app1:{room:7}:h"]).trim(), "2");
+    assert_eq!(redis.cli(&["GET", "app1:{room:7}:f"]).trim(), published[0]);
+    let ttl: i64 = redis
+        .cli(&["PTTL", "app1:{room:7}:h"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(ttl > 50_000 && ttl <= 60_000, "{ttl}");
+    let (_, _, v) = get_json(&pg.url(&format!("/sub/room:7?cursor={}", published[0]))).await;
+    assert_eq!(v["gap"], false, "the floor is a valid position");
+    assert_eq!(ids(&v), published[1..]);
+}
+
+#[tokio::test]
+async fn a_redis_cluster_serves_channels_on_every_slot() {
+    let cluster = RedisCluster::start();
+    let pg = Pollgate::start(&with_broker(ROUTES, &cluster.url()));
+    pg.wait_ready();
+    let channels: Vec<String> = (0..24).map(|i| format!("c{i}")).collect();
+    let mut polls = Vec::new();
+    for ch in &channels {
+        let url = pg.url(&format!("/sub/{ch}"));
+        polls.push(tokio::spawn(async move { get_json(&url).await }));
+    }
+    pg.wait_metric("pollgate_held_requests", channels.len() as f64)
+        .await;
+    let mut want = Vec::new();
+    for ch in &channels {
+        want.push(pg.publish(ch, "text/plain", ch).await);
+    }
+    for (p, id) in polls.into_iter().zip(want) {
+        let (status, _, v) = p.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(ids(&v), [id]);
+    }
+    for node in &cluster.nodes {
+        let n: u64 = node.cli(&["DBSIZE"]).trim().parse().unwrap();
+        assert!(n > 0, "node {} holds some channels", node.port);
+    }
+    // Resume from stored history through the cluster.
+    let (_, _, v) = get_json(&pg.url("/oldest/c5")).await;
+    assert_eq!(v["messages"][0]["data"], "c5");
+}

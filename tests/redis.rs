@@ -334,3 +334,27 @@ async fn a_redis_cluster_serves_channels_on_every_slot() {
     let (_, _, v) = get_json(&pg.url("/oldest/c5")).await;
     assert_eq!(v["messages"][0]["data"], "c5");
 }
+
+#[tokio::test]
+async fn a_channel_is_subscribed_while_it_has_waiters_and_unsubscribed_after_the_linger() {
+    let redis = RedisServer::start();
+    let pg = gateways(&redis.url(), 1, "").remove(0);
+    let numsub = || {
+        let out = redis.cli(&["PUBSUB", "NUMSUB", "pollgate:{linger}"]);
+        out.lines().nth(1).unwrap_or("").trim().to_string()
+    };
+    assert_eq!(numsub(), "0");
+    let url = pg.url("/sub/linger");
+    let held = tokio::spawn(async move { get_json(&url).await });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    assert_eq!(numsub(), "1");
+    pg.publish("linger", "text/plain", "x").await;
+    held.await.unwrap();
+    assert_eq!(numsub(), "1", "kept for re-polls");
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while numsub() != "0" {
+        assert!(std::time::Instant::now() < deadline, "never unsubscribed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(pg.metric("pollgate_channels_active").await, 0.0);
+}

@@ -1,44 +1,52 @@
 //! The client-facing listener: Pingora's `ProxyHttp` for pollgate.
 //!
 //! `request_filter` matches the route: subscribe routes are answered there
-//! (by the [`Poller`]), proxy routes continue through Pingora to their
-//! upstream, anything else is a JSON 404 (or 405).
+//! (by the [`Poller`]), publishing proxy routes by the [`Relay`]; plain
+//! proxy routes continue through Pingora's proxy, streaming both ways, to a
+//! peer of their upstream pool. Anything else is a JSON 404 (or 405).
 
-use crate::config::{Config, UpstreamConfig};
+use crate::authorize::Authorizer;
+use crate::config::Config;
 use crate::hub::Hub;
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::poll::{cors_headers, Poller};
+use crate::relay::Relay;
 use crate::respond;
 use crate::routes::{Action, Match, RouteTable};
+use crate::upstream::{add_forwarded, observe, Pool, Upstreams};
 use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Seconds an idle client connection is kept open between requests.
 pub const KEEPALIVE_SECS: u64 = 75;
-
-/// One upstream pool: its addresses are used in turn.
-struct Upstream {
-    config: UpstreamConfig,
-    next: AtomicUsize,
-}
 
 /// The gateway service.
 pub struct Gateway {
     routes: RouteTable,
     poller: Poller,
+    relay: Relay,
+    upstreams: Arc<Upstreams>,
     life: Arc<Lifecycle>,
-    upstreams: HashMap<String, Upstream>,
+    max_body: u64,
 }
 
 /// Per-request state.
 pub struct Ctx {
     _in_flight: InFlight,
-    upstream: Option<String>,
+    /// The pool of a plain proxy route.
+    pool: Option<Arc<Pool>>,
+    /// The address index in use and how many were tried.
+    peer_index: usize,
+    tries: usize,
+    upstream_started: Option<Instant>,
+    observed: bool,
+    body_seen: u64,
 }
 
 impl Gateway {
@@ -49,26 +57,24 @@ impl Gateway {
         hub: Arc<Hub>,
         life: Arc<Lifecycle>,
     ) -> Gateway {
+        let upstreams = Arc::new(Upstreams::new(&config.upstreams));
         Gateway {
             routes,
             poller: Poller {
-                hub,
+                hub: hub.clone(),
                 life: life.clone(),
                 max_held: config.limits.max_held,
                 cors: config.cors.clone(),
+                authorizer: Authorizer::new(upstreams.clone()),
             },
+            relay: Relay {
+                upstreams: upstreams.clone(),
+                hub,
+                max_body: config.limits.max_body,
+            },
+            upstreams,
             life,
-            upstreams: config
-                .upstreams
-                .iter()
-                .map(|(name, c)| {
-                    let up = Upstream {
-                        config: c.clone(),
-                        next: AtomicUsize::new(0),
-                    };
-                    (name.clone(), up)
-                })
-                .collect(),
+            max_body: config.limits.max_body,
         }
     }
 
@@ -90,8 +96,18 @@ impl Gateway {
             "Authorization, Content-Type, Last-Event-ID, If-None-Match",
         )?;
         h.insert_header("Access-Control-Max-Age", "600")?;
-        respond::send(session, h, bytes::Bytes::new()).await?;
+        respond::send(session, h, Bytes::new()).await?;
         Ok(true)
+    }
+
+    fn too_big(&self, session: &Session) -> bool {
+        session
+            .req_header()
+            .headers
+            .get("Content-Length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > self.max_body)
     }
 }
 
@@ -102,7 +118,12 @@ impl ProxyHttp for Gateway {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             _in_flight: self.life.enter(),
-            upstream: None,
+            pool: None,
+            peer_index: 0,
+            tries: 0,
+            upstream_started: None,
+            observed: false,
+            body_seen: 0,
         }
     }
 
@@ -124,8 +145,21 @@ impl ProxyHttp for Gateway {
                     self.poller.serve(session, sub, &params).await?;
                     Ok(true)
                 }
+                Action::Proxy(p) if p.publish.is_some() || p.publish_from_header => {
+                    self.relay.serve(session, p, &params).await?;
+                    Ok(true)
+                }
                 Action::Proxy(p) => {
-                    ctx.upstream = Some(p.upstream.clone());
+                    if self.too_big(session) {
+                        let detail = format!(
+                            "request body is larger than limits.max_body ({} bytes)",
+                            self.max_body
+                        );
+                        session.set_keepalive(None);
+                        respond::error(session, 413, "payload_too_large", &detail, &[]).await?;
+                        return Ok(true);
+                    }
+                    ctx.pool = self.upstreams.get(&p.upstream).cloned();
                     Ok(false)
                 }
             },
@@ -144,32 +178,86 @@ impl ProxyHttp for Gateway {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let up = ctx
-            .upstream
-            .as_deref()
-            .and_then(|name| self.upstreams.get(name))
+        let pool = ctx
+            .pool
+            .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "route has no upstream"))?;
-        let addrs = &up.config.addrs;
-        let addr = &addrs[up.next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
-        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
-        let sni = up.config.sni.clone().unwrap_or_else(|| host.to_string());
-        // Resolved here so that a name that does not resolve is a 502, not a
-        // panic inside HttpPeer::new.
-        let resolved = tokio::net::lookup_host(addr.as_str())
-            .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| {
-                Error::explain(
-                    ErrorType::ConnectNoRoute,
-                    format!("cannot resolve upstream address {addr}"),
-                )
-                .into_up()
-            })?;
-        let mut peer = HttpPeer::new(resolved, up.config.tls, sni);
-        peer.options.connection_timeout = Some(up.config.connect_timeout);
-        peer.options.read_timeout = Some(up.config.read_timeout);
-        Ok(Box::new(peer))
+        ctx.peer_index = pool.pick();
+        ctx.tries += 1;
+        ctx.upstream_started.get_or_insert_with(Instant::now);
+        Ok(Box::new(pool.peer(ctx.peer_index).await?))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(pool) = &ctx.pool {
+            pool.mark_failed(ctx.peer_index);
+            if ctx.tries < pool.len() {
+                e.set_retry(true);
+            }
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        request: &mut RequestHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        let host = session
+            .req_header()
+            .headers
+            .get("Host")
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string);
+        let ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string());
+        add_forwarded(request, ip, host)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.body_seen += body.as_ref().map_or(0, |b| b.len() as u64);
+        if ctx.body_seen > self.max_body {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(413),
+                "request body is larger than limits.max_body",
+            );
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let (Some(pool), Some(started)) = (&ctx.pool, ctx.upstream_started) {
+            observe(&pool.name, Some(response.status.as_u16()), started);
+            ctx.observed = true;
+        }
+        Ok(())
+    }
+
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        if let (Some(pool), Some(started), false) = (&ctx.pool, ctx.upstream_started, ctx.observed)
+        {
+            observe(&pool.name, None, started);
+        }
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
@@ -191,6 +279,7 @@ impl ProxyHttp for Gateway {
         };
         if code > 0 {
             let kind = match code {
+                413 => "payload_too_large",
                 502 => "bad_gateway",
                 504 => "gateway_timeout",
                 400 => "bad_request",

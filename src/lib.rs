@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod answer;
+pub mod authorize;
 pub mod broker;
 pub mod cli;
 pub mod config;
@@ -17,8 +18,10 @@ pub mod lifecycle;
 pub mod message;
 pub mod metrics;
 pub mod poll;
+pub mod relay;
 pub mod respond;
 pub mod routes;
 pub mod server;
 pub mod shards;
 pub mod units;
+pub mod upstream;

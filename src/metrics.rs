@@ -94,6 +94,16 @@ pub static UPSTREAM_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
     .unwrap()
 });
 
+/// Publishes after a 2xx upstream answer, by result (ok, failed).
+pub static PUBLISH_THROUGH: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "pollgate_publish_through_total",
+        "Publishes of proxied answers (publish-through and header-directed) by result",
+        &["result"]
+    )
+    .unwrap()
+});
+
 /// Outcome label of a subscribe request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -144,6 +154,9 @@ pub fn init() {
     LazyLock::force(&BROKER_RECONNECTS);
     LazyLock::force(&UPSTREAM_REQUESTS);
     LazyLock::force(&UPSTREAM_LATENCY);
+    for r in ["ok", "failed"] {
+        PUBLISH_THROUGH.with_label_values(&[r]);
+    }
 }
 
 /// The default registry in Prometheus text format.

@@ -7,6 +7,7 @@
 //! reading the idle connection), or draining.
 
 use crate::answer::{Answer, Format};
+use crate::authorize::{Authorizer, Decision};
 use crate::config::Cors;
 use crate::cursor::Cursor;
 use crate::hub::{Held, Hub, Poll, Wake};
@@ -31,6 +32,7 @@ pub struct Poller {
     pub life: Arc<Lifecycle>,
     pub max_held: usize,
     pub cors: Cors,
+    pub authorizer: Authorizer,
 }
 
 /// What ended a hold.
@@ -81,6 +83,14 @@ impl Poller {
             let mut extra = self.cors_headers(session);
             extra.push(("Retry-After", RETRY_AFTER.into()));
             return respond::error(session, 503, "unavailable", why, &extra).await;
+        }
+        if let Some(upstream) = &route.authorize {
+            if !self
+                .authorized(session, upstream, route.authorize_cache)
+                .await?
+            {
+                return Ok(());
+            }
         }
         if req.format == Format::Sse {
             return self.stream(session, route, req).await;
@@ -138,6 +148,48 @@ impl Poller {
                         .map_err(|e| e.into_down())
                 }
             };
+        }
+    }
+
+    /// Asks the route's authorize upstream. Returns false when the client
+    /// was answered (denied, or the upstream failed).
+    async fn authorized(
+        &self,
+        session: &mut Session,
+        upstream: &str,
+        cache: Duration,
+    ) -> Result<bool> {
+        match self.authorizer.check(session, upstream, cache).await {
+            Ok(Decision::Allow) => Ok(true),
+            Ok(Decision::Deny(denial)) => {
+                Outcome::Rejected.count();
+                let mut h = pingora::http::ResponseHeader::build(
+                    denial.status,
+                    Some(denial.headers.len() + 4),
+                )?;
+                for (k, v) in &denial.headers {
+                    h.append_header(k.clone(), v.as_str())?;
+                }
+                h.insert_header("Content-Length", denial.body.len().to_string())?;
+                h.insert_header("Cache-Control", "no-store")?;
+                for (k, v) in self.cors_headers(session) {
+                    h.insert_header(k, v)?;
+                }
+                respond::send(session, h, denial.body.clone()).await?;
+                Ok(false)
+            }
+            Err(e) => {
+                Outcome::Error.count();
+                let status = crate::upstream::error_status(&e);
+                let kind = if status == 504 {
+                    "gateway_timeout"
+                } else {
+                    "bad_gateway"
+                };
+                let detail = format!("authorization upstream {upstream}: {e}");
+                respond::error(session, status, kind, &detail, &self.cors_headers(session)).await?;
+                Ok(false)
+            }
         }
     }
 

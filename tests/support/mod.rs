@@ -3,6 +3,7 @@
 //! talks to it over HTTP.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod redis;
 
 use std::io::{Read, Write};

@@ -1,0 +1,265 @@
+//! Upstream pools and the buffered exchange used where pollgate must see a
+//! whole answer before the client does (publish-through, header-directed
+//! publish, subscriber authorization).
+//!
+//! A [`Pool`] hands out its addresses round robin and skips one for
+//! [`COOLDOWN`] after it failed to connect (passive health). Plain proxy
+//! routes stream through Pingora's proxy with peers from the same pools.
+
+use crate::config::UpstreamConfig;
+use crate::metrics;
+use bytes::{Bytes, BytesMut};
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::{Error, ErrorType, Result};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+/// How long an address that failed to connect is skipped.
+pub const COOLDOWN: Duration = Duration::from_secs(10);
+
+/// Headers that belong to one hop and are not forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn now_ms() -> u64 {
+    EPOCH.elapsed().as_millis() as u64
+}
+
+/// One named upstream.
+pub struct Pool {
+    pub name: String,
+    pub config: UpstreamConfig,
+    next: AtomicUsize,
+    down_until: Vec<AtomicU64>,
+}
+
+impl Pool {
+    fn new(name: &str, config: &UpstreamConfig) -> Pool {
+        Pool {
+            name: name.to_string(),
+            down_until: config.addrs.iter().map(|_| AtomicU64::new(0)).collect(),
+            config: config.clone(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next address to use: round robin over the healthy ones (or over
+    /// all when none is healthy). Returns its index.
+    pub fn pick(&self) -> usize {
+        let n = self.config.addrs.len();
+        let now = now_ms();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| self.down_until[i].load(Ordering::Relaxed) <= now)
+            .unwrap_or(start % n)
+    }
+
+    /// Marks address `index` as failing for [`COOLDOWN`].
+    pub fn mark_failed(&self, index: usize) {
+        let until = now_ms() + COOLDOWN.as_millis() as u64;
+        self.down_until[index].store(until, Ordering::Relaxed);
+        tracing::warn!(upstream = %self.name, addr = %self.config.addrs[index], "upstream address failed; skipping it for {COOLDOWN:?}");
+    }
+
+    /// Number of addresses.
+    pub fn len(&self) -> usize {
+        self.config.addrs.len()
+    }
+
+    /// True when the pool has no address (never, once validated).
+    pub fn is_empty(&self) -> bool {
+        self.config.addrs.is_empty()
+    }
+
+    /// A Pingora peer for address `index`. The name is resolved here so
+    /// that one that does not resolve is an error (502), not a panic.
+    pub async fn peer(&self, index: usize) -> Result<HttpPeer> {
+        let addr = &self.config.addrs[index];
+        let resolved = tokio::net::lookup_host(addr.as_str())
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    format!("cannot resolve upstream address {addr}"),
+                )
+                .into_up()
+            })?;
+        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+        let sni = self.config.sni.clone().unwrap_or_else(|| host.to_string());
+        let mut peer = HttpPeer::new(resolved, self.config.tls, sni);
+        peer.options.connection_timeout = Some(self.config.connect_timeout);
+        peer.options.read_timeout = Some(self.config.read_timeout);
+        Ok(peer)
+    }
+}
+
+/// Counts one upstream exchange in the metrics.
+pub fn observe(upstream: &str, status: Option<u16>, started: Instant) {
+    let status = status.map_or("error".to_string(), |s| s.to_string());
+    metrics::UPSTREAM_REQUESTS
+        .with_label_values(&[upstream, &status])
+        .inc();
+    metrics::UPSTREAM_LATENCY
+        .with_label_values(&[upstream])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// A whole upstream answer.
+pub struct Answer {
+    pub header: ResponseHeader,
+    pub body: Bytes,
+}
+
+/// All upstreams of a config, and a connection pool for buffered exchanges.
+pub struct Upstreams {
+    pools: HashMap<String, Arc<Pool>>,
+    connector: Connector,
+}
+
+impl Upstreams {
+    /// The pools of `config`.
+    pub fn new(config: &std::collections::BTreeMap<String, UpstreamConfig>) -> Upstreams {
+        Upstreams {
+            pools: config
+                .iter()
+                .map(|(n, c)| (n.clone(), Arc::new(Pool::new(n, c))))
+                .collect(),
+            connector: Connector::new(None),
+        }
+    }
+
+    /// The pool named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.get(name)
+    }
+
+    /// Sends `request` with `body` to `pool` and reads the whole answer (at
+    /// most `max_answer` bytes). Tries the next address when one cannot be
+    /// connected. Errors carry Pingora's types (connect → 502, timeout → 504).
+    pub async fn exchange(
+        &self,
+        pool: &Pool,
+        request: &RequestHeader,
+        body: Bytes,
+        max_answer: u64,
+    ) -> Result<Answer> {
+        let started = Instant::now();
+        let mut last_error = None;
+        for _ in 0..pool.len() {
+            let index = pool.pick();
+            let peer = pool.peer(index).await?;
+            let (mut session, _reused) = match self.connector.get_http_session(&peer).await {
+                Ok(s) => s,
+                Err(e) => {
+                    pool.mark_failed(index);
+                    last_error = Some(e);
+                    continue;
+                }
+            };
+            session.set_read_timeout(Some(pool.config.read_timeout));
+            session.set_write_timeout(Some(pool.config.read_timeout));
+            let result = async {
+                session
+                    .write_request_header(Box::new(request.clone()))
+                    .await?;
+                if !body.is_empty() {
+                    session.write_request_body(body.clone(), true).await?;
+                }
+                session.finish_request_body().await?;
+                session.read_response_header().await?;
+                let mut answer = BytesMut::new();
+                while let Some(chunk) = session.read_response_body().await? {
+                    answer.extend_from_slice(&chunk);
+                    if answer.len() as u64 > max_answer {
+                        return Error::e_explain(
+                            ErrorType::InvalidHTTPHeader,
+                            "upstream answer is larger than limits.max_body",
+                        );
+                    }
+                }
+                let header = session.response_header().cloned().ok_or_else(|| {
+                    Error::explain(ErrorType::InvalidHTTPHeader, "no response header")
+                })?;
+                Ok(Answer {
+                    header,
+                    body: answer.freeze(),
+                })
+            }
+            .await;
+            return match result {
+                Ok(answer) => {
+                    observe(&pool.name, Some(answer.header.status.as_u16()), started);
+                    let reusable = session.response_done();
+                    if reusable {
+                        self.connector
+                            .release_http_session(session, &peer, Some(Duration::from_secs(60)))
+                            .await;
+                    }
+                    Ok(answer)
+                }
+                Err(e) => {
+                    observe(&pool.name, None, started);
+                    Err(e.into_up())
+                }
+            };
+        }
+        observe(&pool.name, None, started);
+        Err(last_error
+            .unwrap_or_else(|| Error::explain(ErrorType::ConnectError, "no upstream address"))
+            .into_up())
+    }
+}
+
+/// True for headers that are not forwarded hop to hop.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// Adds `X-Forwarded-For` (appending to a received one), `-Proto` and
+/// `-Host` to a request going upstream.
+pub fn add_forwarded(
+    request: &mut RequestHeader,
+    client_ip: Option<String>,
+    host: Option<String>,
+) -> Result<()> {
+    if let Some(ip) = client_ip {
+        let value = match request
+            .headers
+            .get("X-Forwarded-For")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prior) => format!("{prior}, {ip}"),
+            None => ip,
+        };
+        request.insert_header("X-Forwarded-For", value)?;
+    }
+    request.insert_header("X-Forwarded-Proto", "http")?;
+    if let Some(h) = host {
+        request.insert_header("X-Forwarded-Host", h)?;
+    }
+    Ok(())
+}
+
+/// The status an upstream error is answered with: 504 on a timeout, else 502.
+pub fn error_status(e: &Error) -> u16 {
+    match e.etype() {
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
+        _ => 502,
+    }
+}

@@ -1,0 +1,168 @@
+//! A small real HTTP backend for proxy tests (hyper), recording every
+//! request it receives. Behaviour by path:
+//! - `/status/<code>` answers `<code>` with a JSON body;
+//! - `/slow` answers after 3 s;
+//! - `/publish-to/<a,b>` answers 200 with `Pollgate-Publish: <a,b>`;
+//! - a path containing `/events` is an authorization check: 200 when
+//!   `Authorization: Bearer good`, else 401 with `WWW-Authenticate`;
+//! - anything else echoes what it received as JSON (status 200, or 201 for
+//!   POST), with `X-Backend: <port>` on every answer.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// One request as the backend saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A running backend.
+pub struct Backend {
+    pub port: u16,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    /// Starts a backend on a free port.
+    pub async fn start() -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |req| handle(req, port, record.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Backend { port, seen, task }
+    }
+
+    /// `127.0.0.1:<port>`
+    pub fn addr(&self) -> String {
+        SocketAddr::from(([127, 0, 0, 1], self.port)).to_string()
+    }
+
+    /// Requests received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    port: u16,
+    record: Arc<Mutex<Vec<Seen>>>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let method = req.method().to_string();
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map_or("/".into(), |p| p.to_string());
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = req.into_body().collect().await?.to_bytes().to_vec();
+    let seen = Seen {
+        method: method.clone(),
+        path_and_query: path_and_query.clone(),
+        headers,
+        body,
+    };
+    record.lock().unwrap().push(seen.clone());
+    let path = path_and_query.split('?').next().unwrap_or("/").to_string();
+    let mut builder = Response::builder().header("X-Backend", port.to_string());
+    let (status, content_type, body): (u16, &str, Vec<u8>) = if let Some(code) =
+        path.strip_prefix("/status/")
+    {
+        let code: u16 = code.parse().unwrap_or(500);
+        (
+            code,
+            "application/json",
+            format!("{{\"status\":{code}}}").into_bytes(),
+        )
+    } else if path == "/slow" {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        (200, "text/plain", b"late".to_vec())
+    } else if let Some(list) = path.strip_prefix("/publish-to/") {
+        builder = builder.header("Pollgate-Publish", list.replace("%20", " "));
+        (200, "application/json", b"{\"via\":\"header\"}".to_vec())
+    } else if path.contains("/events") {
+        if seen.header("Authorization") == Some("Bearer good") {
+            (200, "text/plain", b"ok".to_vec())
+        } else {
+            builder = builder.header("WWW-Authenticate", "Bearer realm=\"chat\"");
+            (
+                401,
+                "application/json",
+                b"{\"error\":\"who are you?\"}".to_vec(),
+            )
+        }
+    } else {
+        let echo = serde_json::json!({
+            "method": seen.method,
+            "path": seen.path_and_query,
+            "body_len": seen.body.len(),
+            // Small bodies only, so that echoing stays under limits.
+            "body": if seen.body.len() <= 4096 { String::from_utf8_lossy(&seen.body).into_owned() } else { String::new() },
+        });
+        let status = if method == "POST" { 201 } else { 200 };
+        (
+            status,
+            "application/json",
+            serde_json::to_vec(&echo).unwrap(),
+        )
+    };
+    let body = if method == "HEAD" { Vec::new() } else { body };
+    Ok(builder
+        .status(status)
+        .header("Content-Type", content_type)
+        .header("X-Custom", "kept")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap())
+}

@@ -338,7 +338,10 @@ impl Hub {
             if !st.window.push(message.clone()) {
                 return;
             }
-            st.idle_since = Instant::now();
+            if !st.waiters.is_empty() {
+                // The waiters leave now: the linger starts.
+                st.idle_since = Instant::now();
+            }
             std::mem::take(&mut st.waiters)
         };
         let mut answers: HashMap<(Format, usize, &Cursor), Arc<Answer>> = HashMap::new();

@@ -63,6 +63,11 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
+/// Checks a Redis broker URL without connecting; the error says what is wrong.
+pub fn check_url(url: &str) -> Result<(), String> {
+    Target::parse(url).map(|_| ())
+}
+
 impl RedisBroker {
     /// A broker for `url` (not connected until [`Broker::run`]), keeping
     /// `history` messages per channel for `history_ttl`, under `namespace`.

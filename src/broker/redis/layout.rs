@@ -38,11 +38,19 @@ redis.call(ARGV[6], ARGV[1], id .. '\n' .. ARGV[4] .. '\n' .. ARGV[5])
 return id
 "#;
 
-/// Reads the floor and the retained entries in one atomic step.
+/// Reads the floor and the newest `history` entries (newest first) in one
+/// atomic step. When the stream holds more (another publisher keeps a
+/// longer history), the floor is the entry just before the ones returned.
 pub const READ_SCRIPT: &str = r#"
 -- KEYS[1] history stream, KEYS[2] floor; ARGV[1] history length
+local keep = tonumber(ARGV[1])
+local entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', keep + 1)
 local floor = redis.call('GET', KEYS[2]) or ''
-return {floor, redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[1])}
+if #entries > keep then
+  floor = entries[#entries][1]
+  entries[#entries] = nil
+end
+return {floor, entries}
 "#;
 
 /// Key and name scheme of one namespace.
@@ -147,7 +155,7 @@ impl Layout {
         };
         let channel: Arc<str> = channel.into();
         let mut messages = Vec::with_capacity(entries.len());
-        for e in entries {
+        for e in entries.iter().rev() {
             messages.push(Arc::new(decode_entry(&channel, e).ok_or_else(bad)?));
         }
         Ok(History::from_parts(self.history, floor, messages))

@@ -264,7 +264,10 @@ impl Config {
         }
         if scheme.starts_with("redis") {
             if let Err(e) = crate::broker::redis::check_url(&self.broker.url) {
-                bad("broker.url", e.trim_start_matches("broker.url: ").to_string());
+                bad(
+                    "broker.url",
+                    e.trim_start_matches("broker.url: ").to_string(),
+                );
             }
         }
         if self.broker.history == 0 {

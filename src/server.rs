@@ -24,7 +24,7 @@ use std::time::Duration;
 /// Per-connection read buffer of the client listener. Pingora's default is
 /// 64 KiB, which at 20k held polls alone is over 1 GiB; requests to a
 /// long-poll gateway are small, and larger bodies still stream through.
-pub const READ_BUFFER: usize = 4 * 1024;
+pub const READ_BUFFER: usize = 0;
 
 /// How long a channel nobody polls stays in the hub after its last waiter.
 pub const CHANNEL_LINGER: Duration = Duration::from_secs(30);

@@ -1,0 +1,344 @@
+//! pollgate-bench: the load generator behind docs/benchmarks.md. Drives
+//! pollgate, Nchan or Pushpin with the same scenarios and prints one JSON
+//! object per run.
+//!
+//! ```text
+//! pollgate-bench --server pollgate --scenario fanout --subscribers 10000 \
+//!     --channels 1 --messages 100 --pid $(pgrep -f 'pollgate serve')
+//! ```
+//!
+//! - `fanout`: N subscribers over C channels, M messages per channel at an
+//!   interval: publish→receive latency, deliveries/s, lost/duplicate/
+//!   out-of-order counts, server CPU time per delivery.
+//! - `hold`: N idle held polls: server RSS per held poll, idle server CPU.
+//! - `churn`: a steady publish rate over many channels with continuous
+//!   polling, for a duration: completeness and latency.
+
+mod adapters;
+mod http;
+mod proc;
+
+use adapters::{Payload, Position, Server};
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Scenario {
+    Fanout,
+    Hold,
+    Churn,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Load generator for long-poll servers")]
+struct Args {
+    #[arg(long, value_enum)]
+    server: Server,
+    #[arg(long, value_enum)]
+    scenario: Scenario,
+    /// Subscriber address; several spread subscribers over instances.
+    #[arg(long, default_value = "127.0.0.1:8080", num_args = 1..)]
+    sub: Vec<SocketAddr>,
+    /// Publish address (pollgate admin, Nchan itself, Pushpin control).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    publish: SocketAddr,
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    /// Messages per channel (fanout).
+    #[arg(long, default_value_t = 10)]
+    messages: usize,
+    /// Pause between publish rounds (fanout).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Messages per second over all channels (churn).
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Length of a churn run, or of the idle window of a hold run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Time to wait after all subscribers connected, before measuring.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+    /// Server process ids (their process trees are measured).
+    #[arg(long)]
+    pid: Vec<u32>,
+    /// Loopback source addresses to spread connections over (127.0.0.1..).
+    #[arg(long, default_value_t = 1)]
+    sources: u8,
+    /// Channel name prefix (make it unique per run).
+    #[arg(long, default_value = "bench")]
+    prefix: String,
+    /// Client worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// What one subscriber saw.
+#[derive(Default)]
+struct Seen {
+    latencies_us: Vec<u32>,
+    unique: usize,
+    duplicates: usize,
+    out_of_order: usize,
+    errors: usize,
+    channel: usize,
+}
+
+/// Follows one channel until `stop` turns true (or `want` messages arrived).
+async fn subscriber(
+    args: Arc<Args>,
+    index: usize,
+    ready: Arc<AtomicUsize>,
+    want: usize,
+    mut stop: watch::Receiver<bool>,
+) -> Seen {
+    let channel = index % args.channels;
+    let name = format!("{}{}", args.prefix, channel);
+    let source = (args.sources > 1).then(|| {
+        IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + (index % args.sources as usize) as u8,
+        ))
+    });
+    let mut seen = Seen {
+        channel,
+        ..Seen::default()
+    };
+    let mut got: HashSet<u64> = HashSet::new();
+    let mut last = None;
+    let mut pos = Position::default();
+    let mut counted = false;
+    'connection: while !*stop.borrow() {
+        let server = args.sub[index % args.sub.len()];
+        let Ok(mut conn) = http::Conn::connect(server, source).await else {
+            seen.errors += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        loop {
+            let req = args.server.poll(&name, &pos);
+            if !counted {
+                counted = true;
+                ready.fetch_add(1, Ordering::Relaxed);
+            }
+            let answer = tokio::select! {
+                a = conn.exchange(&req) => a,
+                _ = stop.changed() => break 'connection,
+            };
+            let Ok(answer) = answer else {
+                seen.errors += 1;
+                continue 'connection;
+            };
+            let at = now_ns();
+            for Payload { seq, sent_ns } in args.server.read(&answer, &mut pos) {
+                if !got.insert(seq) {
+                    seen.duplicates += 1;
+                    continue;
+                }
+                if last.is_some_and(|l| seq < l) {
+                    seen.out_of_order += 1;
+                }
+                last = Some(seq);
+                seen.unique += 1;
+                seen.latencies_us
+                    .push((at.saturating_sub(sent_ns) / 1000).min(u32::MAX as u64) as u32);
+            }
+            if want > 0 && seen.unique >= want {
+                break 'connection;
+            }
+        }
+    }
+    seen
+}
+
+/// Publishes `body` on `channel` over `conn`; true on a 2xx.
+async fn publish(args: &Args, conn: &mut http::Conn, channel: usize, seq: u64) -> bool {
+    let body = format!("{{\"s\":{seq},\"t\":{}}}", now_ns());
+    let req = args
+        .server
+        .publish(&format!("{}{}", args.prefix, channel), &body);
+    matches!(conn.exchange(&req).await, Ok(a) if (200..300).contains(&a.status))
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn run(args: Arc<Args>) -> serde_json::Value {
+    let ready = Arc::new(AtomicUsize::new(0));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let want = match args.scenario {
+        Scenario::Fanout => args.messages,
+        _ => 0,
+    };
+    let rss_before = proc::rss_bytes(&args.pid);
+    let mut subs = Vec::with_capacity(args.subscribers);
+    for i in 0..args.subscribers {
+        subs.push(tokio::spawn(subscriber(
+            args.clone(),
+            i,
+            ready.clone(),
+            want,
+            stop_rx.clone(),
+        )));
+        if i % 500 == 499 {
+            tokio::task::yield_now().await;
+        }
+    }
+    while ready.load(Ordering::Relaxed) < args.subscribers {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(args.settle).await;
+
+    let cpu_start = proc::cpu_seconds(&args.pid);
+    let client_start = proc::cpu_seconds(&[std::process::id()]);
+    let started = Instant::now();
+    let mut published = vec![0usize; args.channels];
+    let mut publish_errors = 0;
+    let mut extra = json!({});
+    match args.scenario {
+        Scenario::Hold => {
+            let rss_held = proc::rss_bytes(&args.pid);
+            tokio::time::sleep(args.duration).await;
+            let idle_cpu = proc::cpu_seconds(&args.pid) - cpu_start;
+            let per_poll = rss_held.saturating_sub(rss_before) as f64 / args.subscribers as f64;
+            extra = json!({
+                "rss_before": rss_before,
+                "rss_held": rss_held,
+                "rss_per_held_poll": per_poll.round(),
+                "idle_cpu_percent": 100.0 * idle_cpu / args.duration.as_secs_f64(),
+            });
+        }
+        Scenario::Fanout | Scenario::Churn => {
+            let mut conn = http::Conn::connect(args.publish, None)
+                .await
+                .expect("publish address");
+            if args.scenario == Scenario::Fanout {
+                for seq in 0..args.messages {
+                    for ch in 0..args.channels {
+                        if publish(&args, &mut conn, ch, seq as u64).await {
+                            published[ch] += 1;
+                        } else {
+                            publish_errors += 1;
+                        }
+                    }
+                    tokio::time::sleep(args.interval).await;
+                }
+            } else {
+                let gap = Duration::from_secs_f64(1.0 / args.rate.max(0.001));
+                let end = Instant::now() + args.duration;
+                let mut next = Instant::now();
+                let mut seq = 0u64;
+                while Instant::now() < end {
+                    let ch = (seq as usize) % args.channels;
+                    if publish(&args, &mut conn, ch, seq / args.channels as u64).await {
+                        published[ch] += 1;
+                    } else {
+                        publish_errors += 1;
+                    }
+                    seq += 1;
+                    next += gap;
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+    }
+    // Let the last deliveries land, then stop everyone.
+    let grace = if args.scenario == Scenario::Hold {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(5)
+    };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && subs.iter().any(|s| !s.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+    let mut latencies = Vec::new();
+    let (mut delivered, mut lost, mut dups, mut ooo, mut errors) =
+        (0usize, 0usize, 0usize, 0usize, 0usize);
+    for s in subs {
+        let seen = s.await.unwrap_or_default();
+        delivered += seen.unique;
+        lost += published[seen.channel].saturating_sub(seen.unique);
+        dups += seen.duplicates;
+        ooo += seen.out_of_order;
+        errors += seen.errors;
+        latencies.extend(seen.latencies_us);
+    }
+    let wall =
+        started.elapsed().as_secs_f64() - grace.as_secs_f64().min(started.elapsed().as_secs_f64());
+    let active = started.elapsed().as_secs_f64();
+    let server_cpu = proc::cpu_seconds(&args.pid) - cpu_start;
+    let client_cpu = proc::cpu_seconds(&[std::process::id()]) - client_start;
+    latencies.sort_unstable();
+    let mut out = json!({
+        "server": args.server,
+        "scenario": args.scenario,
+        "subscribers": args.subscribers,
+        "channels": args.channels,
+        "messages_per_channel": args.messages,
+        "interval_ms": args.interval.as_millis() as u64,
+        "rate": args.rate,
+        "published": published.iter().sum::<usize>(),
+        "publish_errors": publish_errors,
+        "delivered": delivered,
+        "lost": lost,
+        "duplicates": dups,
+        "out_of_order": ooo,
+        "errors": errors,
+        "seconds": active,
+        "deliveries_per_sec": if active > 0.0 { delivered as f64 / active.max(wall) } else { 0.0 },
+        "latency_ms": {
+            "p50": percentile(&latencies, 0.5) as f64 / 1000.0,
+            "p90": percentile(&latencies, 0.9) as f64 / 1000.0,
+            "p99": percentile(&latencies, 0.99) as f64 / 1000.0,
+            "p999": percentile(&latencies, 0.999) as f64 / 1000.0,
+            "max": latencies.last().copied().unwrap_or(0) as f64 / 1000.0,
+        },
+        "server_cpu_seconds": server_cpu,
+        "server_cpu_us_per_delivery": if delivered > 0 { 1e6 * server_cpu / delivered as f64 } else { 0.0 },
+        "client_cpu_percent": 100.0 * client_cpu / active.max(0.001),
+        "rss_after": proc::rss_bytes(&args.pid),
+    });
+    if let (Some(o), Some(e)) = (out.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    out
+}
+
+fn main() {
+    let args = Arc::new(Args::parse());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(run(args));
+    println!("{result}");
+    // Held connections are dropped with the process.
+    std::process::exit(0);
+}

@@ -8,7 +8,6 @@ use crate::upstream::{add_forwarded, is_hop_by_hop, Upstreams};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pingora::http::RequestHeader;
-use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -63,15 +62,17 @@ impl Authorizer {
         }
     }
 
-    /// Decides for the request in `session`, asking `upstream` (or the
-    /// cache, when `ttl` is not zero). Errors are upstream failures.
+    /// Decides for the client request `client` (from `client_ip`), asking
+    /// `upstream` (or the cache, when `ttl` is not zero). Errors are
+    /// upstream failures.
     pub async fn check(
         &self,
-        session: &Session,
+        client: &RequestHeader,
+        client_ip: Option<String>,
         upstream: &str,
         ttl: Duration,
     ) -> Result<Decision> {
-        let request = authorization_request(session)?;
+        let request = authorization_request(client, client_ip)?;
         if ttl.is_zero() {
             return self.ask(upstream, &request).await;
         }
@@ -145,8 +146,10 @@ impl Authorizer {
 
 /// A GET to the same path and query with the client's headers and
 /// `X-Forwarded-*`.
-fn authorization_request(session: &Session) -> Result<RequestHeader> {
-    let client = session.req_header();
+fn authorization_request(
+    client: &RequestHeader,
+    client_ip: Option<String>,
+) -> Result<RequestHeader> {
     let path = client.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut request = RequestHeader::build("GET", path.as_bytes(), None)?;
     for (name, value) in client.headers.iter() {
@@ -161,10 +164,6 @@ fn authorization_request(session: &Session) -> Result<RequestHeader> {
         .get("Host")
         .and_then(|h| h.to_str().ok())
         .map(str::to_string);
-    let ip = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip().to_string());
-    add_forwarded(&mut request, ip, host)?;
+    add_forwarded(&mut request, client_ip, host)?;
     Ok(request)
 }

@@ -1,15 +1,15 @@
 //! The client-facing listener: Pingora's `ProxyHttp` for pollgate.
 //!
-//! `request_filter` matches the route: subscribe routes are answered there
-//! (by the [`Poller`]), publishing proxy routes by the [`Relay`]; plain
-//! proxy routes continue through Pingora's proxy, streaming both ways, to a
-//! peer of their upstream pool. Anything else is a JSON 404 (or 405).
+//! Long-polls never get here (the [`Front`](crate::front::Front) serves
+//! them). `request_filter` matches the route: publishing proxy routes are
+//! answered by the [`Relay`]; plain proxy routes continue through Pingora's
+//! proxy, streaming both ways, to a peer of their upstream pool. Anything
+//! else is a JSON 404 (or 405), and CORS preflights are answered here.
 
-use crate::authorize::Authorizer;
-use crate::config::Config;
+use crate::config::{Config, Cors};
 use crate::hub::Hub;
 use crate::lifecycle::{InFlight, Lifecycle};
-use crate::poll::{cors_headers, Poller};
+use crate::poll::cors_headers;
 use crate::relay::Relay;
 use crate::respond;
 use crate::routes::{Action, Match, RouteTable};
@@ -28,8 +28,8 @@ pub const KEEPALIVE_SECS: u64 = 75;
 
 /// The gateway service.
 pub struct Gateway {
-    routes: RouteTable,
-    poller: Poller,
+    routes: Arc<RouteTable>,
+    cors: Cors,
     relay: Relay,
     upstreams: Arc<Upstreams>,
     life: Arc<Lifecycle>,
@@ -53,20 +53,14 @@ impl Gateway {
     /// A gateway serving `routes` of `config` from `hub`.
     pub fn new(
         config: &Config,
-        routes: RouteTable,
+        routes: Arc<RouteTable>,
+        upstreams: Arc<Upstreams>,
         hub: Arc<Hub>,
         life: Arc<Lifecycle>,
     ) -> Gateway {
-        let upstreams = Arc::new(Upstreams::new(&config.upstreams));
         Gateway {
             routes,
-            poller: Poller {
-                hub: hub.clone(),
-                life: life.clone(),
-                max_held: config.limits.max_held,
-                cors: config.cors.clone(),
-                authorizer: Authorizer::new(upstreams.clone()),
-            },
+            cors: config.cors.clone(),
             relay: Relay {
                 upstreams: upstreams.clone(),
                 hub,
@@ -79,7 +73,7 @@ impl Gateway {
     }
 
     async fn preflight(&self, session: &mut Session) -> Result<bool> {
-        let cors = cors_headers(&self.poller.cors, session);
+        let cors = cors_headers(&self.cors, session.req_header());
         if cors.is_empty() {
             return Ok(false);
         }
@@ -141,8 +135,16 @@ impl ProxyHttp for Gateway {
         }
         match self.routes.find(&method, &path) {
             Match::Found(route, params) => match &route.action {
-                Action::Subscribe(sub) => {
-                    self.poller.serve(session, sub, &params).await?;
+                Action::Subscribe(_) => {
+                    // Only reached if the front door did not recognise it.
+                    respond::error(
+                        session,
+                        500,
+                        "error",
+                        "subscribe route reached the proxy",
+                        &[],
+                    )
+                    .await?;
                     Ok(true)
                 }
                 Action::Proxy(p) if p.publish.is_some() || p.publish_from_header => {

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod cursor;
+pub mod front;
 pub mod gateway;
 pub mod history;
 pub mod hub;

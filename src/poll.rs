@@ -16,7 +16,7 @@ use crate::metrics::{self, Outcome};
 use crate::respond;
 use crate::routes::{Params, SubscribeRoute};
 use bytes::Bytes;
-use pingora::proxy::Session;
+use pingora::protocols::http::ServerSession as Session;
 use pingora::{Error, ErrorType, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -159,7 +159,15 @@ impl Poller {
         upstream: &str,
         cache: Duration,
     ) -> Result<bool> {
-        match self.authorizer.check(session, upstream, cache).await {
+        let ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string());
+        match self
+            .authorizer
+            .check(session.req_header(), ip, upstream, cache)
+            .await
+        {
             Ok(Decision::Allow) => Ok(true),
             Ok(Decision::Deny(denial)) => {
                 Outcome::Rejected.count();
@@ -213,7 +221,7 @@ impl Poller {
             woken = &mut held.wake => woken_by(woken),
             _ = sleep(timeout) => Ending::Timeout,
             _ = self.life.drained() => Ending::Drain,
-            _ = session.downstream_session.read_body_or_idle(true) => Ending::Gone,
+            _ = session.read_body_or_idle(true) => Ending::Gone,
         };
         metrics::HELD.dec();
         ending
@@ -269,9 +277,9 @@ impl Poller {
             h.insert_header(k, v)?;
         }
         session.set_keepalive(None);
-        session.write_response_header(Box::new(h), false).await?;
+        session.write_response_header(Box::new(h)).await?;
         session
-            .write_response_body(Some(Bytes::from_static(b": pollgate\n\n")), false)
+            .write_response_body(Bytes::from_static(b": pollgate\n\n"), false)
             .await?;
         let mut cursor = req.cursor;
         loop {
@@ -282,7 +290,7 @@ impl Poller {
             let mut held = match poll {
                 Ok(Poll::Ready(answer)) => {
                     session
-                        .write_response_body(Some(answer.body.clone()), false)
+                        .write_response_body(answer.body.clone(), false)
                         .await?;
                     count_delivered(&answer, false);
                     cursor = Some(answer.cursor.clone());
@@ -300,17 +308,13 @@ impl Poller {
                     woken = &mut held.wake => woken_by(woken),
                     _ = sleep(SSE_KEEPALIVE) => Ending::Timeout,
                     _ = self.life.drained() => Ending::Drain,
-                    _ = session.downstream_session.read_body_or_idle(true) => Ending::Gone,
+                    _ = session.read_body_or_idle(true) => Ending::Gone,
                 };
                 if !matches!(ending, Ending::Timeout) {
                     break ending;
                 }
                 let ping = Bytes::from_static(b": keep-alive\n\n");
-                if session
-                    .write_response_body(Some(ping), false)
-                    .await
-                    .is_err()
-                {
+                if session.write_response_body(ping, false).await.is_err() {
                     break Ending::Gone;
                 }
             };
@@ -318,7 +322,7 @@ impl Poller {
             match ending {
                 Ending::Woken(answer) => {
                     session
-                        .write_response_body(Some(answer.body.clone()), false)
+                        .write_response_body(answer.body.clone(), false)
                         .await?;
                     count_delivered(&answer, true);
                     cursor = Some(answer.cursor.clone());
@@ -333,24 +337,22 @@ impl Poller {
             }
         }
         Outcome::Timeout.count();
-        session.write_response_body(Some(Bytes::new()), true).await
+        session.finish_body().await
     }
 
     /// CORS headers for the request's Origin, per `cors.allow_origins`.
     fn cors_headers(&self, session: &Session) -> Vec<(&'static str, String)> {
-        cors_headers(&self.cors, session)
+        cors_headers(&self.cors, session.req_header())
     }
 }
 
 /// CORS headers for an allowed Origin (none when CORS is off or the origin
 /// is not listed).
-pub fn cors_headers(cors: &Cors, session: &Session) -> Vec<(&'static str, String)> {
-    let Some(origin) = session
-        .req_header()
-        .headers
-        .get("Origin")
-        .and_then(|o| o.to_str().ok())
-    else {
+pub fn cors_headers(
+    cors: &Cors,
+    request: &pingora::http::RequestHeader,
+) -> Vec<(&'static str, String)> {
+    let Some(origin) = request.headers.get("Origin").and_then(|o| o.to_str().ok()) else {
         return Vec::new();
     };
     let any = cors.allow_origins.iter().any(|o| o == "*");

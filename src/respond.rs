@@ -1,13 +1,45 @@
-//! Writing whole answers on the client-facing listener.
+//! Writing whole answers, on a plain HTTP session (long-polls) or inside
+//! Pingora's proxy (proxy routes).
 //!
 //! Every answer has a Content-Length, so the connection stays reusable
 //! (Pingora's `respond_error*` would turn keep-alive off), and every error is
 //! JSON `{"error","detail"}`.
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use pingora::Result;
+
+/// Something an answer can be written to.
+#[async_trait]
+pub trait Respond: Send {
+    /// Writes the header; `end` when no body follows.
+    async fn head(&mut self, header: Box<ResponseHeader>, end: bool) -> Result<()>;
+    /// Writes (part of) the body; `end` on the last part.
+    async fn body(&mut self, body: Bytes, end: bool) -> Result<()>;
+}
+
+#[async_trait]
+impl Respond for Session {
+    async fn head(&mut self, header: Box<ResponseHeader>, end: bool) -> Result<()> {
+        self.write_response_header(header, end).await
+    }
+    async fn body(&mut self, body: Bytes, end: bool) -> Result<()> {
+        self.write_response_body(Some(body), end).await
+    }
+}
+
+#[async_trait]
+impl Respond for ServerSession {
+    async fn head(&mut self, header: Box<ResponseHeader>, _end: bool) -> Result<()> {
+        self.write_response_header(header).await
+    }
+    async fn body(&mut self, body: Bytes, end: bool) -> Result<()> {
+        self.write_response_body(body, end).await
+    }
+}
 
 /// The JSON body of an error answer.
 pub fn error_json(error: &str, detail: &str) -> Vec<u8> {
@@ -25,20 +57,18 @@ pub fn header(status: u16, content_type: &str, len: usize) -> Result<ResponseHea
 }
 
 /// Writes `header` and `body` as the whole answer.
-pub async fn send(session: &mut Session, header: ResponseHeader, body: Bytes) -> Result<()> {
+pub async fn send(to: &mut impl Respond, header: ResponseHeader, body: Bytes) -> Result<()> {
     let empty = body.is_empty();
-    session
-        .write_response_header(Box::new(header), empty)
-        .await?;
+    to.head(Box::new(header), empty).await?;
     if !empty {
-        session.write_response_body(Some(body), true).await?;
+        to.body(body, true).await?;
     }
     Ok(())
 }
 
 /// Writes a JSON error answer with optional extra headers.
 pub async fn error(
-    session: &mut Session,
+    to: &mut impl Respond,
     status: u16,
     error: &str,
     detail: &str,
@@ -50,5 +80,5 @@ pub async fn error(
     for (k, v) in extra {
         h.insert_header(*k, v.as_str())?;
     }
-    send(session, h, Bytes::from(body)).await
+    send(to, h, Bytes::from(body)).await
 }

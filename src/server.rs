@@ -3,15 +3,19 @@
 //! signal handling that drains held polls.
 
 use crate::admin::Admin;
+use crate::authorize::Authorizer;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::front::Front;
 use crate::gateway::Gateway;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::metrics;
+use crate::poll::Poller;
 use crate::routes::RouteTable;
+use crate::upstream::Upstreams;
 use async_trait::async_trait;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
@@ -62,12 +66,28 @@ pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let gateway = Gateway::new(&config, routes, hub.clone(), life.clone());
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        gateway,
-        "pollgate gateway",
+    let routes = Arc::new(routes);
+    let upstreams = Arc::new(Upstreams::new(&config.upstreams));
+    let gateway = Gateway::new(
+        &config,
+        routes.clone(),
+        upstreams.clone(),
+        hub.clone(),
+        life.clone(),
     );
+    let front = Front {
+        proxy: Arc::new(pingora::proxy::http_proxy(&server.configuration, gateway)),
+        routes,
+        poller: Poller {
+            hub: hub.clone(),
+            life: life.clone(),
+            max_held: config.limits.max_held,
+            cors: config.cors.clone(),
+            authorizer: Authorizer::new(upstreams),
+        },
+        life: life.clone(),
+    };
+    let mut proxy = Service::new("pollgate gateway".to_string(), front);
     proxy.add_listener(
         ListenerConfig::tcp(config.listen.clone()).l4_buffer(L4BufferSettings {
             read: Some(READ_BUFFER),

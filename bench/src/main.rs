@@ -236,9 +236,9 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
                 .expect("publish address");
             if args.scenario == Scenario::Fanout {
                 for seq in 0..args.messages {
-                    for ch in 0..args.channels {
+                    for (ch, count) in published.iter_mut().enumerate() {
                         if publish(&args, &mut conn, ch, seq as u64).await {
-                            published[ch] += 1;
+                            *count += 1;
                         } else {
                             publish_errors += 1;
                         }

@@ -147,7 +147,8 @@ impl HttpServerApp for Front {
         session.set_keepalive_reuses_remaining(reuses);
         session.set_pipelined_prefix(head);
         match route {
-            Some((route, params)) => self.poll(session, route, params).await,
+            // Boxed: an idle connection then carries only the head reader.
+            Some((route, params)) => Box::pin(self.poll(session, route, params)).await,
             None => self.proxy.process_new_http(session, shutdown).await,
         }
     }

@@ -85,24 +85,23 @@ impl Poller {
             return respond::error(session, 503, "unavailable", why, &extra).await;
         }
         if let Some(upstream) = &route.authorize {
-            if !self
-                .authorized(session, upstream, route.authorize_cache)
-                .await?
-            {
+            if !Box::pin(self.authorized(session, upstream, route.authorize_cache)).await? {
                 return Ok(());
             }
         }
         if req.format == Format::Sse {
-            return self.stream(session, route, req).await;
+            // Boxed: SSE is rare, and its state would enlarge every poll.
+            return Box::pin(self.stream(session, route, req)).await;
         }
         let deadline = Instant::now() + jitter(req.timeout);
         let mut cursor = req.cursor;
         loop {
-            let held = match self
-                .hub
-                .poll(&req.channels, cursor, route.first, req.format)
-                .await
-            {
+            // Boxed so that its state is not carried while the poll is held.
+            let poll = Box::pin(
+                self.hub
+                    .poll(&req.channels, cursor, route.first, req.format),
+            );
+            let held = match poll.await {
                 Ok(Poll::Ready(answer)) => {
                     let outcome = if answer.gap {
                         Outcome::Gap

@@ -83,11 +83,8 @@ impl Authorizer {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        let path = request
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
+        // SPEC 5: keyed on credentials and the path (not the query: cursors change it).
+        let path = request.uri.path().to_string();
         let key = (
             upstream.to_string(),
             path,

@@ -161,10 +161,13 @@ impl Upstreams {
     ) -> Result<Answer> {
         let started = Instant::now();
         let mut last_error = None;
-        for _ in 0..pool.len() {
+        // One extra attempt: a pooled connection the upstream closed while
+        // idle fails at once and is retried on a fresh one.
+        let mut stale_retry = true;
+        for _ in 0..pool.len() + 1 {
             let index = pool.pick();
             let peer = pool.peer(index).await?;
-            let (mut session, _reused) = match self.connector.get_http_session(&peer).await {
+            let (mut session, reused) = match self.connector.get_http_session(&peer).await {
                 Ok(s) => s,
                 Err(e) => {
                     pool.mark_failed(index);
@@ -213,6 +216,11 @@ impl Upstreams {
                     }
                     Ok(answer)
                 }
+                Err(e) if reused && stale_retry && is_stale(&e) => {
+                    stale_retry = false;
+                    last_error = Some(e);
+                    continue;
+                }
                 Err(e) => {
                     observe(&pool.name, None, started);
                     Err(e.into_up())
@@ -224,6 +232,14 @@ impl Upstreams {
             .unwrap_or_else(|| Error::explain(ErrorType::ConnectError, "no upstream address"))
             .into_up())
     }
+}
+
+/// True for the errors of a kept-alive connection the peer had closed.
+fn is_stale(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectionClosed | ErrorType::WriteError | ErrorType::ReadError
+    )
 }
 
 /// True for headers that are not forwarded hop to hop.

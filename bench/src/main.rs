@@ -80,6 +80,9 @@ struct Args {
     /// Client worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// A name for this run, copied into the JSON (e.g. the scenario's row).
+    #[arg(long, default_value = "")]
+    label: String,
 }
 
 fn now_ns() -> u64 {
@@ -168,13 +171,71 @@ async fn subscriber(
     seen
 }
 
-/// Publishes `body` on `channel` over `conn`; true on a 2xx.
-async fn publish(args: &Args, conn: &mut http::Conn, channel: usize, seq: u64) -> bool {
-    let body = format!("{{\"s\":{seq},\"t\":{}}}", now_ns());
-    let req = args
-        .server
-        .publish(&format!("{}{}", args.prefix, channel), &body);
-    matches!(conn.exchange(&req).await, Ok(a) if (200..300).contains(&a.status))
+/// A publishing connection, reopened when the server closes it.
+struct Publisher {
+    addr: SocketAddr,
+    conn: Option<http::Conn>,
+}
+
+impl Publisher {
+    fn new(addr: SocketAddr) -> Publisher {
+        Publisher { addr, conn: None }
+    }
+
+    /// Publishes message `seq` on `channel`; true on a 2xx.
+    async fn publish(&mut self, args: &Args, channel: usize, seq: u64) -> bool {
+        let body = format!("{{\"s\":{seq},\"t\":{}}}", now_ns());
+        let req = args
+            .server
+            .publish(&format!("{}{}", args.prefix, channel), &body);
+        for _ in 0..2 {
+            if self.conn.is_none() {
+                self.conn = http::Conn::connect(self.addr, None).await.ok();
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                continue;
+            };
+            match conn.exchange(&req).await {
+                Ok(a) => {
+                    if a.header("connection")
+                        .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+                    {
+                        self.conn = None;
+                    }
+                    return (200..300).contains(&a.status);
+                }
+                Err(_) => self.conn = None,
+            }
+        }
+        false
+    }
+}
+
+/// Publishes message `seq` on every channel, channels split over the
+/// publishers (in parallel, one connection each). Returns per-channel success.
+async fn publish_round(
+    args: &Arc<Args>,
+    publishers: &mut Vec<Publisher>,
+    seq: u64,
+) -> Vec<(usize, bool)> {
+    let k = publishers.len();
+    let mut set = tokio::task::JoinSet::new();
+    for (g, mut p) in publishers.drain(..).enumerate() {
+        let args = args.clone();
+        set.spawn(async move {
+            let mut done = Vec::new();
+            for ch in (g..args.channels).step_by(k) {
+                done.push((ch, p.publish(&args, ch, seq).await));
+            }
+            (p, done)
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(Ok((p, done))) = set.join_next().await {
+        publishers.push(p);
+        all.extend(done);
+    }
+    all
 }
 
 fn percentile(sorted: &[u32], p: f64) -> u32 {
@@ -231,14 +292,14 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
             });
         }
         Scenario::Fanout | Scenario::Churn => {
-            let mut conn = http::Conn::connect(args.publish, None)
-                .await
-                .expect("publish address");
             if args.scenario == Scenario::Fanout {
+                let mut publishers: Vec<Publisher> = (0..args.channels.min(8))
+                    .map(|_| Publisher::new(args.publish))
+                    .collect();
                 for seq in 0..args.messages {
-                    for (ch, count) in published.iter_mut().enumerate() {
-                        if publish(&args, &mut conn, ch, seq as u64).await {
-                            *count += 1;
+                    for (ch, ok) in publish_round(&args, &mut publishers, seq as u64).await {
+                        if ok {
+                            published[ch] += 1;
                         } else {
                             publish_errors += 1;
                         }
@@ -246,13 +307,17 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
                     tokio::time::sleep(args.interval).await;
                 }
             } else {
+                let mut publisher = Publisher::new(args.publish);
                 let gap = Duration::from_secs_f64(1.0 / args.rate.max(0.001));
                 let end = Instant::now() + args.duration;
                 let mut next = Instant::now();
                 let mut seq = 0u64;
                 while Instant::now() < end {
                     let ch = (seq as usize) % args.channels;
-                    if publish(&args, &mut conn, ch, seq / args.channels as u64).await {
+                    if publisher
+                        .publish(&args, ch, seq / args.channels as u64)
+                        .await
+                    {
                         published[ch] += 1;
                     } else {
                         publish_errors += 1;
@@ -296,6 +361,7 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
     let client_cpu = proc::cpu_seconds(&[std::process::id()]) - client_start;
     latencies.sort_unstable();
     let mut out = json!({
+        "label": args.label,
         "server": args.server,
         "scenario": args.scenario,
         "subscribers": args.subscribers,

@@ -53,8 +53,16 @@ zurl --config=/etc/zurl.conf >"$OUT/zurl.log" 2>&1 &
 started+=($!); ZU=$!
 sed "s|@OUT@|$PWD/$OUT|g" bench/conf/pushpin.conf.in > "$OUT/pushpin.conf"
 echo "* 127.0.0.1:18083" > "$OUT/pushpin-routes"
-pushpin --config "$PWD/$OUT/pushpin.conf" >"$OUT/pushpin.out" 2>&1 &
-started+=($!); PP=$!
+start_pushpin() {
+  pushpin --config "$PWD/$OUT/pushpin.conf" >"$OUT/pushpin.out" 2>&1 &
+  started+=($!); PP=$!
+}
+restart_pushpin() { # after 18k holds Pushpin stays busy for minutes; start it afresh
+  pkill -P "$PP" 2>/dev/null || true; kill "$PP" 2>/dev/null || true; sleep 2
+  pkill -f "pushpin-handler --config=$PWD/$OUT" 2>/dev/null || true
+  start_pushpin; wait_port 18082; wait_port 5561; sleep 2
+}
+start_pushpin
 # Redis and two pollgate instances on it
 RPORT=16379
 redis-server --port $RPORT --bind 127.0.0.1 --save "" --appendonly no --daemonize no >"$OUT/redis.log" 2>&1 &
@@ -96,7 +104,10 @@ servers() { # rotate the order each repetition
 
 for rep in $(seq "$REPS"); do
   # Hold first, on fresh processes, so RSS is not hidden by memory kept from earlier runs.
-  [ "$rep" = 1 ] && for s in $(servers 0); do bench hold "$s" --scenario hold --subscribers $H_SUBS --duration 10s; done
+  if [ "$rep" = 1 ]; then
+    for s in $(servers 0); do bench hold "$s" --scenario hold --subscribers $H_SUBS --duration 10s; done
+    restart_pushpin
+  fi
   for s in $(servers "$rep"); do
     # Throughput: rounds published back to back (saturation).
     bench "fanout 1ch" "$s" --scenario fanout --subscribers $F_SUBS --channels 1 --messages $F_MSGS --interval 0ms

@@ -137,6 +137,8 @@ bars(axes[1][0], "Server CPU per delivery (lower is better)",
       ("churn", ("churn", "server_cpu_us_per_delivery", None))], "µs")
 bars(axes[1][1], "Server RSS per held poll (lower is better)",
      [("18k idle polls", ("hold", "rss_per_held_poll", None))], "bytes")
+axes[0][1].set_yscale("log")
+axes[1][0].set_yscale("log")
 axes[0][0].legend()
 fig.tight_layout()
 fig.savefig(png_path, dpi=90)

@@ -26,7 +26,7 @@ use tokio::io::AsyncReadExt;
 
 /// Longest request head read before handing over (Pingora then answers it).
 const MAX_HEAD: usize = 64 * 1024;
-/// Idle time allowed before the first request of a connection.
+/// Idle time allowed before a request when no keep-alive is set.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The app behind the client listener.
@@ -134,11 +134,9 @@ impl HttpServerApp for Front {
         let ServerSession::H1(h1) = session else {
             return self.proxy.process_new_http(session, shutdown).await;
         };
-        let first = reuses.is_none() && keepalive == Some(60);
-        let idle = match keepalive {
-            Some(secs) if !first => Duration::from_secs(secs),
-            _ => FIRST_REQUEST_TIMEOUT,
-        };
+        // Pingora sets 60 s before a connection's first request; later ones
+        // carry the keep-alive of the previous answer.
+        let idle = keepalive.map_or(FIRST_REQUEST_TIMEOUT, Duration::from_secs);
         let mut stream = h1.into_inner();
         let head = read_head(&mut stream, idle, shutdown).await?;
         let route = self.subscribe_route(&head);

@@ -268,7 +268,7 @@ impl Poller {
         route: &SubscribeRoute,
         req: Request,
     ) -> Result<()> {
-        let mut h = pingora::http::ResponseHeader::build(200, Some(6))?;
+        let mut h = pingora::http::ResponseHeader::build_no_case(200, Some(6))?;
         h.insert_header("Content-Type", "text/event-stream")?;
         h.insert_header("Cache-Control", "no-store")?;
         h.insert_header("Transfer-Encoding", "chunked")?;

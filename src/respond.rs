@@ -48,7 +48,8 @@ pub fn error_json(error: &str, detail: &str) -> Vec<u8> {
 
 /// A response header with status, content type and length set.
 pub fn header(status: u16, content_type: &str, len: usize) -> Result<ResponseHeader> {
-    let mut h = ResponseHeader::build(status, Some(6))?;
+    // No case map: one allocation less per header, on every answer.
+    let mut h = ResponseHeader::build_no_case(status, Some(6))?;
     if !content_type.is_empty() {
         h.insert_header("Content-Type", content_type)?;
     }

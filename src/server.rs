@@ -49,9 +49,35 @@ pub fn broker(config: &Config) -> Result<Arc<dyn Broker>, String> {
     }
 }
 
+/// Raises the soft open-file limit to the hard one (every held poll is a
+/// socket) and warns when `max_held` cannot fit under it. Returns the limit.
+fn raise_open_file_limit(max_held: usize) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    let limit = lim.rlim_cur;
+    if (max_held as u64) + 256 > limit {
+        tracing::warn!(
+            limit,
+            max_held,
+            "limits.max_held is above the open-file limit; polls past it will fail to connect"
+        );
+    }
+    limit
+}
+
 /// Runs the gateway until SIGTERM/SIGINT; exits the process.
 pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
     metrics::init();
+    raise_open_file_limit(config.limits.max_held);
     let broker = broker(&config)?;
     metrics::BROKER_UP.set(broker.is_up() as i64);
     let hub = Hub::new(broker, config.broker.history, CHANNEL_LINGER);

@@ -1,0 +1,76 @@
+{{/*
+Chart name, truncated to 63 characters (the limit of a DNS label).
+*/}}
+{{- define "pollgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: the release name, plus the chart name unless the
+release name already contains it.
+*/}}
+{{- define "pollgate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the admin Service.
+*/}}
+{{- define "pollgate.adminName" -}}
+{{- printf "%s-admin" (include "pollgate.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "pollgate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels.
+*/}}
+{{- define "pollgate.labels" -}}
+helm.sh/chart: {{ include "pollgate.chart" . }}
+{{ include "pollgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Selector labels.
+*/}}
+{{- define "pollgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pollgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+gracePeriod in whole seconds: "10s", "1m" or a plain number of seconds.
+*/}}
+{{- define "pollgate.gracePeriodSeconds" -}}
+{{- $g := toString .Values.gracePeriod | trim }}
+{{- if regexMatch "^[0-9]+$" $g }}
+{{- $g }}
+{{- else if regexMatch "^[0-9]+s$" $g }}
+{{- trimSuffix "s" $g }}
+{{- else if regexMatch "^[0-9]+m$" $g }}
+{{- mul (trimSuffix "m" $g | atoi) 60 }}
+{{- else }}
+{{- fail (printf "gracePeriod %q: write whole seconds or minutes, e.g. 10s or 1m" $g) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pod's terminationGracePeriodSeconds: the preStop pause, pollgate's
+grace_period, and 5 s for the process to exit.
+*/}}
+{{- define "pollgate.terminationGracePeriodSeconds" -}}
+{{- add (int .Values.preStopSleepSeconds) (include "pollgate.gracePeriodSeconds" . | atoi) 5 }}
+{{- end }}

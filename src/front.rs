@@ -115,7 +115,8 @@ impl Front {
             return None;
         }
         let persistent = HttpPersistentSettings::for_session(&session);
-        match session.finish().await {
+        // Boxed: finishing is a large future and would enlarge every held poll.
+        match Box::pin(session.finish()).await {
             Ok(Some(stream)) => Some(ReusedHttpStream::from_reusable_stream(stream, persistent)),
             _ => None,
         }

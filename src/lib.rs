@@ -16,6 +16,7 @@ pub mod gateway;
 pub mod history;
 pub mod hub;
 pub mod lifecycle;
+pub mod listener;
 pub mod message;
 pub mod metrics;
 pub mod poll;

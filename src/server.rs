@@ -12,23 +12,18 @@ use crate::front::Front;
 use crate::gateway::Gateway;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
+use crate::listener::Listener;
 use crate::metrics;
 use crate::poll::Poller;
 use crate::routes::RouteTable;
 use crate::upstream::Upstreams;
 use async_trait::async_trait;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Per-connection read buffer of the client listener. Pingora's default is
-/// 64 KiB, which at 20k held polls alone is over 1 GiB; requests to a
-/// long-poll gateway are small, and larger bodies still stream through.
-pub const READ_BUFFER: usize = 0;
 
 /// How long a channel nobody polls stays in the hub after its last waiter.
 pub const CHANNEL_LINGER: Duration = Duration::from_secs(30);
@@ -113,13 +108,12 @@ pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
         },
         life: life.clone(),
     };
-    let mut proxy = Service::new("pollgate gateway".to_string(), front);
-    proxy.add_listener(
-        ListenerConfig::tcp(config.listen.clone()).l4_buffer(L4BufferSettings {
-            read: Some(READ_BUFFER),
-            write: None,
-        }),
+    let listener = Listener::bind(&config.listen, Arc::new(front))?;
+    let mut gateway = pingora::services::background::GenBackgroundService::new(
+        "pollgate gateway".to_string(),
+        Arc::new(listener),
     );
+    gateway.threads = Some(config.threads);
 
     let admin = Admin {
         hub: hub.clone(),
@@ -135,7 +129,7 @@ pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
         background_service("pollgate housekeeping", Housekeeping { hub: hub.clone() });
     let connection = background_service("pollgate broker", BrokerConnection { hub });
 
-    server.add_service(proxy);
+    server.add_service(gateway);
     server.add_service(admin);
     server.add_service(housekeeping);
     server.add_service(connection);

@@ -28,6 +28,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+/// Accept queue length of the client listener.
+const BACKLOG: i32 = 8192;
+
 /// A TCP connection as Pingora sees it, without buffers.
 #[derive(Debug)]
 struct Conn {
@@ -138,6 +141,13 @@ impl Listener {
         socket
             .set_nonblocking(true)
             .map_err(|e| format!("listen: {addr}: {e}"))?;
+        // A deep accept queue, as Pingora's listeners have: thousands of
+        // clients reconnect at once after a deploy. (Listening again only
+        // updates the backlog.)
+        // SAFETY: a plain syscall on a socket this function owns.
+        unsafe {
+            libc::listen(socket.as_raw_fd(), BACKLOG);
+        }
         Ok(Listener {
             socket: Mutex::new(Some(socket)),
             front,

@@ -135,6 +135,18 @@ impl Pollgate {
 
     /// Like [`Pollgate::start`] with extra environment variables.
     pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Pollgate {
+        // A port picked free can be taken before pollgate binds it: retry.
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Self::try_start(body, env) {
+                Ok(pg) => return pg,
+                Err(e) => last = e,
+            }
+        }
+        panic!("pollgate did not start: {last}");
+    }
+
+    fn try_start(body: &str, env: &[(&str, &str)]) -> Result<Pollgate, String> {
         let port = free_port();
         let admin_port = free_port();
         let threads = if body.contains("threads:") {
@@ -163,24 +175,24 @@ impl Pollgate {
             config,
             redis: None,
         };
-        pg.wait_until_up();
-        pg
+        pg.wait_until_up()?;
+        Ok(pg)
     }
 
-    fn wait_until_up(&mut self) {
+    fn wait_until_up(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("pollgate exited at start: {status}");
+                return Err(format!("pollgate exited at start: {status}"));
             }
             let admin = TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok();
             let gateway = TcpStream::connect(("127.0.0.1", self.port)).is_ok();
             if admin && gateway {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        panic!("pollgate did not start listening");
+        Err("pollgate did not start listening".into())
     }
 
     /// `http://127.0.0.1:<port><path>` on the client listener.

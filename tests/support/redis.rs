@@ -28,7 +28,22 @@ fn temp_dir(tag: &str) -> PathBuf {
 impl RedisServer {
     /// A server that keeps nothing on disk: a restart comes back empty.
     pub fn start() -> RedisServer {
-        Self::spawn(free_port(), &["--appendonly", "no"], "plain")
+        Self::spawn_free(&["--appendonly", "no"], "plain")
+    }
+
+    /// Spawns on a free port, trying another when the port was taken meanwhile.
+    fn spawn_free(extra: &[&str], tag: &str) -> RedisServer {
+        for _ in 0..4 {
+            if let Some(r) = Self::try_spawn(free_port(), extra, tag) {
+                return r;
+            }
+        }
+        Self::spawn(free_port(), extra, tag)
+    }
+
+    fn try_spawn(port: u16, extra: &[&str], tag: &str) -> Option<RedisServer> {
+        let r = std::panic::catch_unwind(|| Self::spawn(port, extra, tag)).ok()?;
+        Some(r)
     }
 
     /// A server with an fsync-always append-only file: a restart keeps data.
@@ -78,6 +93,13 @@ impl RedisServer {
         while Instant::now() < deadline {
             if self.cli(&["PING"]).trim() == "PONG" {
                 return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("redis-server on {} exited at start: {status}", self.port);
             }
             std::thread::sleep(Duration::from_millis(20));
         }

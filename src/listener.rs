@@ -28,6 +28,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+/// Most bytes gathered before writing (an answer larger than this is
+/// written as it comes).
+const MAX_GATHER: usize = 16 * 1024;
+
 /// Accept queue length of the client listener.
 const BACKLOG: i32 = 8192;
 
@@ -36,6 +40,7 @@ const BACKLOG: i32 = 8192;
 struct Conn {
     tcp: TcpStream,
     digest: Arc<SocketDigest>,
+    pending: Vec<u8>,
 }
 
 impl AsyncRead for Conn {
@@ -48,29 +53,55 @@ impl AsyncRead for Conn {
     }
 }
 
+/// Writes are gathered until the next flush, so that an answer's header and
+/// body leave in one segment; the buffer only exists while an answer is
+/// being written (Pingora flushes at the end of each answer).
 impl AsyncWrite for Conn {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        if self.pending.len() + buf.len() > MAX_GATHER {
+            if let Poll::Pending = self.as_mut().poll_drain(cx)? {
+                return Poll::Pending;
+            }
+            if buf.len() > MAX_GATHER {
+                return Pin::new(&mut self.tcp).poll_write(cx, buf);
+            }
+        }
+        self.pending.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Poll::Pending = self.as_mut().poll_drain(cx)? {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.tcp).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Poll::Pending = self.as_mut().poll_drain(cx)? {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        true
+}
+
+impl Conn {
+    /// Writes out everything gathered; frees the buffer once empty.
+    fn poll_drain(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.pending.is_empty() {
+            let this = &mut *self;
+            let n = match Pin::new(&mut this.tcp).poll_write(cx, &this.pending) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            this.pending.drain(..n);
+        }
+        self.pending = Vec::new();
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -174,7 +205,11 @@ impl BackgroundService for Listener {
                     Ok((tcp, _)) => {
                         let _ = tcp.set_nodelay(true);
                         let digest = Arc::new(SocketDigest::from_raw_fd(tcp.as_raw_fd()));
-                        let stream: Stream = Box::new(Conn { tcp, digest });
+                        let stream: Stream = Box::new(Conn {
+                            tcp,
+                            digest,
+                            pending: Vec::new(),
+                        });
                         let front = self.front.clone();
                         let shutdown = shutdown.clone();
                         tokio::spawn(async move { serve_connection(front, stream, shutdown).await });

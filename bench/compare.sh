@@ -57,10 +57,14 @@ start_pushpin() {
   pushpin --config "$PWD/$OUT/pushpin.conf" >"$OUT/pushpin.out" 2>&1 &
   started+=($!); PP=$!
 }
-restart_pushpin() { # after 18k holds Pushpin stays busy for minutes; start it afresh
+stop_pushpin() {
   pkill -P "$PP" 2>/dev/null || true; kill "$PP" 2>/dev/null || true; sleep 2
   pkill -f "pushpin-handler --config=$PWD/$OUT" 2>/dev/null || true
-  start_pushpin; wait_port 18082; wait_port 5561; sleep 2
+  pkill -f "pushpin-proxy --config=$PWD/$OUT" 2>/dev/null || true
+  pkill -f "condure" 2>/dev/null || true
+}
+restart_pushpin() { # Pushpin stays busy for minutes after a heavy run: start it afresh
+  stop_pushpin; start_pushpin; wait_port 18082; wait_port 5561; sleep 2
 }
 start_pushpin
 # Redis and two pollgate instances on it
@@ -73,6 +77,7 @@ for i in 0 1; do
   started+=($!); eval "PGR$i=$!"
 done
 for p in 18080 19090 18081 18082 18083 5561 18090 18091 19190; do wait_port $p; done
+stop_pushpin
 sleep 2
 
 if [ "$QUICK" = 1 ]; then
@@ -93,9 +98,13 @@ bench() { # label server args...
   esac
   run=$((run + 1))
   echo "== $label / $server" >&2
+  # Pushpin only runs during its own rows, started afresh, so that its
+  # leftover work does not slow the other servers' rows.
+  [ "$server" = pushpin ] && { restart_pushpin; pid="$PP --pid $ZU"; }
   # shellcheck disable=SC2086
   target/release/pollgate-bench --server "$server" --label "$label" --sub $sub --publish $pub \
     --pid $pid --prefix "r${run}c" "$@" >> "$RESULTS.tmp" || echo "   (run failed)" >&2
+  [ "$server" = pushpin ] && stop_pushpin
   sleep 2
 }
 servers() { # rotate the order each repetition
@@ -106,7 +115,6 @@ for rep in $(seq "$REPS"); do
   # Hold first, on fresh processes, so RSS is not hidden by memory kept from earlier runs.
   if [ "$rep" = 1 ]; then
     for s in $(servers 0); do bench hold "$s" --scenario hold --subscribers $H_SUBS --duration 10s; done
-    restart_pushpin
   fi
   for s in $(servers "$rep"); do
     # Throughput: rounds published back to back (saturation).

@@ -63,7 +63,7 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         if self.pending.len() + buf.len() > MAX_GATHER {
-            if let Poll::Pending = self.as_mut().poll_drain(cx)? {
+            if self.as_mut().poll_drain(cx)?.is_pending() {
                 return Poll::Pending;
             }
             if buf.len() > MAX_GATHER {
@@ -74,13 +74,13 @@ impl AsyncWrite for Conn {
         Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Poll::Pending = self.as_mut().poll_drain(cx)? {
+        if self.as_mut().poll_drain(cx)?.is_pending() {
             return Poll::Pending;
         }
         Pin::new(&mut self.tcp).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Poll::Pending = self.as_mut().poll_drain(cx)? {
+        if self.as_mut().poll_drain(cx)?.is_pending() {
             return Poll::Pending;
         }
         Pin::new(&mut self.tcp).poll_shutdown(cx)

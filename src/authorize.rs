@@ -4,7 +4,7 @@
 //! per credentials (`Authorization`, `Cookie`) and path, and concurrent
 //! polls with the same key share one upstream call.
 
-use crate::upstream::{add_forwarded, is_hop_by_hop, Upstreams};
+use crate::upstream::{forwarded_copy, Upstreams};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pingora::http::RequestHeader;
@@ -72,7 +72,8 @@ impl Authorizer {
         upstream: &str,
         ttl: Duration,
     ) -> Result<Decision> {
-        let request = authorization_request(client, client_ip)?;
+        // A GET to the same path and query, with the client's headers.
+        let request = forwarded_copy(client, http::Method::GET, client_ip)?;
         if ttl.is_zero() {
             return self.ask(upstream, &request).await;
         }
@@ -139,28 +140,4 @@ impl Authorizer {
             body: answer.body,
         })))
     }
-}
-
-/// A GET to the same path and query with the client's headers and
-/// `X-Forwarded-*`.
-fn authorization_request(
-    client: &RequestHeader,
-    client_ip: Option<String>,
-) -> Result<RequestHeader> {
-    let path = client.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut request = RequestHeader::build("GET", path.as_bytes(), None)?;
-    for (name, value) in client.headers.iter() {
-        let n = name.as_str();
-        if is_hop_by_hop(n) || n == "content-length" || n == "expect" {
-            continue;
-        }
-        request.append_header(name.clone(), value.clone())?;
-    }
-    let host = client
-        .headers
-        .get("Host")
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string);
-    add_forwarded(&mut request, client_ip, host)?;
-    Ok(request)
 }

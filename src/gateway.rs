@@ -13,7 +13,7 @@ use crate::poll::cors_headers;
 use crate::relay::Relay;
 use crate::respond;
 use crate::routes::{Action, Match, RouteTable};
-use crate::upstream::{add_forwarded, observe, Pool, Upstreams};
+use crate::upstream::{add_forwarded, client_ip, observe, Pool, Upstreams};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -212,17 +212,11 @@ impl ProxyHttp for Gateway {
         request: &mut RequestHeader,
         _ctx: &mut Ctx,
     ) -> Result<()> {
-        let host = session
-            .req_header()
-            .headers
-            .get("Host")
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string);
-        let ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string());
-        add_forwarded(request, ip, host)
+        add_forwarded(
+            request,
+            session.req_header(),
+            client_ip(session.client_addr()),
+        )
     }
 
     async fn request_body_filter(

@@ -158,10 +158,7 @@ impl Poller {
         upstream: &str,
         cache: Duration,
     ) -> Result<bool> {
-        let ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string());
+        let ip = crate::upstream::client_ip(session.client_addr());
         match self
             .authorizer
             .check(session.req_header(), ip, upstream, cache)

@@ -11,7 +11,7 @@ use crate::hub::Hub;
 use crate::metrics;
 use crate::respond;
 use crate::routes::{channel_problem, Params, ProxyRoute};
-use crate::upstream::{add_forwarded, error_status, is_hop_by_hop, Upstreams};
+use crate::upstream::{client_ip, error_status, forwarded_copy, is_hop_by_hop, Upstreams};
 use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
@@ -191,15 +191,11 @@ impl Relay {
 /// headers (but hop-by-hop ones), a Content-Length, and `X-Forwarded-*`.
 fn upstream_request(session: &Session, body_len: usize) -> Result<RequestHeader> {
     let client = session.req_header();
-    let path = client.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut request = RequestHeader::build(client.method.clone(), path.as_bytes(), None)?;
-    for (name, value) in client.headers.iter() {
-        let n = name.as_str();
-        if is_hop_by_hop(n) || n == "content-length" || n == "expect" {
-            continue;
-        }
-        request.append_header(name.clone(), value.clone())?;
-    }
+    let mut request = forwarded_copy(
+        client,
+        client.method.clone(),
+        client_ip(session.client_addr()),
+    )?;
     if body_len > 0
         || !matches!(
             client.method.as_str(),
@@ -208,16 +204,6 @@ fn upstream_request(session: &Session, body_len: usize) -> Result<RequestHeader>
     {
         request.insert_header("Content-Length", body_len.to_string())?;
     }
-    let host = client
-        .headers
-        .get("Host")
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string);
-    let ip = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip().to_string());
-    add_forwarded(&mut request, ip, host)?;
     Ok(request)
 }
 

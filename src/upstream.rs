@@ -247,12 +247,17 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// The client's address as `X-Forwarded-For` writes it.
+pub fn client_ip(addr: Option<&pingora::protocols::l4::socket::SocketAddr>) -> Option<String> {
+    addr.and_then(|a| a.as_inet()).map(|a| a.ip().to_string())
+}
+
 /// Adds `X-Forwarded-For` (appending to a received one), `-Proto` and
-/// `-Host` to a request going upstream.
+/// `-Host` (the `client`'s Host) to a request going upstream.
 pub fn add_forwarded(
     request: &mut RequestHeader,
+    client: &RequestHeader,
     client_ip: Option<String>,
-    host: Option<String>,
 ) -> Result<()> {
     if let Some(ip) = client_ip {
         let value = match request
@@ -266,10 +271,31 @@ pub fn add_forwarded(
         request.insert_header("X-Forwarded-For", value)?;
     }
     request.insert_header("X-Forwarded-Proto", "http")?;
-    if let Some(h) = host {
-        request.insert_header("X-Forwarded-Host", h)?;
+    if let Some(host) = client.headers.get("Host").and_then(|h| h.to_str().ok()) {
+        request.insert_header("X-Forwarded-Host", host.to_string())?;
     }
     Ok(())
+}
+
+/// The client's request re-sent upstream as `method`: same path, query and
+/// headers, without hop-by-hop ones, framing (`Content-Length`, `Expect`,
+/// which the caller sets) and with `X-Forwarded-*`.
+pub fn forwarded_copy(
+    client: &RequestHeader,
+    method: http::Method,
+    client_ip: Option<String>,
+) -> Result<RequestHeader> {
+    let path = client.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = RequestHeader::build(method, path.as_bytes(), None)?;
+    for (name, value) in client.headers.iter() {
+        let n = name.as_str();
+        if is_hop_by_hop(n) || n == "content-length" || n == "expect" {
+            continue;
+        }
+        request.append_header(name.clone(), value.clone())?;
+    }
+    add_forwarded(&mut request, client, client_ip)?;
+    Ok(request)
 }
 
 /// The status an upstream error is answered with: 504 on a timeout, else 502.

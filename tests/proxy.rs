@@ -70,15 +70,6 @@ routes:
     )
 }
 
-fn ids(v: &Value) -> Vec<String> {
-    v["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_method_passes_through_unchanged_with_forwarded_headers() {
     let backend = Backend::start().await;

@@ -9,15 +9,6 @@ use std::time::Duration;
 use support::redis::{RedisCluster, RedisServer};
 use support::*;
 
-fn ids(v: &Value) -> Vec<String> {
-    v["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// `n` gateways sharing `redis`, ready.
 fn gateways(redis_url: &str, n: usize, extra: &str) -> Vec<Pollgate> {
     (0..n)

@@ -11,15 +11,6 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 use support::*;
 
-fn ids(v: &Value) -> Vec<String> {
-    v["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect()
-}
-
 async fn a_held_poll_is_answered_by_a_publish(backend: Backend) {
     let pg = Pollgate::start_on(backend, ROUTES);
     let url = pg.url("/sub/news");

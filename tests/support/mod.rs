@@ -312,6 +312,16 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder().build().unwrap()
 }
 
+/// The message ids of an envelope, in order.
+pub fn ids(v: &serde_json::Value) -> Vec<String> {
+    v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// GETs `url` and returns (status, headers, JSON body or Null).
 pub async fn get_json(url: &str) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
     let r = client().get(url).send().await.unwrap();

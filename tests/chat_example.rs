@@ -84,14 +84,7 @@ async fn two_clients_long_poll_a_room_while_a_third_posts() {
         assert_eq!(v["messages"][0]["data"]["user"], "cat");
     }
     // The backend still serves its own reads through the proxy...
-    let list: Value = client()
-        .get(pg.url("/rooms/1/messages"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, _, list) = get_json(&pg.url("/rooms/1/messages")).await;
     assert_eq!(list[0]["text"], "hello room 1");
     // ...and says who may listen.
     let r = client()

@@ -186,14 +186,7 @@ async fn health_readiness_and_metrics(backend: Backend) {
     assert_eq!(status, 200);
     let (status, _, v) = get_json(&pg.admin("/readyz")).await;
     assert_eq!((status, v["status"].as_str()), (200, Some("ready")));
-    let text = client()
-        .get(pg.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&pg.admin("/metrics")).await;
     for name in [
         "pollgate_held_requests",
         "pollgate_subscribe_requests_total",

@@ -266,14 +266,7 @@ async fn a_client_that_leaves_is_released_at_once(backend: Backend) {
         1.0,
     )
     .await;
-    let info: Value = client()
-        .get(pg.admin("/v1/channels/gone"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, _, info) = get_json(&pg.admin("/v1/channels/gone")).await;
     assert_eq!(info["subscribers"], 0);
 }
 

@@ -222,14 +222,7 @@ impl Pollgate {
     /// The value of a metric line (first sample whose name and labels start
     /// with `prefix`).
     pub async fn metric(&self, prefix: &str) -> f64 {
-        let text = client()
-            .get(self.admin("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = get_text(&self.admin("/metrics")).await;
         text.lines()
             .find(|l| l.starts_with(prefix))
             .and_then(|l| l.rsplit(' ').next())
@@ -310,6 +303,18 @@ macro_rules! on_both_brokers {
 /// An HTTP client with no connection reuse surprises.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().build().unwrap()
+}
+
+/// GETs `url` and returns its body as text.
+pub async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// The message ids of an envelope, in order.

@@ -29,6 +29,25 @@ Name of the admin Service.
 {{- printf "%s-admin" (include "pollgate.fullname" . | trunc 57 | trimSuffix "-") }}
 {{- end }}
 
+{{/*
+Name of the Secret holding the publish token: publishToken.existingSecret
+when given, else the Secret this chart creates (secret.yaml).
+*/}}
+{{- define "pollgate.publishSecretName" -}}
+{{- if .Values.publishToken.existingSecret }}
+{{- .Values.publishToken.existingSecret }}
+{{- else }}
+{{- printf "%s-publish" (include "pollgate.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
+{{/*
+Key of the publish token inside that Secret.
+*/}}
+{{- define "pollgate.publishSecretKey" -}}
+{{- .Values.publishToken.key | default "token" }}
+{{- end }}
+
 {{- define "pollgate.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}

@@ -1,12 +1,12 @@
-//! The admin listener: the publish API (SPEC 4), channel info, `/metrics`,
-//! `/healthz` and `/readyz` (SPEC 6).
+//! The admin listener: the publish API (docs/api.md, "Publishing"), channel info, `/metrics`,
+//! `/healthz` and `/readyz` (docs/api.md, "Admin endpoints").
 
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::message::is_json_type;
 use crate::metrics;
 use crate::respond::error_json;
-use crate::routes::{channel_problem, percent_decode};
+use crate::routes::channel_problem;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::{Response, StatusCode};
@@ -14,6 +14,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde::Deserialize;
 use std::sync::Arc;
+use subtle::ConstantTimeEq;
 
 /// The admin application.
 pub struct Admin {
@@ -82,14 +83,12 @@ impl Admin {
         if self.token.is_empty() {
             return true;
         }
-        let given = session
+        let header = session
             .req_header()
             .headers
             .get("Authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        constant_time_eq(given.trim().as_bytes(), self.token.as_bytes())
+            .map_or(&b""[..], |v| v.as_bytes());
+        bearer_matches(header, self.token.as_bytes())
     }
 
     /// Reads the whole body; Err is the answer (413) when it is too big.
@@ -260,7 +259,12 @@ impl ServeHttp for Admin {
                 "this publish API needs Authorization: Bearer <token>",
             );
         }
-        let decoded = |p: &str| percent_decode(p);
+        let decoded = |p: &str| {
+            percent_encoding::percent_decode_str(p)
+                .decode_utf8()
+                .ok()
+                .map(|c| c.into_owned())
+        };
         match (method.as_str(), path.as_str()) {
             ("GET", "/metrics") => respond(200, "text/plain; version=0.0.4", metrics::render()),
             ("GET", "/healthz") => json(200, serde_json::json!({ "status": "ok" })),
@@ -314,6 +318,39 @@ impl ServeHttp for Admin {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// True when an `Authorization` header value carries `token` as a Bearer
+/// credential: the scheme is case-insensitive (RFC 7235), the token is
+/// compared in constant time.
+fn bearer_matches(header: &[u8], token: &[u8]) -> bool {
+    let Some((scheme, given)) = header
+        .iter()
+        .position(|b| *b == b' ')
+        .map(|i| header.split_at(i))
+    else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case(b"bearer") && bool::from(given.trim_ascii().ct_eq(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_matches;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_the_token_exact() {
+        for ok in ["Bearer t0k", "bearer t0k", "BEARER  t0k ", "bEaReR t0k"] {
+            assert!(bearer_matches(ok.as_bytes(), b"t0k"), "{ok}");
+        }
+        for bad in [
+            "Bearer t0",
+            "Bearer t0kk",
+            "Basic t0k",
+            "t0k",
+            "",
+            "Bearer",
+            "Bearer ",
+        ] {
+            assert!(!bearer_matches(bad.as_bytes(), b"t0k"), "{bad}");
+        }
+    }
 }

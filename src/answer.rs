@@ -42,7 +42,7 @@ pub struct Answer {
     pub cursor: Cursor,
     /// `cursor` as the client sees it.
     pub cursor_text: String,
-    /// True when the client's position was lost (SPEC 3 `gap`).
+    /// True when the client's position was lost (the `gap` of docs/api.md).
     pub gap: bool,
     /// The carried messages, oldest first.
     pub messages: Vec<Arc<Message>>,

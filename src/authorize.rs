@@ -1,23 +1,25 @@
-//! Subscriber authorization (SPEC 5): before a poll is held, the same path
-//! and query are sent as a GET to an upstream with the client's headers; a
-//! 2xx allows, anything else is the client's answer. Decisions can be cached
-//! per credentials (`Authorization`, `Cookie`) and path, and concurrent
-//! polls with the same key share one upstream call.
+//! Subscriber authorization (docs/api.md, "Authorizing subscribers"):
+//! before a poll is held, the same path and query are sent as a GET to an
+//! upstream with the client's headers; a 2xx allows, anything else is the
+//! client's answer.
+//!
+//! A route with `authorize_cache` remembers decisions in an [`AuthCache`]:
+//! bounded (least recently used go first), keyed on the credentials
+//! (`Authorization`, `Cookie`) and the whole path and query (tokens in the
+//! query are credentials too), and concurrent identical checks share one
+//! upstream call. The path is the one [`Target`] that also selected the
+//! channels.
 
+use crate::target::Target;
 use crate::upstream::{forwarded_copy, Upstreams};
 use bytes::Bytes;
-use parking_lot::Mutex;
 use pingora::http::RequestHeader;
 use pingora::{Error, ErrorType, Result};
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::OnceCell;
+use std::time::Duration;
 
 /// Largest authorization answer body passed back to the client.
 const MAX_DENIAL_BODY: u64 = 64 * 1024;
-/// Cache size at which expired entries are swept.
-const SWEEP_AT: usize = 10_000;
 /// Upstream headers passed on with a denial.
 const PASSED_ON: &[&str] = &[
     "content-type",
@@ -41,80 +43,102 @@ pub struct Denial {
     pub body: Bytes,
 }
 
-type Key = (String, String, Option<String>, Option<String>);
+/// Credentials and target of a check: `Authorization`, `Cookie`, and the
+/// path with the query (less pollgate's own parameters).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    authorization: Option<Vec<u8>>,
+    cookie: Option<Vec<u8>>,
+    target: String,
+}
 
-struct Entry {
-    created: Instant,
-    decision: Arc<OnceCell<Decision>>,
+/// Query parameters that pollgate reads itself and that change on every
+/// poll; left out of the cache key so that consecutive polls share it.
+const OWN_PARAMS: &[&str] = &["cursor", "timeout", "format"];
+
+/// A route's remembered decisions.
+pub struct AuthCache {
+    decisions: moka::future::Cache<Key, Decision>,
+}
+
+impl std::fmt::Debug for AuthCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthCache")
+            .field("entries", &self.decisions.entry_count())
+            .finish()
+    }
+}
+
+impl AuthCache {
+    /// A cache keeping at most `size` decisions, each for `ttl`.
+    pub fn new(size: u64, ttl: Duration) -> AuthCache {
+        AuthCache {
+            decisions: moka::future::Cache::builder()
+                .max_capacity(size)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .time_to_live(ttl)
+                .build(),
+        }
+    }
+
+    fn key(client: &RequestHeader, target: &Target) -> Key {
+        let header = |n: &str| client.headers.get(n).map(|v| v.as_bytes().to_vec());
+        let mut key = target.path().to_string();
+        let mut sep = '?';
+        for pair in target.query().unwrap_or("").split('&') {
+            let name = pair.split_once('=').map_or(pair, |(k, _)| k);
+            if pair.is_empty() || OWN_PARAMS.contains(&name) {
+                continue;
+            }
+            key.push(sep);
+            key.push_str(pair);
+            sep = '&';
+        }
+        Key {
+            authorization: header("Authorization"),
+            cookie: header("Cookie"),
+            target: key,
+        }
+    }
 }
 
 /// Asks upstreams whether a poll may be held.
 pub struct Authorizer {
     upstreams: Arc<Upstreams>,
-    cache: Mutex<HashMap<Key, Entry>>,
 }
 
 impl Authorizer {
     pub fn new(upstreams: Arc<Upstreams>) -> Authorizer {
-        Authorizer {
-            upstreams,
-            cache: Mutex::new(HashMap::new()),
-        }
+        Authorizer { upstreams }
     }
 
-    /// Decides for the client request `client` (from `client_ip`), asking
-    /// `upstream` (or the cache, when `ttl` is not zero). Errors are
-    /// upstream failures.
+    /// Decides for the client request `client` to `target` (from
+    /// `client_ip`), asking `upstream`, or `cache` when the route has one.
+    /// Errors are upstream failures (never cached).
     pub async fn check(
         &self,
         client: &RequestHeader,
+        target: &Target,
         client_ip: Option<String>,
         upstream: &str,
-        ttl: Duration,
+        cache: Option<&AuthCache>,
     ) -> Result<Decision> {
         // A GET to the same path and query, with the client's headers.
-        let request = forwarded_copy(client, http::Method::GET, client_ip)?;
-        if ttl.is_zero() {
+        let request = forwarded_copy(
+            client,
+            http::Method::GET,
+            &target.path_and_query(),
+            client_ip,
+        )?;
+        let Some(cache) = cache else {
             return self.ask(upstream, &request).await;
-        }
-        let header = |n: &str| {
-            request
-                .headers
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
         };
-        // SPEC 5: keyed on credentials and the path (not the query: cursors change it).
-        let path = request.uri.path().to_string();
-        let key = (
-            upstream.to_string(),
-            path,
-            header("Authorization"),
-            header("Cookie"),
-        );
-        let cell = {
-            let mut cache = self.cache.lock();
-            let now = Instant::now();
-            if cache.len() >= SWEEP_AT {
-                cache.retain(|_, e| now.duration_since(e.created) < ttl);
-            }
-            let entry = cache.entry(key).or_insert_with(|| Entry {
-                created: now,
-                decision: Arc::new(OnceCell::new()),
-            });
-            if now.duration_since(entry.created) >= ttl {
-                *entry = Entry {
-                    created: now,
-                    decision: Arc::new(OnceCell::new()),
-                };
-            }
-            entry.decision.clone()
-        };
-        cell.get_or_try_init(|| self.ask(upstream, &request))
+        cache
+            .decisions
+            .try_get_with(AuthCache::key(client, target), self.ask(upstream, &request))
             .await
-            .cloned()
+            .map_err(|e| Error::because(e.etype().clone(), "authorization", e.to_string()))
     }
-
     async fn ask(&self, upstream: &str, request: &RequestHeader) -> Result<Decision> {
         let pool = self.upstreams.get(upstream).ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "unknown authorize upstream")

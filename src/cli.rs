@@ -1,4 +1,4 @@
-//! The command line (SPEC 1): `serve`, `check`, `publish`, `--version`.
+//! The command line (docs/configuration.md, "Command line"): `serve`, `check`, `publish`, `--version`.
 //!
 //! Every flag also reads `POLLGATE_<FLAG>` from the environment.
 

@@ -1,4 +1,4 @@
-//! The YAML configuration file (SPEC 2): its shape, defaults, `${VAR}`
+//! The YAML configuration file (docs/configuration.md): its shape, defaults, `${VAR}`
 //! expansion and validation.
 //!
 //! [`Config::load`] returns either a config every other module can trust or
@@ -6,6 +6,7 @@
 //! wrong, which `pollgate check` prints one per line.
 
 use crate::routes::RouteTable;
+pub use crate::secret::redact_url;
 use crate::units;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -42,6 +43,9 @@ pub struct BrokerConfig {
     pub history: usize,
     #[serde(with = "units::duration")]
     pub history_ttl: Duration,
+    /// Redis commands in flight per instance; past it, callers wait (up to
+    /// the broker's response timeout) and then get a 503.
+    pub max_pending: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -49,6 +53,9 @@ pub struct BrokerConfig {
 pub struct PublishConfig {
     /// Bearer token of the publish API; empty means no authentication.
     pub token: String,
+    /// Allows an empty token on an admin listener that is not loopback.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_unauthenticated: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +65,17 @@ pub struct Limits {
     #[serde(with = "units::size")]
     pub max_body: u64,
     pub max_channels: usize,
+    /// Largest request head on the client listener (431 past it).
+    #[serde(with = "units::size")]
+    pub max_head: u64,
+    /// Time for a whole request head to arrive (slowloris).
+    #[serde(with = "units::duration")]
+    pub header_timeout: Duration,
+    /// Time a client may accept no bytes of an answer before it is dropped.
+    #[serde(with = "units::duration")]
+    pub write_timeout: Duration,
+    /// Channels this instance keeps active (503 past it).
+    pub max_active_channels: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -111,6 +129,9 @@ pub struct SubscribeConfig {
     pub authorize: Option<String>,
     #[serde(default, with = "units::duration")]
     pub authorize_cache: Duration,
+    /// Entries of the route's authorization cache (least recently used go first).
+    #[serde(default = "default_authorize_cache_size")]
+    pub authorize_cache_size: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +172,9 @@ fn default_connect_timeout() -> Duration {
 fn default_read_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_authorize_cache_size() -> u64 {
+    10_000
+}
 fn default_hold() -> Duration {
     Duration::from_secs(30)
 }
@@ -179,6 +203,7 @@ impl Default for BrokerConfig {
             namespace: "pollgate".into(),
             history: 100,
             history_ttl: Duration::from_secs(3600),
+            max_pending: 10_000,
         }
     }
 }
@@ -189,6 +214,10 @@ impl Default for Limits {
             max_held: 100_000,
             max_body: 1 << 20,
             max_channels: 16,
+            max_head: 16 * 1024,
+            header_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            max_active_channels: 100_000,
         }
     }
 }
@@ -258,12 +287,13 @@ impl Config {
                 "broker.url",
                 format!(
                     "'{}' is not memory://, redis://, rediss:// or redis+cluster:// URL",
-                    self.broker.url
+                    redact_url(&self.broker.url)
                 ),
             );
         }
         if scheme.starts_with("redis") {
             if let Err(e) = crate::broker::redis::check_url(&self.broker.url) {
+                let e = e.replace(&self.broker.url, &redact_url(&self.broker.url));
                 bad(
                     "broker.url",
                     e.trim_start_matches("broker.url: ").to_string(),
@@ -284,6 +314,26 @@ impl Config {
         }
         if self.limits.max_channels == 0 {
             bad("limits.max_channels", "must be at least 1".into());
+        }
+        if !(1024..=1 << 20).contains(&self.limits.max_head) {
+            bad("limits.max_head", "must be between 1KiB and 1MiB".into());
+        }
+        for (key, d) in [
+            ("limits.header_timeout", self.limits.header_timeout),
+            ("limits.write_timeout", self.limits.write_timeout),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be longer than 0s".into());
+            }
+        }
+        if self.limits.max_active_channels == 0 {
+            bad("limits.max_active_channels", "must be at least 1".into());
+        }
+        if self.broker.max_pending == 0 {
+            bad("broker.max_pending", "must be at least 1".into());
+        }
+        if let Some(why) = self.open_admin() {
+            bad("publish.token", why);
         }
         for (i, o) in self.cors.allow_origins.iter().enumerate() {
             if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
@@ -321,6 +371,38 @@ impl Config {
                 Err(ConfigErrors(problems))
             }
         }
+    }
+}
+
+impl Config {
+    /// Why serving this config would leave the publish API open to the
+    /// network: an empty token on an admin listener that is not loopback,
+    /// without `publish.allow_unauthenticated`. None when it is safe.
+    pub fn open_admin(&self) -> Option<String> {
+        let addr: SocketAddr = self.admin_listen.parse().ok()?;
+        if !self.publish.token.is_empty()
+            || self.publish.allow_unauthenticated
+            || addr.ip().is_loopback()
+        {
+            return None;
+        }
+        Some(format!(
+            "is empty while admin_listen ({}) is not a loopback address: anyone who reaches it \
+             could publish; set a token (e.g. token: \"${{POLLGATE_PUBLISH_TOKEN}}\") or \
+             publish.allow_unauthenticated: true",
+            self.admin_listen
+        ))
+    }
+
+    /// The config with every secret (the broker URL's password, the publish
+    /// token) replaced by `***`, fit to print.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        c.broker.url = redact_url(&c.broker.url);
+        if !c.publish.token.is_empty() {
+            c.publish.token = "***".into();
+        }
+        c
     }
 }
 
@@ -371,6 +453,47 @@ mod tests {
             .unwrap_err()
             .contains("B is not set"));
         assert!(expand_env("${A", env).is_err());
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redact_url("rediss://u:p@s/s@h/0"), "rediss://u:***@h/0");
+        assert_eq!(redact_url("redis://pw@h"), "redis://***@h");
+        assert_eq!(
+            redact_url("redis+cluster://:pw@a:1,b:2"),
+            "redis+cluster://:***@a:1,b:2"
+        );
+        assert_eq!(redact_url("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(redact_url("memory://"), "memory://");
+        let mut c = Config::default();
+        c.broker.url = "redis://:hunter2@h/0".into();
+        c.publish.token = "s3cret".into();
+        let shown = serde_yaml::to_string(&c.redacted()).unwrap();
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        c.broker.url = "redis://:hunter2@h:99999/0".into();
+        let e = c.validate("f.yaml").unwrap_err().to_string();
+        assert!(e.contains("broker.url") && !e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn an_open_admin_listener_is_refused() {
+        let mut c = Config::default();
+        assert!(c.open_admin().is_none(), "loopback without token is fine");
+        c.admin_listen = "0.0.0.0:9090".into();
+        let e = c.validate("f.yaml").unwrap_err().to_string();
+        assert!(
+            e.contains("f.yaml: publish.token: is empty while admin_listen"),
+            "{e}"
+        );
+        c.publish.allow_unauthenticated = true;
+        assert!(c.validate("f.yaml").is_ok());
+        c.publish.allow_unauthenticated = false;
+        c.publish.token = "t".into();
+        assert!(c.validate("f.yaml").is_ok());
     }
 
     #[test]

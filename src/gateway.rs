@@ -13,6 +13,7 @@ use crate::poll::cors_headers;
 use crate::relay::Relay;
 use crate::respond;
 use crate::routes::{Action, Match, RouteTable};
+use crate::target::Target;
 use crate::upstream::{add_forwarded, client_ip, observe, Pool, Upstreams};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -126,25 +127,34 @@ impl ProxyHttp for Gateway {
         session.set_keepalive((!draining).then_some(KEEPALIVE_SECS));
         let req = session.req_header();
         let method = req.method.as_str().to_string();
-        let path = req.uri.path().to_string();
+        // The same parse of the same bytes as the front door's.
+        let target = match std::str::from_utf8(req.raw_path()).map(Target::parse) {
+            Ok(Ok(target)) => target,
+            Ok(Err(e)) => {
+                respond::error(session, 400, "bad_request", &e.to_string(), &[]).await?;
+                return Ok(true);
+            }
+            Err(_) => {
+                let detail = "the request target is not UTF-8";
+                respond::error(session, 400, "bad_request", detail, &[]).await?;
+                return Ok(true);
+            }
+        };
+        let path = target.path();
         if method == "OPTIONS"
             && req.headers.contains_key("Access-Control-Request-Method")
             && self.preflight(session).await?
         {
             return Ok(true);
         }
-        match self.routes.find(&method, &path) {
+        match self.routes.find(&method, &target) {
             Match::Found(route, params) => match &route.action {
                 Action::Subscribe(_) => {
-                    // Only reached if the front door did not recognise it.
-                    respond::error(
-                        session,
-                        500,
-                        "error",
-                        "subscribe route reached the proxy",
-                        &[],
-                    )
-                    .await?;
+                    // The front door serves every subscribe request but a
+                    // CORS preflight, which is no subscription.
+                    let detail = format!("{method} does not subscribe");
+                    let extra = [("Allow", "GET".to_string())];
+                    respond::error(session, 405, "method_not_allowed", &detail, &extra).await?;
                     Ok(true)
                 }
                 Action::Proxy(p) if p.publish.is_some() || p.publish_from_header => {

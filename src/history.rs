@@ -37,6 +37,16 @@ pub enum Lookup {
     Ahead,
 }
 
+impl Lookup {
+    /// The same messages reported as a gap (for a position found unknown).
+    pub fn into_gap(self) -> Lookup {
+        match self {
+            Lookup::Newer(v) | Lookup::Gap(v) => Lookup::Gap(v),
+            Lookup::UpToDate | Lookup::Ahead => Lookup::Gap(Vec::new()),
+        }
+    }
+}
+
 impl History {
     /// An empty history that keeps at most `cap` messages.
     pub fn new(cap: usize) -> History {
@@ -92,6 +102,11 @@ impl History {
     /// True when no message is retained.
     pub fn is_empty(&self) -> bool {
         self.messages.is_empty()
+    }
+
+    /// True when the message `id` is retained.
+    pub fn contains(&self, id: MessageId) -> bool {
+        self.messages.binary_search_by(|m| m.id.cmp(&id)).is_ok()
     }
 
     /// All retained messages, oldest first.

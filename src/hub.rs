@@ -19,7 +19,7 @@ use crate::metrics;
 use crate::shards::ShardedMap;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OnceCell};
@@ -31,6 +31,41 @@ pub enum First {
     Newest,
     /// Answer with the retained history first.
     Oldest,
+}
+
+/// How long a broker read that confirmed a cursor ahead of a channel is
+/// reused for other such cursors, so that made-up cursors cost at most one
+/// broker read per channel per this period.
+const AHEAD_CHECK_REUSE: Duration = Duration::from_secs(1);
+
+/// Why the hub could not serve a poll (a 503 for the client).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubError {
+    /// The broker failed or is saturated.
+    Broker(BrokerError),
+    /// Opening one more channel would pass `limits.max_active_channels`
+    /// (the limit).
+    TooManyChannels(usize),
+}
+
+impl std::fmt::Display for HubError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HubError::Broker(e) => e.fmt(f),
+            HubError::TooManyChannels(max) => write!(
+                f,
+                "this instance already has {max} active channels (limits.max_active_channels)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for HubError {}
+
+impl From<BrokerError> for HubError {
+    fn from(e: BrokerError) -> Self {
+        HubError::Broker(e)
+    }
 }
 
 /// The result of a poll.
@@ -100,6 +135,9 @@ struct Channel {
     name: Arc<str>,
     ready: OnceCell<()>,
     state: Mutex<ChannelState>,
+    /// The last broker read made for a cursor ahead of the window, shared
+    /// by such polls for [`AHEAD_CHECK_REUSE`].
+    ahead_check: Mutex<Option<(Instant, Arc<OnceCell<History>>)>>,
 }
 
 struct ChannelState {
@@ -123,6 +161,9 @@ impl ChannelState {
 /// Per-instance registry of channels and held polls.
 pub struct Hub {
     channels: ShardedMap<Arc<Channel>>,
+    /// Channels in `channels`, never above `max_channels`.
+    active: AtomicUsize,
+    max_channels: usize,
     broker: Arc<dyn Broker>,
     history: usize,
     linger: Duration,
@@ -138,12 +179,20 @@ pub struct ChannelInfo {
 }
 
 impl Hub {
-    /// A hub over `broker`, keeping windows of `history` messages and
-    /// forgetting a channel `linger` after its last waiter left. The hub
-    /// registers itself as the broker's sink.
-    pub fn new(broker: Arc<dyn Broker>, history: usize, linger: Duration) -> Arc<Hub> {
+    /// A hub over `broker`, keeping windows of `history` messages,
+    /// forgetting a channel `linger` after its last waiter left, and holding
+    /// at most `max_channels` channels. The hub registers itself as the
+    /// broker's sink.
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        history: usize,
+        linger: Duration,
+        max_channels: usize,
+    ) -> Arc<Hub> {
         let hub = Arc::new(Hub {
             channels: ShardedMap::default(),
+            active: AtomicUsize::new(0),
+            max_channels,
             broker: broker.clone(),
             history,
             linger,
@@ -162,23 +211,44 @@ impl Hub {
         self.channels.get(name)
     }
 
-    /// Returns the channel, creating it and loading its window on first use.
-    async fn channel(&self, name: &str) -> Result<Arc<Channel>, BrokerError> {
-        let ch = self.channels.get_or_insert_with(name, |name| {
-            metrics::CHANNELS_ACTIVE.inc();
-            Arc::new(Channel {
-                name: name.clone(),
-                ready: OnceCell::new(),
-                state: Mutex::new(ChannelState {
-                    window: History::new(self.history),
-                    early: Vec::new(),
-                    synced: false,
-                    removed: false,
-                    waiters: HashMap::new(),
-                    idle_since: Instant::now(),
-                }),
-            })
-        });
+    /// Returns the channel, creating it (within `max_channels`) and loading
+    /// its window on first use.
+    async fn channel(&self, name: &str) -> Result<Arc<Channel>, HubError> {
+        let ch = match self.channels.get(name) {
+            Some(ch) => ch,
+            None => {
+                // Room is taken before creating, so that racing polls cannot
+                // pass the limit; given back when another poll created it.
+                self.active
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < self.max_channels).then_some(n + 1)
+                    })
+                    .map_err(|_| HubError::TooManyChannels(self.max_channels))?;
+                let mut created = false;
+                let ch = self.channels.get_or_insert_with(name, |name| {
+                    created = true;
+                    Arc::new(Channel {
+                        name: name.clone(),
+                        ready: OnceCell::new(),
+                        state: Mutex::new(ChannelState {
+                            window: History::new(self.history),
+                            early: Vec::new(),
+                            synced: false,
+                            removed: false,
+                            waiters: HashMap::new(),
+                            idle_since: Instant::now(),
+                        }),
+                        ahead_check: Mutex::new(None),
+                    })
+                });
+                if created {
+                    metrics::CHANNELS_ACTIVE.inc();
+                } else {
+                    self.active.fetch_sub(1, Ordering::AcqRel);
+                }
+                ch
+            }
+        };
         ch.ready
             .get_or_try_init(|| async {
                 self.broker.watch(&ch.name).await?;
@@ -195,6 +265,26 @@ impl Hub {
         Ok(ch)
     }
 
+    /// The broker's history of `ch`, read for a cursor ahead of its window:
+    /// concurrent and later callers within [`AHEAD_CHECK_REUSE`] share one
+    /// read.
+    async fn ahead_check(&self, ch: &Channel) -> Result<History, BrokerError> {
+        let cell = {
+            let mut check = ch.ahead_check.lock();
+            match &*check {
+                Some((at, cell)) if at.elapsed() < AHEAD_CHECK_REUSE => cell.clone(),
+                _ => {
+                    let cell = Arc::new(OnceCell::new());
+                    *check = Some((Instant::now(), cell.clone()));
+                    cell
+                }
+            }
+        };
+        cell.get_or_try_init(|| self.broker.history(&ch.name))
+            .await
+            .cloned()
+    }
+
     /// Answers a poll on `names` from `cursor` (or `first` without one):
     /// at once when there is something to send, else by registering a waiter.
     pub async fn poll(
@@ -203,8 +293,9 @@ impl Hub {
         cursor: Option<Cursor>,
         first: First,
         format: Format,
-    ) -> Result<Poll, BrokerError> {
+    ) -> Result<Poll, HubError> {
         let limit = format.limit();
+        let mut cursor = cursor;
         loop {
             let mut channels = Vec::with_capacity(names.len());
             for name in names {
@@ -225,6 +316,9 @@ impl Hub {
                         .collect(),
                 ),
             };
+            // Tried again (a message came meanwhile), a poll without cursor
+            // goes on from this start: what came is for it.
+            cursor = Some(start.clone());
             let (start, gap, found) = self.collect(&channels, start, limit).await?;
             if gap || !found.is_empty() {
                 return Ok(Poll::Ready(Arc::new(Answer::build(
@@ -245,7 +339,7 @@ impl Hub {
         channels: &[Arc<Channel>],
         mut start: Cursor,
         limit: usize,
-    ) -> Result<(Cursor, bool, Vec<(usize, Arc<Message>)>), BrokerError> {
+    ) -> Result<(Cursor, bool, Vec<(usize, Arc<Message>)>), HubError> {
         let mut gap = false;
         let mut found = Vec::new();
         for (i, ch) in channels.iter().enumerate() {
@@ -256,13 +350,11 @@ impl Hub {
             let (lookup, floor) = match lookup {
                 // Possibly published elsewhere and not yet announced here.
                 Lookup::Ahead => {
-                    let h = self.broker.history(&ch.name).await?;
+                    let h = self.ahead_check(ch).await?;
+                    self.catch_up_window(ch, &h);
                     match h.lookup(start.0[i], limit) {
-                        Lookup::Ahead => {
-                            gap = true;
-                            start.0[i] = h.last_id();
-                            continue;
-                        }
+                        // Unknown to the broker too: a gap, from what is retained.
+                        Lookup::Ahead => (h.lookup(h.floor(), limit).into_gap(), h.floor()),
                         other => (other, h.floor()),
                     }
                 }
@@ -283,6 +375,17 @@ impl Hub {
         }
         found.truncate(limit);
         Ok((start, gap, found))
+    }
+
+    /// Delivers what the broker's history `h` holds past the channel's
+    /// window (published elsewhere, not announced here yet).
+    fn catch_up_window(&self, ch: &Channel, h: &History) {
+        let last = ch.state.lock().window.last_id();
+        if let Lookup::Newer(missed) = h.lookup(last, usize::MAX) {
+            for m in missed {
+                self.deliver(m);
+            }
+        }
     }
 
     /// Registers a waiter on every channel at `cursor`. Returns None when a
@@ -336,6 +439,20 @@ impl Hub {
                 return;
             }
             if !st.window.push(message.clone()) {
+                if st.window.contains(message.id) {
+                    return; // delivered twice: nothing new
+                }
+                // An id below the newest: the channel's history was deleted
+                // and started again. Start the window again from this
+                // message and send every waiter back to poll: their cursors
+                // are now unknown, which they will be told as a gap.
+                st.window = History::from_parts(self.history, MessageId::ZERO, vec![message]);
+                *ch.ahead_check.lock() = None;
+                let waiters = std::mem::take(&mut st.waiters);
+                drop(st);
+                for (waiter, _) in waiters.values() {
+                    waiter.fire(Wake::Repoll);
+                }
                 return;
             }
             if !st.waiters.is_empty() {
@@ -394,6 +511,11 @@ impl Hub {
         }
     }
 
+    /// Channels active on this instance now.
+    pub fn active_channels(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
     /// Channel facts for the publish API.
     pub async fn info(&self, name: &str) -> Result<ChannelInfo, BrokerError> {
         let history = self.broker.history(name).await?;
@@ -423,6 +545,7 @@ impl Hub {
                 }
                 st.removed = true;
                 self.broker.unwatch(name);
+                self.active.fetch_sub(1, Ordering::AcqRel);
                 metrics::CHANNELS_ACTIVE.dec();
                 true
             },
@@ -486,7 +609,7 @@ mod tests {
             reads: AtomicUsize::new(0),
         });
         (
-            Hub::new(broker.clone(), 100, Duration::from_secs(30)),
+            Hub::new(broker.clone(), 100, Duration::from_secs(30), 1000),
             broker,
         )
     }
@@ -604,7 +727,7 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_waiter_leaves_its_channels_and_idle_channels_are_swept() {
         let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(10, Duration::from_secs(60)));
-        let hub = Hub::new(broker, 10, Duration::ZERO);
+        let hub = Hub::new(broker, 10, Duration::ZERO, 1000);
         let names = vec!["x".to_string(), "y".to_string()];
         let w = held(
             hub.poll(&names, None, First::Newest, Format::Envelope)

@@ -142,11 +142,11 @@ impl GetSocketDigest for Conn {
 }
 
 /// Serves one HTTP/1 connection: request after request, as Pingora's own
-/// HTTP/1 path does (60 s to the first request, then the keep-alive each
-/// answer sets), without carrying its HTTP/2 negotiation state.
+/// HTTP/1 path does (the first request within the header timeout, then the
+/// keep-alive each answer sets), without carrying its HTTP/2 negotiation
+/// state.
 async fn serve_connection(front: Arc<Front>, stream: Stream, shutdown: ShutdownWatch) {
-    let mut session = ServerSession::new_http1(stream);
-    session.set_keepalive((!*shutdown.borrow()).then_some(60));
+    let session = ServerSession::new_http1(stream);
     let mut next = front.process_new_http(session, &shutdown).await;
     while let Some((stream, settings)) = next.map(|r| r.consume()) {
         let mut session = ServerSession::new_http1(stream);

@@ -14,11 +14,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => match cli::load(&args) {
-            Ok((mut config, _)) => {
-                if !config.publish.token.is_empty() {
-                    config.publish.token = "<set, hidden>".into();
-                }
-                print!("{}", serde_yaml::to_string(&config).unwrap_or_default());
+            Ok((config, _)) => {
+                print!(
+                    "{}",
+                    serde_yaml::to_string(&config.redacted()).unwrap_or_default()
+                );
                 ExitCode::SUCCESS
             }
             Err(problems) => {

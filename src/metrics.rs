@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC 6), registered in the default registry that
+//! Prometheus metrics (docs/api.md, "Metrics"), registered in the default registry that
 //! Pingora's own metrics use, and served by the admin listener.
 
 use prometheus::{
@@ -104,6 +104,72 @@ pub static PUBLISH_THROUGH: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .unwrap()
 });
 
+/// Requests or connections refused to protect the instance, by reason.
+pub static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "pollgate_refused_total",
+        "Requests or connections refused to protect the instance, by reason",
+        &["reason"]
+    )
+    .unwrap()
+});
+
+/// Why a request or connection was refused (the label of [`REFUSED`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A request head over `limits.max_head` (431).
+    HeaderTooLarge,
+    /// A request head not received within `limits.header_timeout` (408).
+    HeaderTimeout,
+    /// A client that accepted no bytes for `limits.write_timeout`.
+    WriteTimeout,
+    /// `limits.max_held` polls are already held (503).
+    MaxHeld,
+    /// `limits.max_active_channels` channels are already active (503).
+    MaxActiveChannels,
+    /// `broker.max_pending` commands are already in flight (503).
+    BrokerBusy,
+    /// The broker is unreachable (503).
+    BrokerDown,
+    /// The instance is draining (503).
+    Draining,
+    /// A request target that is refused (400).
+    BadTarget,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 9] = [
+        Refusal::HeaderTooLarge,
+        Refusal::HeaderTimeout,
+        Refusal::WriteTimeout,
+        Refusal::MaxHeld,
+        Refusal::MaxActiveChannels,
+        Refusal::BrokerBusy,
+        Refusal::BrokerDown,
+        Refusal::Draining,
+        Refusal::BadTarget,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::HeaderTooLarge => "header_too_large",
+            Refusal::HeaderTimeout => "header_timeout",
+            Refusal::WriteTimeout => "write_timeout",
+            Refusal::MaxHeld => "max_held",
+            Refusal::MaxActiveChannels => "max_active_channels",
+            Refusal::BrokerBusy => "broker_busy",
+            Refusal::BrokerDown => "broker_down",
+            Refusal::Draining => "draining",
+            Refusal::BadTarget => "bad_target",
+        }
+    }
+
+    /// Counts one refusal for this reason.
+    pub fn count(self) {
+        REFUSED.with_label_values(&[self.label()]).inc();
+    }
+}
+
 /// Outcome label of a subscribe request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -156,6 +222,9 @@ pub fn init() {
     LazyLock::force(&UPSTREAM_LATENCY);
     for r in ["ok", "failed"] {
         PUBLISH_THROUGH.with_label_values(&[r]);
+    }
+    for r in Refusal::ALL {
+        REFUSED.with_label_values(&[r.label()]);
     }
 }
 

@@ -1,4 +1,4 @@
-//! Subscribe requests over HTTP (SPEC 3): parse the request, ask the hub,
+//! Subscribe requests over HTTP (docs/api.md, "Subscribing"): parse the request, ask the hub,
 //! hold, and write the answer as a JSON envelope, a raw message or an SSE
 //! stream.
 //!
@@ -8,16 +8,20 @@
 
 use crate::answer::{Answer, Format};
 use crate::authorize::{Authorizer, Decision};
+use crate::broker::BrokerError;
 use crate::config::Cors;
 use crate::cursor::Cursor;
-use crate::hub::{Held, Hub, Poll, Wake};
+use crate::hub::{Held, Hub, HubError, Poll, Wake};
 use crate::lifecycle::Lifecycle;
-use crate::metrics::{self, Outcome};
+use crate::metrics::{self, Outcome, Refusal};
 use crate::respond;
 use crate::routes::{Params, SubscribeRoute};
+use crate::target::Target;
 use bytes::Bytes;
 use pingora::protocols::http::ServerSession as Session;
 use pingora::{Error, ErrorType, Result};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,9 +34,49 @@ const RETRY_AFTER: &str = "1";
 pub struct Poller {
     pub hub: Arc<Hub>,
     pub life: Arc<Lifecycle>,
-    pub max_held: usize,
+    pub held: HeldSlots,
     pub cors: Cors,
     pub authorizer: Authorizer,
+    /// Longest a client may accept no bytes of an answer.
+    pub write_timeout: Duration,
+}
+
+/// Subscribe requests in progress, counted against `limits.max_held`
+/// atomically: a slot is taken before anything else is done for a poll,
+/// and given back when its [`Slot`] drops. (`pollgate_held_requests`
+/// counts the polls actually waiting for a message.)
+pub struct HeldSlots {
+    taken: AtomicUsize,
+    max: usize,
+}
+
+/// One taken slot of [`HeldSlots`].
+pub struct Slot<'a>(&'a HeldSlots);
+
+impl HeldSlots {
+    /// Room for `max` polls at once.
+    pub fn new(max: usize) -> HeldSlots {
+        HeldSlots {
+            taken: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Takes a slot; None when all `max` are taken.
+    fn take(&self) -> Option<Slot<'_>> {
+        self.taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Slot(self))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.taken.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What ended a hold.
@@ -57,14 +101,16 @@ struct Request {
 }
 
 impl Poller {
-    /// Answers one subscribe request on `route` with the path `params`.
+    /// Answers one subscribe request for `target` on `route`, whose path
+    /// captured `params`.
     pub async fn serve(
         &self,
         session: &mut Session,
+        target: &Target,
         route: &SubscribeRoute,
         params: &Params,
     ) -> Result<()> {
-        let req = match parse(session, route, params) {
+        let req = match parse(session, target, route, params) {
             Ok(r) => r,
             Err(BadRequest(detail)) => {
                 Outcome::Error.count();
@@ -78,14 +124,13 @@ impl Poller {
                 .await;
             }
         };
-        if let Some(why) = self.refusal() {
-            Outcome::Rejected.count();
-            let mut extra = self.cors_headers(session);
-            extra.push(("Retry-After", RETRY_AFTER.into()));
-            return respond::error(session, 503, "unavailable", why, &extra).await;
-        }
+        let _slot = match self.admit() {
+            Ok(slot) => slot,
+            Err((refusal, why)) => return self.refuse(session, refusal, "unavailable", why).await,
+        };
         if let Some(upstream) = &route.authorize {
-            if !Box::pin(self.authorized(session, upstream, route.authorize_cache)).await? {
+            let cache = route.authorize_cache.as_deref();
+            if !Box::pin(self.authorized(session, target, upstream, cache)).await? {
                 return Ok(());
             }
         }
@@ -111,14 +156,7 @@ impl Poller {
                     return self.answer(session, &answer, outcome, false).await;
                 }
                 Ok(Poll::Held(held)) => held,
-                Err(e) => {
-                    Outcome::Error.count();
-                    let mut extra = self.cors_headers(session);
-                    extra.push(("Retry-After", RETRY_AFTER.into()));
-                    let detail = e.to_string();
-                    return respond::error(session, 503, "broker_unavailable", &detail, &extra)
-                        .await;
-                }
+                Err(e) => return self.hub_failed(session, e).await,
             };
             let current = held.cursor.clone();
             let left = deadline.saturating_duration_since(Instant::now());
@@ -150,18 +188,47 @@ impl Poller {
         }
     }
 
+    /// Answers 503 + Retry-After for a refusal, counting it.
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        refusal: Refusal,
+        error: &str,
+        detail: &str,
+    ) -> Result<()> {
+        refusal.count();
+        Outcome::Rejected.count();
+        let mut extra = self.cors_headers(session);
+        extra.push(("Retry-After", RETRY_AFTER.into()));
+        self.write(respond::error(session, 503, error, detail, &extra))
+            .await
+    }
+
+    /// Answers a poll the hub could not serve (503).
+    async fn hub_failed(&self, session: &mut Session, e: HubError) -> Result<()> {
+        let (refusal, error) = match &e {
+            HubError::TooManyChannels(_) => (Refusal::MaxActiveChannels, "unavailable"),
+            HubError::Broker(BrokerError::Busy(_)) => (Refusal::BrokerBusy, "broker_busy"),
+            HubError::Broker(BrokerError::Unavailable(_)) => {
+                (Refusal::BrokerDown, "broker_unavailable")
+            }
+        };
+        self.refuse(session, refusal, error, &e.to_string()).await
+    }
+
     /// Asks the route's authorize upstream. Returns false when the client
     /// was answered (denied, or the upstream failed).
     async fn authorized(
         &self,
         session: &mut Session,
+        target: &Target,
         upstream: &str,
-        cache: Duration,
+        cache: Option<&crate::authorize::AuthCache>,
     ) -> Result<bool> {
         let ip = crate::upstream::client_ip(session.client_addr());
         match self
             .authorizer
-            .check(session.req_header(), ip, upstream, cache)
+            .check(session.req_header(), target, ip, upstream, cache)
             .await
         {
             Ok(Decision::Allow) => Ok(true),
@@ -179,7 +246,8 @@ impl Poller {
                 for (k, v) in self.cors_headers(session) {
                     h.insert_header(k, v)?;
                 }
-                respond::send(session, h, denial.body.clone()).await?;
+                self.write(respond::send(session, h, denial.body.clone()))
+                    .await?;
                 Ok(false)
             }
             Err(e) => {
@@ -191,22 +259,42 @@ impl Poller {
                     "bad_gateway"
                 };
                 let detail = format!("authorization upstream {upstream}: {e}");
-                respond::error(session, status, kind, &detail, &self.cors_headers(session)).await?;
+                let cors = self.cors_headers(session);
+                self.write(respond::error(session, status, kind, &detail, &cors))
+                    .await?;
                 Ok(false)
             }
         }
     }
 
-    /// Why a new poll is refused now (draining, broker down, max_held).
-    fn refusal(&self) -> Option<&'static str> {
+    /// Takes a held-poll slot, or says why a new poll is refused now
+    /// (draining, broker down, max_held).
+    fn admit(&self) -> Result<Slot<'_>, (Refusal, &'static str)> {
         if self.life.is_draining() {
-            Some("this instance is shutting down; reconnect")
-        } else if !self.hub.broker().is_up() {
-            Some("the broker is unreachable")
-        } else if metrics::HELD.get() >= self.max_held as i64 {
-            Some("too many held polls on this instance (limits.max_held)")
-        } else {
-            None
+            return Err((
+                Refusal::Draining,
+                "this instance is shutting down; reconnect",
+            ));
+        }
+        if !self.hub.broker().is_up() {
+            return Err((Refusal::BrokerDown, "the broker is unreachable"));
+        }
+        self.held.take().ok_or((
+            Refusal::MaxHeld,
+            "too many held polls on this instance (limits.max_held)",
+        ))
+    }
+
+    /// Runs a write to the client, giving up (and counting it) when the
+    /// client accepts no bytes for `write_timeout`.
+    async fn write<T>(&self, write: impl Future<Output = Result<T>>) -> Result<T> {
+        match pingora_timeout::timeout(self.write_timeout, write).await {
+            Ok(result) => result,
+            Err(_) => {
+                Refusal::WriteTimeout.count();
+                Error::e_explain(ErrorType::WriteTimedout, "the client stopped reading")
+                    .map_err(|e| e.into_down())
+            }
         }
     }
 
@@ -252,7 +340,8 @@ impl Poller {
         for (k, v) in self.cors_headers(session) {
             h.insert_header(k, v)?;
         }
-        respond::send(session, h, answer.body.clone()).await?;
+        self.write(respond::send(session, h, answer.body.clone()))
+            .await?;
         outcome.count();
         count_delivered(answer, live);
         Ok(())
@@ -273,9 +362,10 @@ impl Poller {
             h.insert_header(k, v)?;
         }
         session.set_keepalive(None);
-        session.write_response_header(Box::new(h)).await?;
-        session
-            .write_response_body(Bytes::from_static(b": pollgate\n\n"), false)
+        self.write(session.write_response_header(Box::new(h)))
+            .await?;
+        let hello = Bytes::from_static(b": pollgate\n\n");
+        self.write(session.write_response_body(hello, false))
             .await?;
         let mut cursor = req.cursor;
         loop {
@@ -285,8 +375,7 @@ impl Poller {
                 .await;
             let mut held = match poll {
                 Ok(Poll::Ready(answer)) => {
-                    session
-                        .write_response_body(answer.body.clone(), false)
+                    self.write(session.write_response_body(answer.body.clone(), false))
                         .await?;
                     count_delivered(&answer, false);
                     cursor = Some(answer.cursor.clone());
@@ -294,7 +383,7 @@ impl Poller {
                 }
                 Ok(Poll::Held(held)) => held,
                 Err(e) => {
-                    tracing::warn!(error = %e, "SSE stream ends: broker unavailable");
+                    tracing::warn!(error = %e, "SSE stream ends");
                     break;
                 }
             };
@@ -310,15 +399,18 @@ impl Poller {
                     break ending;
                 }
                 let ping = Bytes::from_static(b": keep-alive\n\n");
-                if session.write_response_body(ping, false).await.is_err() {
+                if self
+                    .write(session.write_response_body(ping, false))
+                    .await
+                    .is_err()
+                {
                     break Ending::Gone;
                 }
             };
             metrics::HELD.dec();
             match ending {
                 Ending::Woken(answer) => {
-                    session
-                        .write_response_body(answer.body.clone(), false)
+                    self.write(session.write_response_body(answer.body.clone(), false))
                         .await?;
                     count_delivered(&answer, true);
                     cursor = Some(answer.cursor.clone());
@@ -333,7 +425,7 @@ impl Poller {
             }
         }
         Outcome::Timeout.count();
-        session.finish_body().await
+        self.write(session.finish_body()).await
     }
 
     /// CORS headers for the request's Origin, per `cors.allow_origins`.
@@ -401,11 +493,11 @@ fn jitter(timeout: Duration) -> Duration {
 
 fn parse(
     session: &Session,
+    target: &Target,
     route: &SubscribeRoute,
     params: &Params,
 ) -> Result<Request, BadRequest> {
     let req = session.req_header();
-    let query = req.uri.query().unwrap_or("");
     let mut channels = Vec::with_capacity(route.channels.len());
     for t in &route.channels {
         let name = t.render(params).map_err(BadRequest)?;
@@ -419,7 +511,8 @@ fn parse(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let cursor_text = query_param(query, "cursor")
+    let cursor_text = target
+        .query_param("cursor")
         .or_else(|| header("Last-Event-ID"))
         .or_else(|| header("If-None-Match"));
     let cursor = match cursor_text {
@@ -428,7 +521,7 @@ fn parse(
         }
         _ => None,
     };
-    let timeout = match query_param(query, "timeout") {
+    let timeout = match target.query_param("timeout") {
         None => route.timeout,
         Some(t) => {
             let secs: f64 = t
@@ -440,7 +533,7 @@ fn parse(
         }
     };
     let sse = header("Accept").is_some_and(|a| a.contains("text/event-stream"));
-    let format = match query_param(query, "format").as_deref() {
+    let format = match target.query_param("format").as_deref() {
         _ if sse => Format::Sse,
         None => {
             if route.raw {
@@ -459,33 +552,4 @@ fn parse(
         timeout,
         format,
     })
-}
-
-/// The first value of `name` in a query string, percent-decoded.
-pub fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| decode(v))
-    })
-}
-
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = s
-            .get(i + 1..i + 3)
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (b[i], hex) {
-            (b'+', _) => out.push(b' '),
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 2;
-            }
-            (c, _) => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -1,4 +1,4 @@
-//! Proxy routes that publish (SPEC 4): `publish:` (publish-through) and
+//! Proxy routes that publish (docs/api.md, "Publish-through"): `publish:` (publish-through) and
 //! `publish_from_header: true` (header-directed). The request is read whole
 //! (at most `limits.max_body`, else 413 before anything happens), sent to
 //! the upstream, and its whole answer read; a 2xx answer is published
@@ -191,9 +191,11 @@ impl Relay {
 /// headers (but hop-by-hop ones), a Content-Length, and `X-Forwarded-*`.
 fn upstream_request(session: &Session, body_len: usize) -> Result<RequestHeader> {
     let client = session.req_header();
+    let path = client.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut request = forwarded_copy(
         client,
         client.method.clone(),
+        path,
         client_ip(session.client_addr()),
     )?;
     if body_len > 0

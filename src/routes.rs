@@ -1,10 +1,11 @@
 //! Routes: path templates with `{name}` segments, prefix routes, channel
-//! templates and channel-name rules (SPEC 2).
+//! templates and channel-name rules (docs/configuration.md, "Routes").
 //!
 //! A [`PathTemplate`] matches whole segments of a request path and captures
 //! `{name}` segments; a template ending in `/` (or the single `/`) matches any
 //! path under it. A [`ChannelTemplate`] renders a channel name from captures.
 
+use crate::target::Target;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -80,11 +81,10 @@ impl PathTemplate {
         })
     }
 
-    /// Matches a request path (without query). Returns the captures
-    /// (percent-decoded) or None.
-    pub fn matches(&self, path: &str) -> Option<Params> {
-        let rest = path.strip_prefix('/')?;
-        let mut parts = rest.split('/');
+    /// Matches the decoded segments of a request path (see
+    /// [`Target`](crate::target::Target)). Returns the captures or None.
+    pub fn matches(&self, path: &[String]) -> Option<Params> {
+        let mut parts = path.iter();
         let mut params = Params::new();
         for seg in &self.segments {
             let part = parts.next()?;
@@ -95,15 +95,12 @@ impl PathTemplate {
                     if part.is_empty() {
                         return None;
                     }
-                    params.insert(
-                        name.clone(),
-                        percent_decode(part).unwrap_or_else(|| part.to_string()),
-                    );
+                    params.insert(name.clone(), part.clone());
                 }
             }
         }
-        let remaining: Vec<&str> = parts.collect();
-        let exact = remaining.is_empty() || remaining == [""];
+        let remaining = parts.as_slice();
+        let exact = remaining.is_empty() || (remaining.len() == 1 && remaining[0].is_empty());
         (exact || self.prefix).then_some(params)
     }
 }
@@ -124,27 +121,6 @@ fn param_name(seg: &str) -> Result<Option<String>, String> {
         }
         None => Ok(None),
     }
-}
-
-/// Decodes `%XX` escapes; None when they are malformed or not UTF-8.
-pub fn percent_decode(s: &str) -> Option<String> {
-    if !s.contains('%') {
-        return Some(s.to_string());
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,19 +214,19 @@ mod tests {
 
     #[test]
     fn paths_match_whole_segments_and_prefixes() {
+        let m = |t: &PathTemplate, path: &str| t.matches(Target::parse(path).unwrap().segments());
         let t = PathTemplate::parse("/rooms/{room}/events").unwrap();
-        assert_eq!(t.matches("/rooms/1/events").unwrap()["room"], "1");
-        assert_eq!(t.matches("/rooms/a%3Ab/events").unwrap()["room"], "a:b");
-        assert!(t.matches("/rooms/1/events/x").is_none());
-        assert!(t.matches("/rooms//events").is_none());
-        assert!(t.matches("/rooms/1").is_none());
+        assert_eq!(m(&t, "/rooms/1/events").unwrap()["room"], "1");
+        assert_eq!(m(&t, "/rooms/a%3Ab/events").unwrap()["room"], "a:b");
+        assert_eq!(m(&t, "/r%6Foms/1/events/").unwrap()["room"], "1");
+        assert_eq!(m(&t, "/rooms/a%2Fb/events").unwrap()["room"], "a/b");
+        assert!(m(&t, "/rooms/1/events/x").is_none());
+        assert!(m(&t, "/rooms//events").is_none());
+        assert!(m(&t, "/rooms/1").is_none());
         let p = PathTemplate::parse("/api/").unwrap();
-        assert!(p.matches("/api/x/y").is_some());
-        assert!(p.matches("/apix").is_none());
-        assert!(PathTemplate::parse("/")
-            .unwrap()
-            .matches("/anything")
-            .is_some());
+        assert!(m(&p, "/api/x/y").is_some());
+        assert!(m(&p, "/apix").is_none());
+        assert!(m(&PathTemplate::parse("/").unwrap(), "/anything").is_some());
         assert!(PathTemplate::parse("rooms").is_err());
         assert!(PathTemplate::parse("/a/x{b}").is_err());
         assert!(PathTemplate::parse("/a/{b}/{b}").is_err());
@@ -295,7 +271,8 @@ pub struct SubscribeRoute {
     pub first: crate::hub::First,
     pub raw: bool,
     pub authorize: Option<String>,
-    pub authorize_cache: std::time::Duration,
+    /// The route's remembered authorization decisions, when it caches them.
+    pub authorize_cache: Option<std::sync::Arc<crate::authorize::AuthCache>>,
 }
 
 /// A reverse-proxy route, optionally publishing what passes through.
@@ -339,11 +316,11 @@ impl RouteTable {
         }
     }
 
-    /// Finds the first route for `method` and `path`.
-    pub fn find(&self, method: &str, path: &str) -> Match<'_> {
+    /// Finds the first route for `method` and the request `target`.
+    pub fn find(&self, method: &str, target: &Target) -> Match<'_> {
         let mut allowed: Vec<String> = Vec::new();
         for r in &self.routes {
-            if let Some(params) = r.path.matches(path) {
+            if let Some(params) = r.path.matches(target.segments()) {
                 if r.methods.is_empty() || r.methods.iter().any(|m| m == method) {
                     return Match::Found(r, params);
                 }
@@ -421,6 +398,11 @@ fn compile_route(
             if let Some(a) = &s.authorize {
                 upstream_known("subscribe.authorize", a, &mut problems);
             }
+            if s.authorize_cache_size == 0 {
+                problems.push(format!(
+                    "{key}.subscribe.authorize_cache_size: must be at least 1"
+                ));
+            }
             Some(Action::Subscribe(SubscribeRoute {
                 channels,
                 timeout: s.timeout,
@@ -430,7 +412,14 @@ fn compile_route(
                 },
                 raw: s.format == FormatConfig::Raw,
                 authorize: s.authorize.clone(),
-                authorize_cache: s.authorize_cache,
+                authorize_cache: (s.authorize.is_some() && !s.authorize_cache.is_zero()).then(
+                    || {
+                        std::sync::Arc::new(crate::authorize::AuthCache::new(
+                            s.authorize_cache_size,
+                            s.authorize_cache,
+                        ))
+                    },
+                ),
             }))
         }
         (None, Some(up)) => {

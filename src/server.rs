@@ -8,13 +8,13 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::front::Front;
+use crate::front::{Front, HeadLimits};
 use crate::gateway::Gateway;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::listener::Listener;
 use crate::metrics;
-use crate::poll::Poller;
+use crate::poll::{HeldSlots, Poller};
 use crate::routes::RouteTable;
 use crate::upstream::Upstreams;
 use async_trait::async_trait;
@@ -40,6 +40,7 @@ pub fn broker(config: &Config) -> Result<Arc<dyn Broker>, String> {
             &b.namespace,
             b.history,
             b.history_ttl,
+            b.max_pending,
         )?))
     }
 }
@@ -75,7 +76,12 @@ pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
     raise_open_file_limit(config.limits.max_held);
     let broker = broker(&config)?;
     metrics::BROKER_UP.set(broker.is_up() as i64);
-    let hub = Hub::new(broker, config.broker.history, CHANNEL_LINGER);
+    let hub = Hub::new(
+        broker,
+        config.broker.history,
+        CHANNEL_LINGER,
+        config.limits.max_active_channels,
+    );
     let life = Arc::new(Lifecycle::default());
 
     let conf = ServerConf {
@@ -102,11 +108,17 @@ pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
         poller: Poller {
             hub: hub.clone(),
             life: life.clone(),
-            max_held: config.limits.max_held,
+            held: HeldSlots::new(config.limits.max_held),
             cors: config.cors.clone(),
             authorizer: Authorizer::new(upstreams),
+            write_timeout: config.limits.write_timeout,
         },
         life: life.clone(),
+        limits: HeadLimits {
+            max_head: config.limits.max_head as usize,
+            header_timeout: config.limits.header_timeout,
+            write_timeout: config.limits.write_timeout,
+        },
     };
     let listener = Listener::bind(&config.listen, Arc::new(front))?;
     let mut gateway = pingora::services::background::GenBackgroundService::new(
@@ -133,7 +145,7 @@ pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
     server.add_service(admin);
     server.add_service(housekeeping);
     server.add_service(connection);
-    tracing::info!(listen = %config.listen, admin = %config.admin_listen, broker = %config.broker.url, "pollgate starting");
+    tracing::info!(listen = %config.listen, admin = %config.admin_listen, broker = %crate::secret::redact_url(&config.broker.url), "pollgate starting");
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
             life,

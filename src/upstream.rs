@@ -277,16 +277,16 @@ pub fn add_forwarded(
     Ok(())
 }
 
-/// The client's request re-sent upstream as `method`: same path, query and
-/// headers, without hop-by-hop ones, framing (`Content-Length`, `Expect`,
-/// which the caller sets) and with `X-Forwarded-*`.
+/// The client's request re-sent upstream as `method` to `path_and_query`:
+/// same headers, without hop-by-hop ones, framing (`Content-Length`,
+/// `Expect`, which the caller sets) and with `X-Forwarded-*`.
 pub fn forwarded_copy(
     client: &RequestHeader,
     method: http::Method,
+    path_and_query: &str,
     client_ip: Option<String>,
 ) -> Result<RequestHeader> {
-    let path = client.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut request = RequestHeader::build(method, path.as_bytes(), None)?;
+    let mut request = RequestHeader::build(method, path_and_query.as_bytes(), None)?;
     for (name, value) in client.headers.iter() {
         let n = name.as_str();
         if is_hop_by_hop(n) || n == "content-length" || n == "expect" {

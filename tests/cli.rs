@@ -1,4 +1,4 @@
-//! The command line (SPEC 1): check, overrides, publish, version.
+//! The command line (docs/configuration.md, "Command line"): check, overrides, publish, version.
 
 mod support;
 
@@ -85,7 +85,7 @@ fn check_reports_bad_units_and_unset_variables() {
     );
     assert_eq!(code, 0);
     assert!(
-        out.contains("token: <set, hidden>"),
+        out.contains("token: '***'") && !out.contains("tok\n"),
         "secrets are not printed: {out}"
     );
     let (code, _, err) = run_cli(&["check", "-c", "/no/such/file.yaml"], &[]);

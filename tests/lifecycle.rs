@@ -1,4 +1,4 @@
-//! Limits and lifecycle (SPEC 3 errors, SPEC 7): max_held, draining on
+//! Limits and lifecycle (docs/api.md: errors and lifecycle): max_held, draining on
 //! SIGTERM, grace period, threads.
 
 mod support;

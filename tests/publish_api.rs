@@ -1,4 +1,4 @@
-//! The publish API and admin endpoints (SPEC 4, 6) on a real pollgate.
+//! The publish API and admin endpoints (docs/api.md) on a real pollgate.
 //! Every test runs on both brokers (memory and a real redis-server), so
 //! their semantics cannot drift.
 

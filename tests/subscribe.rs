@@ -1,4 +1,4 @@
-//! Subscribing (SPEC 3): hold, wake, cursors, gaps, formats, keep-alive and
+//! Subscribing (docs/api.md): hold, wake, cursors, gaps, formats, keep-alive and
 //! disconnects, against a real pollgate over HTTP.
 //! Every test runs on both brokers (memory and a real redis-server), so
 //! their semantics cannot drift.
@@ -319,7 +319,7 @@ async fn bad_input_is_a_json_400_never_a_crash(backend: Backend) {
         ("/sub/x?timeout=-1", "timeout"),
         ("/sub/x?format=xml", "format"),
         ("/sub/bad%20channel", "channel"),
-        ("/sub/%FF", "channel"),
+        ("/sub/%FF", "UTF-8"),
     ] {
         let (status, headers, v) = get_json(&pg.url(path)).await;
         assert_eq!(status, 400, "{path}");

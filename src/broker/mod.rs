@@ -3,7 +3,7 @@
 //! A [`Broker`] keeps each channel's history and announces every publish to
 //! every gateway instance through the [`Sink`] it was given (the hub). The
 //! in-process [`memory::MemoryBroker`] serves a single instance; the Redis
-//! broker (a later issue) implements the same trait for several.
+//! broker implements the same trait for several.
 
 pub mod memory;
 pub mod redis;
@@ -19,12 +19,15 @@ use std::sync::Arc;
 pub enum BrokerError {
     /// The broker cannot be reached or refused the command: retry later (503).
     Unavailable(String),
+    /// Too many commands are already waiting for the broker: retry later (503).
+    Busy(String),
 }
 
 impl std::fmt::Display for BrokerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BrokerError::Unavailable(why) => write!(f, "broker unavailable: {why}"),
+            BrokerError::Busy(why) => write!(f, "broker busy: {why}"),
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::message::Message;
 use crate::metrics;
 use async_trait::async_trait;
 use bytes::Bytes;
-use conn::{Conn, Target};
+use conn::{Conn, PushQueue, Target};
 use layout::Layout;
 use parking_lot::{Mutex, RwLock};
 use redis::{PushInfo, PushKind};
@@ -29,12 +29,16 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 pub use layout::{PUBLISH_SCRIPT, READ_SCRIPT};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Announcements waiting for the broker task, per connection.
+const PUSH_QUEUE: usize = 8192;
+/// Longest wait for room among `broker.max_pending` commands.
+const PENDING_WAIT: Duration = Duration::from_secs(2);
 
 /// Requests from the hub to the connection task.
 enum Control {
@@ -57,6 +61,8 @@ pub struct RedisBroker {
     sink: OnceLock<Arc<dyn Sink>>,
     control: mpsc::UnboundedSender<Control>,
     control_rx: Mutex<Option<mpsc::UnboundedReceiver<Control>>>,
+    /// Room for commands in flight (`broker.max_pending`).
+    pending: Semaphore,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
@@ -70,12 +76,18 @@ pub fn check_url(url: &str) -> Result<(), String> {
 
 impl RedisBroker {
     /// A broker for `url` (not connected until [`Broker::run`]), keeping
-    /// `history` messages per channel for `history_ttl`, under `namespace`.
+    /// `history` messages per channel for `history_ttl`, under `namespace`,
+    /// with at most `max_pending` commands in flight.
+    ///
+    /// The control queue (watch/unwatch) is unbounded on purpose: each
+    /// entry stands for one active channel of the hub, which
+    /// `limits.max_active_channels` bounds.
     pub fn new(
         url: &str,
         namespace: &str,
         history: usize,
         history_ttl: Duration,
+        max_pending: usize,
     ) -> Result<RedisBroker, String> {
         let target = Target::parse(url)?;
         let (control, control_rx) = mpsc::unbounded_channel();
@@ -87,6 +99,7 @@ impl RedisBroker {
             sink: OnceLock::new(),
             control,
             control_rx: Mutex::new(Some(control_rx)),
+            pending: Semaphore::new(max_pending),
         })
     }
 
@@ -95,6 +108,17 @@ impl RedisBroker {
             .read()
             .clone()
             .ok_or_else(|| unavailable("not connected to redis"))
+    }
+
+    /// Waits for room among the commands in flight; Busy after
+    /// [`PENDING_WAIT`].
+    async fn room(&self) -> Result<tokio::sync::SemaphorePermit<'_>, BrokerError> {
+        match tokio::time::timeout(PENDING_WAIT, self.pending.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(BrokerError::Busy(
+                "too many redis commands in flight (broker.max_pending)".into(),
+            )),
+        }
     }
 
     fn set_up(&self, conn: Option<Conn>) {
@@ -136,22 +160,66 @@ impl RedisBroker {
         Ok(())
     }
 
-    /// Delivers what was published while the connection was down.
-    async fn catch_up(&self, watched: &HashSet<String>) {
-        let Some(sink) = self.sink.get() else { return };
+    /// Delivers what was published while the connection was down. A read
+    /// that fails is an error: the caller reconnects and tries again, so a
+    /// window never jumps past messages it missed.
+    async fn catch_up(&self, watched: &HashSet<String>) -> Result<(), BrokerError> {
+        let Some(sink) = self.sink.get() else {
+            return Ok(());
+        };
         for channel in watched {
-            match self.history(channel).await {
-                Ok(h) => sink.resync(channel, h),
-                Err(e) => tracing::warn!(%channel, error = %e, "catch-up failed"),
-            }
+            let h = self.history(channel).await.map_err(|e| {
+                tracing::warn!(%channel, error = %e, "catch-up failed; reconnecting");
+                e
+            })?;
+            sink.resync(channel, h);
         }
+        Ok(())
+    }
+
+    /// Connects, resubscribes every watched channel and, on a reconnect,
+    /// catches them up. None (logged) when any step fails: the caller backs
+    /// off and tries again.
+    async fn open(
+        &self,
+        queue: &PushQueue,
+        watched: &HashSet<String>,
+        reconnect: bool,
+    ) -> Option<Conn> {
+        let mut conn = match self.target.connect(queue.clone()).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot connect to redis");
+                return None;
+            }
+        };
+        if let Err(e) = self.resubscribe(&mut conn, watched).await {
+            tracing::warn!(error = %e, "redis resubscribe failed");
+            return None;
+        }
+        self.set_up(Some(conn.clone()));
+        if !reconnect {
+            tracing::info!("connected to redis");
+            return Some(conn);
+        }
+        metrics::BROKER_RECONNECTS.inc();
+        tracing::info!(
+            channels = watched.len(),
+            "reconnected to redis; catching up"
+        );
+        if self.catch_up(watched).await.is_err() {
+            self.set_up(None);
+            return None;
+        }
+        Some(conn)
     }
 
     /// Serves one connection until it is lost or shutdown.
     async fn serve(
         &self,
         mut conn: Conn,
-        pushes: &mut mpsc::UnboundedReceiver<PushInfo>,
+        queue: &PushQueue,
+        pushes: &mut mpsc::Receiver<PushInfo>,
         control: &mut mpsc::UnboundedReceiver<Control>,
         watched: &mut HashSet<String>,
         shutdown: &mut watch::Receiver<bool>,
@@ -159,6 +227,10 @@ impl RedisBroker {
         loop {
             tokio::select! {
                 push = pushes.recv() => match push {
+                    _ if queue.overflowed() => {
+                        tracing::warn!("announcements arrive faster than they are handled; reconnecting to catch up");
+                        return Left::Lost;
+                    }
                     Some(p) if matches!(p.kind, PushKind::Message | PushKind::SMessage) => self.on_push(p),
                     Some(p) if p.kind == PushKind::Disconnection => return Left::Lost,
                     Some(_) => {}
@@ -226,6 +298,7 @@ impl Broker for RedisBroker {
         content_type: String,
         data: Bytes,
     ) -> Result<Arc<Message>, BrokerError> {
+        let _room = self.room().await?;
         let mut conn = self.connection()?;
         let id = self
             .layout
@@ -241,6 +314,7 @@ impl Broker for RedisBroker {
     }
 
     async fn history(&self, channel: &str) -> Result<History, BrokerError> {
+        let _room = self.room().await?;
         let mut conn = self.connection()?;
         self.layout
             .read(&mut conn, channel)
@@ -276,37 +350,25 @@ impl Broker for RedisBroker {
         let mut backoff = MIN_BACKOFF;
         let mut connected_before = false;
         loop {
-            let (push_tx, mut pushes) = mpsc::unbounded_channel();
-            match self.target.connect(push_tx).await {
-                Ok(mut conn) => match self.resubscribe(&mut conn, &watched).await {
-                    Ok(()) => {
-                        self.set_up(Some(conn.clone()));
-                        if connected_before {
-                            metrics::BROKER_RECONNECTS.inc();
-                            tracing::info!(
-                                channels = watched.len(),
-                                "reconnected to redis; catching up"
-                            );
-                            self.catch_up(&watched).await;
-                        } else {
-                            tracing::info!("connected to redis");
-                        }
-                        connected_before = true;
-                        backoff = MIN_BACKOFF;
-                        let left = self
-                            .serve(conn, &mut pushes, &mut control, &mut watched, &mut shutdown)
-                            .await;
-                        self.set_up(None);
-                        if let Left::Shutdown = left {
-                            return;
-                        }
-                        tracing::warn!("lost the redis connection; reconnecting");
-                    }
-                    Err(e) => tracing::warn!(error = %e, "redis resubscribe failed"),
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to redis")
+            let (queue, mut pushes) = PushQueue::new(PUSH_QUEUE);
+            if let Some(conn) = self.open(&queue, &watched, connected_before).await {
+                connected_before = true;
+                backoff = MIN_BACKOFF;
+                let left = self
+                    .serve(
+                        conn,
+                        &queue,
+                        &mut pushes,
+                        &mut control,
+                        &mut watched,
+                        &mut shutdown,
+                    )
+                    .await;
+                self.set_up(None);
+                if let Left::Shutdown = left {
+                    return;
                 }
+                tracing::warn!("lost the redis connection; reconnecting");
             }
             if !self
                 .wait_offline(backoff, &mut control, &mut watched, &mut shutdown)

@@ -2,13 +2,13 @@
 //! cluster (`redis+cluster://h1:p1,h2:p2`), always RESP3 so that one
 //! multiplexed connection carries commands and pub/sub pushes.
 
+use crate::secret::redact_url;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::{
     Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo, RedisFuture, RedisResult, Value,
 };
 use std::time::Duration;
-use tokio::sync::mpsc::UnboundedSender;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,12 +48,12 @@ impl Target {
         }
         let info = url
             .into_connection_info()
-            .map_err(|e| format!("broker.url: '{url}': {e}"))?;
+            .map_err(|e| format!("broker.url: '{}': {e}", redact_url(url)))?;
         Ok(Target::Single(resp3(info)))
     }
 
     /// Opens a connection whose pub/sub pushes go to `pushes`.
-    pub async fn connect(&self, pushes: UnboundedSender<PushInfo>) -> RedisResult<Conn> {
+    pub async fn connect(&self, pushes: PushQueue) -> RedisResult<Conn> {
         match self {
             Target::Single(info) => {
                 let client = redis::Client::open(info.clone())?;
@@ -85,6 +85,48 @@ impl Target {
                 let sharded = matches!(&info, Value::Array(items) if items.iter().any(|v| !matches!(v, Value::Nil)));
                 Ok(Conn::Cluster { conn, sharded })
             }
+        }
+    }
+}
+
+/// Where a connection's pub/sub pushes wait for the broker task: bounded.
+/// When it is full, the push is dropped and the queue marked overflowed;
+/// the broker then treats the connection as lost, reconnects and catches
+/// up from the stored history, so nothing is lost and memory stays bounded.
+#[derive(Clone)]
+pub struct PushQueue {
+    tx: tokio::sync::mpsc::Sender<PushInfo>,
+    overflowed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PushQueue {
+    /// A queue of `capacity` pushes and its receiving end.
+    pub fn new(capacity: usize) -> (PushQueue, tokio::sync::mpsc::Receiver<PushInfo>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        let queue = PushQueue {
+            tx,
+            overflowed: Default::default(),
+        };
+        (queue, rx)
+    }
+
+    /// True once a push was dropped because the queue was full.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl redis::aio::AsyncPushSender for PushQueue {
+    fn send(&self, info: PushInfo) -> Result<(), redis::aio::SendError> {
+        use tokio::sync::mpsc::error::TrySendError;
+        match self.tx.try_send(info) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.overflowed
+                    .store(true, std::sync::atomic::Ordering::Release);
+                Ok(())
+            }
+            Err(TrySendError::Closed(_)) => Err(redis::aio::SendError),
         }
     }
 }

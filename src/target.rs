@@ -1,0 +1,257 @@
+//! The request target: the one parse of a client's request target that
+//! routing, channel templates and authorization all read (docs/api.md,
+//! "Request targets").
+//!
+//! Origin-form (`/a/b?q`) and absolute-form (`http://host/a/b?q`) are
+//! accepted; anything else is refused. Path segments are percent-decoded
+//! once, here: routes match the decoded segments, `{name}` captures are the
+//! decoded segments, and the authorization request carries the same
+//! segments re-encoded canonically ([`Target::path`]), so a target cannot be
+//! authorized as one path and subscribed as another. Dot segments (`.`,
+//! `..`, also percent-encoded) and malformed escapes are refused rather than
+//! interpreted.
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use std::fmt;
+
+/// Bytes kept as they are when a decoded segment is encoded again: RFC 3986
+/// unreserved characters, sub-delimiters, `:` and `@`.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b';')
+    .remove(b'=')
+    .remove(b':')
+    .remove(b'@');
+
+/// A parsed request target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Percent-decoded path segments (`/a/b/` is `["a", "b", ""]`).
+    segments: Vec<String>,
+    /// The segments encoded again canonically, with a leading `/`.
+    path: String,
+    /// The query exactly as sent, without `?`.
+    query: Option<String>,
+}
+
+/// Why a request target was refused: the detail of a 400 answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetError(pub String);
+
+impl fmt::Display for TargetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Target {
+    /// Parses a request target as it appears on the request line. The error
+    /// says why it is refused.
+    pub fn parse(raw: &str) -> Result<Target, TargetError> {
+        let origin = match raw.as_bytes().first() {
+            Some(b'/') => raw,
+            _ => absolute_form_path(raw)?,
+        };
+        let (path, query) = match origin.split_once('?') {
+            Some((p, q)) => (p, Some(q.to_string())),
+            None => (origin, None),
+        };
+        let path = path.split_once('#').map_or(path, |(p, _)| p);
+        let mut segments = Vec::new();
+        for raw_segment in path[1..].split('/') {
+            segments.push(decode_segment(raw_segment)?);
+        }
+        let mut canonical = String::with_capacity(path.len());
+        for s in &segments {
+            canonical.push('/');
+            canonical.extend(utf8_percent_encode(s, SEGMENT));
+        }
+        Ok(Target {
+            segments,
+            path: canonical,
+            query,
+        })
+    }
+
+    /// The decoded path segments that routes match.
+    pub fn segments(&self) -> &[String] {
+        &self.segments
+    }
+
+    /// The canonical path (decoded segments encoded again), starting with `/`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The query as the client sent it, if any.
+    pub fn query(&self) -> Option<&str> {
+        self.query.as_deref()
+    }
+
+    /// The canonical path followed by the query as sent.
+    pub fn path_and_query(&self) -> String {
+        match &self.query {
+            Some(q) => format!("{}?{q}", self.path),
+            None => self.path.clone(),
+        }
+    }
+
+    /// The first value of query parameter `name`, form-decoded (`+` is a
+    /// space, escapes decoded, invalid UTF-8 replaced).
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query.as_deref()?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| {
+                let v = v.replace('+', " ");
+                percent_decode_str(&v).decode_utf8_lossy().into_owned()
+            })
+        })
+    }
+}
+
+/// The path and query of an absolute-form target (`http://host/p?q`).
+fn absolute_form_path(raw: &str) -> Result<&str, TargetError> {
+    let refuse = || {
+        TargetError(format!(
+            "request target '{}' is neither a path nor an http(s) URL",
+            shorten(raw)
+        ))
+    };
+    let (scheme, rest) = raw.split_once("://").ok_or_else(refuse)?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(refuse());
+    }
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    if end == 0 {
+        return Err(refuse());
+    }
+    match &rest[end..] {
+        "" => Ok("/"),
+        p if p.starts_with('/') => Ok(p),
+        _ => Err(TargetError(format!(
+            "request target '{}' has a query but no path",
+            shorten(raw)
+        ))),
+    }
+}
+
+/// Decodes one path segment, refusing dot segments and bad escapes.
+fn decode_segment(raw: &str) -> Result<String, TargetError> {
+    let bytes = raw.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'%' {
+            let hex = bytes.get(i + 1..i + 3).unwrap_or(&[]);
+            if hex.len() != 2 || !hex.iter().all(u8::is_ascii_hexdigit) {
+                return Err(TargetError(format!(
+                    "path segment '{}' has a malformed percent escape",
+                    shorten(raw)
+                )));
+            }
+        }
+    }
+    let decoded = percent_decode_str(raw).decode_utf8().map_err(|_| {
+        TargetError(format!(
+            "path segment '{}' is not UTF-8 once decoded",
+            shorten(raw)
+        ))
+    })?;
+    if decoded == "." || decoded == ".." {
+        return Err(TargetError(
+            "dot segments ('.', '..') are not allowed in a request path".into(),
+        ));
+    }
+    Ok(decoded.into_owned())
+}
+
+fn shorten(s: &str) -> String {
+    s.chars()
+        .take(80)
+        .collect::<String>()
+        .escape_default()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ok(raw: &str) -> Target {
+        Target::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"))
+    }
+
+    #[test]
+    fn origin_and_absolute_forms_parse_alike() {
+        let t = ok("/rooms/1/events?cursor=1-0&x=a+b%21");
+        assert_eq!(t.segments(), ["rooms", "1", "events"]);
+        assert_eq!(t.path(), "/rooms/1/events");
+        assert_eq!(t.query(), Some("cursor=1-0&x=a+b%21"));
+        assert_eq!(t.query_param("x").as_deref(), Some("a b!"));
+        assert_eq!(t.query_param("cursor").as_deref(), Some("1-0"));
+        assert_eq!(t.query_param("nope"), None);
+        let a = ok("HTTP://gw.example:8080/rooms/1/events?cursor=1-0&x=a+b%21");
+        assert_eq!(a, t);
+        assert_eq!(ok("http://gw.example").path(), "/");
+        assert_eq!(ok("/").segments(), [""]);
+        assert_eq!(ok("/a/").segments(), ["a", ""]);
+    }
+
+    #[test]
+    fn segments_are_decoded_once_and_encoded_canonically() {
+        let t = ok("/s%75b/a%2Fb/%E2%9C%93/x%20y");
+        assert_eq!(t.segments(), ["sub", "a/b", "✓", "x y"]);
+        assert_eq!(t.path(), "/sub/a%2Fb/%E2%9C%93/x%20y");
+        assert_eq!(ok(t.path()).segments(), t.segments(), "canonical is stable");
+        assert_eq!(ok("/a?b=/../c").path_and_query(), "/a?b=/../c");
+    }
+
+    #[test]
+    fn refuses_dot_segments_bad_escapes_and_other_forms() {
+        for bad in [
+            "/a/../b",
+            "/a/./b",
+            "/..",
+            "/a/%2e%2E/b",
+            "/a/%2e",
+            "/a%zz",
+            "/a%4",
+            "/%",
+            "/%ff%fe",
+            "*",
+            "example.com:443",
+            "ftp://h/a",
+            "http:///a",
+            "http://h?x",
+            "",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// Any input: no panic; what parses has a canonical form that parses
+        /// to the same segments.
+        #[test]
+        fn never_panics_and_canonical_form_round_trips(raw in "\\PC{0,64}|(/[a-zA-Z0-9%._~:@+-]{0,12}){0,5}(\\?[a-z=&%+]{0,12})?") {
+            if let Ok(t) = Target::parse(&raw) {
+                let again = Target::parse(&t.path_and_query()).unwrap();
+                prop_assert_eq!(again.segments(), t.segments());
+                prop_assert!(t.segments().iter().all(|s| s != "." && s != ".."));
+            }
+        }
+    }
+}

@@ -144,6 +144,18 @@ fn parse_head(head: &[u8]) -> Result<(String, Target), (u16, &'static str, Strin
     let method = req.method.unwrap_or_default().to_string();
     let target = Target::parse(req.path.unwrap_or_default())
         .map_err(|e| (400, "bad_request", e.to_string()))?;
+    if let Some(authority) = target.authority() {
+        // An absolute-form target names the host itself: it must agree
+        // with the Host header (as Pingora requires too).
+        let mut hosts = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("host"));
+        if hosts.any(|h| !h.value.eq_ignore_ascii_case(authority.as_bytes())) {
+            let detail = "the Host header differs from the request target's authority";
+            return Err((400, "bad_request", detail.into()));
+        }
+    }
     Ok((method, target))
 }
 
@@ -302,6 +314,8 @@ mod tests {
         let (m, t) =
             parse_head(b"GET http://h/sub/a?cursor=1-0 HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
         assert_eq!((m.as_str(), t.path()), ("GET", "/sub/a"));
+        let other_host = b"GET http://h/sub/a HTTP/1.1\r\nHost: elsewhere\r\n\r\n";
+        assert_eq!(parse_head(other_host).unwrap_err().0, 400);
         assert_eq!(
             parse_head(b"GET /a/../b HTTP/1.1\r\n\r\n").unwrap_err().0,
             400

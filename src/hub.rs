@@ -168,6 +168,9 @@ pub struct Hub {
     history: usize,
     linger: Duration,
     next_waiter: AtomicU64,
+    /// Runs once between a poll's lookup and its registration (tests).
+    #[cfg(test)]
+    before_register: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// Information about one channel (the publish API's channel info).
@@ -197,6 +200,8 @@ impl Hub {
             history,
             linger,
             next_waiter: AtomicU64::new(1),
+            #[cfg(test)]
+            before_register: Mutex::new(None),
         });
         broker.set_sink(Arc::new(HubSink(Arc::downgrade(&hub))));
         hub
@@ -324,6 +329,10 @@ impl Hub {
                 return Ok(Poll::Ready(Arc::new(Answer::build(
                     format, &start, gap, &found,
                 ))));
+            }
+            #[cfg(test)]
+            if let Some(hook) = self.before_register.lock().take() {
+                hook();
             }
             if let Some(held) = self.register(channels, start, format) {
                 return Ok(Poll::Held(held));
@@ -603,6 +612,10 @@ mod tests {
         }
     }
 
+    fn hub_over(broker: MemoryBroker) -> Arc<Hub> {
+        Hub::new(Arc::new(broker), 100, Duration::from_secs(30), 1000)
+    }
+
     fn hub() -> (Arc<Hub>, Arc<Counting>) {
         let broker = Arc::new(Counting {
             inner: MemoryBroker::new(100, Duration::from_secs(60)),
@@ -722,6 +735,132 @@ mod tests {
         let (a1, a2) = (answer(w1).await, answer(w2).await);
         assert_eq!(a1.cursor.0, vec![n.id, m.id]);
         assert_eq!(a2.cursor.0, vec![n.id]);
+    }
+
+    fn msg(ms: u64, channel: &str) -> Arc<Message> {
+        Arc::new(Message::new(
+            MessageId { ms, seq: 0 },
+            channel.into(),
+            "text/plain".into(),
+            Bytes::from_static(b"x"),
+        ))
+    }
+
+    fn ready(p: Poll) -> Arc<Answer> {
+        match p {
+            Poll::Ready(a) => a,
+            Poll::Held(_) => panic!("expected an answer at once"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_poll_without_cursor_keeps_a_message_that_lands_before_it_registers() {
+        let (hub, broker) = hub();
+        let names = vec!["race".to_string()];
+        let _ = hub.channel("race").await.unwrap();
+        // The message lands after the poll chose its start, before it waits.
+        let h = hub.clone();
+        *hub.before_register.lock() = Some(Box::new(move || h.deliver(msg(5, "race"))));
+        let answer = ready(
+            hub.poll(&names, None, First::Newest, Format::Envelope)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(answer.messages[0].id.ms, 5, "not skipped");
+        assert!(!answer.gap);
+        drop(broker);
+    }
+
+    #[tokio::test]
+    async fn an_id_going_backwards_wakes_waiters_with_a_gap() {
+        let (hub, broker) = hub();
+        let names = vec!["reset".to_string()];
+        let first = publish(&broker, "reset", "before").await;
+        let w = held(
+            hub.poll(
+                &names,
+                Some(Cursor(vec![first.id])),
+                First::Newest,
+                Format::Envelope,
+            )
+            .await
+            .unwrap(),
+        );
+        // The channel's history was deleted and begins again, lower.
+        let restarted = msg(first.id.ms - 1000, "reset");
+        hub.deliver(restarted.clone());
+        let wake = tokio::time::timeout(Duration::from_secs(1), w.wake)
+            .await
+            .expect("woken, not left waiting")
+            .unwrap();
+        assert!(
+            matches!(wake, Wake::Repoll),
+            "sent back to poll, to learn of the gap"
+        );
+        assert_eq!(
+            hub.lookup_channel("reset")
+                .unwrap()
+                .state
+                .lock()
+                .window
+                .last_id(),
+            restarted.id
+        );
+    }
+
+    #[tokio::test]
+    async fn cursors_ahead_of_the_channel_are_a_gap_without_a_read_per_poll() {
+        let (hub, broker) = hub();
+        let names = vec!["future".to_string()];
+        let kept = publish(&broker, "future", "kept").await;
+        let reads = broker.reads.load(Ordering::Relaxed);
+        let made_up = Cursor(vec![MessageId {
+            ms: kept.id.ms + 10_000_000,
+            seq: 0,
+        }]);
+        for _ in 0..50 {
+            let a = ready(
+                hub.poll(
+                    &names,
+                    Some(made_up.clone()),
+                    First::Newest,
+                    Format::Envelope,
+                )
+                .await
+                .unwrap(),
+            );
+            assert!(a.gap, "a cursor never issued is a gap");
+            assert_eq!(a.messages[0].id, kept.id, "with what is retained");
+            assert_eq!(a.cursor.0[0], kept.id, "and a cursor that is valid");
+        }
+        assert!(
+            broker.reads.load(Ordering::Relaxed) - reads <= 2,
+            "one window load and one shared check, not one read per poll"
+        );
+    }
+
+    #[tokio::test]
+    async fn active_channels_are_capped() {
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(10, Duration::from_secs(60)));
+        let hub = Hub::new(broker, 10, Duration::ZERO, 2);
+        let poll = |name: &str| {
+            let names = vec![name.to_string()];
+            let hub = hub.clone();
+            async move {
+                hub.poll(&names, None, First::Newest, Format::Envelope)
+                    .await
+            }
+        };
+        let (a, b) = (poll("a").await.unwrap(), poll("b").await.unwrap());
+        assert!(matches!(poll("c").await, Err(HubError::TooManyChannels(2))));
+        assert!(poll("a").await.is_ok(), "known channels still serve");
+        drop((a, b));
+        hub.sweep();
+        assert_eq!(hub.active_channels(), 0);
+        assert!(
+            poll("c").await.is_ok(),
+            "room again once idle ones are swept"
+        );
     }
 
     #[tokio::test]

@@ -44,6 +44,8 @@ pub struct Target {
     path: String,
     /// The query exactly as sent, without `?`.
     query: Option<String>,
+    /// The authority of an absolute-form target (`host:port`).
+    authority: Option<String>,
 }
 
 /// Why a request target was refused: the detail of a 400 answer.
@@ -60,9 +62,12 @@ impl Target {
     /// Parses a request target as it appears on the request line. The error
     /// says why it is refused.
     pub fn parse(raw: &str) -> Result<Target, TargetError> {
-        let origin = match raw.as_bytes().first() {
-            Some(b'/') => raw,
-            _ => absolute_form_path(raw)?,
+        let (authority, origin) = match raw.as_bytes().first() {
+            Some(b'/') => (None, raw),
+            _ => {
+                let (authority, path) = absolute_form(raw)?;
+                (Some(authority.to_string()), path)
+            }
         };
         let (path, query) = match origin.split_once('?') {
             Some((p, q)) => (p, Some(q.to_string())),
@@ -82,6 +87,7 @@ impl Target {
             segments,
             path: canonical,
             query,
+            authority,
         })
     }
 
@@ -93,6 +99,12 @@ impl Target {
     /// The canonical path (decoded segments encoded again), starting with `/`.
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// The authority (`host:port`) of an absolute-form target; None for
+    /// the usual origin-form.
+    pub fn authority(&self) -> Option<&str> {
+        self.authority.as_deref()
     }
 
     /// The query as the client sent it, if any.
@@ -121,8 +133,9 @@ impl Target {
     }
 }
 
-/// The path and query of an absolute-form target (`http://host/p?q`).
-fn absolute_form_path(raw: &str) -> Result<&str, TargetError> {
+/// The authority and the path with query of an absolute-form target
+/// (`http://host/p?q`). User-info (`http://user@host/`) is refused.
+fn absolute_form(raw: &str) -> Result<(&str, &str), TargetError> {
     let refuse = || {
         TargetError(format!(
             "request target '{}' is neither a path nor an http(s) URL",
@@ -133,13 +146,14 @@ fn absolute_form_path(raw: &str) -> Result<&str, TargetError> {
     if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
         return Err(refuse());
     }
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    if end == 0 {
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    if authority.is_empty() || authority.contains('@') {
         return Err(refuse());
     }
     match &rest[end..] {
-        "" => Ok("/"),
-        p if p.starts_with('/') => Ok(p),
+        "" => Ok((authority, "/")),
+        p if p.starts_with('/') => Ok((authority, p)),
         _ => Err(TargetError(format!(
             "request target '{}' has a query but no path",
             shorten(raw)
@@ -202,7 +216,8 @@ mod tests {
         assert_eq!(t.query_param("cursor").as_deref(), Some("1-0"));
         assert_eq!(t.query_param("nope"), None);
         let a = ok("HTTP://gw.example:8080/rooms/1/events?cursor=1-0&x=a+b%21");
-        assert_eq!(a, t);
+        assert_eq!(a.authority(), Some("gw.example:8080"));
+        assert_eq!((a.segments(), a.query()), (t.segments(), t.query()));
         assert_eq!(ok("http://gw.example").path(), "/");
         assert_eq!(ok("/").segments(), [""]);
         assert_eq!(ok("/a/").segments(), ["a", ""]);
@@ -234,6 +249,7 @@ mod tests {
             "ftp://h/a",
             "http:///a",
             "http://h?x",
+            "http://user@h/a",
             "",
         ] {
             assert!(Target::parse(bad).is_err(), "{bad:?} must be refused");

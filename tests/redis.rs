@@ -349,3 +349,89 @@ async fn a_channel_is_subscribed_while_it_has_waiters_and_unsubscribed_after_the
     }
     assert_eq!(pg.metric("pollgate_channels_active").await, 0.0);
 }
+
+#[tokio::test]
+async fn a_failed_catch_up_is_retried_and_never_skips_what_was_missed() {
+    let redis = RedisServer::start();
+    let pg = gateways(&redis.url(), 1, "").remove(0);
+    let first = pg.publish("cu2", "text/plain", "first").await;
+    let url = pg.url(&format!("/sub/cu2?cursor={first}&timeout=20"));
+    let held = tokio::spawn(async move { get_json(&url).await });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    // Stored but never announced to pollgate: it must be caught up.
+    let missed = redis.cli(&[
+        "XADD",
+        "pollgate:{cu2}:h",
+        "*",
+        "ct",
+        "text/plain",
+        "d",
+        "missed",
+    ]);
+    // The catch-up read of the channel fails (its floor key is unreadable)...
+    redis.cli(&["LPUSH", "pollgate:{cu2}:f", "not a floor"]);
+    // ...when pollgate reconnects.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pg.metric("pollgate_broker_reconnects_total").await < 2.0 {
+        assert!(std::time::Instant::now() < deadline, "no reconnect attempt");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A message announced meanwhile must not let the window jump past `missed`.
+    let live = raw_publish(&redis, "pollgate", "cu2", "text/plain", "live");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !held.is_finished(),
+        "nothing answered while the catch-up fails"
+    );
+    // The channel becomes readable: the next attempt catches up.
+    redis.cli(&["DEL", "pollgate:{cu2}:f"]);
+    let (status, _, v) = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("answered once caught up")
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(v["gap"], false);
+    let missed = missed.trim().to_string();
+    assert_eq!(ids(&v), [missed.clone()], "the missed message first");
+    let (_, _, v) = get_json(&pg.url(&format!("/sub/cu2?cursor={missed}"))).await;
+    assert_eq!(ids(&v), [live], "then the live one");
+}
+
+#[tokio::test]
+async fn a_channel_begun_again_with_lower_ids_wakes_held_polls_with_a_gap() {
+    let redis = RedisServer::start();
+    let pg = gateways(&redis.url(), 1, "").remove(0);
+    let first = pg.publish("again", "text/plain", "first").await;
+    let url = pg.url(&format!("/sub/again?cursor={first}&timeout=20"));
+    let held = tokio::spawn(async move { get_json(&url).await });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    // The channel's keys are deleted and a writer starts it again, its ids
+    // lower than before (another clock, or ids of its own).
+    redis.cli(&["DEL", "pollgate:{again}:h", "pollgate:{again}:f"]);
+    redis.cli(&[
+        "XADD",
+        "pollgate:{again}:h",
+        "1-1",
+        "ct",
+        "text/plain",
+        "d",
+        "anew",
+    ]);
+    redis.cli(&["PUBLISH", "pollgate:{again}", "1-1\ntext/plain\nanew"]);
+    let (status, headers, v) = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("woken, not left waiting")
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        (
+            v["gap"].as_bool(),
+            headers["pollgate-gap"].to_str().unwrap()
+        ),
+        (Some(true), "1")
+    );
+    assert_eq!(ids(&v), ["1-1"]);
+    assert_eq!(v["cursor"], "1-1");
+}

@@ -4,7 +4,8 @@
 //! - `/slow` answers after 3 s;
 //! - `/publish-to/<a,b>` answers 200 with `Pollgate-Publish: <a,b>`;
 //! - a path containing `/events` is an authorization check: 200 when
-//!   `Authorization: Bearer good`, else 401 with `WWW-Authenticate`;
+//!   `Authorization: Bearer good` or `access_token=good` in the query,
+//!   else 401 with `WWW-Authenticate`;
 //! - anything else echoes what it received as JSON (status 200, or 201 for
 //!   POST), with `X-Backend: <port>` on every answer.
 #![allow(dead_code)]
@@ -133,7 +134,10 @@ async fn handle(
         builder = builder.header("Pollgate-Publish", list.replace("%20", " "));
         (200, "application/json", b"{\"via\":\"header\"}".to_vec())
     } else if path.contains("/events") {
-        if seen.header("Authorization") == Some("Bearer good") {
+        let query_token = path_and_query
+            .split_once('?')
+            .is_some_and(|(_, q)| q.split('&').any(|p| p == "access_token=good"));
+        if seen.header("Authorization") == Some("Bearer good") || query_token {
             (200, "text/plain", b"ok".to_vec())
         } else {
             builder = builder.header("WWW-Authenticate", "Bearer realm=\"chat\"");

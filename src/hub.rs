@@ -612,10 +612,6 @@ mod tests {
         }
     }
 
-    fn hub_over(broker: MemoryBroker) -> Arc<Hub> {
-        Hub::new(Arc::new(broker), 100, Duration::from_secs(30), 1000)
-    }
-
     fn hub() -> (Arc<Hub>, Arc<Counting>) {
         let broker = Arc::new(Counting {
             inner: MemoryBroker::new(100, Duration::from_secs(60)),

@@ -206,6 +206,28 @@ pub fn decode_payload(channel: &str, payload: &[u8]) -> Option<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+        /// Announcements come from anyone who can write to Redis: any bytes
+        /// decode to a message or to nothing, never a panic; a well-formed
+        /// payload keeps its id, type and data exactly.
+        #[test]
+        fn payloads_decode_or_are_refused(
+            junk in proptest::collection::vec(any::<u8>(), 0..64),
+            ms in any::<u64>(), seq in any::<u64>(),
+            ct in "[a-z/+.-]{0,20}", data in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let _ = decode_payload("c", &junk);
+            let mut payload = format!("{ms}-{seq}\n{ct}\n").into_bytes();
+            payload.extend_from_slice(&data);
+            let m = decode_payload("c", &payload).unwrap();
+            prop_assert_eq!(m.id, MessageId { ms, seq });
+            prop_assert_eq!(&m.content_type, &ct);
+            prop_assert_eq!(&m.data[..], &data[..]);
+        }
+    }
 
     #[test]
     fn names_and_payloads() {

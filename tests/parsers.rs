@@ -1,0 +1,102 @@
+//! Property tests of every parser that reads outside input: cursors, route
+//! and channel templates, channel names, config files, sizes and
+//! `${VAR}` expansion. Thousands of arbitrary inputs each: no panic, every
+//! refusal an error value (a 400 or exit 2 for the user), and what is
+//! accepted is well-formed. (Request targets, request heads, Redis payloads
+//! and secret redaction have theirs beside their code.)
+
+use pollgate::config::{expand_env, Config};
+use pollgate::cursor::Cursor;
+use pollgate::message::MessageId;
+use pollgate::routes::{channel_problem, ChannelTemplate, Params, PathTemplate};
+use pollgate::target::Target;
+use proptest::prelude::*;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    #[test]
+    fn cursors_parse_what_was_issued_and_refuse_the_rest(
+        text in "\\PC{0,80}",
+        ids in proptest::collection::vec((any::<u64>(), any::<u64>()), 1..5),
+    ) {
+        for n in 1..4 {
+            let _ = Cursor::parse(&text, n);
+        }
+        let issued = Cursor(ids.iter().map(|&(ms, seq)| MessageId { ms, seq }).collect());
+        let text = issued.to_string();
+        prop_assert_eq!(Cursor::parse(&text, ids.len()).unwrap(), issued.clone());
+        prop_assert_eq!(Cursor::parse(&format!("W/\"{text}\""), ids.len()).unwrap(), issued);
+        prop_assert!(Cursor::parse(&text, ids.len() + 1).is_err());
+    }
+
+    #[test]
+    fn route_templates_compile_or_explain(path in "\\PC{0,40}|(/(\\{[a-z_]{0,4}\\}?|[a-z{}]{0,4})){0,5}/?") {
+        if let Ok(t) = PathTemplate::parse(&path) {
+            let params: Vec<&str> = t.params().collect();
+            let mut unique = params.clone();
+            unique.sort();
+            unique.dedup();
+            prop_assert_eq!(unique.len(), params.len(), "a name captured twice");
+        }
+    }
+
+    #[test]
+    fn channel_templates_render_only_valid_names(
+        template in "\\PC{0,30}|[a-z:]{0,6}\\{room\\}[a-z:]{0,6}",
+        value in "\\PC{0,20}",
+    ) {
+        if let Ok(t) = ChannelTemplate::parse(&template, ["room"]) {
+            let mut params = Params::new();
+            params.insert("room".into(), value);
+            if let Ok(name) = t.render(&params) {
+                prop_assert!(channel_problem(&name).is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn channel_names_are_checked_not_trusted(name in "\\PC{0,300}") {
+        let ok = channel_problem(&name).is_none();
+        let allowed = !name.is_empty()
+            && name.len() <= 256
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.:@/-".contains(c));
+        prop_assert_eq!(ok, allowed);
+    }
+
+    /// A request path reaches routes only through [`Target`]: matching on
+    /// its segments never panics, and captures are whole decoded segments.
+    #[test]
+    fn paths_match_decoded_segments(raw in "(/[a-zA-Z0-9%._~-]{0,8}){1,5}") {
+        let t = PathTemplate::parse("/{a}/{b}").unwrap();
+        if let Ok(target) = Target::parse(&raw) {
+            if let Some(params) = t.matches(target.segments()) {
+                prop_assert_eq!(&params["a"], &target.segments()[0]);
+            }
+        }
+    }
+
+    #[test]
+    fn config_files_load_or_name_their_problem(text in "\\PC{0,200}", key in "[a-z_]{1,12}", value in "\\PC{0,12}") {
+        for yaml in [text.clone(), format!("{key}: {value}\n"), format!("limits:\n  {key}: {value}\n")] {
+            match Config::parse("f.yaml", &yaml) {
+                Ok(c) => {
+                    if let Err(e) = c.validate("f.yaml") {
+                        prop_assert!(e.0.iter().all(|line| line.starts_with("f.yaml: ")));
+                    }
+                }
+                Err(e) => prop_assert!(e.0.iter().all(|line| line.starts_with("f.yaml"))),
+            }
+        }
+    }
+
+    #[test]
+    fn env_expansion_never_panics(text in "\\PC{0,60}|(x?\\$\\{[A-Z_:-]{0,6}\\}?){1,4}") {
+        let _ = expand_env(&text, |k| (k == "A").then(|| "1".to_string()));
+    }
+
+    #[test]
+    fn sizes_parse_or_are_refused(text in "\\PC{0,16}|[0-9]{1,25} ?[KMG]i?B?") {
+        let _ = pollgate::units::size::parse(&text);
+    }
+}

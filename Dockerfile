@@ -63,5 +63,8 @@ EXPOSE 8080 9090
 # default: use `docker stop -t 15` (or --stop-timeout) to leave room.
 STOPSIGNAL SIGTERM
 
+# The admin listener is bound to all interfaces here, so pollgate refuses to
+# start without a publish token: run with -e POLLGATE_PUBLISH_TOKEN=... (the
+# config reads it), or set publish.allow_unauthenticated: true on purpose.
 ENTRYPOINT ["pollgate"]
 CMD ["serve", "-c", "/etc/pollgate/pollgate.yaml", "--listen", "0.0.0.0:8080", "--admin-listen", "0.0.0.0:9090", "--log-format", "json"]

@@ -126,7 +126,11 @@ impl Poller {
         };
         let _slot = match self.admit() {
             Ok(slot) => slot,
-            Err((refusal, why)) => return self.refuse(session, refusal, "unavailable", why).await,
+            Err((refusal, why)) => {
+                return self
+                    .refuse(session, Some(refusal), "unavailable", why)
+                    .await
+            }
         };
         if let Some(upstream) = &route.authorize {
             let cache = route.authorize_cache.as_deref();
@@ -188,15 +192,18 @@ impl Poller {
         }
     }
 
-    /// Answers 503 + Retry-After for a refusal, counting it.
+    /// Answers 503 + Retry-After for a refusal, counting it (unless the
+    /// layer that refused has).
     async fn refuse(
         &self,
         session: &mut Session,
-        refusal: Refusal,
+        refusal: Option<Refusal>,
         error: &str,
         detail: &str,
     ) -> Result<()> {
-        refusal.count();
+        if let Some(refusal) = refusal {
+            refusal.count();
+        }
         Outcome::Rejected.count();
         let mut extra = self.cors_headers(session);
         extra.push(("Retry-After", RETRY_AFTER.into()));
@@ -207,10 +214,11 @@ impl Poller {
     /// Answers a poll the hub could not serve (503).
     async fn hub_failed(&self, session: &mut Session, e: HubError) -> Result<()> {
         let (refusal, error) = match &e {
-            HubError::TooManyChannels(_) => (Refusal::MaxActiveChannels, "unavailable"),
-            HubError::Broker(BrokerError::Busy(_)) => (Refusal::BrokerBusy, "broker_busy"),
+            HubError::TooManyChannels(_) => (Some(Refusal::MaxActiveChannels), "unavailable"),
+            // Counted by the broker, which refused it.
+            HubError::Broker(BrokerError::Busy(_)) => (None, "broker_busy"),
             HubError::Broker(BrokerError::Unavailable(_)) => {
-                (Refusal::BrokerDown, "broker_unavailable")
+                (Some(Refusal::BrokerDown), "broker_unavailable")
             }
         };
         self.refuse(session, refusal, error, &e.to_string()).await

@@ -115,9 +115,12 @@ impl RedisBroker {
     async fn room(&self) -> Result<tokio::sync::SemaphorePermit<'_>, BrokerError> {
         match tokio::time::timeout(PENDING_WAIT, self.pending.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
-            _ => Err(BrokerError::Busy(
-                "too many redis commands in flight (broker.max_pending)".into(),
-            )),
+            _ => {
+                metrics::Refusal::BrokerBusy.count();
+                Err(BrokerError::Busy(
+                    "too many redis commands in flight (broker.max_pending)".into(),
+                ))
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! A small run of the benchmark harness (pollgate-bench) against a real
 //! pollgate, so that the harness keeps working; the full comparison is
-//! `bench/compare.sh` (docs/benchmarks.md).
+//! `bench/compare.sh` (docs/benchmarks.md); the soak is `scripts/soak`
+//! (docs/reliability.md).
 
 mod support;
 
@@ -73,4 +74,35 @@ fn hold_smoke_measures_memory_per_held_poll() {
         "{v}"
     );
     assert_eq!(v["subscribers"], 100);
+}
+
+#[test]
+fn soak_smoke_samples_the_server_and_loses_nothing() {
+    let pg = Pollgate::start(ROUTES);
+    let v = bench(
+        &pg,
+        &[
+            "--scenario",
+            "soak",
+            "--subscribers",
+            "200",
+            "--shards",
+            "2",
+            "--channels",
+            "4",
+            "--rate",
+            "40",
+            "--duration",
+            "3s",
+            "--sample",
+            "1s",
+        ],
+    );
+    assert_eq!(v["held_at_start"], 200, "{v}");
+    assert!(v["published"].as_u64().unwrap() > 100, "{v}");
+    assert_eq!(v["delivered"], v["expected_deliveries"], "{v}");
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["duplicates"], 0);
+    assert!(v["samples"].as_array().unwrap().len() >= 3, "{v}");
+    assert!(v["fds"]["first"].as_u64().unwrap() >= 200, "{v}");
 }

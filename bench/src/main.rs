@@ -13,10 +13,14 @@
 //! - `hold`: N idle held polls: server RSS per held poll, idle server CPU.
 //! - `churn`: a steady publish rate over many channels with continuous
 //!   polling, for a duration: completeness and latency.
+//! - `soak` (pollgate only): N held polls for a long duration with a steady
+//!   publish rate; the server's RSS and open fds sampled all along, nothing
+//!   lost (see `soak.rs` and `scripts/soak`).
 
 mod adapters;
 mod http;
 mod proc;
+mod soak;
 
 use adapters::{Payload, Position, Server};
 use clap::{Parser, ValueEnum};
@@ -34,6 +38,7 @@ enum Scenario {
     Fanout,
     Hold,
     Churn,
+    Soak,
 }
 
 #[derive(Parser, Debug)]
@@ -83,6 +88,15 @@ struct Args {
     /// A name for this run, copied into the JSON (e.g. the scenario's row).
     #[arg(long, default_value = "")]
     label: String,
+    /// Subscriber processes of a soak (each holds subscribers/shards polls).
+    #[arg(long, default_value_t = 2)]
+    shards: usize,
+    /// Internal: run as subscriber process number SHARD of a soak.
+    #[arg(long, hide = true)]
+    shard: Option<usize>,
+    /// Time between two samples of the server's RSS and fds (soak).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    sample: Duration,
 }
 
 fn now_ns() -> u64 {
@@ -238,6 +252,35 @@ async fn publish_round(
     all
 }
 
+/// Publishes at `--rate` over all channels, round robin, for `--duration`.
+/// Returns the messages published per channel and the failed publishes.
+async fn publish_steadily(args: &Args) -> (Vec<usize>, usize) {
+    let mut published = vec![0usize; args.channels];
+    let mut publish_errors = 0;
+    let mut publisher = Publisher::new(args.publish);
+    let gap = Duration::from_secs_f64(1.0 / args.rate.max(0.001));
+    let end = Instant::now() + args.duration;
+    let mut next = Instant::now();
+    let mut seq = 0u64;
+    while Instant::now() < end {
+        let ch = (seq as usize) % args.channels;
+        if publisher
+            .publish(args, ch, seq / args.channels as u64)
+            .await
+        {
+            published[ch] += 1;
+        } else {
+            publish_errors += 1;
+        }
+        seq += 1;
+        next += gap;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    (published, publish_errors)
+}
+
 fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
@@ -246,30 +289,77 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn run(args: Arc<Args>) -> serde_json::Value {
+/// Starts the subscribers numbered `indices` and waits until each has sent
+/// its first poll.
+async fn start_subscribers(
+    args: &Arc<Args>,
+    indices: impl Iterator<Item = usize>,
+    want: usize,
+    stop: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<Seen>> {
     let ready = Arc::new(AtomicUsize::new(0));
+    let mut subs = Vec::new();
+    for (n, i) in indices.enumerate() {
+        subs.push(tokio::spawn(subscriber(
+            args.clone(),
+            i,
+            ready.clone(),
+            want,
+            stop.clone(),
+        )));
+        if n % 500 == 499 {
+            tokio::task::yield_now().await;
+        }
+    }
+    while ready.load(Ordering::Relaxed) < subs.len() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    subs
+}
+
+/// What a set of subscribers saw, added up.
+#[derive(Default)]
+struct Totals {
+    delivered: usize,
+    lost: usize,
+    duplicates: usize,
+    out_of_order: usize,
+    errors: usize,
+    latencies_us: Vec<u32>,
+}
+
+impl Totals {
+    /// Stops the subscribers and adds up what they saw, against the
+    /// messages `published` per channel.
+    async fn collect(
+        subs: Vec<tokio::task::JoinHandle<Seen>>,
+        stop: watch::Sender<bool>,
+        published: &[usize],
+    ) -> Totals {
+        let _ = stop.send(true);
+        let mut t = Totals::default();
+        for s in subs {
+            let seen = s.await.unwrap_or_default();
+            t.delivered += seen.unique;
+            t.lost += published[seen.channel].saturating_sub(seen.unique);
+            t.duplicates += seen.duplicates;
+            t.out_of_order += seen.out_of_order;
+            t.errors += seen.errors;
+            t.latencies_us.extend(seen.latencies_us);
+        }
+        t.latencies_us.sort_unstable();
+        t
+    }
+}
+
+async fn run(args: Arc<Args>) -> serde_json::Value {
     let (stop_tx, stop_rx) = watch::channel(false);
     let want = match args.scenario {
         Scenario::Fanout => args.messages,
         _ => 0,
     };
     let rss_before = proc::rss_bytes(&args.pid);
-    let mut subs = Vec::with_capacity(args.subscribers);
-    for i in 0..args.subscribers {
-        subs.push(tokio::spawn(subscriber(
-            args.clone(),
-            i,
-            ready.clone(),
-            want,
-            stop_rx.clone(),
-        )));
-        if i % 500 == 499 {
-            tokio::task::yield_now().await;
-        }
-    }
-    while ready.load(Ordering::Relaxed) < args.subscribers {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let subs = start_subscribers(&args, 0..args.subscribers, want, &stop_rx).await;
     tokio::time::sleep(args.settle).await;
 
     let cpu_start = proc::cpu_seconds(&args.pid);
@@ -291,7 +381,7 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
                 "idle_cpu_percent": 100.0 * idle_cpu / args.duration.as_secs_f64(),
             });
         }
-        Scenario::Fanout | Scenario::Churn => {
+        Scenario::Fanout | Scenario::Churn | Scenario::Soak => {
             if args.scenario == Scenario::Fanout {
                 let mut publishers: Vec<Publisher> = (0..args.channels.min(8))
                     .map(|_| Publisher::new(args.publish))
@@ -307,27 +397,7 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
                     tokio::time::sleep(args.interval).await;
                 }
             } else {
-                let mut publisher = Publisher::new(args.publish);
-                let gap = Duration::from_secs_f64(1.0 / args.rate.max(0.001));
-                let end = Instant::now() + args.duration;
-                let mut next = Instant::now();
-                let mut seq = 0u64;
-                while Instant::now() < end {
-                    let ch = (seq as usize) % args.channels;
-                    if publisher
-                        .publish(&args, ch, seq / args.channels as u64)
-                        .await
-                    {
-                        published[ch] += 1;
-                    } else {
-                        publish_errors += 1;
-                    }
-                    seq += 1;
-                    next += gap;
-                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                        tokio::time::sleep(wait).await;
-                    }
-                }
+                (published, publish_errors) = publish_steadily(&args).await;
             }
         }
     }
@@ -341,25 +411,19 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
     while Instant::now() < deadline && subs.iter().any(|s| !s.is_finished()) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = stop_tx.send(true);
-    let mut latencies = Vec::new();
-    let (mut delivered, mut lost, mut dups, mut ooo, mut errors) =
-        (0usize, 0usize, 0usize, 0usize, 0usize);
-    for s in subs {
-        let seen = s.await.unwrap_or_default();
-        delivered += seen.unique;
-        lost += published[seen.channel].saturating_sub(seen.unique);
-        dups += seen.duplicates;
-        ooo += seen.out_of_order;
-        errors += seen.errors;
-        latencies.extend(seen.latencies_us);
-    }
+    let Totals {
+        delivered,
+        lost,
+        duplicates: dups,
+        out_of_order: ooo,
+        errors,
+        latencies_us: latencies,
+    } = Totals::collect(subs, stop_tx, &published).await;
     let wall =
         started.elapsed().as_secs_f64() - grace.as_secs_f64().min(started.elapsed().as_secs_f64());
     let active = started.elapsed().as_secs_f64();
     let server_cpu = proc::cpu_seconds(&args.pid) - cpu_start;
     let client_cpu = proc::cpu_seconds(&[std::process::id()]) - client_start;
-    latencies.sort_unstable();
     let mut out = json!({
         "label": args.label,
         "server": args.server,
@@ -403,7 +467,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let result = runtime.block_on(run(args));
+    let result = match (args.scenario, args.shard) {
+        (Scenario::Soak, Some(shard)) => runtime.block_on(soak::shard(args, shard)),
+        (Scenario::Soak, None) => runtime.block_on(soak::run(args)),
+        _ => runtime.block_on(run(args)),
+    };
     println!("{result}");
     // Held connections are dropped with the process.
     std::process::exit(0);

@@ -1,5 +1,5 @@
-//! Server process-tree readings from /proc: CPU time (user + system) and
-//! resident memory, children included.
+//! Server process-tree readings from /proc: CPU time (user + system),
+//! resident memory and open file descriptors, children included.
 
 use std::fs;
 
@@ -66,4 +66,13 @@ pub fn rss_bytes(pids: &[u32]) -> u64 {
         }
     }
     kib * 1024
+}
+
+/// Open file descriptors of the trees of `pids` (entries of /proc/<pid>/fd).
+pub fn open_fds(pids: &[u32]) -> usize {
+    pids.iter()
+        .flat_map(|root| tree(*root))
+        .filter_map(|p| fs::read_dir(format!("/proc/{p}/fd")).ok())
+        .map(|d| d.count())
+        .sum()
 }

@@ -4,7 +4,10 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod fleet;
+pub mod proxy;
 pub mod redis;
+pub mod traffic;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -1,0 +1,120 @@
+//! The fault suite: three pollgate instances on one real redis-server,
+//! numbered messages published without pause through the publish API, and
+//! on every instance a subscriber per channel following it with cursors;
+//! then Redis or an instance fails. Each scenario prints what the clients
+//! saw (`cargo test --test faults -- --nocapture`) and checks that nothing
+//! answered 200 by a publish went missing without a gap being announced.
+//! The harness is tests/support/{fleet,traffic,proxy}.rs; what is covered
+//! and how to run it is in docs/reliability.md.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::fleet::Fleet;
+use support::proxy::Proxy;
+use support::redis::RedisServer;
+use support::traffic::Traffic;
+
+const INSTANCES: usize = 3;
+/// How long Redis stays down.
+const OUTAGE: Duration = Duration::from_secs(1);
+
+/// A fleet of [`INSTANCES`] on `redis`, with traffic flowing.
+async fn busy_fleet(redis: RedisServer) -> (Fleet, Traffic) {
+    let fleet = Fleet::start(redis, INSTANCES);
+    let traffic = Traffic::start(&fleet.directory);
+    traffic.flowing().await;
+    (fleet, traffic)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_killed_and_restarted_with_its_data_loses_nothing() {
+    let (mut fleet, traffic) = busy_fleet(RedisServer::start_persistent()).await;
+
+    fleet.redis_outage(OUTAGE).await;
+    traffic.flowing().await;
+
+    let tally = traffic
+        .finish("(a) Redis SIGKILLed and restarted with its data")
+        .await;
+    assert!(tally.published > 0 && tally.delivered > 0, "{tally}");
+    assert_eq!(tally.lost, 0, "{tally}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_redis_restarted_empty_tells_every_subscriber_gap() {
+    let (mut fleet, traffic) = busy_fleet(RedisServer::start()).await;
+
+    fleet.redis_outage(OUTAGE).await;
+    traffic.flowing().await;
+
+    let tally = traffic
+        .finish("(b) Redis SIGKILLed and restarted empty")
+        .await;
+    assert_eq!(
+        tally.subscribers_with_gap, tally.subscribers,
+        "every subscriber must be told: {tally}"
+    );
+    assert_eq!(tally.lost, 0, "nothing missing beyond the gaps: {tally}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_an_instance_killed_loses_nothing_for_subscribers_moving_with_their_cursors() {
+    let (mut fleet, traffic) = busy_fleet(RedisServer::start()).await;
+
+    fleet.kill(1).await;
+    traffic.flowing().await;
+
+    let tally = traffic
+        .finish("(c) one instance SIGKILLed, its subscribers moved on")
+        .await;
+    assert!(tally.subscribe_errors > 0, "the move was seen: {tally}");
+    assert_eq!(tally.lost, 0, "{tally}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_every_instance_restarted_in_turn_with_sigterm_loses_nothing() {
+    let (mut fleet, traffic) = busy_fleet(RedisServer::start()).await;
+
+    for i in 0..INSTANCES {
+        fleet.restart(i).await;
+        traffic.flowing().await;
+    }
+
+    let tally = traffic
+        .finish("(d) every instance restarted in turn with SIGTERM")
+        .await;
+    assert_eq!(tally.lost, 0, "{tally}");
+}
+
+/// Instance 0 reaches Redis through a proxy that cuts its connection for a
+/// second (instances 1 and 2 keep publishing meanwhile), then stalls the
+/// new connection past pollgate's 2 s response timeout at its first script
+/// call, so that the catch-up read of the missed messages fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails until a failed catch-up read after a Redis reconnect is retried or \
+            answered with a gap (issue 8, point 5)"]
+async fn e_a_failed_catch_up_read_after_a_reconnect_loses_nothing() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port);
+    let direct = redis.url();
+    let fleet = Fleet::start_via(redis, vec![proxy.redis_url(), direct.clone(), direct]);
+    let traffic = Traffic::start(&fleet.directory);
+    traffic.flowing().await;
+
+    proxy.stall_next_connection_at(b"EVALSHA", Duration::from_millis(2500));
+    proxy.cut(OUTAGE);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.stall_fired() {
+        assert!(Instant::now() < deadline, "instance 0 never reconnected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fleet.wait_ready().await;
+    traffic.flowing().await;
+
+    let tally = traffic
+        .finish("(e) instance 0's Redis connection cut, then its catch-up read stalled")
+        .await;
+    assert_eq!(tally.lost, 0, "{tally}");
+}

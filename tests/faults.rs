@@ -92,8 +92,6 @@ async fn d_every_instance_restarted_in_turn_with_sigterm_loses_nothing() {
 /// new connection past pollgate's 2 s response timeout at its first script
 /// call, so that the catch-up read of the missed messages fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails until a failed catch-up read after a Redis reconnect is retried or \
-            answered with a gap (issue 8, point 5)"]
 async fn e_a_failed_catch_up_read_after_a_reconnect_loses_nothing() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(redis.port);

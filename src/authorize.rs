@@ -11,7 +11,7 @@
 //! channels.
 
 use crate::target::Target;
-use crate::upstream::{forwarded_copy, Upstreams};
+use crate::upstream::{forwarded_copy, Peer, Upstreams};
 use bytes::Bytes;
 use pingora::http::RequestHeader;
 use pingora::{Error, ErrorType, Result};
@@ -113,23 +113,18 @@ impl Authorizer {
     }
 
     /// Decides for the client request `client` to `target` (from
-    /// `client_ip`), asking `upstream`, or `cache` when the route has one.
+    /// `peer`), asking `upstream`, or `cache` when the route has one.
     /// Errors are upstream failures (never cached).
     pub async fn check(
         &self,
         client: &RequestHeader,
         target: &Target,
-        client_ip: Option<String>,
+        peer: &Peer,
         upstream: &str,
         cache: Option<&AuthCache>,
     ) -> Result<Decision> {
         // A GET to the same path and query, with the client's headers.
-        let request = forwarded_copy(
-            client,
-            http::Method::GET,
-            &target.path_and_query(),
-            client_ip,
-        )?;
+        let request = forwarded_copy(client, http::Method::GET, &target.path_and_query(), peer)?;
         let Some(cache) = cache else {
             return self.ask(upstream, &request).await;
         };

@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Log level or tracing filter (info, debug, pollgate=debug,pingora=warn).
     #[arg(long, env = "POLLGATE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Take over the listening sockets of the running instance (graceful
+    /// upgrade: then send it SIGQUIT).
+    #[arg(long, env = "POLLGATE_UPGRADE")]
+    pub upgrade: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,8 +18,15 @@ use std::time::Duration;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Client-facing HTTP listener.
+    /// Client-facing HTTP listener (HTTP/1.1 and h2c).
     pub listen: String,
+    /// Optional client-facing HTTPS listener (HTTP/2 and HTTP/1.1 by ALPN).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Socket and connection settings of the client listeners.
+    pub listener: ListenerConfig,
+    /// Where a `serve --upgrade` instance receives the listening sockets.
+    pub upgrade_sock: String,
     /// Publish API, metrics, health.
     pub admin_listen: String,
     /// Worker threads of the gateway service.
@@ -33,6 +40,57 @@ pub struct Config {
     pub cors: Cors,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+}
+
+/// The HTTPS listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub listen: String,
+    /// PEM certificate chain; re-read when it changes and on SIGHUP.
+    pub cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// Longest time a TLS handshake may take.
+    #[serde(default = "default_handshake_timeout", with = "units::duration")]
+    pub handshake_timeout: Duration,
+}
+
+/// Socket and connection settings of the client listeners.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    /// Accept queue length.
+    pub backlog: u32,
+    /// SO_REUSEPORT on the listening sockets.
+    pub reuseport: bool,
+    /// Idle time before TCP keepalive probes (0s: off).
+    #[serde(with = "units::duration")]
+    pub tcp_keepalive: Duration,
+    /// How long an idle client connection is kept between requests.
+    #[serde(with = "units::duration")]
+    pub keepalive_timeout: Duration,
+    /// Requests served on one HTTP/1.1 connection before it is closed (0: no limit).
+    pub keepalive_request_limit: u32,
+    /// Concurrent streams per HTTP/2 connection.
+    pub h2_max_concurrent_streams: u32,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            backlog: 8192,
+            reuseport: false,
+            tcp_keepalive: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(75),
+            keepalive_request_limit: 0,
+            h2_max_concurrent_streams: 1000,
+        }
+    }
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -183,6 +241,9 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:8080".into(),
+            tls: None,
+            listener: ListenerConfig::default(),
+            upgrade_sock: "/tmp/pollgate_upgrade.sock".into(),
             admin_listen: "127.0.0.1:9090".into(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             grace_period: Duration::from_secs(10),
@@ -268,13 +329,46 @@ impl Config {
     pub fn validate(&self, file: &str) -> Result<RouteTable, ConfigErrors> {
         let mut problems = Vec::new();
         let mut bad = |key: &str, why: String| problems.push(format!("{file}: {key}: {why}"));
+        let tls_listen = self.tls.as_ref().map(|t| t.listen.as_str());
         for (key, addr) in [
-            ("listen", &self.listen),
-            ("admin_listen", &self.admin_listen),
+            ("listen", Some(self.listen.as_str())),
+            ("tls.listen", tls_listen),
+            ("admin_listen", Some(self.admin_listen.as_str())),
         ] {
-            if addr.parse::<SocketAddr>().is_err() {
+            if let Some(addr) = addr.filter(|a| a.parse::<SocketAddr>().is_err()) {
                 bad(key, format!("'{addr}' is not an address like 0.0.0.0:8080"));
             }
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                if let Err(e) = std::fs::metadata(path) {
+                    bad(key, format!("cannot read '{path}': {e}"));
+                }
+            }
+            if tls.handshake_timeout.is_zero() {
+                bad("tls.handshake_timeout", "must be longer than 0s".into());
+            }
+            if tls.listen == self.listen || tls.listen == self.admin_listen {
+                bad(
+                    "tls.listen",
+                    "must differ from listen and admin_listen".into(),
+                );
+            }
+        }
+        if self.listener.backlog == 0 {
+            bad("listener.backlog", "must be at least 1".into());
+        }
+        if self.listener.keepalive_timeout < Duration::from_secs(1) {
+            bad("listener.keepalive_timeout", "must be at least 1s".into());
+        }
+        if self.listener.h2_max_concurrent_streams == 0 {
+            bad(
+                "listener.h2_max_concurrent_streams",
+                "must be at least 1".into(),
+            );
+        }
+        if self.upgrade_sock.is_empty() {
+            bad("upgrade_sock", "must be a path".into());
         }
         if self.threads == 0 {
             bad("threads", "must be at least 1".into());

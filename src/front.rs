@@ -9,7 +9,7 @@
 //! head itself, and only when the route is not a subscribe route hands the
 //! connection (with the bytes already read) to the proxy.
 
-use crate::gateway::{Gateway, KEEPALIVE_SECS};
+use crate::gateway::Gateway;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Refusal;
 use crate::poll::Poller;
@@ -19,6 +19,7 @@ use crate::target::Target;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream};
+use pingora::protocols::http::v2::server::H2Options;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
@@ -37,6 +38,12 @@ pub struct Front {
     pub poller: Poller,
     pub life: Arc<Lifecycle>,
     pub limits: HeadLimits,
+    /// Seconds an idle connection is kept between requests.
+    pub keepalive_secs: u64,
+    /// Concurrent streams per HTTP/2 connection.
+    pub h2_max_streams: u32,
+    /// HTTP/2 with prior knowledge is served on plaintext connections.
+    pub options: HttpServerOptions,
 }
 
 /// Bounds on reading a request head.
@@ -86,10 +93,9 @@ async fn read_head(
     stream: &mut Stream,
     idle: Duration,
     limits: HeadLimits,
-    shutdown: &ShutdownWatch,
+    life: &Lifecycle,
 ) -> Result<BytesMut, NoHead> {
     let mut buf = BytesMut::with_capacity(512);
-    let mut shutdown = shutdown.clone();
     let mut deadline = tokio::time::Instant::now() + idle;
     let mut scanned = 0;
     loop {
@@ -109,7 +115,7 @@ async fn read_head(
         }
         let read = tokio::select! {
             r = stream.read_buf(&mut buf) => r.map_err(|_| NoHead::Closed)?,
-            _ = shutdown.changed() => return Err(NoHead::Closed),
+            _ = life.drained(), if buf.is_empty() => return Err(NoHead::Closed),
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(if buf.is_empty() { NoHead::Closed } else { NoHead::TooSlow });
             }
@@ -196,6 +202,25 @@ impl Front {
         }
     }
 
+    /// Serves one HTTP/2 stream, whose request Pingora has read: a
+    /// subscribe request here, anything else through the proxy (which
+    /// refuses a bad target as the HTTP/1 path does).
+    async fn serve_h2(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let req = session.req_header();
+        let target = std::str::from_utf8(req.raw_path())
+            .ok()
+            .and_then(|raw| Target::parse(raw).ok());
+        let method = req.method.as_str();
+        match target.and_then(|t| Some((self.subscribe_route(method, &t)?, t))) {
+            Some(((route, params), target)) => self.poll(session, target, route, params).await,
+            None => self.proxy.process_new_http(session, shutdown).await,
+        }
+    }
+
     /// Serves one long-poll on `session` (whose head is buffered).
     async fn poll(
         &self,
@@ -210,7 +235,7 @@ impl Front {
             _ => return None,
         }
         let draining = self.life.is_draining();
-        session.set_keepalive((!draining).then_some(KEEPALIVE_SECS));
+        session.set_keepalive((!draining).then_some(self.keepalive_secs));
         if self
             .poller
             .serve(&mut session, &target, route, &params)
@@ -238,7 +263,7 @@ impl HttpServerApp for Front {
         let keepalive = session.get_keepalive();
         let reuses = session.get_keepalive_reuses_remaining();
         let ServerSession::H1(h1) = session else {
-            return self.proxy.process_new_http(session, shutdown).await;
+            return self.serve_h2(session, shutdown).await;
         };
         // A connection's first request (no keep-alive set yet) must start
         // within the header timeout; later ones within the keep-alive of
@@ -246,7 +271,7 @@ impl HttpServerApp for Front {
         let limits = self.limits;
         let idle = keepalive.map_or(limits.header_timeout, Duration::from_secs);
         let mut stream = h1.into_inner();
-        let head = match read_head(&mut stream, idle, limits, shutdown).await {
+        let head = match read_head(&mut stream, idle, limits, &self.life).await {
             Ok(head) => head,
             Err(NoHead::Closed) => return None,
             Err(NoHead::TooLarge) => {
@@ -286,7 +311,13 @@ impl HttpServerApp for Front {
     }
 
     fn server_options(&self) -> Option<&HttpServerOptions> {
-        self.proxy.server_options()
+        Some(&self.options)
+    }
+
+    fn h2_options(&self) -> Option<H2Options> {
+        let mut options = pingora::protocols::http::v2::server::default_h2_options();
+        options.max_concurrent_streams(self.h2_max_streams);
+        Some(options)
     }
 
     async fn http_cleanup(&self) {

@@ -14,7 +14,7 @@ use crate::relay::Relay;
 use crate::respond;
 use crate::routes::{Action, Match, RouteTable};
 use crate::target::Target;
-use crate::upstream::{add_forwarded, client_ip, observe, Pool, Upstreams};
+use crate::upstream::{add_forwarded, observe, Peer, Pool, Upstreams};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -24,9 +24,6 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Seconds an idle client connection is kept open between requests.
-pub const KEEPALIVE_SECS: u64 = 75;
-
 /// The gateway service.
 pub struct Gateway {
     routes: Arc<RouteTable>,
@@ -35,6 +32,8 @@ pub struct Gateway {
     upstreams: Arc<Upstreams>,
     life: Arc<Lifecycle>,
     max_body: u64,
+    /// Seconds an idle client connection is kept open between requests.
+    keepalive_secs: u64,
 }
 
 /// Per-request state.
@@ -70,6 +69,7 @@ impl Gateway {
             upstreams,
             life,
             max_body: config.limits.max_body,
+            keepalive_secs: config.listener.keepalive_timeout.as_secs().max(1),
         }
     }
 
@@ -124,7 +124,7 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let draining = self.life.is_draining();
-        session.set_keepalive((!draining).then_some(KEEPALIVE_SECS));
+        session.set_keepalive((!draining).then_some(self.keepalive_secs));
         let req = session.req_header();
         let method = req.method.as_str().to_string();
         // The same parse of the same bytes as the front door's.
@@ -222,11 +222,7 @@ impl ProxyHttp for Gateway {
         request: &mut RequestHeader,
         _ctx: &mut Ctx,
     ) -> Result<()> {
-        add_forwarded(
-            request,
-            session.req_header(),
-            client_ip(session.client_addr()),
-        )
+        add_forwarded(request, session.req_header(), &Peer::of(session))
     }
 
     async fn request_body_filter(

@@ -27,5 +27,6 @@ pub mod secret;
 pub mod server;
 pub mod shards;
 pub mod target;
+pub mod tls;
 pub mod units;
 pub mod upstream;

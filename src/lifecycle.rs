@@ -1,39 +1,35 @@
-//! Draining: the one signal that SIGTERM flips, threaded explicitly to every
-//! part that holds requests.
+//! Draining: the one signal that SIGTERM (or a graceful upgrade) flips,
+//! threaded explicitly to every part that holds requests, and the tracker
+//! of the requests in flight that the process waits for before it exits.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio::sync::watch;
+use tokio_util::task::task_tracker::{TaskTracker, TaskTrackerToken};
 
-/// Whether the instance is draining, and how many requests are in flight.
+/// Whether the instance is draining, and which requests are in flight.
 pub struct Lifecycle {
     draining: watch::Sender<bool>,
     flag: AtomicBool,
-    in_flight: AtomicUsize,
+    in_flight: TaskTracker,
 }
 
 /// Counts one request as in flight until dropped.
-pub struct InFlight(Arc<Lifecycle>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+pub type InFlight = TaskTrackerToken;
 
 impl Default for Lifecycle {
     fn default() -> Self {
         Lifecycle {
             draining: watch::Sender::new(false),
             flag: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
+            in_flight: TaskTracker::new(),
         }
     }
 }
 
 impl Lifecycle {
-    /// Starts draining: every held request is told at once.
+    /// Starts draining: every held request is told at once, the client
+    /// listeners stop accepting, idle connections close.
     pub fn drain(&self) {
         self.flag.store(true, Ordering::Release);
         self.draining.send_replace(true);
@@ -51,26 +47,21 @@ impl Lifecycle {
     }
 
     /// Marks a request in flight for as long as the guard lives.
-    pub fn enter(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(self.clone())
+    pub fn enter(&self) -> InFlight {
+        self.in_flight.token()
     }
 
     /// Requests in flight now.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.len()
     }
 
-    /// Blocks the calling thread until nothing is in flight or `limit` passed.
-    /// Returns true when everything finished.
-    pub fn wait_idle(&self, limit: Duration) -> bool {
-        let end = Instant::now() + limit;
-        while Instant::now() < end {
-            if self.in_flight() == 0 {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.in_flight() == 0
+    /// Waits until nothing is in flight, or `limit` passed. Returns true
+    /// when everything finished. Call after [`Lifecycle::drain`].
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        self.in_flight.close();
+        tokio::time::timeout(limit, self.in_flight.wait())
+            .await
+            .is_ok()
     }
 }

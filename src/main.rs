@@ -48,7 +48,7 @@ fn main() -> ExitCode {
                 eprintln!("pollgate: {e}");
                 return ExitCode::from(2);
             }
-            match pollgate::server::run(config, routes) {
+            match pollgate::server::run(config, routes, args.upgrade) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pollgate: {e}");

@@ -233,10 +233,10 @@ impl Poller {
         upstream: &str,
         cache: Option<&crate::authorize::AuthCache>,
     ) -> Result<bool> {
-        let ip = crate::upstream::client_ip(session.client_addr());
+        let peer = crate::upstream::Peer::of(session);
         match self
             .authorizer
-            .check(session.req_header(), target, ip, upstream, cache)
+            .check(session.req_header(), target, &peer, upstream, cache)
             .await
         {
             Ok(Decision::Allow) => Ok(true),

@@ -11,7 +11,7 @@ use crate::hub::Hub;
 use crate::metrics;
 use crate::respond;
 use crate::routes::{channel_problem, Params, ProxyRoute};
-use crate::upstream::{client_ip, error_status, forwarded_copy, is_hop_by_hop, Upstreams};
+use crate::upstream::{error_status, forwarded_copy, is_hop_by_hop, Peer, Upstreams};
 use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
@@ -192,12 +192,7 @@ impl Relay {
 fn upstream_request(session: &Session, body_len: usize) -> Result<RequestHeader> {
     let client = session.req_header();
     let path = client.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut request = forwarded_copy(
-        client,
-        client.method.clone(),
-        path,
-        client_ip(session.client_addr()),
-    )?;
+    let mut request = forwarded_copy(client, client.method.clone(), path, &Peer::of(session))?;
     if body_len > 0
         || !matches!(
             client.method.as_str(),

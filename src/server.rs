@@ -1,6 +1,6 @@
-//! Assembles the Pingora server from a validated config: the gateway
-//! service, the admin service, the housekeeping background service and the
-//! signal handling that drains held polls.
+//! Assembles the Pingora server from a validated config: the client
+//! listeners, the admin service, the broker and housekeeping background
+//! services, and the signals that drain the instance (the one shutdown path).
 
 use crate::admin::Admin;
 use crate::authorize::Authorizer;
@@ -12,17 +12,21 @@ use crate::front::{Front, HeadLimits};
 use crate::gateway::Gateway;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
-use crate::listener::Listener;
+use crate::listener::ClientListener;
 use crate::metrics;
 use crate::poll::{HeldSlots, Poller};
 use crate::routes::RouteTable;
+use crate::tls::Certificates;
 use crate::upstream::Upstreams;
 use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
+use pingora::server::ListenFds;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// How long a channel nobody polls stays in the hub after its last waiter.
@@ -70,10 +74,16 @@ fn raise_open_file_limit(max_held: usize) -> u64 {
     limit
 }
 
-/// Runs the gateway until SIGTERM/SIGINT; exits the process.
-pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
+/// Runs the gateway until SIGTERM, SIGINT or a graceful upgrade (SIGQUIT)
+/// has drained it. With `upgrade`, takes over the listening sockets of the
+/// running instance at `config.upgrade_sock` instead of binding them.
+pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), String> {
     metrics::init();
     raise_open_file_limit(config.limits.max_held);
+    let certificates = match &config.tls {
+        Some(tls) => Some(Certificates::load(&tls.cert, &tls.key)?),
+        None => None,
+    };
     let broker = broker(&config)?;
     metrics::BROKER_UP.set(broker.is_up() as i64);
     let hub = Hub::new(
@@ -86,15 +96,23 @@ pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
 
     let conf = ServerConf {
         threads: config.threads,
-        grace_period_seconds: Some(config.grace_period.as_secs()),
+        upgrade_sock: config.upgrade_sock.clone(),
+        // Draining is done (held polls answered, in-flight requests
+        // finished) before Pingora is told to stop: nothing to wait for then.
+        grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
     let routes = Arc::new(routes);
     let upstreams = Arc::new(Upstreams::new(&config.upstreams));
+    let keepalive_secs = config.listener.keepalive_timeout.as_secs().max(1);
     let gateway = Gateway::new(
         &config,
         routes.clone(),
@@ -119,13 +137,28 @@ pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
             header_timeout: config.limits.header_timeout,
             write_timeout: config.limits.write_timeout,
         },
+        keepalive_secs,
+        h2_max_streams: config.listener.h2_max_concurrent_streams,
+        options: {
+            let mut o = HttpServerOptions::default();
+            o.h2c = true;
+            o
+        },
     };
-    let listener = Listener::bind(&config.listen, Arc::new(front))?;
-    let mut gateway = pingora::services::background::GenBackgroundService::new(
-        "pollgate gateway".to_string(),
-        Arc::new(listener),
+    let fds = Arc::new(OnceLock::new());
+    let listener = ClientListener::new(
+        Arc::new(front),
+        life.clone(),
+        &config.listen,
+        config
+            .tls
+            .as_ref()
+            .zip(certificates.clone())
+            .map(|(tls, certs)| (tls.listen.clone(), certs, tls.handshake_timeout)),
+        config.listener.clone(),
+        config.threads,
+        fds.clone(),
     );
-    gateway.threads = Some(config.threads);
 
     let admin = Admin {
         hub: hub.clone(),
@@ -141,15 +174,25 @@ pub fn run(config: Config, routes: RouteTable) -> Result<(), String> {
         background_service("pollgate housekeeping", Housekeeping { hub: hub.clone() });
     let connection = background_service("pollgate broker", BrokerConnection { hub });
 
-    server.add_service(gateway);
+    server.add_service(listener);
     server.add_service(admin);
     server.add_service(housekeeping);
     server.add_service(connection);
-    tracing::info!(listen = %config.listen, admin = %config.admin_listen, broker = %crate::secret::redact_url(&config.broker.url), "pollgate starting");
+    tracing::info!(
+        listen = %config.listen,
+        tls = config.tls.as_ref().map_or("", |t| t.listen.as_str()),
+        admin = %config.admin_listen,
+        broker = %crate::secret::redact_url(&config.broker.url),
+        upgrade,
+        "pollgate starting"
+    );
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
             life,
             grace: config.grace_period,
+            fds,
+            upgrade_sock: config.upgrade_sock.clone(),
+            certificates,
         }),
     });
     Ok(())
@@ -189,42 +232,78 @@ impl BackgroundService for BrokerConnection {
     }
 }
 
-/// SIGTERM drains: held polls are answered at once, and the process exits
-/// as soon as nothing is in flight (or when `grace` ends), rather than
-/// sitting out Pingora's whole grace period.
+/// The one way out. SIGTERM drains; SIGQUIT first hands every listening
+/// socket to the `serve --upgrade` process waiting on `upgrade_sock`, then
+/// drains the same way; SIGHUP re-reads the TLS certificate; SIGINT stops
+/// at once. Draining answers held polls, stops accepting and closes idle
+/// connections; once the requests in flight are done (or `grace` ends),
+/// Pingora is told to stop, with nothing left to wait for.
 struct Signals {
     life: Arc<Lifecycle>,
     grace: Duration,
+    fds: Arc<OnceLock<ListenFds>>,
+    upgrade_sock: String,
+    certificates: Option<Arc<Certificates>>,
+}
+
+impl Signals {
+    /// Sends the listening sockets to the new process; false when none
+    /// could be sent (the instance then keeps serving).
+    fn hand_over(&self) -> bool {
+        let Some(fds) = self.fds.get() else {
+            tracing::error!("SIGQUIT: no listening sockets to hand over");
+            return false;
+        };
+        match fds.lock().send_to_sock(self.upgrade_sock.as_str()) {
+            Ok(n) => {
+                tracing::info!(sockets = n, sock = %self.upgrade_sock, "SIGQUIT: listening sockets handed over");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, sock = %self.upgrade_sock, "SIGQUIT: cannot hand over the listening sockets; still serving");
+                false
+            }
+        }
+    }
 }
 
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut quit), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::quit()),
+            signal(SignalKind::hangup()),
         ) else {
             tracing::error!("cannot install signal handlers");
             return std::future::pending().await;
         };
-        tokio::select! {
-            _ = int.recv() => return ShutdownSignal::FastShutdown,
-            _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
-            _ = term.recv() => {}
+        loop {
+            tokio::select! {
+                _ = int.recv() => return ShutdownSignal::FastShutdown,
+                _ = term.recv() => {
+                    tracing::info!(grace = ?self.grace, "SIGTERM: draining");
+                    break;
+                }
+                _ = quit.recv() => if self.hand_over() {
+                    tracing::info!(grace = ?self.grace, "graceful upgrade: draining");
+                    break;
+                },
+                _ = hup.recv() => match &self.certificates {
+                    Some(certs) => match certs.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                        Err(e) => tracing::warn!(error = %e, "SIGHUP: keeping the previous certificate"),
+                    },
+                    None => tracing::info!("SIGHUP: no TLS listener, nothing to reload"),
+                },
+            }
         }
-        tracing::info!(grace = ?self.grace, "SIGTERM: draining held polls");
         self.life.drain();
-        let life = self.life.clone();
-        let grace = self.grace;
-        std::thread::spawn(move || {
-            // Give Pingora a moment to stop its listeners, then wait for the rest.
-            std::thread::sleep(Duration::from_millis(50));
-            let clean = life.wait_idle(grace);
-            tracing::info!(clean, "drained; exiting");
-            std::process::exit(0);
-        });
-        ShutdownSignal::GracefulTerminate
+        let clean = self.life.wait_idle(self.grace).await;
+        tracing::info!(clean, "drained; exiting");
+        // Everything worth waiting for is done: no grace period left to sit out.
+        ShutdownSignal::FastShutdown
     }
 }

@@ -247,9 +247,26 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
-/// The client's address as `X-Forwarded-For` writes it.
-pub fn client_ip(addr: Option<&pingora::protocols::l4::socket::SocketAddr>) -> Option<String> {
-    addr.and_then(|a| a.as_inet()).map(|a| a.ip().to_string())
+/// The client's connection as `X-Forwarded-For` and `-Proto` describe it.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    /// The client's IP address.
+    pub ip: Option<String>,
+    /// True when the client connected over TLS.
+    pub tls: bool,
+}
+
+impl Peer {
+    /// The client of `session`.
+    pub fn of(session: &pingora::protocols::http::ServerSession) -> Peer {
+        Peer {
+            ip: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string()),
+            tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+        }
+    }
 }
 
 /// Adds `X-Forwarded-For` (appending to a received one), `-Proto` and
@@ -257,20 +274,20 @@ pub fn client_ip(addr: Option<&pingora::protocols::l4::socket::SocketAddr>) -> O
 pub fn add_forwarded(
     request: &mut RequestHeader,
     client: &RequestHeader,
-    client_ip: Option<String>,
+    peer: &Peer,
 ) -> Result<()> {
-    if let Some(ip) = client_ip {
+    if let Some(ip) = &peer.ip {
         let value = match request
             .headers
             .get("X-Forwarded-For")
             .and_then(|v| v.to_str().ok())
         {
             Some(prior) => format!("{prior}, {ip}"),
-            None => ip,
+            None => ip.clone(),
         };
         request.insert_header("X-Forwarded-For", value)?;
     }
-    request.insert_header("X-Forwarded-Proto", "http")?;
+    request.insert_header("X-Forwarded-Proto", if peer.tls { "https" } else { "http" })?;
     if let Some(host) = client.headers.get("Host").and_then(|h| h.to_str().ok()) {
         request.insert_header("X-Forwarded-Host", host.to_string())?;
     }
@@ -284,7 +301,7 @@ pub fn forwarded_copy(
     client: &RequestHeader,
     method: http::Method,
     path_and_query: &str,
-    client_ip: Option<String>,
+    peer: &Peer,
 ) -> Result<RequestHeader> {
     let mut request = RequestHeader::build(method, path_and_query.as_bytes(), None)?;
     for (name, value) in client.headers.iter() {
@@ -294,7 +311,7 @@ pub fn forwarded_copy(
         }
         request.append_header(name.clone(), value.clone())?;
     }
-    add_forwarded(&mut request, client, client_ip)?;
+    add_forwarded(&mut request, client, peer)?;
     Ok(request)
 }
 

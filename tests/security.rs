@@ -377,7 +377,9 @@ async fn a_saturated_broker_pushes_back_instead_of_queueing_without_end() {
         busy += v["detail"].as_str().unwrap().contains("busy") as usize;
     }
     assert!(busy >= 1, "some were refused for want of room");
-    let counted = pg.metric("pollgate_refused_total{reason=\"broker_busy\"}").await;
+    let counted = pg
+        .metric("pollgate_refused_total{reason=\"broker_busy\"}")
+        .await;
     assert_eq!(counted, busy as f64);
     redis.signal("-CONT");
     let deadline = Instant::now() + Duration::from_secs(10);

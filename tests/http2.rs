@@ -1,0 +1,160 @@
+//! HTTP/2 on the client listener (docs/api.md, "HTTP/2"): h2c with prior
+//! knowledge on `listen`; subscribe (JSON, raw, SSE) and proxied routes over
+//! it; many held polls on one connection; a stream reset by the client
+//! releases its poll at once; the concurrent-stream limit.
+
+mod support;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use serde_json::Value;
+use std::time::Duration;
+use support::backend::Backend;
+use support::*;
+use tokio::net::TcpStream;
+
+/// One HTTP/2 connection (prior knowledge) to `pg`'s client listener.
+async fn connect(pg: &Pollgate) -> SendRequest<Bytes> {
+    let tcp = TcpStream::connect(("127.0.0.1", pg.port)).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// Sends a GET for `path` with `headers`; returns the response future.
+async fn get(
+    client: &mut SendRequest<Bytes>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let mut req = http::Request::get(format!("http://localhost{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut ready = client.clone().ready().await.unwrap();
+    ready.send_request(req.body(()).unwrap(), true).unwrap()
+}
+
+/// Status and whole body of a response.
+async fn answer(response: h2::client::ResponseFuture) -> (u16, http::HeaderMap, Vec<u8>) {
+    let r = response.await.unwrap();
+    let (parts, mut body) = r.into_parts();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+    }
+    (parts.status.as_u16(), parts.headers, bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_held_polls_share_one_connection_and_all_get_the_message() {
+    let pg = Pollgate::start(ROUTES);
+    let mut client = connect(&pg).await;
+    let mut polls = Vec::new();
+    for _ in 0..50 {
+        let (response, _) = get(&mut client, "/sub/h2news", &[]).await;
+        polls.push(tokio::spawn(answer(response)));
+    }
+    pg.wait_metric("pollgate_held_requests", 50.0).await;
+    let id = pg.publish("h2news", "application/json", "{\"n\":1}").await;
+    for p in polls {
+        let (status, headers, body) = p.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(headers["pollgate-cursor"], id.as_str());
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["messages"][0]["data"]["n"], 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_and_sse_and_proxied_routes_answer_over_h2() {
+    let backend = Backend::start().await;
+    let pg = Pollgate::start(&format!(
+        "upstreams:\n  app:\n    addrs: [\"{}\"]\n{}\n  - path: \"/\"\n    upstream: app\n",
+        backend.addr(),
+        ROUTES.trim_end()
+    ));
+    let mut client = connect(&pg).await;
+    // Raw: the message's own bytes and type.
+    let (raw, _) = get(&mut client, "/raw/h2raw", &[]).await;
+    let raw = tokio::spawn(answer(raw));
+    // SSE: a stream of events on one HTTP/2 stream.
+    let (sse, _) = get(
+        &mut client,
+        "/sub/h2raw",
+        &[("accept", "text/event-stream")],
+    )
+    .await;
+    pg.wait_metric("pollgate_held_requests", 2.0).await;
+    let id = pg.publish("h2raw", "text/plain", "plain words").await;
+    let (status, headers, body) = raw.await.unwrap();
+    assert_eq!((status, body.as_slice()), (200, &b"plain words"[..]));
+    assert_eq!(headers["content-type"], "text/plain");
+    let mut sse = sse.await.unwrap().into_body();
+    let mut seen = String::new();
+    while !seen.contains("plain words") {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), sse.data())
+            .await
+            .expect("an event")
+            .unwrap()
+            .unwrap();
+        let _ = sse.flow_control().release_capacity(chunk.len());
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains(&format!("id: {id}")), "{seen}");
+    // A proxied route.
+    let (proxied, _) = get(&mut client, "/legacy/thing?x=1", &[]).await;
+    let (status, _, body) = answer(proxied).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["path"], "/legacy/thing?x=1");
+    // And a subscribe request with a bad target is refused there too.
+    let (bad, _) = get(&mut client, "/sub/%zz", &[]).await;
+    assert_eq!(answer(bad).await.0, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reset_by_the_client_releases_its_poll_at_once() {
+    let pg = Pollgate::start(ROUTES);
+    let mut client = connect(&pg).await;
+    let (keep, _) = get(&mut client, "/sub/reset", &[]).await;
+    let (_, mut gone) = get(&mut client, "/sub/reset", &[]).await;
+    pg.wait_metric("pollgate_held_requests", 2.0).await;
+    gone.send_reset(h2::Reason::CANCEL);
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    let disconnected = "pollgate_subscribe_requests_total{outcome=\"disconnected\"}";
+    pg.wait_metric(disconnected, 1.0).await;
+    // The other stream of the same connection is still held, and answered.
+    pg.publish("reset", "text/plain", "still here").await;
+    assert_eq!(answer(keep).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_per_connection_are_capped() {
+    let pg = Pollgate::start(&format!(
+        "listener:\n  h2_max_concurrent_streams: 3\n{ROUTES}"
+    ));
+    let mut client = connect(&pg).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(get(&mut client, "/sub/capped?timeout=2", &[]).await.0);
+    }
+    pg.wait_metric("pollgate_held_requests", 3.0).await;
+    // A fourth stream waits for one of the three to end.
+    let (fourth, _) = get(&mut client, "/sub/capped?timeout=0", &[]).await;
+    let fourth = tokio::spawn(answer(fourth));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !fourth.is_finished(),
+        "the server allows only 3 streams at once"
+    );
+    assert_eq!(pg.metric("pollgate_held_requests").await, 3.0);
+    for h in held {
+        assert_eq!(answer(h).await.0, 200);
+    }
+    assert_eq!(fourth.await.unwrap().0, 200, "served once there is room");
+}

@@ -1,0 +1,260 @@
+//! HTTPS on the client listener (docs/configuration.md, `tls`): HTTP/2 and
+//! HTTP/1.1 by ALPN, `X-Forwarded-Proto: https` to upstreams, a rotated
+//! certificate picked up by new handshakes (on its own and on SIGHUP) while
+//! open connections stay, and a handshake timeout. Certificates are made by
+//! the test (rcgen); the client speaks real TLS (rustls).
+
+mod support;
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use support::backend::Backend;
+use support::*;
+
+/// A certificate authority and a `localhost` certificate it signed.
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    Pki {
+        ca_pem: ca_cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// Writes the pair where pollgate reads it (replacing, as a rotation does).
+fn install(pki: &Pki, cert: &Path, key: &Path) {
+    let tmp = cert.with_extension("new");
+    std::fs::write(&tmp, &pki.cert_pem).unwrap();
+    std::fs::write(key, &pki.key_pem).unwrap();
+    std::fs::rename(&tmp, cert).unwrap();
+}
+
+/// A client that trusts only `pki`'s authority.
+fn trusting(pki: &Pki) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+/// A gateway with a TLS listener on the `pki` pair, `extra` config and
+/// the usual routes unless `extra` has its own; (gateway, https base URL,
+/// cert path, key path).
+fn start(pki: &Pki, extra: &str) -> (Pollgate, String, PathBuf, PathBuf) {
+    let cert = temp_file("tls.crt", "");
+    let key = temp_file("tls.key", "");
+    install(pki, &cert, &key);
+    let port = free_port();
+    let routes = if extra.contains("routes:") { "" } else { ROUTES };
+    let pg = Pollgate::start(&format!(
+        "tls:\n  listen: \"127.0.0.1:{port}\"\n  cert: \"{}\"\n  key: \"{}\"\n{extra}{routes}",
+        cert.display(),
+        key.display()
+    ));
+    (pg, format!("https://localhost:{port}"), cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_serves_h2_and_http1_and_tells_upstreams_it_was_https() {
+    let pki = pki();
+    let backend = Backend::start().await;
+    let upstream = format!("upstreams:\n  app:\n    addrs: [\"{}\"]\n", backend.addr());
+    let (pg, base, _, _) = start(&pki, &upstream);
+    let h2 = trusting(&pki);
+    let r = h2
+        .get(format!("{base}/sub/tls?timeout=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (200, http::Version::HTTP_2)
+    );
+    let h1 = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
+        .http1_only()
+        .build()
+        .unwrap();
+    let r = h1
+        .get(format!("{base}/sub/tls?timeout=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (200, http::Version::HTTP_11)
+    );
+    // A held poll over TLS is answered by a publish.
+    let url = format!("{base}/sub/tls");
+    let held = tokio::spawn(async move { h2.get(url).send().await.unwrap().text().await.unwrap() });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    pg.publish("tls", "text/plain", "over tls").await;
+    assert!(held.await.unwrap().contains("over tls"));
+
+    // Upstreams learn how the client came in.
+    let authorize = format!(
+        "{upstream}routes:\n  - path: \"/rooms/{{room}}/events\"\n    subscribe:\n      channels: [\"room:{{room}}\"]\n      authorize: app\n"
+    );
+    let (pg2, base2, _, _) = start(&pki, &authorize);
+    let r = trusting(&pki)
+        .get(format!("{base2}/rooms/1/events?timeout=0"))
+        .header("Authorization", "Bearer good")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = backend.seen();
+    assert_eq!(
+        seen.last().unwrap().header("x-forwarded-proto"),
+        Some("https")
+    );
+    let plain = client()
+        .get(pg2.url("/rooms/1/events?timeout=0"))
+        .header("Authorization", "Bearer good")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 200);
+    assert_eq!(
+        backend.seen().last().unwrap().header("x-forwarded-proto"),
+        Some("http")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_serves_new_handshakes_and_open_connections_stay() {
+    let first = pki();
+    let (pg, base, cert, key) = start(&first, "");
+    // A connection made with the first certificate holds a poll.
+    let old = trusting(&first);
+    let url = format!("{base}/sub/rotate");
+    let held = tokio::spawn(async move { old.get(url).send().await.unwrap().status() });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+
+    // cert-manager (say) rotates the files: picked up on its own.
+    let second = pki();
+    install(&second, &cert, &key);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let r = trusting(&second)
+            .get(format!("{base}/sub/rotate?timeout=0"))
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stale = trusting(&first)
+        .get(format!("{base}/sub/rotate?timeout=0"))
+        .send()
+        .await;
+    assert!(
+        stale.is_err(),
+        "new handshakes no longer use the old certificate"
+    );
+    assert_eq!(
+        pg.metric("pollgate_held_requests").await,
+        1.0,
+        "the open connection stays"
+    );
+    pg.publish("rotate", "text/plain", "after rotation").await;
+    assert_eq!(held.await.unwrap(), 200);
+
+    // SIGHUP reads them again at once.
+    let third = pki();
+    install(&third, &cert, &key);
+    pg.signal("-HUP");
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let r = trusting(&third)
+            .get(format!("{base}/sub/rotate?timeout=0"))
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload the certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A broken pair is refused and the current one kept.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    pg.signal("-HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = trusting(&third)
+        .get(format!("{base}/sub/rotate?timeout=0"))
+        .send()
+        .await;
+    assert_eq!(r.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_handshake_that_never_comes_is_cut() {
+    let pki = pki();
+    let (_pg, base, _, _) = start(&pki, "  handshake_timeout: 500ms\n");
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    let mut silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = Instant::now();
+    assert_eq!(silent.read(&mut [0u8; 8]).unwrap_or(0), 0, "closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "by the handshake timeout"
+    );
+}
+
+#[test]
+fn an_unreadable_certificate_is_a_clear_error() {
+    let port = free_port();
+    let f = temp_file(
+        "badtls.yaml",
+        &format!(
+            "tls:\n  listen: \"127.0.0.1:{port}\"\n  cert: /no/such.crt\n  key: /no/such.key\n"
+        ),
+    );
+    let (code, _, err) = run_cli(&["check", "-c", f.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("tls.cert: cannot read '/no/such.crt'"),
+        "{err}"
+    );
+    let junk = temp_file("junk.crt", "junk");
+    let f = temp_file(
+        "junktls.yaml",
+        &format!(
+            "tls:\n  listen: \"127.0.0.1:{port}\"\n  cert: \"{}\"\n  key: \"{}\"\n",
+            junk.display(),
+            junk.display()
+        ),
+    );
+    let (code, _, err) = run_cli(&["serve", "-c", f.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("tls:"), "{err}");
+}

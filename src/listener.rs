@@ -39,6 +39,8 @@ use tokio::net::TcpStream;
 
 /// The first bytes of the HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// Longest wait, after a graceful upgrade, for the broker before accepting.
+const BROKER_WAIT: Duration = Duration::from_secs(5);
 /// How often the certificate files are checked for a change.
 const CERT_CHECK: Duration = Duration::from_secs(2);
 
@@ -371,6 +373,20 @@ impl Service for ClientListener {
             request_limit: self.options.keepalive_request_limit,
             handshake: self.tls.as_ref().map_or(Duration::ZERO, |t| t.1),
         };
+        let inherited = fds.as_ref().is_some_and(|f| {
+            let table = f.lock();
+            self.endpoints.iter().any(|e| table.get(&e.addr).is_some())
+        });
+        if inherited {
+            // Taking over from a running instance, which keeps serving for
+            // a moment: accept once the broker is reached, so that the
+            // first polls here are not refused for want of it.
+            let broker = self.front.poller.hub.broker().clone();
+            let deadline = tokio::time::Instant::now() + BROKER_WAIT;
+            while !broker.is_up() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         let mut loops = Vec::new();
         for endpoint in &self.endpoints {
             let socket = self

@@ -29,6 +29,10 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+/// How long a process that handed its sockets over keeps accepting
+/// beside the new one before it drains.
+const UPGRADE_OVERLAP: Duration = Duration::from_secs(1);
+
 /// How long a channel nobody polls stays in the hub after its last waiter.
 pub const CHANNEL_LINGER: Duration = Duration::from_secs(30);
 
@@ -98,8 +102,9 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
         threads: config.threads,
         upgrade_sock: config.upgrade_sock.clone(),
         // Draining is done (held polls answered, in-flight requests
-        // finished) before Pingora is told to stop: nothing to wait for then.
-        grace_period_seconds: Some(0),
+        // finished) before Pingora is told to stop; this last second lets
+        // the admin listener finish what it accepted meanwhile.
+        grace_period_seconds: Some(1),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
@@ -288,6 +293,9 @@ impl ShutdownSignalWatch for Signals {
                     break;
                 }
                 _ = quit.recv() => if self.hand_over() {
+                    // Both instances accept for a moment, while the new one
+                    // connects to the broker; then this one drains.
+                    tokio::time::sleep(UPGRADE_OVERLAP).await;
                     tracing::info!(grace = ?self.grace, "graceful upgrade: draining");
                     break;
                 },
@@ -303,7 +311,6 @@ impl ShutdownSignalWatch for Signals {
         self.life.drain();
         let clean = self.life.wait_idle(self.grace).await;
         tracing::info!(clean, "drained; exiting");
-        // Everything worth waiting for is done: no grace period left to sit out.
-        ShutdownSignal::FastShutdown
+        ShutdownSignal::GracefulTerminate
     }
 }

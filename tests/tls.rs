@@ -6,52 +6,12 @@
 
 mod support;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use support::backend::Backend;
+use support::pki::{install, pki, trusting, Pki};
 use support::*;
-
-/// A certificate authority and a `localhost` certificate it signed.
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
-
-fn pki() -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
-    Pki {
-        ca_pem: ca_cert.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    }
-}
-
-/// Writes the pair where pollgate reads it (replacing, as a rotation does).
-fn install(pki: &Pki, cert: &Path, key: &Path) {
-    let tmp = cert.with_extension("new");
-    std::fs::write(&tmp, &pki.cert_pem).unwrap();
-    std::fs::write(key, &pki.key_pem).unwrap();
-    std::fs::rename(&tmp, cert).unwrap();
-}
-
-/// A client that trusts only `pki`'s authority.
-fn trusting(pki: &Pki) -> reqwest::Client {
-    reqwest::Client::builder()
-        .use_rustls_tls()
-        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap()
-}
 
 /// A gateway with a TLS listener on the `pki` pair, `extra` config and
 /// the usual routes unless `extra` has its own; (gateway, https base URL,
@@ -61,7 +21,11 @@ fn start(pki: &Pki, extra: &str) -> (Pollgate, String, PathBuf, PathBuf) {
     let key = temp_file("tls.key", "");
     install(pki, &cert, &key);
     let port = free_port();
-    let routes = if extra.contains("routes:") { "" } else { ROUTES };
+    let routes = if extra.contains("routes:") {
+        ""
+    } else {
+        ROUTES
+    };
     let pg = Pollgate::start(&format!(
         "tls:\n  listen: \"127.0.0.1:{port}\"\n  cert: \"{}\"\n  key: \"{}\"\n{extra}{routes}",
         cert.display(),

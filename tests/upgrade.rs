@@ -1,0 +1,144 @@
+//! The graceful upgrade (docs/api.md, "Lifecycle"): `pollgate serve
+//! --upgrade` beside a running instance, then SIGQUIT to the old one, with
+//! two real processes on one Redis. Clients opening new connections all the
+//! while, on the plain, TLS and admin listeners, see no refusal; a poll held on the old process is answered with its
+//! cursor and misses nothing on the new one. Also the listener's own
+//! settings: the per-connection request limit.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use support::pki::{install, pki, trusting};
+use support::redis::RedisServer;
+use support::*;
+
+/// Opens a new connection per request to `url` until `stop`; counts
+/// answers and failures: a refused or reset connection, or any status but
+/// 200 and a draining instance's 503 with `Retry-After` (which clients
+/// follow by asking again).
+fn hammer(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    hammer_with(fresh, url, stop)
+}
+
+/// [`hammer`] with a client of one's own (which must not pool connections).
+fn hammer_with(
+    fresh: reqwest::Client,
+    url: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
+    tokio::spawn(async move {
+        let (mut ok, mut failures) = (0, Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            match fresh.get(&url).send().await {
+                Ok(r) if r.status() == 200 => ok += 1,
+                Ok(r) if r.status() == 503 && r.headers().contains_key("retry-after") => {}
+                Ok(r) => failures.push(format!("status {}", r.status())),
+                Err(e) => failures.push(format!("{e:?}")),
+            }
+        }
+        (ok, failures)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_hands_the_sockets_to_the_new_process_and_nothing_is_refused_or_lost() {
+    let redis = RedisServer::start();
+    let sock = std::env::temp_dir().join(format!("pollgate-upgrade-{}.sock", std::process::id()));
+    let pki = pki();
+    let (cert, key) = (temp_file("up.crt", ""), temp_file("up.key", ""));
+    install(&pki, &cert, &key);
+    let tls_port = free_port();
+    let body = with_broker(
+        &format!(
+            "upgrade_sock: \"{}\"\ntls:\n  listen: \"127.0.0.1:{tls_port}\"\n  cert: \"{}\"\n  key: \"{}\"\n{ROUTES}",
+            sock.display(),
+            cert.display(),
+            key.display()
+        ),
+        &redis.url(),
+    );
+    let mut old = Pollgate::start(&body);
+    old.wait_ready();
+    let before = old.publish("up", "text/plain", "before").await;
+    let url = old.url(&format!("/sub/up?cursor={before}&timeout=30"));
+    let held = tokio::spawn(async move { get_json(&url).await });
+    old.wait_metric("pollgate_held_requests", 1.0).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = hammer(old.url("/sub/busy?timeout=0"), stop.clone());
+    let admins = hammer(old.admin("/healthz"), stop.clone());
+    let https = format!("https://localhost:{tls_port}/sub/busy?timeout=0");
+    let secure = hammer_with(trusting(&pki), https, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The new process waits for the sockets; SIGQUIT hands them over.
+    let mut new = Command::new(env!("CARGO_BIN_EXE_pollgate"))
+        .args(["serve", "-c", old.config.to_str().unwrap(), "--upgrade"])
+        .args(["--log-level", "warn"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    old.signal("-QUIT");
+
+    // The held poll is answered at once, with its cursor, and told to go.
+    let (status, headers, v) = tokio::time::timeout(Duration::from_secs(6), held)
+        .await
+        .expect("answered on the hand-over")
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(v["cursor"], before.as_str());
+    assert_eq!(v["messages"].as_array().unwrap().len(), 0);
+    assert_eq!(headers["connection"], "close");
+    let exit = old
+        .wait_exit(Duration::from_secs(15))
+        .expect("the old process exits");
+    assert!(exit.success(), "{exit}");
+
+    // The same ports now reach the new process, which misses nothing.
+    old.wait_ready();
+    let during = old.publish("up", "text/plain", "after").await;
+    let (status, _, v) = get_json(&old.url(&format!("/sub/up?cursor={before}"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(ids(&v), [during]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for (name, task) in [("client", clients), ("admin", admins), ("https", secure)] {
+        let (ok, failures) = task.await.unwrap();
+        assert!(ok > 20, "{name}: only {ok} requests went through");
+        assert!(
+            failures.is_empty(),
+            "{name}: {} failed: {failures:?}",
+            failures.len()
+        );
+    }
+    let _ = new.kill();
+    let _ = new.wait();
+    let _ = std::fs::remove_file(sock);
+}
+
+#[tokio::test]
+async fn a_connection_serves_at_most_the_request_limit() {
+    let pg = Pollgate::start(&format!(
+        "listener:\n  keepalive_request_limit: 2\n{ROUTES}"
+    ));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let request = "GET /sub/limit?timeout=0 HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (_, first, _) = raw_exchange(&mut s, request);
+    assert!(!first.iter().any(|(k, v)| k == "connection" && v == "close"));
+    let (_, second, _) = raw_exchange(&mut s, request);
+    assert!(
+        second
+            .iter()
+            .any(|(k, v)| k == "connection" && v == "close"),
+        "the second answer closes: {second:?}"
+    );
+}

@@ -15,6 +15,16 @@ use support::pki::{install, pki, trusting};
 use support::redis::RedisServer;
 use support::*;
 
+/// A process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Opens a new connection per request to `url` until `stop`; counts
 /// answers and failures: a refused or reset connection, or any status but
 /// 200 and a draining instance's 503 with `Retry-After` (which clients
@@ -79,12 +89,14 @@ async fn sigquit_hands_the_sockets_to_the_new_process_and_nothing_is_refused_or_
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The new process waits for the sockets; SIGQUIT hands them over.
-    let mut new = Command::new(env!("CARGO_BIN_EXE_pollgate"))
-        .args(["serve", "-c", old.config.to_str().unwrap(), "--upgrade"])
-        .args(["--log-level", "warn"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _new = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_pollgate"))
+            .args(["serve", "-c", old.config.to_str().unwrap(), "--upgrade"])
+            .args(["--log-level", "warn"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     old.signal("-QUIT");
 
@@ -119,8 +131,6 @@ async fn sigquit_hands_the_sockets_to_the_new_process_and_nothing_is_refused_or_
             failures.len()
         );
     }
-    let _ = new.kill();
-    let _ = new.wait();
     let _ = std::fs::remove_file(sock);
 }
 

@@ -48,6 +48,21 @@ Key of the publish token inside that Secret.
 {{- .Values.publishToken.key | default "token" }}
 {{- end }}
 
+{{/*
+Name of the kubernetes.io/tls Secret of the HTTPS listener: tls.secretName,
+else <fullname>-tls, which the chart's cert-manager Certificate writes.
+With tls.enabled, one of the two is required.
+*/}}
+{{- define "pollgate.tlsSecretName" -}}
+{{- if .Values.tls.secretName }}
+{{- .Values.tls.secretName }}
+{{- else if .Values.tls.certManager.enabled }}
+{{- printf "%s-tls" (include "pollgate.fullname" . | trunc 59 | trimSuffix "-") }}
+{{- else }}
+{{- fail "tls.enabled needs a certificate: tls.secretName (an existing kubernetes.io/tls Secret) or tls.certManager.enabled" }}
+{{- end }}
+{{- end }}
+
 {{- define "pollgate.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}

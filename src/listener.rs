@@ -29,7 +29,7 @@ use pingora::protocols::{Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType};
 use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -182,13 +182,13 @@ async fn serve_h1(front: Arc<Front>, stream: Stream, request_limit: u32, shutdow
     }
 }
 
-/// True when a plaintext connection opens with the HTTP/2 preface (h2c
-/// with prior knowledge). Waits for its first bytes at most `wait`.
-async fn starts_h2c(tcp: &TcpStream, wait: Duration) -> bool {
+/// Whether a plaintext connection opens with the HTTP/2 preface (h2c with
+/// prior knowledge); None when it sends nothing within `wait` or closes.
+async fn starts_h2c(tcp: &TcpStream, wait: Duration) -> Option<bool> {
     let mut buf = [0u8; H2_PREFACE.len()];
     match tokio::time::timeout(wait, tcp.peek(&mut buf)).await {
-        Ok(Ok(n)) if n >= 3 => buf[..n] == H2_PREFACE[..n],
-        _ => false,
+        Ok(Ok(n)) if n > 0 => Some(n >= 3 && buf[..n] == H2_PREFACE[..n]),
+        _ => None,
     }
 }
 
@@ -197,6 +197,8 @@ struct Endpoint {
     addr: String,
     /// The TLS acceptor of an HTTPS endpoint.
     tls: Option<Arc<Acceptor>>,
+    /// Bound at construction (None when the socket is to be inherited).
+    bound: Option<std::net::TcpListener>,
 }
 
 /// The client listeners as a Pingora service.
@@ -214,7 +216,10 @@ pub struct ClientListener {
 impl ClientListener {
     /// A service listening on `listen` and, with `tls`, on its address with
     /// its certificates and handshake timeout; `fds` receives Pingora's
-    /// table of listening sockets when the service starts.
+    /// table of listening sockets when the service starts. Binds now
+    /// (a taken port is an error at start) unless `inherit`: then the
+    /// sockets come from the instance being upgraded.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         front: Arc<Front>,
         life: Arc<Lifecycle>,
@@ -223,19 +228,31 @@ impl ClientListener {
         options: ListenerConfig,
         threads: usize,
         fds: Arc<OnceLock<ListenFds>>,
-    ) -> ClientListener {
+        inherit: bool,
+    ) -> Result<ClientListener, String> {
+        let bind_now = |addr: &str| match inherit {
+            true => Ok(None),
+            false => bind(addr, &options)
+                .map(Some)
+                .map_err(|e| format!("cannot listen on {addr}: {e}")),
+        };
         let mut endpoints = vec![Endpoint {
             addr: listen.to_string(),
             tls: None,
+            bound: bind_now(listen)?,
         }];
-        let tls = tls.map(|(addr, certs, handshake)| {
-            endpoints.push(Endpoint {
-                addr,
-                tls: Some(Arc::new(certs.acceptor())),
-            });
-            (certs, handshake)
-        });
-        ClientListener {
+        let tls = match tls {
+            Some((addr, certs, handshake)) => {
+                endpoints.push(Endpoint {
+                    bound: bind_now(&addr)?,
+                    addr,
+                    tls: Some(Arc::new(certs.acceptor())),
+                });
+                Some((certs, handshake))
+            }
+            None => None,
+        };
+        Ok(ClientListener {
             front,
             life,
             endpoints,
@@ -243,26 +260,33 @@ impl ClientListener {
             tls,
             threads,
             fds,
-        }
+        })
     }
 
-    /// The listening socket for `addr`: the one inherited through a
-    /// graceful upgrade, or a new one (registered for the next upgrade).
-    fn socket(&self, addr: &str, fds: Option<&ListenFds>) -> io::Result<std::net::TcpListener> {
-        if let Some(fd) = fds.and_then(|f| f.lock().get(addr).copied()) {
-            tracing::info!(%addr, "listening on an inherited socket");
-            // SAFETY: the fd was handed over for this address and is ours now.
-            let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-            listener.set_nonblocking(true)?;
+    /// The listening socket of `endpoint`: the one inherited through a
+    /// graceful upgrade, or the one bound at start, registered in Pingora's
+    /// table for the next upgrade (by its number: it closes when this
+    /// instance drains, leaving the socket to the process it went to).
+    fn socket(
+        endpoint: &mut Endpoint,
+        fds: Option<&ListenFds>,
+    ) -> io::Result<std::net::TcpListener> {
+        let addr = &endpoint.addr;
+        if let Some(listener) = endpoint.bound.take() {
+            if let Some(fds) = fds {
+                fds.lock().add(addr.to_string(), listener.as_raw_fd());
+            }
             return Ok(listener);
         }
-        let listener = bind(addr, &self.options)?;
-        if let Some(fds) = fds {
-            // The table keeps a duplicate, so that closing ours on drain
-            // leaves the socket to the process it was handed to.
-            let dup = listener.try_clone()?.into_raw_fd();
-            fds.lock().add(addr.to_string(), dup);
-        }
+        let fd = fds
+            .and_then(|f| f.lock().get(addr).copied())
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "no socket was handed over for it")
+            })?;
+        tracing::info!(%addr, "listening on an inherited socket");
+        // SAFETY: the fd was handed over for this address and is ours now.
+        let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+        listener.set_nonblocking(true)?;
         Ok(listener)
     }
 }
@@ -312,7 +336,13 @@ impl Acceptance {
     /// Serves one accepted connection: TLS handshake when `tls`, then
     /// HTTP/2 or HTTP/1.
     async fn serve(self, tcp: TcpStream, tls: Option<Arc<Acceptor>>, shutdown: ShutdownWatch) {
-        let h2c = tls.is_none() && starts_h2c(&tcp, self.front.limits.header_timeout).await;
+        let h2c = match tls {
+            Some(_) => false,
+            None => match starts_h2c(&tcp, self.front.limits.header_timeout).await {
+                Some(h2c) => h2c,
+                None => return, // silent or closed: as a head that never comes
+            },
+        };
         let conn = Conn::new(tcp);
         let stream: Stream = match tls {
             None => Box::new(conn),
@@ -373,10 +403,7 @@ impl Service for ClientListener {
             request_limit: self.options.keepalive_request_limit,
             handshake: self.tls.as_ref().map_or(Duration::ZERO, |t| t.1),
         };
-        let inherited = fds.as_ref().is_some_and(|f| {
-            let table = f.lock();
-            self.endpoints.iter().any(|e| table.get(&e.addr).is_some())
-        });
+        let inherited = self.endpoints.iter().any(|e| e.bound.is_none());
         if inherited {
             // Taking over from a running instance, which keeps serving for
             // a moment: accept once the broker is reached, so that the
@@ -388,17 +415,22 @@ impl Service for ClientListener {
             }
         }
         let mut loops = Vec::new();
-        for endpoint in &self.endpoints {
-            let socket = self
-                .socket(&endpoint.addr, fds.as_ref())
-                .and_then(tokio::net::TcpListener::from_std);
+        for endpoint in &mut self.endpoints {
+            let socket =
+                Self::socket(endpoint, fds.as_ref()).and_then(tokio::net::TcpListener::from_std);
             match socket {
                 Ok(listener) => loops.push(tokio::spawn(acceptance.clone().run(
                     listener,
                     endpoint.tls.clone(),
                     shutdown.clone(),
                 ))),
-                Err(e) => tracing::error!(addr = %endpoint.addr, error = %e, "cannot listen"),
+                Err(e) => {
+                    // Only an upgrade whose predecessor listened elsewhere:
+                    // serving without this listener would look ready but
+                    // lose its clients.
+                    tracing::error!(addr = %endpoint.addr, error = %e, "cannot listen; exiting");
+                    std::process::exit(2);
+                }
             }
         }
         if let Some((certs, _)) = &self.tls {

@@ -147,6 +147,9 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
         options: {
             let mut o = HttpServerOptions::default();
             o.h2c = true;
+            // An HTTP/2 connection with no stream open lasts as long as an
+            // idle HTTP/1.1 one.
+            o.h2_idle_timeout = Some(config.listener.keepalive_timeout);
             o
         },
     };
@@ -163,7 +166,8 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
         config.listener.clone(),
         config.threads,
         fds.clone(),
-    );
+        upgrade,
+    )?;
 
     let admin = Admin {
         hub: hub.clone(),
@@ -254,12 +258,21 @@ struct Signals {
 impl Signals {
     /// Sends the listening sockets to the new process; false when none
     /// could be sent (the instance then keeps serving).
-    fn hand_over(&self) -> bool {
-        let Some(fds) = self.fds.get() else {
+    async fn hand_over(&self) -> bool {
+        let Some(fds) = self.fds.get().cloned() else {
             tracing::error!("SIGQUIT: no listening sockets to hand over");
             return false;
         };
-        match fds.lock().send_to_sock(self.upgrade_sock.as_str()) {
+        let sock = self.upgrade_sock.clone();
+        // Pingora's send retries with sleeps: off the async threads.
+        let sent = tokio::task::spawn_blocking(move || {
+            fds.lock()
+                .send_to_sock(sock.as_str())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match sent {
             Ok(n) => {
                 tracing::info!(sockets = n, sock = %self.upgrade_sock, "SIGQUIT: listening sockets handed over");
                 true
@@ -292,7 +305,7 @@ impl ShutdownSignalWatch for Signals {
                     tracing::info!(grace = ?self.grace, "SIGTERM: draining");
                     break;
                 }
-                _ = quit.recv() => if self.hand_over() {
+                _ = quit.recv() => if self.hand_over().await {
                     // Both instances accept for a moment, while the new one
                     // connects to the broker; then this one drains.
                     tokio::time::sleep(UPGRADE_OVERLAP).await;

@@ -152,3 +152,22 @@ async fn a_connection_serves_at_most_the_request_limit() {
         "the second answer closes: {second:?}"
     );
 }
+
+#[test]
+fn a_taken_port_is_an_error_at_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let f = temp_file(
+        "taken.yaml",
+        &format!(
+            "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{}\"\n",
+            free_port()
+        ),
+    );
+    let (code, _, err) = run_cli(&["serve", "-c", f.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+}

@@ -1,0 +1,302 @@
+//! The hub's unit tests: fan-out, cursors, races, lower ids, ahead
+//! cursors, the channel cap (over the memory broker, counting its reads).
+
+use super::*;
+use crate::broker::memory::MemoryBroker;
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::sync::atomic::AtomicUsize;
+
+/// The memory broker, counting the history reads the hub makes.
+struct Counting {
+    inner: MemoryBroker,
+    reads: AtomicUsize,
+}
+
+#[async_trait]
+impl Broker for Counting {
+    async fn publish(
+        &self,
+        ch: &str,
+        ct: String,
+        data: Bytes,
+    ) -> Result<Arc<Message>, BrokerError> {
+        self.inner.publish(ch, ct, data).await
+    }
+    async fn history(&self, ch: &str) -> Result<History, BrokerError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.history(ch).await
+    }
+    fn set_sink(&self, sink: Arc<dyn Sink>) {
+        self.inner.set_sink(sink)
+    }
+}
+
+fn hub() -> (Arc<Hub>, Arc<Counting>) {
+    let broker = Arc::new(Counting {
+        inner: MemoryBroker::new(100, Duration::from_secs(60)),
+        reads: AtomicUsize::new(0),
+    });
+    (
+        Hub::new(broker.clone(), 100, Duration::from_secs(30), 1000),
+        broker,
+    )
+}
+
+async fn publish(b: &Counting, ch: &str, text: &'static str) -> Arc<Message> {
+    b.publish(ch, "text/plain".into(), Bytes::from_static(text.as_bytes()))
+        .await
+        .unwrap()
+}
+
+async fn answer(h: Held) -> Arc<Answer> {
+    match h.wake.await.unwrap() {
+        Wake::Answer(a) => a,
+        Wake::Repoll => panic!("unexpected repoll"),
+    }
+}
+
+fn held(p: Poll) -> Held {
+    match p {
+        Poll::Held(h) => h,
+        Poll::Ready(a) => panic!("expected a hold, got {a:?}"),
+    }
+}
+
+#[tokio::test]
+async fn one_publish_wakes_every_waiter_with_one_shared_answer_and_no_broker_call() {
+    let (hub, broker) = hub();
+    let names = vec!["room".to_string()];
+    let mut waiters = Vec::new();
+    for _ in 0..1000 {
+        waiters.push(held(
+            hub.poll(&names, None, First::Newest, Format::Envelope)
+                .await
+                .unwrap(),
+        ));
+    }
+    assert_eq!(
+        broker.reads.load(Ordering::Relaxed),
+        1,
+        "one window load for the channel"
+    );
+    let m = publish(&broker, "room", "hi").await;
+    let mut answers = Vec::new();
+    for w in waiters {
+        answers.push(answer(w).await);
+    }
+    assert!(
+        answers.iter().all(|a| Arc::ptr_eq(a, &answers[0])),
+        "encoded once"
+    );
+    assert_eq!(answers[0].messages[0].id, m.id);
+    // Everyone re-polls with the new cursor: answered from the window.
+    let cursor = answers[0].cursor.clone();
+    for _ in 0..1000 {
+        held(
+            hub.poll(
+                &names,
+                Some(cursor.clone()),
+                First::Newest,
+                Format::Envelope,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let late = Cursor(vec![MessageId::ZERO]);
+    match hub
+        .poll(&names, Some(late), First::Newest, Format::Envelope)
+        .await
+        .unwrap()
+    {
+        Poll::Ready(a) => assert_eq!(a.messages.len(), 1),
+        Poll::Held(_) => panic!("a client behind gets the window at once"),
+    }
+    assert_eq!(
+        broker.reads.load(Ordering::Relaxed),
+        1,
+        "no broker call per poll"
+    );
+}
+
+#[tokio::test]
+async fn waiters_with_different_cursors_get_their_own_answers() {
+    let (hub, broker) = hub();
+    let names = vec!["a".to_string(), "b".to_string()];
+    let first = held(
+        hub.poll(&names, None, First::Newest, Format::Envelope)
+            .await
+            .unwrap(),
+    );
+    let m = publish(&broker, "b", "1").await;
+    let after = answer(first).await;
+    assert_eq!(after.cursor.0, vec![MessageId::ZERO, m.id]);
+    let w1 = held(
+        hub.poll(
+            &names,
+            Some(after.cursor.clone()),
+            First::Newest,
+            Format::Envelope,
+        )
+        .await
+        .unwrap(),
+    );
+    let w2 = held(
+        hub.poll(&names[..1], None, First::Newest, Format::Envelope)
+            .await
+            .unwrap(),
+    );
+    let n = publish(&broker, "a", "2").await;
+    let (a1, a2) = (answer(w1).await, answer(w2).await);
+    assert_eq!(a1.cursor.0, vec![n.id, m.id]);
+    assert_eq!(a2.cursor.0, vec![n.id]);
+}
+
+fn msg(ms: u64, channel: &str) -> Arc<Message> {
+    Arc::new(Message::new(
+        MessageId { ms, seq: 0 },
+        channel.into(),
+        "text/plain".into(),
+        Bytes::from_static(b"x"),
+    ))
+}
+
+fn ready(p: Poll) -> Arc<Answer> {
+    match p {
+        Poll::Ready(a) => a,
+        Poll::Held(_) => panic!("expected an answer at once"),
+    }
+}
+
+#[tokio::test]
+async fn a_poll_without_cursor_keeps_a_message_that_lands_before_it_registers() {
+    let (hub, broker) = hub();
+    let names = vec!["race".to_string()];
+    let _ = hub.channel("race").await.unwrap();
+    // The message lands after the poll chose its start, before it waits.
+    let h = hub.clone();
+    *hub.before_register.lock() = Some(Box::new(move || h.deliver(msg(5, "race"))));
+    let answer = ready(
+        hub.poll(&names, None, First::Newest, Format::Envelope)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(answer.messages[0].id.ms, 5, "not skipped");
+    assert!(!answer.gap);
+    drop(broker);
+}
+
+#[tokio::test]
+async fn an_id_going_backwards_wakes_waiters_with_a_gap() {
+    let (hub, broker) = hub();
+    let names = vec!["reset".to_string()];
+    let first = publish(&broker, "reset", "before").await;
+    let w = held(
+        hub.poll(
+            &names,
+            Some(Cursor(vec![first.id])),
+            First::Newest,
+            Format::Envelope,
+        )
+        .await
+        .unwrap(),
+    );
+    // The channel's history was deleted and begins again, lower.
+    let restarted = msg(first.id.ms - 1000, "reset");
+    hub.deliver(restarted.clone());
+    let wake = tokio::time::timeout(Duration::from_secs(1), w.wake)
+        .await
+        .expect("woken, not left waiting")
+        .unwrap();
+    assert!(
+        matches!(wake, Wake::Repoll),
+        "sent back to poll, to learn of the gap"
+    );
+    assert_eq!(
+        hub.lookup_channel("reset")
+            .unwrap()
+            .state
+            .lock()
+            .window
+            .last_id(),
+        restarted.id
+    );
+}
+
+#[tokio::test]
+async fn cursors_ahead_of_the_channel_are_a_gap_without_a_read_per_poll() {
+    let (hub, broker) = hub();
+    let names = vec!["future".to_string()];
+    let kept = publish(&broker, "future", "kept").await;
+    let reads = broker.reads.load(Ordering::Relaxed);
+    let made_up = Cursor(vec![MessageId {
+        ms: kept.id.ms + 10_000_000,
+        seq: 0,
+    }]);
+    for _ in 0..50 {
+        let a = ready(
+            hub.poll(
+                &names,
+                Some(made_up.clone()),
+                First::Newest,
+                Format::Envelope,
+            )
+            .await
+            .unwrap(),
+        );
+        assert!(a.gap, "a cursor never issued is a gap");
+        assert_eq!(a.messages[0].id, kept.id, "with what is retained");
+        assert_eq!(a.cursor.0[0], kept.id, "and a cursor that is valid");
+    }
+    assert!(
+        broker.reads.load(Ordering::Relaxed) - reads <= 2,
+        "one window load and one shared check, not one read per poll"
+    );
+}
+
+#[tokio::test]
+async fn active_channels_are_capped() {
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(10, Duration::from_secs(60)));
+    let hub = Hub::new(broker, 10, Duration::ZERO, 2);
+    let poll = |name: &str| {
+        let names = vec![name.to_string()];
+        let hub = hub.clone();
+        async move {
+            hub.poll(&names, None, First::Newest, Format::Envelope)
+                .await
+        }
+    };
+    let (a, b) = (poll("a").await.unwrap(), poll("b").await.unwrap());
+    assert!(matches!(poll("c").await, Err(HubError::TooManyChannels(2))));
+    assert!(poll("a").await.is_ok(), "known channels still serve");
+    drop((a, b));
+    hub.sweep();
+    assert_eq!(hub.active_channels(), 0);
+    assert!(
+        poll("c").await.is_ok(),
+        "room again once idle ones are swept"
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_waiter_leaves_its_channels_and_idle_channels_are_swept() {
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(10, Duration::from_secs(60)));
+    let hub = Hub::new(broker, 10, Duration::ZERO, 1000);
+    let names = vec!["x".to_string(), "y".to_string()];
+    let w = held(
+        hub.poll(&names, None, First::Newest, Format::Envelope)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(hub.info("x").await.unwrap().subscribers, 1);
+    hub.sweep();
+    assert!(
+        hub.lookup_channel("x").is_some(),
+        "kept while a waiter holds it"
+    );
+    drop(w);
+    assert_eq!(hub.info("y").await.unwrap().subscribers, 0);
+    hub.sweep();
+    assert!(hub.lookup_channel("x").is_none() && hub.lookup_channel("y").is_none());
+}

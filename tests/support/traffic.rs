@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Pause between two publishes on one channel.
-const INTERVAL: Duration = Duration::from_millis(40);
-/// Channels published and followed.
-const CHANNELS: usize = 3;
+/// Pause between two rounds of publishes (one on each channel).
+pub const INTERVAL: Duration = Duration::from_millis(40);
+/// Channels published and followed (each instance holds one poll on each).
+pub const CHANNELS: usize = 3;
 /// Publishes per channel that show that traffic flows (1 s of it).
 const FLOW: usize = 25;
 /// The hold time subscribers ask for.

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use support::fleet::Fleet;
 use support::proxy::Proxy;
 use support::redis::RedisServer;
-use support::traffic::Traffic;
+use support::traffic::{Traffic, CHANNELS, INTERVAL};
+use support::Pollgate;
 
 const INSTANCES: usize = 3;
 /// How long Redis stays down.
@@ -89,8 +90,9 @@ async fn d_every_instance_restarted_in_turn_with_sigterm_loses_nothing() {
 
 /// Instance 0 reaches Redis through a proxy that cuts its connection for a
 /// second (instances 1 and 2 keep publishing meanwhile), then stalls the
-/// new connection past pollgate's 2 s response timeout at its first script
-/// call, so that the catch-up read of the missed messages fails.
+/// new connection for 6.5 s at its first script call: pollgate's response
+/// timeout is 2 s, so the catch-up reads of the missed messages (one
+/// channel after the other) all fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e_a_failed_catch_up_read_after_a_reconnect_loses_nothing() {
     let redis = RedisServer::start();
@@ -100,14 +102,15 @@ async fn e_a_failed_catch_up_read_after_a_reconnect_loses_nothing() {
     let traffic = Traffic::start(&fleet.directory);
     traffic.flowing().await;
 
-    proxy.stall_next_connection_at(b"EVALSHA", Duration::from_millis(2500));
+    proxy.stall_next_connection_at(b"EVALSHA", Duration::from_millis(6500));
+    every_poll_just_held_again(fleet.instance(0), CHANNELS).await;
     proxy.cut(OUTAGE);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !proxy.stall_fired() {
         assert!(Instant::now() < deadline, "instance 0 never reconnected");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     fleet.wait_ready().await;
     traffic.flowing().await;
 
@@ -115,4 +118,23 @@ async fn e_a_failed_catch_up_read_after_a_reconnect_loses_nothing() {
         .finish("(e) instance 0's Redis connection cut, then its catch-up read stalled")
         .await;
     assert_eq!(tally.lost, 0, "{tally}");
+}
+
+/// Returns between two rounds of publishes, once the `n` polls held on `pg`
+/// were answered and all held again: a fault now finds every subscriber of
+/// `pg` waiting there.
+async fn every_poll_just_held_again(pg: &Pollgate, n: usize) {
+    let held = || pg.metric("pollgate_held_requests");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held().await >= n as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "no publish reached {n} held polls"
+        );
+    }
+    while held().await < n as f64 {
+        assert!(Instant::now() < deadline, "the polls were not held again");
+    }
+    // The round's other channels were answered too; the next round is ~20 ms off.
+    tokio::time::sleep(INTERVAL / 2).await;
 }

@@ -99,6 +99,11 @@ impl Fleet {
         }
     }
 
+    /// Instance `i`, running.
+    pub fn instance(&self, i: usize) -> &Pollgate {
+        self.instances[i].as_ref().expect("instance is running")
+    }
+
     /// SIGKILLs instance `i`; clients stop finding it.
     pub async fn kill(&mut self, i: usize) {
         let mut pg = self.instances[i].take().expect("instance is running");

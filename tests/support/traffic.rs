@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Pause between two publishes on one channel.
-const INTERVAL: Duration = Duration::from_millis(40);
-/// Channels published and followed.
-const CHANNELS: usize = 3;
+/// Pause between two rounds of publishes (one on each channel).
+pub const INTERVAL: Duration = Duration::from_millis(40);
+/// Channels published and followed (each instance holds one poll on each).
+pub const CHANNELS: usize = 3;
 /// Publishes per channel that show that traffic flows (1 s of it).
 const FLOW: usize = 25;
 /// The hold time subscribers ask for.
@@ -323,6 +323,9 @@ pub struct Tally {
     pub duplicates: usize,
     /// Messages received after a newer one (not counting duplicates).
     pub reordered: usize,
+    /// Messages received although their publish was not answered 200 (a
+    /// publish that timed out can still be stored).
+    pub unconfirmed: usize,
     /// Answers with `"gap": true`.
     pub gaps: usize,
     pub subscribers: usize,
@@ -371,6 +374,7 @@ impl Tally {
             self.subscribers_with_gap += 1;
         }
         self.delivered += received.len();
+        self.unconfirmed += received.iter().filter(|s| !published.contains(s)).count();
         let lost: Vec<u64> = published
             .iter()
             .copied()
@@ -395,13 +399,14 @@ impl fmt::Display for Tally {
         write!(
             f,
             "published {}, delivered {}, lost {}, duplicates {}, reordered {}, \
-             gaps {} (seen by {} of {} subscribers), client-visible errors: \
-             {} polls, {} publishes",
+             unconfirmed {}, gaps {} (seen by {} of {} subscribers), \
+             client-visible errors: {} polls, {} publishes",
             self.published,
             self.delivered,
             self.lost,
             self.duplicates,
             self.reordered,
+            self.unconfirmed,
             self.gaps,
             self.subscribers_with_gap,
             self.subscribers,

@@ -263,7 +263,8 @@ impl HttpServerApp for Front {
         let keepalive = session.get_keepalive();
         let reuses = session.get_keepalive_reuses_remaining();
         let ServerSession::H1(h1) = session else {
-            return self.serve_h2(session, shutdown).await;
+            // Boxed: an HTTP/1 connection's task must not carry its state.
+            return Box::pin(self.serve_h2(session, shutdown)).await;
         };
         // A connection's first request (no keep-alive set yet) must start
         // within the header timeout; later ones within the keep-alive of

@@ -336,9 +336,11 @@ impl Acceptance {
     /// Serves one accepted connection: TLS handshake when `tls`, then
     /// HTTP/2 or HTTP/1.
     async fn serve(self, tcp: TcpStream, tls: Option<Arc<Acceptor>>, shutdown: ShutdownWatch) {
+        // The transient steps are boxed: their state would otherwise be
+        // part of every connection's task for as long as it lives.
         let h2c = match tls {
             Some(_) => false,
-            None => match starts_h2c(&tcp, self.front.limits.header_timeout).await {
+            None => match Box::pin(starts_h2c(&tcp, self.front.limits.header_timeout)).await {
                 Some(h2c) => h2c,
                 None => return, // silent or closed: as a head that never comes
             },
@@ -347,7 +349,8 @@ impl Acceptance {
         let stream: Stream = match tls {
             None => Box::new(conn),
             Some(acceptor) => {
-                match tokio::time::timeout(self.handshake, acceptor.tls_handshake(conn)).await {
+                let handshake = tokio::time::timeout(self.handshake, acceptor.tls_handshake(conn));
+                match Box::pin(handshake).await {
                     Ok(Ok(tls)) => Box::new(tls),
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "TLS handshake failed");

@@ -102,6 +102,23 @@ async fn https_serves_h2_and_http1_and_tells_upstreams_it_was_https() {
     );
 }
 
+/// True once a new connection that trusts only `pki` is served at `base`
+/// (tried until `within` has passed).
+async fn served(pki: &Pki, base: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let r = trusting(pki)
+            .get(format!("{base}/sub/rotate?timeout=0"))
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_certificate_serves_new_handshakes_and_open_connections_stay() {
     let first = pki();
@@ -115,21 +132,10 @@ async fn a_rotated_certificate_serves_new_handshakes_and_open_connections_stay()
     // cert-manager (say) rotates the files: picked up on its own.
     let second = pki();
     install(&second, &cert, &key);
-    let deadline = Instant::now() + Duration::from_secs(6);
-    loop {
-        let r = trusting(&second)
-            .get(format!("{base}/sub/rotate?timeout=0"))
-            .send()
-            .await;
-        if r.is_ok_and(|r| r.status() == 200) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new certificate was never served"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        served(&second, &base, Duration::from_secs(6)).await,
+        "the new certificate was never served"
+    );
     let stale = trusting(&first)
         .get(format!("{base}/sub/rotate?timeout=0"))
         .send()
@@ -150,21 +156,10 @@ async fn a_rotated_certificate_serves_new_handshakes_and_open_connections_stay()
     let third = pki();
     install(&third, &cert, &key);
     pg.signal("-HUP");
-    let deadline = Instant::now() + Duration::from_secs(1);
-    loop {
-        let r = trusting(&third)
-            .get(format!("{base}/sub/rotate?timeout=0"))
-            .send()
-            .await;
-        if r.is_ok_and(|r| r.status() == 200) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "SIGHUP did not reload the certificate"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        served(&third, &base, Duration::from_secs(1)).await,
+        "SIGHUP did not reload the certificate"
+    );
 
     // A broken pair is refused and the current one kept.
     std::fs::write(&cert, "not a certificate").unwrap();

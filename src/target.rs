@@ -126,7 +126,11 @@ impl Target {
         self.query.as_deref()?.split('&').find_map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             (k == name).then(|| {
-                let v = v.replace('+', " ");
+                // Most values (cursors, timeouts) have no '+': no copy then.
+                let v = match v.contains('+') {
+                    true => std::borrow::Cow::Owned(v.replace('+', " ")),
+                    false => std::borrow::Cow::Borrowed(v),
+                };
                 percent_decode_str(&v).decode_utf8_lossy().into_owned()
             })
         })

@@ -36,10 +36,13 @@ pub fn install(pki: &Pki, cert: &Path, key: &Path) {
 
 /// A client that trusts only `pki`'s authority.
 pub fn trusting(pki: &Pki) -> reqwest::Client {
+    trusting_builder(pki).build().unwrap()
+}
+
+/// The builder of [`trusting`], for further settings (e.g. HTTP/1.1 only).
+pub fn trusting_builder(pki: &Pki) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .use_rustls_tls()
         .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
         .pool_max_idle_per_host(0)
-        .build()
-        .unwrap()
 }

@@ -7,7 +7,8 @@
 use crate::cursor::Cursor;
 use crate::message::Message;
 use bytes::Bytes;
-use std::sync::Arc;
+use std::io::Write;
+use std::sync::{Arc, OnceLock};
 
 /// Most messages one envelope answer carries.
 pub const MAX_MESSAGES: usize = 100;
@@ -49,6 +50,9 @@ pub struct Answer {
     /// The body in the subscription's format (for `Raw`, the first message's
     /// bytes; empty when there is none).
     pub body: Bytes,
+    /// The HTTP/1.1 status line and the answer's own header lines, encoded
+    /// once for every waiter it is written to (see [`Answer::h1_head`]).
+    h1_head: OnceLock<Vec<u8>>,
 }
 
 impl Answer {
@@ -116,7 +120,62 @@ impl Answer {
             gap,
             messages: found.iter().map(|(_, m)| m.clone()).collect(),
             body,
+            h1_head: OnceLock::new(),
         }
+    }
+
+    /// The HTTP status of the answer: 204 for a raw answer without message.
+    pub fn status(&self) -> u16 {
+        match (self.format, self.messages.is_empty()) {
+            (Format::Raw, true) => 204,
+            _ => 200,
+        }
+    }
+
+    /// The Content-Type of the answer ("" for none).
+    pub fn content_type(&self) -> &str {
+        match (self.format, self.messages.first()) {
+            (Format::Raw, Some(m)) => m.content_type.as_str(),
+            (Format::Raw, None) => "",
+            (Format::Envelope, _) => "application/json",
+            (Format::Sse, _) => "text/event-stream",
+        }
+    }
+
+    /// The header fields every HTTP answer carries besides Content-Type and
+    /// Content-Length: `Cache-Control`, `Pollgate-Cursor`, and `ETag` (raw)
+    /// and `Pollgate-Gap` when they apply.
+    pub fn fields(&self) -> impl Iterator<Item = (&'static str, String)> + '_ {
+        let raw = self.format == Format::Raw;
+        [
+            Some(("Cache-Control", "no-store".to_string())),
+            Some(("Pollgate-Cursor", self.cursor_text.clone())),
+            raw.then(|| ("ETag", format!("\"{}\"", self.cursor_text))),
+            self.gap.then(|| ("Pollgate-Gap", "1".to_string())),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// The HTTP/1.1 status line and header lines of the answer (each ending
+    /// in CRLF, without the blank line), the same bytes for every waiter:
+    /// encoded on first use.
+    pub fn h1_head(&self) -> &[u8] {
+        self.h1_head.get_or_init(|| {
+            let mut head = Vec::with_capacity(160);
+            let status = self.status();
+            let reason = if status == 204 { "No Content" } else { "OK" };
+            let _ = write!(head, "HTTP/1.1 {status} {reason}\r\n");
+            let content_type = self.content_type();
+            if !content_type.is_empty() {
+                let _ = write!(head, "Content-Type: {content_type}\r\n");
+            }
+            let _ = write!(head, "Content-Length: {}\r\n", self.body.len());
+            for (name, value) in self.fields() {
+                let _ = write!(head, "{name}: {value}\r\n");
+            }
+            head
+        })
     }
 }
 

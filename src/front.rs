@@ -10,9 +10,10 @@
 //! connection (with the bytes already read) to the proxy.
 
 use crate::gateway::Gateway;
+use crate::h1;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Refusal;
-use crate::poll::Poller;
+use crate::poll::{cors_headers, Poller, SubscribeHead};
 use crate::respond;
 use crate::routes::{Action, Match, Params, RouteTable, SubscribeRoute};
 use crate::target::Target;
@@ -86,24 +87,28 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     }
 }
 
-/// Reads until a whole request head is buffered (the buffer may hold more:
-/// a pipelined body). Waits up to `idle` for the first byte, then
+/// Reads until a whole request head is in `buf` (which may hold bytes of
+/// it already, and may end up holding more: a pipelined body or request).
+/// Returns the head's length. Waits up to `idle` for the first byte, then
 /// `limits.header_timeout` for the rest.
 async fn read_head(
     stream: &mut Stream,
+    buf: &mut BytesMut,
     idle: Duration,
     limits: HeadLimits,
     life: &Lifecycle,
-) -> Result<BytesMut, NoHead> {
-    let mut buf = BytesMut::with_capacity(512);
+) -> Result<usize, NoHead> {
     let mut deadline = tokio::time::Instant::now() + idle;
+    if !buf.is_empty() {
+        deadline = tokio::time::Instant::now() + limits.header_timeout;
+    }
     let mut scanned = 0;
     loop {
-        if let Some(end) = head_end(&buf, scanned) {
+        if let Some(end) = head_end(buf, scanned) {
             return if end > limits.max_head {
                 Err(NoHead::TooLarge)
             } else {
-                Ok(buf)
+                Ok(end)
             };
         }
         if buf.len() > limits.max_head {
@@ -114,7 +119,7 @@ async fn read_head(
             buf.reserve(1024);
         }
         let read = tokio::select! {
-            r = stream.read_buf(&mut buf) => r.map_err(|_| NoHead::Closed)?,
+            r = stream.read_buf(buf) => r.map_err(|_| NoHead::Closed)?,
             _ = life.drained(), if buf.is_empty() => return Err(NoHead::Closed),
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(if buf.is_empty() { NoHead::Closed } else { NoHead::TooSlow });
@@ -129,9 +134,57 @@ async fn read_head(
     }
 }
 
-/// The method and [`Target`] of a whole request head, by the same parser
-/// (httparse) Pingora uses. The error is the refusal to answer with.
-fn parse_head(head: &[u8]) -> Result<(String, Target), (u16, &'static str, String)> {
+/// What the front door reads of a request head.
+#[derive(Debug)]
+struct Head<'a> {
+    method: &'a str,
+    target: Target,
+    /// The client keeps the connection after the answer (HTTP/1.1 unless
+    /// `Connection: close`; HTTP/1.0 with `Connection: keep-alive`).
+    keepalive: bool,
+    /// Nothing follows the head: no body, no upgrade, no 100-continue.
+    bare: bool,
+    last_event_id: Option<&'a str>,
+    if_none_match: Option<&'a str>,
+    accept: Option<&'a str>,
+    origin: Option<&'a str>,
+}
+
+impl<'a> Head<'a> {
+    /// The facts a subscribe request is parsed from.
+    fn subscribe(&self) -> SubscribeHead<'_> {
+        SubscribeHead {
+            target: &self.target,
+            last_event_id: self.last_event_id,
+            if_none_match: self.if_none_match,
+            accept: self.accept,
+        }
+    }
+}
+
+/// A header value as text: visible ASCII and spaces only, as Pingora's
+/// `to_str` (None otherwise).
+fn text(value: &[u8]) -> Option<&str> {
+    if value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
+}
+
+/// Whether a `Connection` header value lists `token`.
+fn lists(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The [`Head`] of a whole request head, by the same parser (httparse)
+/// Pingora uses. The error is the refusal to answer with.
+fn parse_head(head: &[u8]) -> Result<Head<'_>, (u16, &'static str, String)> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
@@ -147,38 +200,66 @@ fn parse_head(head: &[u8]) -> Result<(String, Target), (u16, &'static str, Strin
             return Err((400, "bad_request", "malformed request head".into()))
         }
     }
-    let method = req.method.unwrap_or_default().to_string();
     let target = Target::parse(req.path.unwrap_or_default())
         .map_err(|e| (400, "bad_request", e.to_string()))?;
-    if let Some(authority) = target.authority() {
-        // An absolute-form target names the host itself: it must agree
-        // with the Host header (as Pingora requires too).
-        let mut hosts = req
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("host"));
-        if hosts.any(|h| !h.value.eq_ignore_ascii_case(authority.as_bytes())) {
-            let detail = "the Host header differs from the request target's authority";
-            return Err((400, "bad_request", detail.into()));
+    let http11 = req.version == Some(1);
+    let mut parsed = Head {
+        method: req.method.unwrap_or_default(),
+        target,
+        keepalive: http11,
+        bare: true,
+        last_event_id: None,
+        if_none_match: None,
+        accept: None,
+        origin: None,
+    };
+    let mut hosts = 0;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            if let Some(authority) = parsed.target.authority() {
+                // An absolute-form target names the host itself: it must
+                // agree with the Host header (as Pingora requires too).
+                if !h.value.eq_ignore_ascii_case(authority.as_bytes()) {
+                    let detail = "the Host header differs from the request target's authority";
+                    return Err((400, "bad_request", detail.into()));
+                }
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            if lists(h.value, "close") {
+                parsed.keepalive = false;
+            } else if !http11 && lists(h.value, "keep-alive") {
+                parsed.keepalive = true;
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
+            parsed.bare &= h.value == b"0";
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case("expect")
+        {
+            parsed.bare = false;
+        } else if name.eq_ignore_ascii_case("last-event-id") {
+            parsed.last_event_id = parsed.last_event_id.or(text(h.value));
+        } else if name.eq_ignore_ascii_case("if-none-match") {
+            parsed.if_none_match = parsed.if_none_match.or(text(h.value));
+        } else if name.eq_ignore_ascii_case("accept") {
+            parsed.accept = parsed.accept.or(text(h.value));
+        } else if name.eq_ignore_ascii_case("origin") {
+            parsed.origin = parsed.origin.or(text(h.value));
         }
     }
-    Ok((method, target))
+    // Several Host headers are Pingora's to refuse.
+    parsed.bare &= hosts <= 1;
+    Ok(parsed)
 }
 
 /// Writes a JSON error answer straight to the connection and closes it.
 async fn refuse(stream: &mut Stream, status: u16, error: &str, detail: &str, limits: HeadLimits) {
     let body = respond::error_json(error, detail);
-    let reason = http::StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("Error");
-    let mut answer = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    answer.extend_from_slice(&body);
+    let mut head = h1::status_head(status, "application/json", body.len());
+    head.extend_from_slice(b"Cache-Control: no-store\r\n");
+    let answer = h1::assemble(&head, &[], &body, false);
     let write = async {
         stream.write_all(&answer).await?;
         stream.flush().await?;
@@ -253,61 +334,123 @@ impl Front {
     }
 }
 
+impl Front {
+    /// Serves one HTTP/1 connection, request after request: the first must
+    /// start within the header timeout, later ones within the keep-alive;
+    /// at most `request_limit` requests when it is not 0. Long-polls are
+    /// served on the lean path ([`h1`]); other requests get a Pingora
+    /// session (the proxy, or a poll that authorizes, streams or has a body).
+    pub async fn serve_h1(
+        self: Arc<Self>,
+        mut stream: Stream,
+        request_limit: u32,
+        shutdown: ShutdownWatch,
+    ) {
+        let limits = self.limits;
+        let mut buf = BytesMut::with_capacity(1024);
+        // The keep-alive the previous answer set (None before the first).
+        let mut keepalive: Option<u64> = None;
+        let mut served: u32 = 0;
+        loop {
+            let idle = keepalive.map_or(limits.header_timeout, Duration::from_secs);
+            let head_len = match read_head(&mut stream, &mut buf, idle, limits, &self.life).await {
+                Ok(len) => len,
+                Err(NoHead::Closed) => return,
+                Err(NoHead::TooLarge) => {
+                    Refusal::HeaderTooLarge.count();
+                    let detail = format!(
+                        "the request head is larger than limits.max_head ({} bytes)",
+                        limits.max_head
+                    );
+                    refuse(&mut stream, 431, "header_too_large", &detail, limits).await;
+                    return;
+                }
+                Err(NoHead::TooSlow) => {
+                    Refusal::HeaderTimeout.count();
+                    let detail = "the request head did not arrive within limits.header_timeout";
+                    refuse(&mut stream, 408, "header_timeout", detail, limits).await;
+                    return;
+                }
+            };
+            served += 1;
+            let last = request_limit > 0 && served >= request_limit;
+            let head = match parse_head(&buf[..head_len]) {
+                Ok(head) => head,
+                Err((status, error, detail)) => {
+                    Refusal::BadTarget.count();
+                    refuse(&mut stream, status, error, &detail, limits).await;
+                    return;
+                }
+            };
+            let route = self.subscribe_route(head.method, &head.target);
+            if let Some((route, params)) = &route {
+                if head.bare && route.authorize.is_none() && !head.subscribe().wants_sse() {
+                    let _in_flight = self.life.enter();
+                    let req = head.subscribe().parse(route, params);
+                    let manner = h1::Manner {
+                        keepalive: head.keepalive && !last && !self.life.is_draining(),
+                        cors: cors_headers(&self.poller.cors, head.origin),
+                    };
+                    let mut client = h1::Exchange {
+                        stream: &mut stream,
+                        buf: &mut buf,
+                        max_buffered: limits.max_head,
+                    };
+                    if !h1::serve(&self.poller, &mut client, req, route, manner).await {
+                        return;
+                    }
+                    bytes::Buf::advance(&mut buf, head_len);
+                    keepalive = Some(self.keepalive_secs);
+                    continue;
+                }
+            }
+            let target = head.target;
+            let mut session = ServerSession::new_http1(stream);
+            session.set_keepalive(keepalive);
+            if request_limit > 0 {
+                session.set_keepalive_reuses_remaining(Some(request_limit - served));
+            }
+            session.set_pipelined_prefix(buf.split());
+            let reused = match route {
+                // Boxed: an idle connection then carries only the head reader.
+                Some((route, params)) => Box::pin(self.poll(session, target, route, params)).await,
+                None => self.proxy.process_new_http(session, &shutdown).await,
+            };
+            let Some((next, settings)) = reused.map(|r| r.consume()) else {
+                return;
+            };
+            if last {
+                return;
+            }
+            let mut session = ServerSession::new_http1(next);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            keepalive = session.get_keepalive();
+            let ServerSession::H1(h1) = session else {
+                return;
+            };
+            stream = h1.into_inner();
+        }
+    }
+}
+
 #[async_trait]
 impl HttpServerApp for Front {
+    /// Serves one HTTP/2 stream (HTTP/1 connections are served by
+    /// [`Front::serve_h1`]).
     async fn process_new_http(
         self: &Arc<Self>,
         session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        let keepalive = session.get_keepalive();
-        let reuses = session.get_keepalive_reuses_remaining();
-        let ServerSession::H1(h1) = session else {
+        match session {
+            ServerSession::H1(h1) => {
+                Box::pin(self.clone().serve_h1(h1.into_inner(), 0, shutdown.clone())).await;
+                None
+            }
             // Boxed: an HTTP/1 connection's task must not carry its state.
-            return Box::pin(self.serve_h2(session, shutdown)).await;
-        };
-        // A connection's first request (no keep-alive set yet) must start
-        // within the header timeout; later ones within the keep-alive of
-        // the previous answer.
-        let limits = self.limits;
-        let idle = keepalive.map_or(limits.header_timeout, Duration::from_secs);
-        let mut stream = h1.into_inner();
-        let head = match read_head(&mut stream, idle, limits, &self.life).await {
-            Ok(head) => head,
-            Err(NoHead::Closed) => return None,
-            Err(NoHead::TooLarge) => {
-                Refusal::HeaderTooLarge.count();
-                let detail = format!(
-                    "the request head is larger than limits.max_head ({} bytes)",
-                    limits.max_head
-                );
-                refuse(&mut stream, 431, "header_too_large", &detail, limits).await;
-                return None;
-            }
-            Err(NoHead::TooSlow) => {
-                Refusal::HeaderTimeout.count();
-                let detail = "the request head did not arrive within limits.header_timeout";
-                refuse(&mut stream, 408, "header_timeout", detail, limits).await;
-                return None;
-            }
-        };
-        let (method, target) = match parse_head(&head) {
-            Ok(parsed) => parsed,
-            Err((status, error, detail)) => {
-                Refusal::BadTarget.count();
-                refuse(&mut stream, status, error, &detail, limits).await;
-                return None;
-            }
-        };
-        let route = self.subscribe_route(&method, &target);
-        let mut session = ServerSession::new_http1(stream);
-        session.set_keepalive(keepalive);
-        session.set_keepalive_reuses_remaining(reuses);
-        session.set_pipelined_prefix(head);
-        match route {
-            // Boxed: an idle connection then carries only the head reader.
-            Some((route, params)) => Box::pin(self.poll(session, target, route, params)).await,
-            None => self.proxy.process_new_http(session, shutdown).await,
+            session => Box::pin(self.serve_h2(session, shutdown)).await,
         }
     }
 
@@ -343,9 +486,10 @@ mod tests {
 
     #[test]
     fn parses_method_and_target_or_refuses() {
-        let (m, t) =
+        let head =
             parse_head(b"GET http://h/sub/a?cursor=1-0 HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
-        assert_eq!((m.as_str(), t.path()), ("GET", "/sub/a"));
+        assert_eq!((head.method, head.target.path()), ("GET", "/sub/a"));
+        assert!(head.keepalive && head.bare);
         let other_host = b"GET http://h/sub/a HTTP/1.1\r\nHost: elsewhere\r\n\r\n";
         assert_eq!(parse_head(other_host).unwrap_err().0, 400);
         assert_eq!(
@@ -355,6 +499,41 @@ mod tests {
         assert_eq!(parse_head(b"garbage\r\n\r\n").unwrap_err().0, 400);
         let many = format!("GET / HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(300));
         assert_eq!(parse_head(many.as_bytes()).unwrap_err().0, 431);
+    }
+
+    #[test]
+    fn reads_what_a_long_poll_needs_from_the_head() {
+        let head = parse_head(
+            b"GET /sub/a HTTP/1.1\r\nLast-Event-ID: 3-0\r\nlast-event-id: 4-0\r\n\
+              Origin: https://x\r\nAccept: text/event-stream\r\nConnection: Close\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(head.last_event_id, Some("3-0"), "the first of two");
+        assert_eq!(head.origin, Some("https://x"));
+        assert!(head.subscribe().wants_sse());
+        assert!(!head.keepalive);
+        let old = parse_head(b"GET / HTTP/1.0\r\nConnection: keep-alive, x\r\n\r\n").unwrap();
+        assert!(old.keepalive);
+        assert!(!parse_head(b"GET / HTTP/1.0\r\n\r\n").unwrap().keepalive);
+        // Anything that makes more than a head is left to Pingora's session.
+        for extra in [
+            "Content-Length: 5",
+            "Transfer-Encoding: chunked",
+            "Upgrade: websocket",
+            "Expect: 100-continue",
+            "Host: a\r\nHost: b",
+        ] {
+            let text = format!("GET / HTTP/1.1\r\n{extra}\r\n\r\n");
+            assert!(!parse_head(text.as_bytes()).unwrap().bare, "{extra}");
+        }
+        assert!(
+            parse_head(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+                .unwrap()
+                .bare
+        );
+        // Not visible ASCII: as if absent.
+        let odd = parse_head(b"GET / HTTP/1.1\r\nIf-None-Match: \xff\r\n\r\n").unwrap();
+        assert_eq!(odd.if_none_match, None);
     }
 
     proptest! {

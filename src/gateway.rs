@@ -74,7 +74,14 @@ impl Gateway {
     }
 
     async fn preflight(&self, session: &mut Session) -> Result<bool> {
-        let cors = cors_headers(&self.cors, session.req_header());
+        let cors = cors_headers(
+            &self.cors,
+            session
+                .req_header()
+                .headers
+                .get("Origin")
+                .and_then(|o| o.to_str().ok()),
+        );
         if cors.is_empty() {
             return Ok(false);
         }

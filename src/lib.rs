@@ -13,6 +13,7 @@ pub mod config;
 pub mod cursor;
 pub mod front;
 pub mod gateway;
+pub mod h1;
 pub mod history;
 pub mod hub;
 pub mod lifecycle;

@@ -9,7 +9,8 @@
 //! it received instead of binding. Accepting stops when the instance drains.
 //!
 //! Connections are unbuffered at L4 and written through [`Conn`], which
-//! gathers an answer's writes into one segment. HTTP/1 connections run the
+//! gathers an answer's writes into one segment (a vectored write goes
+//! straight out). HTTP/1 connections run the
 //! front door's lean loop; HTTP/2 ones (ALPN `h2`, or the h2c preface) go
 //! through Pingora's HTTP/2 server, one task per stream.
 
@@ -20,7 +21,6 @@ use crate::tls::Certificates;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::listeners::tls::Acceptor;
-use pingora::protocols::http::ServerSession;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, SocketDigest, TimingDigest, ALPN,
@@ -85,6 +85,29 @@ impl AsyncWrite for Conn {
         }
         self.pending.extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
+    }
+    /// A vectored write is taken as whole (the front door's long-poll
+    /// answers, Pingora's chunks): straight to the socket unless writes are
+    /// being gathered.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.pending.is_empty() {
+            return Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        }
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if self.pending.len() + len > MAX_GATHER && self.as_mut().poll_drain(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        if self.pending.is_empty() {
+            return Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        }
+        for buf in bufs {
+            self.pending.extend_from_slice(buf);
+        }
+        Poll::Ready(Ok(len))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.as_mut().poll_drain(cx)?.is_pending() {
@@ -160,25 +183,6 @@ impl GetProxyDigest for Conn {
 impl GetSocketDigest for Conn {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
         Some(self.digest.clone())
-    }
-}
-
-/// Serves one HTTP/1 connection: request after request, as Pingora's own
-/// HTTP/1 path does (the first request within the header timeout, then the
-/// keep-alive each answer sets, at most `request_limit` requests when set),
-/// without carrying its HTTP/2 negotiation state.
-async fn serve_h1(front: Arc<Front>, stream: Stream, request_limit: u32, shutdown: ShutdownWatch) {
-    let mut session = ServerSession::new_http1(stream);
-    if request_limit > 0 {
-        session.set_keepalive_reuses_remaining(Some(request_limit - 1));
-    }
-    let mut next = front.process_new_http(session, &shutdown).await;
-    while let Some((stream, settings)) = next.map(|r| r.consume()) {
-        let mut session = ServerSession::new_http1(stream);
-        if let Some(settings) = settings {
-            settings.apply_to_session(&mut session);
-        }
-        next = front.process_new_http(session, &shutdown).await;
     }
 }
 
@@ -366,7 +370,9 @@ impl Acceptance {
         if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             self.front.process_new(stream, &shutdown).await;
         } else {
-            serve_h1(self.front, stream, self.request_limit, shutdown).await;
+            self.front
+                .serve_h1(stream, self.request_limit, shutdown)
+                .await;
         }
     }
 }

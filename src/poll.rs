@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 /// Interval of SSE keep-alive comments.
 pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 /// Retry-After (seconds) of 503 answers.
-const RETRY_AFTER: &str = "1";
+pub const RETRY_AFTER: &str = "1";
 
 /// Serves subscribe routes.
 pub struct Poller {
@@ -90,19 +90,79 @@ enum Ending {
 }
 
 /// A bad request: its 400 detail.
-struct BadRequest(String);
+pub struct BadRequest(pub String);
 
-/// The parsed parts of a subscribe request.
-struct Request {
+/// What a subscribe request says, read from its head by either HTTP path.
+pub struct SubscribeHead<'a> {
+    pub target: &'a Target,
+    pub last_event_id: Option<&'a str>,
+    pub if_none_match: Option<&'a str>,
+    pub accept: Option<&'a str>,
+}
+
+/// The subscription a request asks for.
+pub struct Request {
     channels: Vec<String>,
     cursor: Option<Cursor>,
     timeout: Duration,
-    format: Format,
+    pub format: Format,
+}
+
+/// The connection a poll is held on.
+pub trait Client {
+    /// Resolves when the client has left (closed its connection).
+    fn gone(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+impl Client for Session {
+    async fn gone(&mut self) {
+        let _ = self.read_body_or_idle(true).await;
+    }
+}
+
+/// How a poll ended.
+pub enum Waited {
+    /// Write this answer.
+    Reply(Reply),
+    /// The hub could not serve the poll: answer 503.
+    Failed(HubError),
+    /// The client left (counted): nothing to write.
+    Gone,
+}
+
+/// An answer to write, and how to count it.
+pub struct Reply {
+    pub answer: Arc<Answer>,
+    pub outcome: Outcome,
+    /// Answered by a message that arrived while the poll was held (its
+    /// delivery latency is measured).
+    pub live: bool,
+    /// The connection closes after it (draining).
+    pub close: bool,
+}
+
+impl Reply {
+    fn new(answer: Arc<Answer>, outcome: Outcome, live: bool) -> Reply {
+        Reply {
+            answer,
+            outcome,
+            live,
+            close: false,
+        }
+    }
+}
+
+/// The error that ends a request whose client left.
+pub fn gone() -> Result<()> {
+    Error::e_explain(ErrorType::ConnectionClosed, "client left a held poll")
+        .map_err(|e| e.into_down())
 }
 
 impl Poller {
     /// Answers one subscribe request for `target` on `route`, whose path
-    /// captured `params`.
+    /// captured `params`, on a Pingora session (HTTP/2, and HTTP/1 requests
+    /// that authorize, stream SSE or carry a body; the others are served by
+    /// [`crate::h1`]).
     pub async fn serve(
         &self,
         session: &mut Session,
@@ -110,7 +170,7 @@ impl Poller {
         route: &SubscribeRoute,
         params: &Params,
     ) -> Result<()> {
-        let req = match parse(session, target, route, params) {
+        let req = match SubscribeHead::of(session.req_header(), target).parse(route, params) {
             Ok(r) => r,
             Err(BadRequest(detail)) => {
                 Outcome::Error.count();
@@ -142,8 +202,29 @@ impl Poller {
             // Boxed: SSE is rare, and its state would enlarge every poll.
             return Box::pin(self.stream(session, route, req)).await;
         }
+        match self.wait(session, &req, route).await {
+            Waited::Reply(reply) => {
+                if reply.close {
+                    session.set_keepalive(None);
+                }
+                self.answer(session, &reply.answer, reply.outcome, reply.live)
+                    .await
+            }
+            Waited::Failed(e) => self.hub_failed(session, e).await,
+            Waited::Gone => gone(),
+        }
+    }
+
+    /// Runs a parsed, admitted poll to its end: an answer at once, or a hold
+    /// until a message, the timeout, draining or the client leaving.
+    pub async fn wait(
+        &self,
+        client: &mut impl Client,
+        req: &Request,
+        route: &SubscribeRoute,
+    ) -> Waited {
         let deadline = Instant::now() + jitter(req.timeout);
-        let mut cursor = req.cursor;
+        let mut cursor = req.cursor.clone();
         loop {
             // Boxed so that its state is not carried while the poll is held.
             let poll = Box::pin(
@@ -157,36 +238,29 @@ impl Poller {
                     } else {
                         Outcome::Message
                     };
-                    return self.answer(session, &answer, outcome, false).await;
+                    return Waited::Reply(Reply::new(answer, outcome, false));
                 }
                 Ok(Poll::Held(held)) => held,
-                Err(e) => return self.hub_failed(session, e).await,
+                Err(e) => return Waited::Failed(e),
             };
             let current = held.cursor.clone();
             let left = deadline.saturating_duration_since(Instant::now());
-            let ending = self.hold(session, held, left).await;
-            let empty = || Answer::build(req.format, &current, false, &[]);
-            return match ending {
-                Ending::Woken(answer) => {
-                    self.answer(session, &answer, Outcome::Message, true).await
-                }
+            let empty = || Arc::new(Answer::build(req.format, &current, false, &[]));
+            return match self.hold(client, held, left).await {
+                Ending::Woken(answer) => Waited::Reply(Reply::new(answer, Outcome::Message, true)),
                 Ending::Repoll => {
                     cursor = Some(current);
                     continue;
                 }
-                Ending::Timeout => {
-                    self.answer(session, &empty(), Outcome::Timeout, false)
-                        .await
-                }
+                Ending::Timeout => Waited::Reply(Reply::new(empty(), Outcome::Timeout, false)),
                 Ending::Drain => {
-                    session.set_keepalive(None);
-                    self.answer(session, &empty(), Outcome::Timeout, false)
-                        .await
+                    let mut reply = Reply::new(empty(), Outcome::Timeout, false);
+                    reply.close = true;
+                    Waited::Reply(reply)
                 }
                 Ending::Gone => {
                     Outcome::Disconnected.count();
-                    Error::e_explain(ErrorType::ConnectionClosed, "client left a held poll")
-                        .map_err(|e| e.into_down())
+                    Waited::Gone
                 }
             };
         }
@@ -201,10 +275,7 @@ impl Poller {
         error: &str,
         detail: &str,
     ) -> Result<()> {
-        if let Some(refusal) = refusal {
-            refusal.count();
-        }
-        Outcome::Rejected.count();
+        count_refused(refusal);
         let mut extra = self.cors_headers(session);
         extra.push(("Retry-After", RETRY_AFTER.into()));
         self.write(respond::error(session, 503, error, detail, &extra))
@@ -213,14 +284,7 @@ impl Poller {
 
     /// Answers a poll the hub could not serve (503).
     async fn hub_failed(&self, session: &mut Session, e: HubError) -> Result<()> {
-        let (refusal, error) = match &e {
-            HubError::TooManyChannels(_) => (Some(Refusal::MaxActiveChannels), "unavailable"),
-            // Counted by the broker, which refused it.
-            HubError::Broker(BrokerError::Busy(_)) => (None, "broker_busy"),
-            HubError::Broker(BrokerError::Unavailable(_)) => {
-                (Some(Refusal::BrokerDown), "broker_unavailable")
-            }
-        };
+        let (refusal, error) = hub_refusal(&e);
         self.refuse(session, refusal, error, &e.to_string()).await
     }
 
@@ -277,7 +341,7 @@ impl Poller {
 
     /// Takes a held-poll slot, or says why a new poll is refused now
     /// (draining, broker down, max_held).
-    fn admit(&self) -> Result<Slot<'_>, (Refusal, &'static str)> {
+    pub fn admit(&self) -> Result<Slot<'_>, (Refusal, &'static str)> {
         if self.life.is_draining() {
             return Err((
                 Refusal::Draining,
@@ -295,7 +359,7 @@ impl Poller {
 
     /// Runs a write to the client, giving up (and counting it) when the
     /// client accepts no bytes for `write_timeout`.
-    async fn write<T>(&self, write: impl Future<Output = Result<T>>) -> Result<T> {
+    pub async fn write<T>(&self, write: impl Future<Output = Result<T>>) -> Result<T> {
         match pingora_timeout::timeout(self.write_timeout, write).await {
             Ok(result) => result,
             Err(_) => {
@@ -307,13 +371,13 @@ impl Poller {
     }
 
     /// Waits for the first event that ends a held poll.
-    async fn hold(&self, session: &mut Session, mut held: Held, timeout: Duration) -> Ending {
+    async fn hold(&self, client: &mut impl Client, mut held: Held, timeout: Duration) -> Ending {
         metrics::HELD.inc();
         let ending = tokio::select! {
             woken = &mut held.wake => woken_by(woken),
             _ = sleep(timeout) => Ending::Timeout,
             _ = self.life.drained() => Ending::Drain,
-            _ = session.read_body_or_idle(true) => Ending::Gone,
+            _ = client.gone() => Ending::Gone,
         };
         metrics::HELD.dec();
         ending
@@ -327,20 +391,9 @@ impl Poller {
         outcome: Outcome,
         live: bool,
     ) -> Result<()> {
-        let raw = answer.format == Format::Raw;
-        let (status, content_type) = match (raw, answer.messages.first()) {
-            (true, Some(m)) => (200, m.content_type.as_str()),
-            (true, None) => (204, ""),
-            (false, _) => (200, "application/json"),
-        };
-        let mut h = respond::header(status, content_type, answer.body.len())?;
-        h.insert_header("Cache-Control", "no-store")?;
-        h.insert_header("Pollgate-Cursor", answer.cursor_text.as_str())?;
-        if raw {
-            h.insert_header("ETag", format!("\"{}\"", answer.cursor_text))?;
-        }
-        if answer.gap {
-            h.insert_header("Pollgate-Gap", "1")?;
+        let mut h = respond::header(answer.status(), answer.content_type(), answer.body.len())?;
+        for (name, value) in answer.fields() {
+            h.insert_header(name, value)?;
         }
         if session.get_keepalive().is_none() {
             h.insert_header("Connection", "close")?;
@@ -350,8 +403,7 @@ impl Poller {
         }
         self.write(respond::send(session, h, answer.body.clone()))
             .await?;
-        outcome.count();
-        count_delivered(answer, live);
+        count_answered(answer, outcome, live);
         Ok(())
     }
 
@@ -401,7 +453,7 @@ impl Poller {
                     woken = &mut held.wake => woken_by(woken),
                     _ = sleep(SSE_KEEPALIVE) => Ending::Timeout,
                     _ = self.life.drained() => Ending::Drain,
-                    _ = session.read_body_or_idle(true) => Ending::Gone,
+                    _ = session.gone() => Ending::Gone,
                 };
                 if !matches!(ending, Ending::Timeout) {
                     break ending;
@@ -438,17 +490,14 @@ impl Poller {
 
     /// CORS headers for the request's Origin, per `cors.allow_origins`.
     fn cors_headers(&self, session: &Session) -> Vec<(&'static str, String)> {
-        cors_headers(&self.cors, session.req_header())
+        cors_headers(&self.cors, header_str(session.req_header(), "Origin"))
     }
 }
 
 /// CORS headers for an allowed Origin (none when CORS is off or the origin
 /// is not listed).
-pub fn cors_headers(
-    cors: &Cors,
-    request: &pingora::http::RequestHeader,
-) -> Vec<(&'static str, String)> {
-    let Some(origin) = request.headers.get("Origin").and_then(|o| o.to_str().ok()) else {
+pub fn cors_headers(cors: &Cors, origin: Option<&str>) -> Vec<(&'static str, String)> {
+    let Some(origin) = origin else {
         return Vec::new();
     };
     let any = cors.allow_origins.iter().any(|o| o == "*");
@@ -476,6 +525,22 @@ fn woken_by(wake: Result<Wake, tokio::sync::oneshot::error::RecvError>) -> Endin
     }
 }
 
+/// Counts a poll refused with 503 (and its reason, unless the layer that
+/// refused it counted it).
+pub fn count_refused(refusal: Option<Refusal>) {
+    if let Some(refusal) = refusal {
+        refusal.count();
+    }
+    Outcome::Rejected.count();
+}
+
+/// Counts an answer written: its outcome and its messages (and, when
+/// `live`, their delivery latency).
+pub fn count_answered(answer: &Answer, outcome: Outcome, live: bool) {
+    outcome.count();
+    count_delivered(answer, live);
+}
+
 fn count_delivered(answer: &Answer, live: bool) {
     metrics::DELIVERED.inc_by(answer.messages.len() as u64);
     if live {
@@ -499,65 +564,88 @@ fn jitter(timeout: Duration) -> Duration {
     timeout.mul_f64(1.0 - fastrand::f64() * 0.1)
 }
 
-fn parse(
-    session: &Session,
-    target: &Target,
-    route: &SubscribeRoute,
-    params: &Params,
-) -> Result<Request, BadRequest> {
-    let req = session.req_header();
-    let mut channels = Vec::with_capacity(route.channels.len());
-    for t in &route.channels {
-        let name = t.render(params).map_err(BadRequest)?;
-        if !channels.contains(&name) {
-            channels.push(name);
+/// The refusal to count (unless the broker counted it) and the `error` of
+/// the 503 answer to a poll the hub could not serve.
+pub fn hub_refusal(e: &HubError) -> (Option<Refusal>, &'static str) {
+    match e {
+        HubError::TooManyChannels(_) => (Some(Refusal::MaxActiveChannels), "unavailable"),
+        // Counted by the broker, which refused it.
+        HubError::Broker(BrokerError::Busy(_)) => (None, "broker_busy"),
+        HubError::Broker(BrokerError::Unavailable(_)) => {
+            (Some(Refusal::BrokerDown), "broker_unavailable")
         }
     }
-    let header = |name: &str| {
-        req.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let cursor_text = target
-        .query_param("cursor")
-        .or_else(|| header("Last-Event-ID"))
-        .or_else(|| header("If-None-Match"));
-    let cursor = match cursor_text {
-        Some(t) if !t.is_empty() => {
-            Some(Cursor::parse(&t, channels.len()).map_err(|e| BadRequest(e.0))?)
+}
+
+/// A request header's value as text (None when absent or not visible ASCII).
+fn header_str<'a>(req: &'a pingora::http::RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+impl<'a> SubscribeHead<'a> {
+    /// The facts of a request Pingora has read.
+    pub fn of(req: &'a pingora::http::RequestHeader, target: &'a Target) -> SubscribeHead<'a> {
+        SubscribeHead {
+            target,
+            last_event_id: header_str(req, "Last-Event-ID"),
+            if_none_match: header_str(req, "If-None-Match"),
+            accept: header_str(req, "Accept"),
         }
-        _ => None,
-    };
-    let timeout = match target.query_param("timeout") {
-        None => route.timeout,
-        Some(t) => {
-            let secs: f64 = t
-                .parse()
-                .ok()
-                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
-                .ok_or_else(|| BadRequest(format!("timeout '{t}' is not a number of seconds")))?;
-            Duration::from_secs_f64(secs.min(route.timeout.as_secs_f64()))
-        }
-    };
-    let sse = header("Accept").is_some_and(|a| a.contains("text/event-stream"));
-    let format = match target.query_param("format").as_deref() {
-        _ if sse => Format::Sse,
-        None => {
-            if route.raw {
-                Format::Raw
-            } else {
-                Format::Envelope
+    }
+
+    /// The subscription this request asks for on `route` (whose path
+    /// captured `params`); the error is the detail of a 400 answer.
+    pub fn parse(&self, route: &SubscribeRoute, params: &Params) -> Result<Request, BadRequest> {
+        let target = self.target;
+        let mut channels = Vec::with_capacity(route.channels.len());
+        for t in &route.channels {
+            let name = t.render(params).map_err(BadRequest)?;
+            if !channels.contains(&name) {
+                channels.push(name);
             }
         }
-        Some("raw") => Format::Raw,
-        Some("json") => Format::Envelope,
-        Some(other) => return Err(BadRequest(format!("format '{other}' is not json or raw"))),
-    };
-    Ok(Request {
-        channels,
-        cursor,
-        timeout,
-        format,
-    })
+        let from_query = target.query_param("cursor");
+        let cursor_text = from_query
+            .as_deref()
+            .or(self.last_event_id)
+            .or(self.if_none_match);
+        let cursor = match cursor_text {
+            Some(t) if !t.is_empty() => {
+                Some(Cursor::parse(t, channels.len()).map_err(|e| BadRequest(e.0))?)
+            }
+            _ => None,
+        };
+        let timeout = match target.query_param("timeout") {
+            None => route.timeout,
+            Some(t) => {
+                let secs: f64 = t
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                    .ok_or_else(|| {
+                        BadRequest(format!("timeout '{t}' is not a number of seconds"))
+                    })?;
+                Duration::from_secs_f64(secs.min(route.timeout.as_secs_f64()))
+            }
+        };
+        let format = match target.query_param("format").as_deref() {
+            _ if self.wants_sse() => Format::Sse,
+            None if route.raw => Format::Raw,
+            None => Format::Envelope,
+            Some("raw") => Format::Raw,
+            Some("json") => Format::Envelope,
+            Some(other) => return Err(BadRequest(format!("format '{other}' is not json or raw"))),
+        };
+        Ok(Request {
+            channels,
+            cursor,
+            timeout,
+            format,
+        })
+    }
+
+    /// Whether the client asks for a Server-Sent Events stream.
+    pub fn wants_sse(&self) -> bool {
+        self.accept.is_some_and(|a| a.contains("text/event-stream"))
+    }
 }

@@ -254,6 +254,37 @@ async fn keep_alive_between_polls(backend: Backend) {
     assert!(status.contains("404"));
 }
 
+async fn pipelined_requests_and_connection_close_are_honoured(backend: Backend) {
+    let pg = Pollgate::start_on(backend, ROUTES);
+    let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
+    // A second request sent behind a held poll waits for it, then is served.
+    let held = "GET /sub/pipe HTTP/1.1\r\nHost: x\r\n\r\n";
+    let next = "GET /sub/pipe?cursor=0-0 HTTP/1.1\r\nHost: x\r\n\r\n";
+    std::io::Write::write_all(&mut s, format!("{held}{next}").as_bytes()).unwrap();
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    let id = pg.publish("pipe", "text/plain", "p").await;
+    for _ in 0..2 {
+        let (status, _, body) = read_answer(&mut s);
+        assert!(status.contains("200"), "{status}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["cursor"], id.as_str());
+        assert_eq!(v["messages"][0]["data"], "p");
+    }
+    // Connection: close, and HTTP/1.0 without keep-alive, close after the answer.
+    for req in [
+        "GET /sub/pipe?cursor=0-0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /sub/pipe?cursor=0-0 HTTP/1.0\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
+        let (status, headers, _) = raw_exchange(&mut s, req);
+        assert!(status.contains("200"), "{status}");
+        assert!(headers.contains(&("connection".into(), "close".into())), "{headers:?}");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "closed after the answer");
+    }
+}
+
 async fn a_client_that_leaves_is_released_at_once(backend: Backend) {
     let pg = Pollgate::start_on(backend, ROUTES);
     let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
@@ -352,6 +383,7 @@ on_both_brokers!(
     raw_mode_answers_one_message_with_its_own_bytes,
     non_utf8_bodies_are_base64_in_the_envelope,
     keep_alive_between_polls,
+    pipelined_requests_and_connection_close_are_honoured,
     a_client_that_leaves_is_released_at_once,
     server_sent_events_stream_and_resume,
     bad_input_is_a_json_400_never_a_crash,

@@ -391,11 +391,7 @@ impl Front {
                         keepalive: head.keepalive && !last && !self.life.is_draining(),
                         cors: cors_headers(&self.poller.cors, head.origin),
                     };
-                    let mut client = h1::Exchange {
-                        stream: &mut stream,
-                        buf: &mut buf,
-                        max_buffered: limits.max_head,
-                    };
+                    let mut client = h1::Exchange::new(&mut stream, &mut buf, limits.max_head);
                     if !h1::serve(&self.poller, &mut client, req, route, manner).await {
                         return;
                     }

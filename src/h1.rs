@@ -3,20 +3,29 @@
 //! raw stream, and the answer leaves in one write, its status line and own
 //! headers encoded once per [`Answer`] for every waiter it reaches.
 //!
+//! On plain TCP the answer is written by the task that delivers the message
+//! ([`Answerer`]): a publish to thousands of waiters writes to their sockets
+//! back to back, instead of waking thousands of tasks to do it.
+//!
 //! This is the path of nearly every long-poll (a GET without body,
 //! authorization or SSE); the rest go through [`Poller::serve`] on a
 //! Pingora session. Both share the parse ([`SubscribeHead::parse`]), the
 //! admission and the hold ([`Poller::wait`]).
 
 use crate::answer::Answer;
+use crate::hub::Answerer;
 use crate::metrics::Outcome;
 use crate::poll::{self, BadRequest, Client, Poller, Request, Waited};
 use crate::respond;
 use crate::routes::SubscribeRoute;
 use bytes::BytesMut;
+use parking_lot::Mutex;
 use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
 use std::io::{IoSlice, Write};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The connection of a poll held on the lean path.
@@ -27,9 +36,27 @@ pub struct Exchange<'a> {
     pub buf: &'a mut BytesMut,
     /// Most bytes kept that way before the client counts as gone.
     pub max_buffered: usize,
+    /// Writes the poll's answer from the delivering task (plain TCP only).
+    direct: Option<Arc<DirectWrite>>,
+}
+
+impl<'a> Exchange<'a> {
+    /// The exchange of a request read from `stream` into `buf`.
+    pub fn new(stream: &'a mut Stream, buf: &'a mut BytesMut, max_buffered: usize) -> Self {
+        Exchange {
+            stream,
+            buf,
+            max_buffered,
+            direct: None,
+        }
+    }
 }
 
 impl Client for Exchange<'_> {
+    fn answerer(&self) -> Option<Arc<dyn Answerer>> {
+        self.direct.clone().map(|d| d as Arc<dyn Answerer>)
+    }
+
     async fn gone(&mut self) {
         while self.buf.len() <= self.max_buffered {
             if self.buf.capacity() == self.buf.len() {
@@ -44,6 +71,7 @@ impl Client for Exchange<'_> {
 }
 
 /// What the lean path needs of a request besides its subscription.
+#[derive(Clone)]
 pub struct Manner {
     /// The client keeps the connection open after the answer.
     pub keepalive: bool,
@@ -75,11 +103,25 @@ pub async fn serve(
             return unavailable(poller, client, "unavailable", why, manner).await;
         }
     };
-    match poller.wait(client, &req, route).await {
+    // On plain TCP (a TLS session's state is the task's), the answer can
+    // leave from the delivering task: `Conn` has nothing gathered between
+    // two answers, and its unique id is the socket's fd.
+    if client.stream.get_ssl_digest().is_none() {
+        let fd = client.stream.id();
+        client.direct = Some(Arc::new(DirectWrite::new(fd, manner.clone())));
+    }
+    let waited = poller.wait(client, &req, route).await;
+    let direct = client.direct.take();
+    match waited {
         Waited::Reply(reply) => {
             let keepalive = manner.keepalive && !reply.close;
-            let written =
-                write_answer(poller, client, &reply.answer, &manner.cors, keepalive).await;
+            let written = match direct.as_deref().map(DirectWrite::settle) {
+                Some(Settled::Sent) => true,
+                Some(Settled::Partly(rest)) => write_whole(poller, client, &rest).await,
+                Some(Settled::Unsent) | None => {
+                    write_answer(poller, client, &reply.answer, &manner.cors, keepalive).await
+                }
+            };
             if written {
                 poll::count_answered(&reply.answer, reply.outcome, reply.live);
             }
@@ -91,6 +133,110 @@ pub async fn serve(
             unavailable(poller, client, error, &e.to_string(), manner).await
         }
         Waited::Gone => false,
+    }
+}
+
+/// An [`Answerer`] writing to a plain TCP socket without blocking: what
+/// the socket does not take at once is left to the poll's task.
+struct DirectWrite {
+    fd: RawFd,
+    /// [`OPEN`], [`WRITING`], [`SENT`] or [`CLOSED`].
+    state: AtomicU8,
+    manner: Manner,
+    /// The end of a sent answer that the socket did not take.
+    rest: Mutex<Vec<u8>>,
+}
+
+/// Nothing written yet; an answer may be.
+const OPEN: u8 = 0;
+/// The delivering task is writing to the socket.
+const WRITING: u8 = 1;
+/// An answer was written (see `rest`).
+const SENT: u8 = 2;
+/// The poll's task owns the socket again.
+const CLOSED: u8 = 3;
+
+/// What became of the direct write of a poll's answer.
+enum Settled {
+    Unsent,
+    Sent,
+    /// Sent up to these bytes, which the poll's task writes.
+    Partly(Vec<u8>),
+}
+
+impl DirectWrite {
+    fn new(fd: RawFd, manner: Manner) -> DirectWrite {
+        DirectWrite {
+            fd,
+            state: AtomicU8::new(OPEN),
+            manner,
+            rest: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Closes it and says what was written.
+    fn settle(&self) -> Settled {
+        if self.close() {
+            return Settled::Unsent;
+        }
+        let rest = std::mem::take(&mut *self.rest.lock());
+        if rest.is_empty() {
+            Settled::Sent
+        } else {
+            Settled::Partly(rest)
+        }
+    }
+}
+
+impl Answerer for DirectWrite {
+    fn answer(&self, answer: &Arc<Answer>) -> bool {
+        if self
+            .state
+            .compare_exchange(OPEN, WRITING, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        let manner = &self.manner;
+        let whole = assemble(
+            answer.h1_head(),
+            &manner.cors,
+            &answer.body,
+            manner.keepalive,
+        );
+        // SAFETY: the poll's task keeps the socket open while the state is
+        // WRITING (`close` waits), and `whole` is a live buffer of that length.
+        let sent = unsafe {
+            libc::send(
+                self.fd,
+                whole.as_ptr().cast(),
+                whole.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if sent <= 0 {
+            // Full or failing: the poll's task writes it (and sees the error).
+            self.state.store(OPEN, Ordering::Release);
+            return false;
+        }
+        if (sent as usize) < whole.len() {
+            *self.rest.lock() = whole[sent as usize..].to_vec();
+        }
+        self.state.store(SENT, Ordering::Release);
+        true
+    }
+
+    fn close(&self) -> bool {
+        loop {
+            match self
+                .state
+                .compare_exchange(OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) | Err(CLOSED) => return true,
+                Err(WRITING) => std::hint::spin_loop(),
+                Err(_) => return false,
+            }
+        }
     }
 }
 
@@ -181,24 +327,30 @@ pub fn assemble(
     whole
 }
 
-/// Writes `whole` straight to the socket (one write, as a rule) within the
-/// write timeout; returns whether it was written.
+/// Writes `whole` straight to the socket (one write, as a rule); gives up
+/// when the client takes no bytes for the write timeout. Returns whether
+/// it was written.
 async fn write_whole(poller: &Poller, client: &mut Exchange<'_>, whole: &[u8]) -> bool {
     let stream = &mut *client.stream;
-    let write = async {
-        let mut rest = whole;
-        while !rest.is_empty() {
-            // Vectored: the listener's connection then skips its gathering.
-            match stream.write_vectored(&[IoSlice::new(rest)]).await {
-                Ok(0) => return Error::e_explain(ErrorType::WriteError, "connection closed"),
-                Ok(n) => rest = &rest[n..],
-                Err(e) => return Error::e_because(ErrorType::WriteError, "writing an answer", e),
-            }
+    let mut rest = whole;
+    while !rest.is_empty() {
+        // Vectored: the listener's connection then skips its gathering.
+        let write = async {
+            stream
+                .write_vectored(&[IoSlice::new(rest)])
+                .await
+                .or_else(|e| Error::e_because(ErrorType::WriteError, "writing an answer", e))
+        };
+        match poller.write(write).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => rest = &rest[n..],
         }
+    }
+    let flush = async {
         stream
             .flush()
             .await
             .or_else(|e| Error::e_because(ErrorType::WriteError, "writing an answer", e))
     };
-    poller.write(write).await.is_ok()
+    poller.write(flush).await.is_ok()
 }

@@ -20,9 +20,9 @@ use crate::shards::ShardedMap;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::{oneshot, OnceCell};
+use tokio::sync::{mpsc, oneshot, OnceCell};
 
 /// What a poll without a cursor starts from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,22 +94,39 @@ pub struct Held {
     _registration: Registration,
 }
 
+/// Writes an answer to a held poll's client straight from the task that
+/// delivers the message, instead of waking the poll's own task to write it
+/// (which is still woken, to go on with its connection).
+pub trait Answerer: Send + Sync {
+    /// Tries to write `answer` now, without waiting. True when it was taken
+    /// (wholly, or in part for the poll's task to finish).
+    fn answer(&self, answer: &Arc<Answer>) -> bool;
+    /// Stops any later [`Answerer::answer`], waiting out one in progress.
+    /// False when an answer was taken already.
+    fn close(&self) -> bool;
+}
+
 struct Waiter {
     id: u64,
     cursor: Cursor,
     format: Format,
     fired: AtomicBool,
     tx: Mutex<Option<oneshot::Sender<Wake>>>,
+    answerer: Option<Arc<dyn Answerer>>,
 }
 
 impl Waiter {
-    /// Wakes the poll; false when another channel was faster.
+    /// Wakes the poll (after writing its answer, when it has an
+    /// [`Answerer`]); false when another channel was faster.
     fn fire(&self, wake: Wake) -> bool {
         self.fired.store(true, Ordering::Relaxed);
-        match self.tx.lock().take() {
-            Some(tx) => tx.send(wake).is_ok(),
-            None => false,
+        let Some(tx) = self.tx.lock().take() else {
+            return false;
+        };
+        if let (Wake::Answer(answer), Some(answerer)) = (&wake, &self.answerer) {
+            answerer.answer(answer);
         }
+        tx.send(wake).is_ok()
     }
 }
 
@@ -168,6 +185,9 @@ pub struct Hub {
     history: usize,
     linger: Duration,
     next_waiter: AtomicU64,
+    /// Where the broker's announcements go once [`Hub::run_deliveries`]
+    /// runs (before that, they are handled on the broker's task).
+    deliveries: OnceLock<mpsc::UnboundedSender<Announcement>>,
     /// Runs once between a poll's lookup and its registration (tests).
     #[cfg(test)]
     before_register: Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -200,6 +220,7 @@ impl Hub {
             history,
             linger,
             next_waiter: AtomicU64::new(1),
+            deliveries: OnceLock::new(),
             #[cfg(test)]
             before_register: Mutex::new(None),
         });
@@ -299,6 +320,20 @@ impl Hub {
         first: First,
         format: Format,
     ) -> Result<Poll, HubError> {
+        self.poll_answered_by(names, cursor, first, format, None)
+            .await
+    }
+
+    /// [`Hub::poll`], with the answer of a held poll written by `answerer`
+    /// from the delivering task when it can.
+    pub async fn poll_answered_by(
+        &self,
+        names: &[String],
+        cursor: Option<Cursor>,
+        first: First,
+        format: Format,
+        answerer: Option<Arc<dyn Answerer>>,
+    ) -> Result<Poll, HubError> {
         let limit = format.limit();
         let mut cursor = cursor;
         loop {
@@ -334,7 +369,7 @@ impl Hub {
             if let Some(hook) = self.before_register.lock().take() {
                 hook();
             }
-            if let Some(held) = self.register(channels, start, format) {
+            if let Some(held) = self.register(channels, start, format, answerer.clone()) {
                 return Ok(Poll::Held(held));
             }
         }
@@ -404,6 +439,7 @@ impl Hub {
         channels: Vec<Arc<Channel>>,
         cursor: Cursor,
         format: Format,
+        answerer: Option<Arc<dyn Answerer>>,
     ) -> Option<Held> {
         let (tx, rx) = oneshot::channel();
         let waiter = Arc::new(Waiter {
@@ -412,6 +448,7 @@ impl Hub {
             format,
             fired: AtomicBool::new(false),
             tx: Mutex::new(Some(tx)),
+            answerer,
         });
         let mut registration = Registration {
             waiter: waiter.clone(),
@@ -468,7 +505,9 @@ impl Hub {
                 // The waiters leave now: the linger starts.
                 st.idle_since = Instant::now();
             }
-            std::mem::take(&mut st.waiters)
+            // As many will be back at once: room for them, no regrowth.
+            let room = HashMap::with_capacity(st.waiters.len());
+            std::mem::replace(&mut st.waiters, room)
         };
         let mut answers: HashMap<(Format, usize, &Cursor), Arc<Answer>> = HashMap::new();
         for (waiter, index) in waiters.values() {
@@ -562,19 +601,63 @@ impl Hub {
     }
 }
 
+/// What the broker announces to the hub.
+enum Announcement {
+    Message(Arc<Message>),
+    Resync(String, History),
+}
+
+impl Hub {
+    /// Handles the broker's announcements on the calling task, in order,
+    /// from now on (until the hub is dropped). Run on the runtime of the
+    /// held polls, it wakes them (and writes their answers) without a
+    /// wake-up across threads per poll.
+    pub async fn run_deliveries(self: Arc<Self>) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        if self.deliveries.set(tx).is_err() {
+            return; // already running
+        }
+        let hub = Arc::downgrade(&self);
+        drop(self);
+        while let Some(announcement) = rx.recv().await {
+            let Some(hub) = hub.upgrade() else { return };
+            match announcement {
+                Announcement::Message(message) => hub.deliver(message),
+                Announcement::Resync(channel, history) => hub.resync(&channel, history),
+            }
+        }
+    }
+
+    /// Handles an announcement: on [`Hub::run_deliveries`]'s task when it
+    /// runs, else here.
+    fn announce(&self, announcement: Announcement) {
+        let announcement = match self.deliveries.get() {
+            Some(tx) => match tx.send(announcement) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(a)) => a,
+            },
+            None => announcement,
+        };
+        match announcement {
+            Announcement::Message(message) => self.deliver(message),
+            Announcement::Resync(channel, history) => self.resync(&channel, history),
+        }
+    }
+}
+
 /// The hub as the broker's sink; weak so that the two do not keep each other.
 struct HubSink(Weak<Hub>);
 
 impl Sink for HubSink {
     fn deliver(&self, message: Arc<Message>) {
         if let Some(hub) = self.0.upgrade() {
-            hub.deliver(message);
+            hub.announce(Announcement::Message(message));
         }
     }
 
     fn resync(&self, channel: &str, history: History) {
         if let Some(hub) = self.0.upgrade() {
-            hub.resync(channel, history);
+            hub.announce(Announcement::Resync(channel.to_string(), history));
         }
     }
 }

@@ -412,6 +412,8 @@ impl Service for ClientListener {
             request_limit: self.options.keepalive_request_limit,
             handshake: self.tls.as_ref().map_or(Duration::ZERO, |t| t.1),
         };
+        // Held polls are woken (and answered) from this runtime.
+        tokio::spawn(self.front.poller.hub.clone().run_deliveries());
         let inherited = self.endpoints.iter().any(|e| e.bound.is_none());
         if inherited {
             // Taking over from a running instance, which keeps serving for

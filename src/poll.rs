@@ -11,7 +11,7 @@ use crate::authorize::{Authorizer, Decision};
 use crate::broker::BrokerError;
 use crate::config::Cors;
 use crate::cursor::Cursor;
-use crate::hub::{Held, Hub, HubError, Poll, Wake};
+use crate::hub::{Answerer, Held, Hub, HubError, Poll, Wake};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{self, Outcome, Refusal};
 use crate::respond;
@@ -112,6 +112,12 @@ pub struct Request {
 pub trait Client {
     /// Resolves when the client has left (closed its connection).
     fn gone(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// What may write the poll's answer straight from the delivering task
+    /// (None: the poll's task writes it).
+    fn answerer(&self) -> Option<Arc<dyn Answerer>> {
+        None
+    }
 }
 
 impl Client for Session {
@@ -225,12 +231,16 @@ impl Poller {
     ) -> Waited {
         let deadline = Instant::now() + jitter(req.timeout);
         let mut cursor = req.cursor.clone();
+        let answerer = client.answerer();
         loop {
             // Boxed so that its state is not carried while the poll is held.
-            let poll = Box::pin(
-                self.hub
-                    .poll(&req.channels, cursor, route.first, req.format),
-            );
+            let poll = Box::pin(self.hub.poll_answered_by(
+                &req.channels,
+                cursor,
+                route.first,
+                req.format,
+                answerer.clone(),
+            ));
             let held = match poll.await {
                 Ok(Poll::Ready(answer)) => {
                     let outcome = if answer.gap {
@@ -246,7 +256,7 @@ impl Poller {
             let current = held.cursor.clone();
             let left = deadline.saturating_duration_since(Instant::now());
             let empty = || Arc::new(Answer::build(req.format, &current, false, &[]));
-            return match self.hold(client, held, left).await {
+            return match self.hold(client, answerer.as_deref(), held, left).await {
                 Ending::Woken(answer) => Waited::Reply(Reply::new(answer, Outcome::Message, true)),
                 Ending::Repoll => {
                     cursor = Some(current);
@@ -370,15 +380,30 @@ impl Poller {
         }
     }
 
-    /// Waits for the first event that ends a held poll.
-    async fn hold(&self, client: &mut impl Client, mut held: Held, timeout: Duration) -> Ending {
+    /// Waits for the first event that ends a held poll. An answer that
+    /// `answerer` took meanwhile wins over the timeout and draining (the
+    /// client has it, or part of it).
+    async fn hold(
+        &self,
+        client: &mut impl Client,
+        answerer: Option<&dyn Answerer>,
+        mut held: Held,
+        timeout: Duration,
+    ) -> Ending {
         metrics::HELD.inc();
-        let ending = tokio::select! {
+        let mut ending = tokio::select! {
             woken = &mut held.wake => woken_by(woken),
             _ = sleep(timeout) => Ending::Timeout,
             _ = self.life.drained() => Ending::Drain,
             _ = client.gone() => Ending::Gone,
         };
+        if let Some(answerer) = answerer {
+            let taken = !answerer.close();
+            if taken && matches!(ending, Ending::Timeout | Ending::Drain) {
+                // Its wake-up is on the way (sent right after the write).
+                ending = woken_by(held.wake.await);
+            }
+        }
         metrics::HELD.dec();
         ending
     }

@@ -6,7 +6,6 @@
 //! path under it. A [`ChannelTemplate`] renders a channel name from captures.
 
 use crate::target::Target;
-use std::collections::BTreeMap;
 use std::fmt;
 
 /// Longest channel name, in bytes.
@@ -42,8 +41,33 @@ pub struct PathTemplate {
     prefix: bool,
 }
 
-/// Path parameters captured by a match.
-pub type Params = BTreeMap<String, String>;
+/// Path parameters captured by a match, in path order (a route has a few:
+/// a list is cheaper than a map).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Params(Vec<(String, String)>);
+
+impl Params {
+    /// No parameters.
+    pub fn new() -> Params {
+        Params::default()
+    }
+
+    /// Sets parameter `name` (replacing an earlier value).
+    pub fn insert(&mut self, name: String, value: String) {
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, v)) => *v = value,
+            None => self.0.push((name, value)),
+        }
+    }
+
+    /// The value of parameter `name`, if captured.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
 
 impl PathTemplate {
     /// Compiles `path`; the error says what is wrong with it.
@@ -186,7 +210,7 @@ impl ChannelTemplate {
         for p in &self.pieces {
             match p {
                 Piece::Text(t) => out.push_str(t),
-                Piece::Param(n) => out.push_str(params.get(n).map(String::as_str).unwrap_or("")),
+                Piece::Param(n) => out.push_str(params.get(n).unwrap_or("")),
             }
         }
         match channel_problem(&out) {
@@ -216,10 +240,19 @@ mod tests {
     fn paths_match_whole_segments_and_prefixes() {
         let m = |t: &PathTemplate, path: &str| t.matches(Target::parse(path).unwrap().segments());
         let t = PathTemplate::parse("/rooms/{room}/events").unwrap();
-        assert_eq!(m(&t, "/rooms/1/events").unwrap()["room"], "1");
-        assert_eq!(m(&t, "/rooms/a%3Ab/events").unwrap()["room"], "a:b");
-        assert_eq!(m(&t, "/r%6Foms/1/events/").unwrap()["room"], "1");
-        assert_eq!(m(&t, "/rooms/a%2Fb/events").unwrap()["room"], "a/b");
+        assert_eq!(m(&t, "/rooms/1/events").unwrap().get("room").unwrap(), "1");
+        assert_eq!(
+            m(&t, "/rooms/a%3Ab/events").unwrap().get("room").unwrap(),
+            "a:b"
+        );
+        assert_eq!(
+            m(&t, "/r%6Foms/1/events/").unwrap().get("room").unwrap(),
+            "1"
+        );
+        assert_eq!(
+            m(&t, "/rooms/a%2Fb/events").unwrap().get("room").unwrap(),
+            "a/b"
+        );
         assert!(m(&t, "/rooms/1/events/x").is_none());
         assert!(m(&t, "/rooms//events").is_none());
         assert!(m(&t, "/rooms/1").is_none());

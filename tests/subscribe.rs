@@ -278,11 +278,46 @@ async fn pipelined_requests_and_connection_close_are_honoured(backend: Backend) 
         let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
         let (status, headers, _) = raw_exchange(&mut s, req);
         assert!(status.contains("200"), "{status}");
-        assert!(headers.contains(&("connection".into(), "close".into())), "{headers:?}");
+        assert!(
+            headers.contains(&("connection".into(), "close".into())),
+            "{headers:?}"
+        );
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty(), "closed after the answer");
     }
+}
+
+async fn an_answer_larger_than_the_socket_takes_is_written_whole(backend: Backend) {
+    // The delivering task writes what the socket takes at once; the poll's
+    // own task must finish the rest, and the connection stay usable.
+    let pg = Pollgate::start_on(backend, &format!("{ROUTES}limits:\n  max_body: 8388608\n"));
+    let s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
+    socket2::SockRef::from(&s)
+        .set_recv_buffer_size(65536)
+        .unwrap();
+    let mut s = s;
+    let req = "GET /sub/big?format=raw HTTP/1.1\r\nHost: x\r\n\r\n";
+    std::io::Write::write_all(&mut s, req.as_bytes()).unwrap();
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    let big: String = (0..6_000_000u32)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let id = pg.publish("big", "text/plain", &big).await;
+    std::thread::sleep(Duration::from_millis(300)); // let the socket fill up
+    let (status, headers, body) = read_answer(&mut s);
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body.len(), big.len());
+    assert!(
+        body == big.as_bytes(),
+        "the bytes arrive whole and in order"
+    );
+    assert!(headers.contains(&("pollgate-cursor".into(), id.clone())));
+    let next = pg.publish("big", "text/plain", "small").await;
+    let req = format!("GET /sub/big?format=raw&cursor={id} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (status, _, body) = raw_exchange(&mut s, &req);
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, b"small", "then {next}");
 }
 
 async fn a_client_that_leaves_is_released_at_once(backend: Backend) {
@@ -384,6 +419,7 @@ on_both_brokers!(
     non_utf8_bodies_are_base64_in_the_envelope,
     keep_alive_between_polls,
     pipelined_requests_and_connection_close_are_honoured,
+    an_answer_larger_than_the_socket_takes_is_written_whole,
     a_client_that_leaves_is_released_at_once,
     server_sent_events_stream_and_resume,
     bad_input_is_a_json_400_never_a_crash,

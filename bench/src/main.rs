@@ -20,6 +20,7 @@
 mod adapters;
 mod http;
 mod proc;
+mod secure;
 mod soak;
 
 use adapters::{Payload, Position, Server};
@@ -94,6 +95,12 @@ struct Args {
     /// Internal: run as subscriber process number SHARD of a soak.
     #[arg(long, hide = true)]
     shard: Option<usize>,
+    /// How hold subscribers connect: plain HTTP/1.1, TLS, or HTTP/2 on TLS.
+    #[arg(long, value_enum, default_value = "plain")]
+    transport: secure::Transport,
+    /// Held polls per HTTP/2 connection (`--transport h2`).
+    #[arg(long, default_value_t = 100)]
+    streams: usize,
     /// Time between two samples of the server's RSS and fds (soak).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     sample: Duration,
@@ -359,7 +366,13 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
         _ => 0,
     };
     let rss_before = proc::rss_bytes(&args.pid);
-    let subs = start_subscribers(&args, 0..args.subscribers, want, &stop_rx).await;
+    let secure = args.scenario == Scenario::Hold && args.transport != secure::Transport::Plain;
+    let (subs, held) = if secure {
+        (Vec::new(), Some(secure::hold(&args, args.transport).await))
+    } else {
+        let subs = start_subscribers(&args, 0..args.subscribers, want, &stop_rx).await;
+        (subs, None)
+    };
     tokio::time::sleep(args.settle).await;
 
     let cpu_start = proc::cpu_seconds(&args.pid);
@@ -375,6 +388,8 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
             let idle_cpu = proc::cpu_seconds(&args.pid) - cpu_start;
             let per_poll = rss_held.saturating_sub(rss_before) as f64 / args.subscribers as f64;
             extra = json!({
+                "transport": format!("{:?}", args.transport).to_lowercase(),
+                "held_sent": held.as_ref().map_or(args.subscribers, |h| h.sent),
                 "rss_before": rss_before,
                 "rss_held": rss_held,
                 "rss_per_held_poll": per_poll.round(),

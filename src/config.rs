@@ -171,6 +171,18 @@ pub struct RouteConfig {
     pub publish: Option<PublishThroughConfig>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub publish_from_header: bool,
+    /// A watch route: GETs held until the representation changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchConfig {
+    /// A message on any of these means "the resource may have changed".
+    pub channels: Vec<String>,
+    #[serde(default = "default_hold", with = "units::duration")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -222,6 +234,8 @@ pub enum BodySource {
     #[default]
     Response,
     Request,
+    /// An empty message: a change notice (for watch routes).
+    None,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -588,6 +602,45 @@ mod tests {
         c.publish.allow_unauthenticated = false;
         c.publish.token = "t".into();
         assert!(c.validate("f.yaml").is_ok());
+    }
+
+    #[test]
+    fn watch_routes_are_checked() {
+        let route = |extra: &str| {
+            format!(
+                "upstreams:\n  app:\n    addrs: [\"127.0.0.1:1\"]\nroutes:\n  - path: \"/o/{{id}}\"\n    \
+                 upstream: app\n{extra}"
+            )
+        };
+        let errors = |extra: &str| {
+            let c = Config::parse("f.yaml", &route(extra)).unwrap();
+            c.validate("f.yaml").map(|_| ()).unwrap_err().to_string()
+        };
+        let watch = "    watch:\n      channels: [\"o:{id}\"]\n";
+        let ok = Config::parse("f.yaml", &route(watch)).unwrap();
+        assert!(ok.validate("f.yaml").is_ok());
+        let e = errors(&format!("{watch}    methods: [POST]\n"));
+        assert!(
+            e.contains("routes[0].methods: a watch route serves GET, not POST"),
+            "{e}"
+        );
+        let e = errors(&format!(
+            "{watch}    publish:\n      channel: \"o:{{id}}\"\n"
+        ));
+        assert!(e.contains("a watch route does not publish"), "{e}");
+        let e = errors("    watch:\n      channels: []\n");
+        assert!(
+            e.contains("routes[0].watch.channels: needs at least one channel"),
+            "{e}"
+        );
+        let e = errors("    watch:\n      channels: [\"o:{nope}\"]\n");
+        assert!(e.contains("routes[0].watch.channels[0]"), "{e}");
+        let none =
+            "    methods: [PUT]\n    publish:\n      channel: \"o:{id}\"\n      body: none\n";
+        assert!(Config::parse("f.yaml", &route(none))
+            .unwrap()
+            .validate("f.yaml")
+            .is_ok());
     }
 
     #[test]

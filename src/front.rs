@@ -15,8 +15,9 @@ use crate::lifecycle::Lifecycle;
 use crate::metrics::Refusal;
 use crate::poll::{cors_headers, Poller, SubscribeHead};
 use crate::respond;
-use crate::routes::{Action, Match, Params, RouteTable, SubscribeRoute};
+use crate::routes::{Action, Match, Params, RouteTable, SubscribeRoute, WatchRoute};
 use crate::target::Target;
+use crate::watch::Watcher;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream};
@@ -37,6 +38,7 @@ pub struct Front {
     pub proxy: Arc<HttpProxy<Gateway>>,
     pub routes: Arc<RouteTable>,
     pub poller: Poller,
+    pub watcher: Watcher,
     pub life: Arc<Lifecycle>,
     pub limits: HeadLimits,
     /// Seconds an idle connection is kept between requests.
@@ -45,6 +47,13 @@ pub struct Front {
     pub h2_max_streams: u32,
     /// HTTP/2 with prior knowledge is served on plaintext connections.
     pub options: HttpServerOptions,
+}
+
+/// What the front door holds a request on.
+#[derive(Clone, Copy)]
+enum Holds<'a> {
+    Subscribe(&'a SubscribeRoute),
+    Watch(&'a WatchRoute),
 }
 
 /// Bounds on reading a request head.
@@ -269,15 +278,17 @@ async fn refuse(stream: &mut Stream, status: u16, error: &str, detail: &str, lim
 }
 
 impl Front {
-    /// The subscribe route for this request, if it is one.
-    fn subscribe_route(&self, method: &str, target: &Target) -> Option<(&SubscribeRoute, Params)> {
+    /// The route of this request when the front door holds it (a
+    /// subscribe request, or a GET on a watch route).
+    fn held_route(&self, method: &str, target: &Target) -> Option<(Holds<'_>, Params)> {
         if method == "OPTIONS" {
             return None; // CORS preflight: the gateway answers it
         }
         match self.routes.find(method, target) {
             Match::Found(route, params) => match &route.action {
-                Action::Subscribe(sub) => Some((sub, params)),
-                Action::Proxy(_) => None,
+                Action::Subscribe(sub) => Some((Holds::Subscribe(sub), params)),
+                Action::Watch(watch) if method == "GET" => Some((Holds::Watch(watch), params)),
+                Action::Watch(_) | Action::Proxy(_) => None,
             },
             _ => None,
         }
@@ -296,18 +307,19 @@ impl Front {
             .ok()
             .and_then(|raw| Target::parse(raw).ok());
         let method = req.method.as_str();
-        match target.and_then(|t| Some((self.subscribe_route(method, &t)?, t))) {
-            Some(((route, params), target)) => self.poll(session, target, route, params).await,
+        match target.and_then(|t| Some((self.held_route(method, &t)?, t))) {
+            Some(((route, params), target)) => self.hold(session, target, route, params).await,
             None => self.proxy.process_new_http(session, shutdown).await,
         }
     }
 
-    /// Serves one long-poll on `session` (whose head is buffered).
-    async fn poll(
+    /// Serves one long-poll or watch request on `session` (whose head is
+    /// buffered).
+    async fn hold(
         &self,
         mut session: ServerSession,
         target: Target,
-        route: &SubscribeRoute,
+        route: Holds<'_>,
         params: Params,
     ) -> Option<ReusedHttpStream> {
         let _in_flight = self.life.enter();
@@ -317,12 +329,20 @@ impl Front {
         }
         let draining = self.life.is_draining();
         session.set_keepalive((!draining).then_some(self.keepalive_secs));
-        if self
-            .poller
-            .serve(&mut session, &target, route, &params)
-            .await
-            .is_err()
-        {
+        let served = match route {
+            Holds::Subscribe(route) => {
+                self.poller
+                    .serve(&mut session, &target, route, &params)
+                    .await
+            }
+            Holds::Watch(route) => {
+                let watching = self
+                    .watcher
+                    .serve(&self.poller, &mut session, route, &params);
+                Box::pin(watching).await
+            }
+        };
+        if served.is_err() {
             return None;
         }
         let persistent = HttpPersistentSettings::for_session(&session);
@@ -382,8 +402,8 @@ impl Front {
                     return;
                 }
             };
-            let route = self.subscribe_route(head.method, &head.target);
-            if let Some((route, params)) = &route {
+            let route = self.held_route(head.method, &head.target);
+            if let Some((Holds::Subscribe(route), params)) = &route {
                 if head.bare && route.authorize.is_none() && !head.subscribe().wants_sse() {
                     let _in_flight = self.life.enter();
                     let req = head.subscribe().parse(route, params);
@@ -409,7 +429,7 @@ impl Front {
             session.set_pipelined_prefix(buf.split());
             let reused = match route {
                 // Boxed: an idle connection then carries only the head reader.
-                Some((route, params)) => Box::pin(self.poll(session, target, route, params)).await,
+                Some((route, params)) => Box::pin(self.hold(session, target, route, params)).await,
                 None => self.proxy.process_new_http(session, &shutdown).await,
             };
             let Some((next, settings)) = reused.map(|r| r.consume()) else {

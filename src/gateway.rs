@@ -168,7 +168,7 @@ impl ProxyHttp for Gateway {
                     self.relay.serve(session, p, &params).await?;
                     Ok(true)
                 }
-                Action::Proxy(p) => {
+                Action::Proxy(_) | Action::Watch(_) => {
                     if self.too_big(session) {
                         let detail = format!(
                             "request body is larger than limits.max_body ({} bytes)",
@@ -178,7 +178,8 @@ impl ProxyHttp for Gateway {
                         respond::error(session, 413, "payload_too_large", &detail, &[]).await?;
                         return Ok(true);
                     }
-                    ctx.pool = self.upstreams.get(&p.upstream).cloned();
+                    let upstream = route.action.upstream().unwrap_or_default();
+                    ctx.pool = self.upstreams.get(upstream).cloned();
                     Ok(false)
                 }
             },

@@ -31,3 +31,4 @@ pub mod target;
 pub mod tls;
 pub mod units;
 pub mod upstream;
+pub mod watch;

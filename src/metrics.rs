@@ -16,6 +16,25 @@ pub static HELD: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("pollgate_held_requests", "Long-polls currently held").unwrap()
 });
 
+/// Watch requests currently held.
+pub static HELD_WATCHERS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "pollgate_held_watchers",
+        "Watch requests currently held (also counted in pollgate_held_requests)"
+    )
+    .unwrap()
+});
+
+/// Upstream fetches of watch routes, by outcome.
+pub static WATCH_FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "pollgate_watch_fetches_total",
+        "Upstream GETs of watch routes by outcome (ok, error), shared by the watchers of one change",
+        &["outcome"]
+    )
+    .unwrap()
+});
+
 /// Subscribe requests by outcome.
 pub static SUBSCRIBES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -222,6 +241,10 @@ pub fn init() {
     LazyLock::force(&UPSTREAM_LATENCY);
     for r in ["ok", "failed"] {
         PUBLISH_THROUGH.with_label_values(&[r]);
+    }
+    LazyLock::force(&HELD_WATCHERS);
+    for o in ["ok", "error"] {
+        WATCH_FETCHES.with_label_values(&[o]);
     }
     for r in Refusal::ALL {
         REFUSED.with_label_values(&[r.label()]);

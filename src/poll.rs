@@ -80,7 +80,7 @@ impl Drop for Slot<'_> {
 }
 
 /// What ended a hold.
-enum Ending {
+pub enum Ending {
     Woken(Arc<Answer>),
     /// The hub asks for the poll to be redone (its channel was resynced).
     Repoll,
@@ -383,7 +383,7 @@ impl Poller {
     /// Waits for the first event that ends a held poll. An answer that
     /// `answerer` took meanwhile wins over the timeout and draining (the
     /// client has it, or part of it).
-    async fn hold(
+    pub async fn hold(
         &self,
         client: &mut impl Client,
         answerer: Option<&dyn Answerer>,
@@ -585,7 +585,7 @@ async fn sleep(d: Duration) {
 }
 
 /// Up to 10% shorter, so that reconnects spread.
-fn jitter(timeout: Duration) -> Duration {
+pub fn jitter(timeout: Duration) -> Duration {
     timeout.mul_f64(1.0 - fastrand::f64() * 0.1)
 }
 

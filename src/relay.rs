@@ -11,7 +11,7 @@ use crate::hub::Hub;
 use crate::metrics;
 use crate::respond;
 use crate::routes::{channel_problem, Params, ProxyRoute};
-use crate::upstream::{error_status, forwarded_copy, is_hop_by_hop, Peer, Upstreams};
+use crate::upstream::{client_header, error_status, forwarded_copy, Peer, Upstreams};
 use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
@@ -83,6 +83,7 @@ impl Relay {
             let (data, ct) = match source {
                 BodySource::Response => (answer.body.clone(), content_type(&answer.header.headers)),
                 BodySource::Request => (body.clone(), content_type(&session.req_header().headers)),
+                BodySource::None => (Bytes::new(), "application/octet-stream".to_string()),
             };
             targets.push((channel, data, ct));
         }
@@ -202,20 +203,6 @@ fn upstream_request(session: &Session, body_len: usize) -> Result<RequestHeader>
         request.insert_header("Content-Length", body_len.to_string())?;
     }
     Ok(request)
-}
-
-/// The upstream's answer header as sent to the client (without hop-by-hop
-/// headers and framing, which pollgate sets).
-fn client_header(upstream: &ResponseHeader) -> Result<ResponseHeader> {
-    let mut h = ResponseHeader::build(upstream.status, Some(upstream.headers.len()))?;
-    for (name, value) in upstream.headers.iter() {
-        let n = name.as_str();
-        if is_hop_by_hop(n) || n == "content-length" {
-            continue;
-        }
-        h.append_header(name.clone(), value.clone())?;
-    }
-    Ok(h)
 }
 
 fn content_type(headers: &http::HeaderMap) -> String {

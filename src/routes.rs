@@ -294,6 +294,8 @@ pub struct Route {
 pub enum Action {
     Subscribe(SubscribeRoute),
     Proxy(ProxyRoute),
+    /// Proxied like [`Action::Proxy`]; a GET is served by the watcher.
+    Watch(WatchRoute),
 }
 
 /// A long-poll route.
@@ -306,6 +308,26 @@ pub struct SubscribeRoute {
     pub authorize: Option<String>,
     /// The route's remembered authorization decisions, when it caches them.
     pub authorize_cache: Option<std::sync::Arc<crate::authorize::AuthCache>>,
+}
+
+impl Action {
+    /// The upstream the route's requests are proxied to (None for a
+    /// subscribe route).
+    pub fn upstream(&self) -> Option<&str> {
+        match self {
+            Action::Proxy(p) => Some(&p.upstream),
+            Action::Watch(w) => Some(&w.upstream),
+            Action::Subscribe(_) => None,
+        }
+    }
+}
+
+/// A watch route: GETs proxied to `upstream`, held while unchanged.
+#[derive(Debug, Clone)]
+pub struct WatchRoute {
+    pub upstream: String,
+    pub channels: Vec<ChannelTemplate>,
+    pub timeout: std::time::Duration,
 }
 
 /// A reverse-proxy route, optionally publishing what passes through.
@@ -369,6 +391,38 @@ impl RouteTable {
     }
 }
 
+/// The channel templates and hold timeout of a subscribe or watch route
+/// (`at` is its key, e.g. `routes[0].watch`), over the path's `params`;
+/// what is wrong goes to `problems`.
+fn compile_channels(
+    at: &str,
+    (names, timeout): (&[String], std::time::Duration),
+    params: &[&str],
+    max_channels: usize,
+    problems: &mut Vec<String>,
+) -> Vec<ChannelTemplate> {
+    if names.is_empty() {
+        problems.push(format!("{at}.channels: needs at least one channel"));
+    }
+    if names.len() > max_channels {
+        problems.push(format!(
+            "{at}.channels: {} channels, more than limits.max_channels ({max_channels})",
+            names.len()
+        ));
+    }
+    let mut channels = Vec::new();
+    for (j, c) in names.iter().enumerate() {
+        match ChannelTemplate::parse(c, params.iter().copied()) {
+            Ok(t) => channels.push(t),
+            Err(e) => problems.push(format!("{at}.channels[{j}]: {e}")),
+        }
+    }
+    if timeout.is_zero() {
+        problems.push(format!("{at}.timeout: must be longer than 0s"));
+    }
+    channels
+}
+
 fn compile_route(
     config: &crate::config::Config,
     key: &str,
@@ -401,33 +455,23 @@ fn compile_route(
             None
         }
         (Some(s), None) => {
+            if rc.watch.is_some() {
+                problems.push(format!(
+                    "{key}: 'watch' belongs on an upstream route, not a subscribe route"
+                ));
+            }
             if rc.publish.is_some() || rc.publish_from_header {
                 problems.push(format!(
                     "{key}: 'publish' belongs on an upstream route, not a subscribe route"
                 ));
             }
-            if s.channels.is_empty() {
-                problems.push(format!(
-                    "{key}.subscribe.channels: needs at least one channel"
-                ));
-            }
-            if s.channels.len() > config.limits.max_channels {
-                problems.push(format!(
-                    "{key}.subscribe.channels: {} channels, more than limits.max_channels ({})",
-                    s.channels.len(),
-                    config.limits.max_channels
-                ));
-            }
-            let mut channels = Vec::new();
-            for (j, c) in s.channels.iter().enumerate() {
-                match ChannelTemplate::parse(c, params.iter().copied()) {
-                    Ok(t) => channels.push(t),
-                    Err(e) => problems.push(format!("{key}.subscribe.channels[{j}]: {e}")),
-                }
-            }
-            if s.timeout.is_zero() {
-                problems.push(format!("{key}.subscribe.timeout: must be longer than 0s"));
-            }
+            let channels = compile_channels(
+                &format!("{key}.subscribe"),
+                (&s.channels, s.timeout),
+                &params,
+                config.limits.max_channels,
+                &mut problems,
+            );
             if let Some(a) = &s.authorize {
                 upstream_known("subscribe.authorize", a, &mut problems);
             }
@@ -453,6 +497,33 @@ fn compile_route(
                         ))
                     },
                 ),
+            }))
+        }
+        (None, Some(up)) if rc.watch.is_some() => {
+            upstream_known("upstream", up, &mut problems);
+            let w = rc.watch.as_ref().expect("a watch route");
+            if rc.publish.is_some() || rc.publish_from_header {
+                problems.push(format!(
+                    "{key}: a watch route does not publish; put 'publish' on the route of the writes"
+                ));
+            }
+            if let Some(m) = methods
+                .iter()
+                .find(|m| !matches!(m.as_str(), "GET" | "HEAD"))
+            {
+                problems.push(format!("{key}.methods: a watch route serves GET, not {m}"));
+            }
+            let channels = compile_channels(
+                &format!("{key}.watch"),
+                (&w.channels, w.timeout),
+                &params,
+                config.limits.max_channels,
+                &mut problems,
+            );
+            Some(Action::Watch(WatchRoute {
+                upstream: up.clone(),
+                channels,
+                timeout: w.timeout,
             }))
         }
         (None, Some(up)) => {

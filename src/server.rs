@@ -18,6 +18,7 @@ use crate::poll::{HeldSlots, Poller};
 use crate::routes::RouteTable;
 use crate::tls::Certificates;
 use crate::upstream::Upstreams;
+use crate::watch::Watcher;
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
@@ -133,9 +134,10 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
             life: life.clone(),
             held: HeldSlots::new(config.limits.max_held),
             cors: config.cors.clone(),
-            authorizer: Authorizer::new(upstreams),
+            authorizer: Authorizer::new(upstreams.clone()),
             write_timeout: config.limits.write_timeout,
         },
+        watcher: Watcher::new(hub.clone(), upstreams, config.limits.max_body),
         life: life.clone(),
         limits: HeadLimits {
             max_head: config.limits.max_head as usize,

@@ -315,6 +315,20 @@ pub fn forwarded_copy(
     Ok(request)
 }
 
+/// The upstream's answer header as sent to the client (without hop-by-hop
+/// headers and framing, which pollgate sets).
+pub fn client_header(upstream: &ResponseHeader) -> Result<ResponseHeader> {
+    let mut h = ResponseHeader::build(upstream.status, Some(upstream.headers.len()))?;
+    for (name, value) in upstream.headers.iter() {
+        let n = name.as_str();
+        if is_hop_by_hop(n) || n == "content-length" {
+            continue;
+        }
+        h.append_header(name.clone(), value.clone())?;
+    }
+    Ok(h)
+}
+
 /// The status an upstream error is answered with: 504 on a timeout, else 502.
 pub fn error_status(e: &Error) -> u16 {
     match e.etype() {

@@ -158,3 +158,29 @@ async fn concurrent_streams_per_connection_are_capped() {
     }
     assert_eq!(fourth.await.unwrap().0, 200, "served once there is room");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_route_holds_and_answers_over_h2() {
+    let legacy = support::legacy::Legacy::start(true).await;
+    legacy.set("9", r#"{"id":9}"#);
+    let pg = Pollgate::start(&format!(
+        "upstreams:\n  shop:\n    addrs: [\"127.0.0.1:{}\"]\nroutes:\n  - path: \"/orders/{{id}}\"\n    \
+         upstream: shop\n    watch:\n      channels: [\"order:{{id}}\"]\n",
+        legacy.port
+    ));
+    let mut client = connect(&pg).await;
+    let (first, _) = get(&mut client, "/orders/9", &[]).await;
+    let (status, headers, _) = answer(first).await;
+    assert_eq!((status, headers["etag"].to_str().unwrap()), (200, "\"v1\""));
+    let (held, _) = get(&mut client, "/orders/9", &[("if-none-match", "\"v1\"")]).await;
+    let held = tokio::spawn(answer(held));
+    pg.wait_metric("pollgate_held_watchers", 1.0).await;
+    legacy.set("9", r#"{"id":9,"v":2}"#);
+    pg.publish("order:9", "text/plain", "").await;
+    let (status, headers, body) = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((status, headers["etag"].to_str().unwrap()), (200, "\"v2\""));
+    assert_eq!(body, br#"{"id":9,"v":2}"#);
+}

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod fleet;
+pub mod legacy;
 pub mod pki;
 pub mod proxy;
 pub mod redis;

@@ -1,0 +1,230 @@
+//! Watch routes against a legacy order service that knows nothing of
+//! pollgate: a GET with the current ETag is held until the order changes.
+
+mod support;
+
+use reqwest::StatusCode;
+use std::time::Duration;
+use support::legacy::Legacy;
+use support::*;
+
+fn config(legacy: &Legacy, timeout: &str) -> String {
+    format!(
+        r#"upstreams:
+  shop:
+    addrs: ["127.0.0.1:{port}"]
+routes:
+  - path: "/orders/{{id}}"
+    methods: [GET]
+    upstream: shop
+    watch:
+      channels: ["order:{{id}}"]
+      timeout: {timeout}
+  - path: "/orders/{{id}}"
+    methods: [PUT, PATCH, DELETE]
+    upstream: shop
+    publish:
+      channel: "order:{{id}}"
+      body: none
+"#,
+        port = legacy.port
+    )
+}
+
+/// GETs `path` with `If-None-Match: etag` (when given) and `auth`.
+async fn watch(pg: &Pollgate, path: &str, etag: Option<&str>, auth: &str) -> reqwest::Response {
+    let mut req = client().get(pg.url(path)).header("Authorization", auth);
+    if let Some(etag) = etag {
+        req = req.header("If-None-Match", etag);
+    }
+    req.send().await.unwrap()
+}
+
+/// A GET of `path` held with `If-None-Match: etag`, answered in the background.
+fn hold(
+    pg: &Pollgate,
+    path: &str,
+    etag: &str,
+    auth: &'static str,
+) -> tokio::task::JoinHandle<reqwest::Response> {
+    let (url, etag) = (pg.url(path), etag.to_string());
+    tokio::spawn(async move {
+        client()
+            .get(url)
+            .header("Authorization", auth)
+            .header("If-None-Match", etag)
+            .send()
+            .await
+            .unwrap()
+    })
+}
+
+fn etag_of(r: &reqwest::Response) -> String {
+    r.headers()["etag"].to_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_held_get_is_answered_by_a_put_through_the_gateway() {
+    for etags in [false, true] {
+        let legacy = Legacy::start(etags).await;
+        legacy.set("42", r#"{"id":42,"status":"new"}"#);
+        let pg = Pollgate::start(&config(&legacy, "30s"));
+        let first = watch(&pg, "/orders/42", None, "Bearer a").await;
+        assert_eq!(first.status(), 200);
+        let etag = etag_of(&first);
+        if etags {
+            assert_eq!(etag, "\"v1\"", "the upstream's own ETag is kept");
+        } else {
+            assert!(
+                etag.starts_with("\"pg-"),
+                "a strong ETag of the body: {etag}"
+            );
+        }
+        assert_eq!(first.text().await.unwrap(), r#"{"id":42,"status":"new"}"#);
+
+        let held = hold(&pg, "/orders/42", &etag, "Bearer a");
+        pg.wait_metric("pollgate_held_watchers", 1.0).await;
+        let put = client()
+            .put(pg.url("/orders/42"))
+            .body(r#"{"id":42,"status":"paid"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 200);
+        assert!(put.headers().contains_key("pollgate-message-id"));
+        let answer = tokio::time::timeout(Duration::from_secs(5), held)
+            .await
+            .expect("the held GET is answered by the PUT")
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        assert_ne!(etag_of(&answer), etag);
+        assert_eq!(answer.text().await.unwrap(), r#"{"id":42,"status":"paid"}"#);
+    }
+}
+
+#[tokio::test]
+async fn an_unchanged_resource_stays_held_then_times_out_with_304() {
+    let legacy = Legacy::start(false).await;
+    legacy.set("7", r#"{"id":7}"#);
+    let pg = Pollgate::start(&config(&legacy, "2s"));
+    let etag = etag_of(&watch(&pg, "/orders/7", None, "Bearer a").await);
+    let started = std::time::Instant::now();
+    let held = hold(&pg, "/orders/7", &etag, "Bearer a");
+    pg.wait_metric("pollgate_held_watchers", 1.0).await;
+    // A notice without a change: fetched again, still the same, held on.
+    pg.publish("order:7", "text/plain", "").await;
+    pg.wait_metric("pollgate_watch_fetches_total{outcome=\"ok\"}", 2.0)
+        .await;
+    pg.wait_metric("pollgate_held_watchers", 1.0).await;
+    let answer = held.await.unwrap();
+    assert_eq!(answer.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(etag_of(&answer), etag);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1700),
+        "held to the timeout (jitter ≤ 10 %)"
+    );
+}
+
+#[tokio::test]
+async fn watchers_share_one_fetch_per_change_but_never_across_credentials() {
+    let legacy = Legacy::start(true).await;
+    legacy.set("1", r#"{"id":1}"#);
+    let pg = Pollgate::start(&config(&legacy, "30s"));
+    let etag = etag_of(&watch(&pg, "/orders/1", None, "Bearer a").await);
+    let mut held = Vec::new();
+    for i in 0..40 {
+        let (url, etag) = (pg.url("/orders/1"), etag.clone());
+        let auth = if i % 2 == 0 { "Bearer a" } else { "Bearer b" };
+        held.push(tokio::spawn(async move {
+            let r = client()
+                .get(url)
+                .header("If-None-Match", etag)
+                .header("Authorization", auth)
+                .send()
+                .await
+                .unwrap();
+            (auth, r.status(), r.text().await.unwrap())
+        }));
+    }
+    pg.wait_metric("pollgate_held_watchers", 40.0).await;
+    let before = legacy.gets();
+    legacy.set("1", r#"{"id":1,"v":2}"#);
+    pg.publish("order:1", "text/plain", "").await;
+    for h in held {
+        let (_, status, body) = tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((status.as_u16(), body.as_str()), (200, r#"{"id":1,"v":2}"#));
+    }
+    // One GET per credentials, not one per watcher.
+    assert_eq!(legacy.gets() - before, 2);
+}
+
+#[tokio::test]
+async fn upstream_trouble_while_refetching_is_answered_not_hung() {
+    let legacy = Legacy::start(true).await;
+    legacy.set("5", r#"{"id":5}"#);
+    let pg = Pollgate::start(&config(&legacy, "30s"));
+    let etag = etag_of(&watch(&pg, "/orders/5", None, "Bearer a").await);
+    let held = hold(&pg, "/orders/5", &etag, "Bearer a");
+    pg.wait_metric("pollgate_held_watchers", 1.0).await;
+    legacy
+        .store
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    pg.publish("order:5", "text/plain", "").await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), 500, "the upstream's status");
+    // With the upstream gone altogether: 502 JSON.
+    let held = hold(&pg, "/orders/5", &etag_of(&answer), "Bearer a");
+    pg.wait_metric("pollgate_held_watchers", 1.0).await;
+    drop(legacy);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pg.publish("order:5", "text/plain", "").await;
+    let answer = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), 502);
+    let v: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(v["error"], "bad_gateway");
+    assert!(
+        pg.metric("pollgate_watch_fetches_total{outcome=\"error\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn a_write_through_one_instance_wakes_watchers_on_another_over_redis() {
+    let redis = support::redis::RedisServer::start();
+    let legacy = Legacy::start(false).await;
+    legacy.set("3", r#"{"id":3}"#);
+    let body = with_broker(&config(&legacy, "30s"), &redis.url());
+    let (a, b) = (Pollgate::start(&body), Pollgate::start(&body));
+    a.wait_ready();
+    b.wait_ready();
+    let etag = etag_of(&watch(&a, "/orders/3", None, "Bearer a").await);
+    let held = hold(&a, "/orders/3", &etag, "Bearer a");
+    a.wait_metric("pollgate_held_watchers", 1.0).await;
+    let put = client()
+        .put(b.url("/orders/3"))
+        .body(r#"{"id":3,"status":"shipped"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let answer = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("the watcher on the other instance is answered")
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.text().await.unwrap(),
+        r#"{"id":3,"status":"shipped"}"#
+    );
+}

@@ -104,9 +104,9 @@ stop_pushpin
 sleep 2
 
 if [ "$QUICK" = 1 ]; then
-  F_SUBS=1000; F_MSGS=20; L_SUBS=500; L_MSGS=10; C_SUBS=400; C_CH=40; C_RATE=400; C_DUR=5s; H_SUBS=2000; T_SUBS=500
+  F_SUBS=1000; F_MSGS=20; L_SUBS=500; L_MSGS=10; C_SUBS=400; C_CH=40; C_RATE=400; C_DUR=5s; H_SUBS=2000; T_SUBS=500; W_SUBS=500; W_DIRECT=500; W_DUR=5s
 else
-  F_SUBS=10000; F_MSGS=100; L_SUBS=2000; L_MSGS=50; C_SUBS=2000; C_CH=200; C_RATE=2000; C_DUR=20s; H_SUBS=18000; T_SUBS=5000
+  F_SUBS=10000; F_MSGS=100; L_SUBS=2000; L_MSGS=50; C_SUBS=2000; C_CH=200; C_RATE=2000; C_DUR=20s; H_SUBS=18000; T_SUBS=5000; W_SUBS=10000; W_DIRECT=9000; W_DUR=20s
 fi
 
 : > "$RESULTS.tmp"
@@ -158,6 +158,15 @@ for rep in $(seq "$REPS"); do
     bench "latency 1ch" "$s" --scenario fanout --subscribers $L_SUBS --channels 1 --messages $L_MSGS --interval 200ms
     bench "churn" "$s" --scenario churn --subscribers $C_SUBS --channels $C_CH --rate $C_RATE --duration $C_DUR
   done
+  # Watch routes: one resource, one write a second, watchers through pollgate;
+  # against the same clients polling the backend every second (9 000: the
+  # load generator then holds both ends of every connection).
+  echo "== watch / pollgate" >&2
+  target/release/pollgate-bench --server pollgate --label "watch" --sub 127.0.0.1:18080 --pid "$PG" \
+    --scenario watch --subscribers $W_SUBS --rate 1 --duration $W_DUR >> "$RESULTS.tmp" || true
+  echo "== watch direct polling / backend" >&2
+  target/release/pollgate-bench --server pollgate --label "watch direct" --sub 127.0.0.1:18080 --pid "$PG" \
+    --scenario watch --direct --interval 1s --subscribers $W_DIRECT --rate 1 --duration $W_DUR >> "$RESULTS.tmp" || true
   echo "== fanout 1ch threads 2 / pollgate" >&2
   target/release/pollgate-bench --server pollgate --label "fanout 1ch threads 2" --sub 127.0.0.1:18095 \
     --publish 127.0.0.1:19095 --pid "$PGT" --prefix "t2${rep}c" \

@@ -115,6 +115,11 @@ lines += [
     f"| fanout 1ch deliveries per core-second, `threads: 1` | {fmt(one)} | – |",
     f"| fanout 1ch deliveries per core-second, `threads: 2` | {fmt(two)} ({fmt(two / one if one and two else None, '×')}) | – |",
     "",
+    "| Watch routes (one resource, one write a second) | backend requests per change | backend requests/s | change → client p50 / p99 (ms) | clients |",
+    "|---|---|---|---|---|",
+    f"| through a pollgate watch route | {fmt(med('watch', 'pollgate', 'backend_requests_per_change'))} (goal 1) | {fmt(med('watch', 'pollgate', 'backend_requests_per_sec'))} | {fmt(med('watch', 'pollgate', 'delay_ms', 'p50'))} / {fmt(med('watch', 'pollgate', 'delay_ms', 'p99'))} | {fmt(med('watch', 'pollgate', 'subscribers'))} |",
+    f"| polling the backend every second | {fmt(med('watch direct', 'pollgate', 'backend_requests_per_change'))} | {fmt(med('watch direct', 'pollgate', 'backend_requests_per_sec'))} | {fmt(med('watch direct', 'pollgate', 'delay_ms', 'p50'))} / {fmt(med('watch direct', 'pollgate', 'delay_ms', 'p99'))} | {fmt(med('watch direct', 'pollgate', 'subscribers'))} |",
+    "",
     "![benchmark chart](benchmarks.png)",
 ]
 block = "\n".join(lines)

@@ -22,6 +22,7 @@ mod http;
 mod proc;
 mod secure;
 mod soak;
+mod watchers;
 
 use adapters::{Payload, Position, Server};
 use clap::{Parser, ValueEnum};
@@ -40,6 +41,8 @@ enum Scenario {
     Hold,
     Churn,
     Soak,
+    /// Watchers of one resource through a watch route (pollgate only).
+    Watch,
 }
 
 #[derive(Parser, Debug)]
@@ -101,6 +104,13 @@ struct Args {
     /// Held polls per HTTP/2 connection (`--transport h2`).
     #[arg(long, default_value_t = 100)]
     streams: usize,
+    /// Where the watch scenario's legacy backend listens (pollgate's bench
+    /// config has its `shop` upstream there).
+    #[arg(long, default_value = "127.0.0.1:18099")]
+    backend: SocketAddr,
+    /// Watch scenario: poll the backend directly every `--interval` instead.
+    #[arg(long)]
+    direct: bool,
     /// Time between two samples of the server's RSS and fds (soak).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     sample: Duration,
@@ -396,7 +406,7 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
                 "idle_cpu_percent": 100.0 * idle_cpu / args.duration.as_secs_f64(),
             });
         }
-        Scenario::Fanout | Scenario::Churn | Scenario::Soak => {
+        Scenario::Fanout | Scenario::Churn | Scenario::Soak | Scenario::Watch => {
             if args.scenario == Scenario::Fanout {
                 let mut publishers: Vec<Publisher> = (0..args.channels.min(8))
                     .map(|_| Publisher::new(args.publish))
@@ -485,6 +495,7 @@ fn main() {
     let result = match (args.scenario, args.shard) {
         (Scenario::Soak, Some(shard)) => runtime.block_on(soak::shard(args, shard)),
         (Scenario::Soak, None) => runtime.block_on(soak::run(args)),
+        (Scenario::Watch, _) => runtime.block_on(watchers::run(args.clone(), args.direct)),
         _ => runtime.block_on(run(args)),
     };
     println!("{result}");

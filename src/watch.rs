@@ -178,7 +178,7 @@ impl Watcher {
                 continue;
             };
             if !matches(known.as_deref(), &rep.etag) {
-                return answer(session, rep, false).await;
+                return poller.write(answer(session, rep, false)).await;
             }
             let Some(held) = held else {
                 continue; // changed while fetching: fetch again
@@ -194,7 +194,7 @@ impl Watcher {
                     if matches!(ending, Ending::Drain) {
                         session.set_keepalive(None);
                     }
-                    return answer(session, rep, true).await;
+                    return poller.write(answer(session, rep, true)).await;
                 }
                 Ending::Gone => return poll::gone(),
             }

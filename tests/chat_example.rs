@@ -5,51 +5,12 @@
 mod support;
 
 use serde_json::Value;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use support::*;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn example_binary() -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_pollgate"));
-    bin.parent().unwrap().join("examples").join("chat-backend")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_long_poll_a_room_while_a_third_posts() {
-    let backend_port = free_port();
-    let _backend = Killed(
-        Command::new(example_binary())
-            .arg(format!("127.0.0.1:{backend_port}"))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cargo builds examples for tests"),
-    );
-    let conf = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/conf/examples/chat.yaml"
-    ))
-    .unwrap();
-    let conf: String = conf
-        .lines()
-        .filter(|l| !l.starts_with("listen:") && !l.starts_with("admin_listen:"))
-        .map(|l| l.replace("127.0.0.1:3000", &format!("127.0.0.1:{backend_port}")) + "\n")
-        .collect();
-    let pg = Pollgate::start(&conf);
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", backend_port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let example = support::example::Example::start("chat-backend", "chat.yaml", "127.0.0.1:3000");
+    let pg = &example.pg;
 
     let listen = |who: &'static str| {
         let url = pg.url("/rooms/1/events");

@@ -228,3 +228,51 @@ async fn a_write_through_one_instance_wakes_watchers_on_another_over_redis() {
         r#"{"id":3,"status":"shipped"}"#
     );
 }
+
+#[tokio::test]
+async fn the_upstream_decides_who_sees_what_and_limits_apply_to_watchers() {
+    let legacy = Legacy::start(true).await;
+    legacy.set("8", r#"{"id":8,"secret":true}"#);
+    *legacy.store.token.lock().unwrap() = Some("good".into());
+    let pg = Pollgate::start(&format!(
+        "{}limits:\n  max_held: 2\n",
+        config(&legacy, "30s")
+    ));
+    // The credentials go upstream with every fetch: a stranger gets the
+    // upstream's 401, never the answer fetched for someone else.
+    let good = watch(&pg, "/orders/8", None, "Bearer good").await;
+    assert_eq!(good.status(), 200);
+    let etag = etag_of(&good);
+    let bad = watch(&pg, "/orders/8", Some(&etag), "Bearer bad").await;
+    assert_eq!(bad.status(), 401);
+    assert_eq!(bad.text().await.unwrap(), r#"{"error":"who are you"}"#);
+    // limits.max_held counts watchers: the third is refused with 503.
+    let first = hold(&pg, "/orders/8", &etag, "Bearer good");
+    let second = hold(&pg, "/orders/8", &etag, "Bearer good");
+    pg.wait_metric("pollgate_held_watchers", 2.0).await;
+    let third = watch(&pg, "/orders/8", Some(&etag), "Bearer good").await;
+    assert_eq!(third.status(), 503);
+    assert!(third.headers().contains_key("retry-after"));
+    // A watcher that leaves is released at once.
+    first.abort();
+    pg.wait_metric("pollgate_held_watchers", 1.0).await;
+    drop(second);
+}
+
+#[tokio::test]
+async fn a_draining_instance_answers_its_watchers_304() {
+    let legacy = Legacy::start(true).await;
+    legacy.set("4", r#"{"id":4}"#);
+    let mut pg = Pollgate::start(&config(&legacy, "30s"));
+    let etag = etag_of(&watch(&pg, "/orders/4", None, "Bearer a").await);
+    let held = hold(&pg, "/orders/4", &etag, "Bearer a");
+    pg.wait_metric("pollgate_held_watchers", 1.0).await;
+    pg.signal("-TERM");
+    let answer = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("answered on drain")
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(etag_of(&answer), etag);
+    assert!(pg.wait_exit(Duration::from_secs(10)).is_some());
+}

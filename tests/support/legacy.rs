@@ -2,7 +2,7 @@
 //! order store. `GET /orders/<id>` answers the order as JSON (404 when
 //! unknown), with `ETag: "v<version>"` when started `with_etags`; `PUT`
 //! replaces it, `DELETE` removes it. It counts the GETs it serves and can
-//! be told to fail them with 500.
+//! be told to fail them with 500, or to require a bearer token.
 #![allow(dead_code)]
 
 use bytes::Bytes;
@@ -23,6 +23,8 @@ pub struct Store {
     pub gets: AtomicUsize,
     /// GETs answer 500 while set.
     pub failing: AtomicBool,
+    /// When set, GETs without `Authorization: Bearer <it>` answer 401.
+    pub token: Mutex<Option<String>>,
     etags: bool,
 }
 
@@ -94,6 +96,11 @@ async fn handle(
         .strip_prefix("/orders/")
         .unwrap_or("")
         .to_string();
+    let auth = req
+        .headers()
+        .get("Authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = req.into_body().collect().await?.to_bytes();
     let reply = |status: u16, body: String| {
         Response::builder()
@@ -108,6 +115,11 @@ async fn handle(
             store.gets.fetch_add(1, Ordering::SeqCst);
             if store.failing.load(Ordering::SeqCst) {
                 return Ok(reply(500, "{\"error\":\"database down\"}".into()));
+            }
+            if let Some(token) = store.token.lock().unwrap().as_deref() {
+                if auth.as_deref() != Some(&format!("Bearer {token}")) {
+                    return Ok(reply(401, "{\"error\":\"who are you\"}".into()));
+                }
             }
             match orders.get(&id) {
                 Some((version, order)) => {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod example;
 pub mod fleet;
 pub mod legacy;
 pub mod pki;

@@ -60,7 +60,10 @@ fn hold(
 }
 
 fn etag_of(r: &reqwest::Response) -> String {
-    r.headers()["etag"].to_str().unwrap().to_string()
+    let etag = r.headers().get("etag");
+    let etag =
+        etag.unwrap_or_else(|| panic!("no ETag on a {} answer: {:?}", r.status(), r.headers()));
+    etag.to_str().unwrap().to_string()
 }
 
 #[tokio::test]
@@ -275,4 +278,57 @@ async fn a_draining_instance_answers_its_watchers_304() {
     assert_eq!(answer.status(), StatusCode::NOT_MODIFIED);
     assert_eq!(etag_of(&answer), etag);
     assert!(pg.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+#[tokio::test]
+async fn a_burst_of_changes_during_a_fetch_costs_one_more_fetch_and_a_slow_upstream_504() {
+    let legacy = Legacy::start(true).await;
+    legacy.set("6", r#"{"id":6}"#);
+    let conf = config(&legacy, "30s").replace(
+        &format!("addrs: [\"127.0.0.1:{}\"]", legacy.port),
+        &format!(
+            "addrs: [\"127.0.0.1:{}\"]\n    read_timeout: 1s",
+            legacy.port
+        ),
+    );
+    let pg = Pollgate::start(&conf);
+    let etag = etag_of(&watch(&pg, "/orders/6", None, "Bearer a").await);
+    let held: Vec<_> = (0..10)
+        .map(|_| hold(&pg, "/orders/6", &etag, "Bearer a"))
+        .collect();
+    pg.wait_metric("pollgate_held_watchers", 10.0).await;
+    let before = legacy.gets();
+    legacy
+        .store
+        .delay_ms
+        .store(300, std::sync::atomic::Ordering::SeqCst);
+    // Five notices, the last four while the first one's fetch is in flight;
+    // the order does not change, so the watchers stay held.
+    for _ in 0..5 {
+        pg.publish("order:6", "text/plain", "").await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let fetches = legacy.gets() - before;
+    assert!(
+        (1..=2).contains(&fetches),
+        "{fetches} fetches for a burst of 5"
+    );
+    assert_eq!(pg.metric("pollgate_held_watchers").await, 10.0);
+    // An upstream slower than its read_timeout: the watchers get 504 JSON.
+    legacy
+        .store
+        .delay_ms
+        .store(3000, std::sync::atomic::Ordering::SeqCst);
+    legacy.set("6", r#"{"id":6,"v":2}"#);
+    pg.publish("order:6", "text/plain", "").await;
+    for h in held {
+        let answer = tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.status(), 504);
+        let v: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(v["error"], "gateway_timeout");
+    }
 }

@@ -2,7 +2,8 @@
 //! order store. `GET /orders/<id>` answers the order as JSON (404 when
 //! unknown), with `ETag: "v<version>"` when started `with_etags`; `PUT`
 //! replaces it, `DELETE` removes it. It counts the GETs it serves and can
-//! be told to fail them with 500, or to require a bearer token.
+//! be told to fail them with 500, to slow them down, or to require a
+//! bearer token.
 #![allow(dead_code)]
 
 use bytes::Bytes;
@@ -11,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 
@@ -23,6 +24,8 @@ pub struct Store {
     pub gets: AtomicUsize,
     /// GETs answer 500 while set.
     pub failing: AtomicBool,
+    /// Milliseconds each GET takes.
+    pub delay_ms: AtomicU64,
     /// When set, GETs without `Authorization: Bearer <it>` answer 401.
     pub token: Mutex<Option<String>>,
     etags: bool,
@@ -109,6 +112,10 @@ async fn handle(
             .body(Full::new(Bytes::from(body)))
             .unwrap()
     };
+    let delay = store.delay_ms.load(Ordering::SeqCst);
+    if method == "GET" && delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     let mut orders = store.orders.lock().unwrap();
     Ok(match method.as_str() {
         "GET" => {

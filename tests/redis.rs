@@ -174,7 +174,7 @@ async fn messages_published_while_an_instance_is_disconnected_are_caught_up() {
     // moment it is back, most likely before pollgate has resubscribed.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     redis.restart();
-    let id = raw_publish(&redis, "pollgate", "cu", "text/plain", "during");
+    let id = redis.publish_raw("pollgate", "cu", "text/plain", "during");
     let (status, _, v) = held.await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(ids(&v), [id]);
@@ -203,45 +203,6 @@ async fn an_empty_restart_answers_gap_not_silence() {
     assert_eq!(v["cursor"], "0-0");
 }
 
-/// The ```lua block of docs/redis.md, as a backend would copy it.
-fn documented_script() -> String {
-    let doc =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/redis.md")).unwrap();
-    let start = doc.find("```lua\n").expect("docs/redis.md has a lua block") + 7;
-    let end = start + doc[start..].find("```").unwrap();
-    doc[start..end].to_string()
-}
-
-/// Publishes with redis-cli and the documented script only; returns the id.
-fn raw_publish(
-    redis: &RedisServer,
-    ns: &str,
-    channel: &str,
-    content_type: &str,
-    data: &str,
-) -> String {
-    let script = documented_script();
-    let stream = format!("{ns}:{{{channel}}}:h");
-    let floor = format!("{ns}:{{{channel}}}:f");
-    let announce = format!("{ns}:{{{channel}}}");
-    let out = redis.cli(&[
-        "EVAL",
-        &script,
-        "2",
-        &stream,
-        &floor,
-        &announce,
-        "100",
-        "3600000",
-        content_type,
-        data,
-        "PUBLISH",
-    ]);
-    let id = out.trim().to_string();
-    assert!(id.contains('-'), "script answered {out:?}");
-    id
-}
-
 #[tokio::test]
 async fn a_backend_can_publish_straight_into_redis() {
     let redis = RedisServer::start();
@@ -249,8 +210,7 @@ async fn a_backend_can_publish_straight_into_redis() {
     let url = pg.url("/sub/direct");
     let held = tokio::spawn(async move { get_json(&url).await });
     pg.wait_metric("pollgate_held_requests", 1.0).await;
-    let id = raw_publish(
-        &redis,
+    let id = redis.publish_raw(
         "pollgate",
         "direct",
         "application/json",
@@ -379,7 +339,7 @@ async fn a_failed_catch_up_is_retried_and_never_skips_what_was_missed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A message announced meanwhile must not let the window jump past `missed`.
-    let live = raw_publish(&redis, "pollgate", "cu2", "text/plain", "live");
+    let live = redis.publish_raw("pollgate", "cu2", "text/plain", "live");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !held.is_finished(),

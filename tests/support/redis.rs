@@ -25,7 +25,41 @@ fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// The ```lua block of docs/redis.md, as a backend would copy it.
+fn documented_script() -> String {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/redis.md")).unwrap();
+    let start = doc.find("```lua\n").expect("docs/redis.md has a lua block") + 7;
+    let end = start + doc[start..].find("```").unwrap();
+    doc[start..end].to_string()
+}
+
 impl RedisServer {
+    /// Publishes as a backend would, with redis-cli and the script of
+    /// docs/redis.md only, under namespace `ns`; returns the message id.
+    pub fn publish_raw(&self, ns: &str, channel: &str, content_type: &str, data: &str) -> String {
+        let script = documented_script();
+        let stream = format!("{ns}:{{{channel}}}:h");
+        let floor = format!("{ns}:{{{channel}}}:f");
+        let announce = format!("{ns}:{{{channel}}}");
+        let out = self.cli(&[
+            "EVAL",
+            &script,
+            "2",
+            &stream,
+            &floor,
+            &announce,
+            "100",
+            "3600000",
+            content_type,
+            data,
+            "PUBLISH",
+        ]);
+        let id = out.trim().to_string();
+        assert!(id.contains('-'), "script answered {out:?}");
+        id
+    }
+
     /// A server that keeps nothing on disk: a restart comes back empty.
     pub fn start() -> RedisServer {
         Self::spawn_free(&["--appendonly", "no"], "plain")

@@ -183,6 +183,13 @@ pub struct WatchConfig {
     pub channels: Vec<String>,
     #[serde(default = "default_hold", with = "units::duration")]
     pub timeout: Duration,
+    /// Asked before a request is held or answered, as for subscribe routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorize: Option<String>,
+    #[serde(default, with = "units::duration")]
+    pub authorize_cache: Duration,
+    #[serde(default = "default_authorize_cache_size")]
+    pub authorize_cache_size: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -635,6 +642,11 @@ mod tests {
         );
         let e = errors("    watch:\n      channels: [\"o:{nope}\"]\n");
         assert!(e.contains("routes[0].watch.channels[0]"), "{e}");
+        let e = errors(&format!("{watch}      authorize: nowhere\n"));
+        assert!(
+            e.contains("routes[0].watch.authorize: no upstream named 'nowhere'"),
+            "{e}"
+        );
         let none =
             "    methods: [PUT]\n    publish:\n      channel: \"o:{id}\"\n      body: none\n";
         assert!(Config::parse("f.yaml", &route(none))

@@ -336,9 +336,8 @@ impl Front {
                     .await
             }
             Holds::Watch(route) => {
-                let watching = self
-                    .watcher
-                    .serve(&self.poller, &mut session, route, &params);
+                let request = (&target, route, &params);
+                let watching = self.watcher.serve(&self.poller, &mut session, request);
                 Box::pin(watching).await
             }
         };

@@ -300,7 +300,7 @@ impl Poller {
 
     /// Asks the route's authorize upstream. Returns false when the client
     /// was answered (denied, or the upstream failed).
-    async fn authorized(
+    pub async fn authorized(
         &self,
         session: &mut Session,
         target: &Target,

@@ -328,6 +328,10 @@ pub struct WatchRoute {
     pub upstream: String,
     pub channels: Vec<ChannelTemplate>,
     pub timeout: std::time::Duration,
+    /// Asked before holding, as for subscribe routes.
+    pub authorize: Option<String>,
+    /// The route's remembered authorization decisions, when it caches them.
+    pub authorize_cache: Option<std::sync::Arc<crate::authorize::AuthCache>>,
 }
 
 /// A reverse-proxy route, optionally publishing what passes through.
@@ -423,6 +427,33 @@ fn compile_channels(
     channels
 }
 
+/// The `authorize` upstream of a subscribe or watch route (`at` is its
+/// key) and its decision cache (`authorize_cache` long, of
+/// `authorize_cache_size` entries; none when 0s).
+fn compile_authorize(
+    at: &str,
+    (upstream, ttl, size): (&Option<String>, std::time::Duration, u64),
+    config: &crate::config::Config,
+    problems: &mut Vec<String>,
+) -> (
+    Option<String>,
+    Option<std::sync::Arc<crate::authorize::AuthCache>>,
+) {
+    if let Some(name) = upstream {
+        if !config.upstreams.contains_key(name) {
+            problems.push(format!(
+                "{at}.authorize: no upstream named '{name}' in upstreams"
+            ));
+        }
+    }
+    if size == 0 {
+        problems.push(format!("{at}.authorize_cache_size: must be at least 1"));
+    }
+    let cache = (upstream.is_some() && !ttl.is_zero())
+        .then(|| std::sync::Arc::new(crate::authorize::AuthCache::new(size, ttl)));
+    (upstream.clone(), cache)
+}
+
 fn compile_route(
     config: &crate::config::Config,
     key: &str,
@@ -472,14 +503,12 @@ fn compile_route(
                 config.limits.max_channels,
                 &mut problems,
             );
-            if let Some(a) = &s.authorize {
-                upstream_known("subscribe.authorize", a, &mut problems);
-            }
-            if s.authorize_cache_size == 0 {
-                problems.push(format!(
-                    "{key}.subscribe.authorize_cache_size: must be at least 1"
-                ));
-            }
+            let (authorize, authorize_cache) = compile_authorize(
+                &format!("{key}.subscribe"),
+                (&s.authorize, s.authorize_cache, s.authorize_cache_size),
+                config,
+                &mut problems,
+            );
             Some(Action::Subscribe(SubscribeRoute {
                 channels,
                 timeout: s.timeout,
@@ -488,15 +517,8 @@ fn compile_route(
                     FirstConfig::Oldest => crate::hub::First::Oldest,
                 },
                 raw: s.format == FormatConfig::Raw,
-                authorize: s.authorize.clone(),
-                authorize_cache: (s.authorize.is_some() && !s.authorize_cache.is_zero()).then(
-                    || {
-                        std::sync::Arc::new(crate::authorize::AuthCache::new(
-                            s.authorize_cache_size,
-                            s.authorize_cache,
-                        ))
-                    },
-                ),
+                authorize,
+                authorize_cache,
             }))
         }
         (None, Some(up)) if rc.watch.is_some() => {
@@ -520,10 +542,18 @@ fn compile_route(
                 config.limits.max_channels,
                 &mut problems,
             );
+            let (authorize, authorize_cache) = compile_authorize(
+                &format!("{key}.watch"),
+                (&w.authorize, w.authorize_cache, w.authorize_cache_size),
+                config,
+                &mut problems,
+            );
             Some(Action::Watch(WatchRoute {
                 upstream: up.clone(),
                 channels,
                 timeout: w.timeout,
+                authorize,
+                authorize_cache,
             }))
         }
         (None, Some(up)) => {

@@ -21,6 +21,7 @@ use crate::metrics;
 use crate::poll::{self, Ending, Poller};
 use crate::respond;
 use crate::routes::{Params, WatchRoute};
+use crate::target::Target;
 use crate::upstream::{client_header, error_status, forwarded_copy, Peer, Pool, Upstreams};
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -103,8 +104,7 @@ impl Watcher {
         &self,
         poller: &Poller,
         session: &mut Session,
-        route: &WatchRoute,
-        params: &Params,
+        (target, route, params): (&Target, &WatchRoute, &Params),
     ) -> Result<()> {
         let mut channels = Vec::with_capacity(route.channels.len());
         for t in &route.channels {
@@ -126,6 +126,12 @@ impl Watcher {
                 return unavailable(session, "unavailable", why).await;
             }
         };
+        if let Some(upstream) = &route.authorize {
+            let cache = route.authorize_cache.as_deref();
+            if !Box::pin(poller.authorized(session, target, upstream, cache)).await? {
+                return Ok(());
+            }
+        }
         let request = upstream_request(session)?;
         let known = session
             .req_header()

@@ -332,3 +332,27 @@ async fn a_burst_of_changes_during_a_fetch_costs_one_more_fetch_and_a_slow_upstr
         assert_eq!(v["error"], "gateway_timeout");
     }
 }
+
+#[tokio::test]
+async fn an_authorize_upstream_is_asked_before_a_watcher_is_served() {
+    let legacy = Legacy::start(true).await;
+    legacy.set("2", r#"{"id":2}"#);
+    let conf = config(&legacy, "30s").replace(
+        "      timeout: 30s\n",
+        "      timeout: 30s\n      authorize: shop\n      authorize_cache: 10s\n",
+    );
+    assert!(conf.contains("authorize: shop"));
+    let pg = Pollgate::start(&conf);
+    *legacy.store.token.lock().unwrap() = Some("good".into());
+    let before = legacy.gets();
+    for _ in 0..2 {
+        let denied = watch(&pg, "/orders/2", None, "Bearer bad").await;
+        assert_eq!(denied.status(), 401);
+        assert_eq!(denied.text().await.unwrap(), r#"{"error":"who are you"}"#);
+    }
+    // The denial was asked once (then remembered), and nothing was fetched.
+    assert_eq!(legacy.gets() - before, 1);
+    let allowed = watch(&pg, "/orders/2", None, "Bearer good").await;
+    assert_eq!(allowed.status(), 200);
+    assert_eq!(etag_of(&allowed), "\"v1\"");
+}

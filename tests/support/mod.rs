@@ -19,6 +19,30 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+/// Whether process `pid` has a listening TCP socket on `port` (from
+/// /proc/net/tcp and the process's fds).
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let suffix = format!(":{port:04X}");
+    let inodes: Vec<String> = tcp
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 9 && f[1].ends_with(&suffix) && f[3] == "0A").then(|| f[9].to_string())
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| {
+            let t = target.to_string_lossy();
+            inodes.iter().any(|i| t == format!("socket:[{i}]"))
+        })
+    })
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -191,9 +215,10 @@ impl Pollgate {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 return Err(format!("pollgate exited at start: {status}"));
             }
-            let admin = TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok();
-            let gateway = TcpStream::connect(("127.0.0.1", self.port)).is_ok();
-            if admin && gateway {
+            // Its own sockets: a port picked free may have been taken by
+            // another test's process, which would answer in its place.
+            let pid = self.pid();
+            if listens_on(pid, self.admin_port) && listens_on(pid, self.port) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(25));

@@ -25,14 +25,14 @@ pub struct Admin {
     pub max_body: u64,
 }
 
-type Answer = Response<Vec<u8>>;
+type AdminResponse = Response<Vec<u8>>;
 
-fn json(status: u16, value: serde_json::Value) -> Answer {
+fn json(status: u16, value: serde_json::Value) -> AdminResponse {
     let body = serde_json::to_vec(&value).unwrap_or_default();
     respond(status, "application/json", body)
 }
 
-fn respond(status: u16, content_type: &str, body: Vec<u8>) -> Answer {
+fn respond(status: u16, content_type: &str, body: Vec<u8>) -> AdminResponse {
     let len = body.len();
     let mut r = Response::new(body);
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -48,7 +48,7 @@ fn respond(status: u16, content_type: &str, body: Vec<u8>) -> Answer {
     r
 }
 
-fn error(status: u16, error: &str, detail: &str) -> Answer {
+fn error(status: u16, error: &str, detail: &str) -> AdminResponse {
     let mut r = respond(status, "application/json", error_json(error, detail));
     if status == 503 {
         r.headers_mut().insert(http::header::RETRY_AFTER, 1.into());
@@ -92,7 +92,7 @@ impl Admin {
     }
 
     /// Reads the whole body; Err is the answer (413) when it is too big.
-    async fn body(&self, session: &mut ServerSession) -> Result<Bytes, Answer> {
+    async fn body(&self, session: &mut ServerSession) -> Result<Bytes, AdminResponse> {
         let too_big = || {
             error(
                 413,
@@ -127,7 +127,7 @@ impl Admin {
         }
     }
 
-    async fn publish_one(&self, session: &mut ServerSession, channel: &str) -> Answer {
+    async fn publish_one(&self, session: &mut ServerSession, channel: &str) -> AdminResponse {
         if let Some(why) = channel_problem(channel) {
             return error(400, "bad_channel", &why);
         }
@@ -163,7 +163,7 @@ impl Admin {
         }
     }
 
-    async fn publish_batch(&self, session: &mut ServerSession) -> Answer {
+    async fn publish_batch(&self, session: &mut ServerSession) -> AdminResponse {
         let body = match self.body(session).await {
             Ok(b) => b,
             Err(answer) => return answer,
@@ -227,7 +227,7 @@ impl Admin {
         json(200, serde_json::json!({ "ids": ids }))
     }
 
-    async fn channel_info(&self, channel: &str) -> Answer {
+    async fn channel_info(&self, channel: &str) -> AdminResponse {
         if let Some(why) = channel_problem(channel) {
             return error(400, "bad_channel", &why);
         }

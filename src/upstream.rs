@@ -121,7 +121,7 @@ pub fn observe(upstream: &str, status: Option<u16>, started: Instant) {
 }
 
 /// A whole upstream answer.
-pub struct Answer {
+pub struct FullResponse {
     pub header: ResponseHeader,
     pub body: Bytes,
 }
@@ -158,7 +158,7 @@ impl Upstreams {
         request: &RequestHeader,
         body: Bytes,
         max_answer: u64,
-    ) -> Result<Answer> {
+    ) -> Result<FullResponse> {
         let started = Instant::now();
         let mut last_error = None;
         // One extra attempt: a pooled connection the upstream closed while
@@ -199,7 +199,7 @@ impl Upstreams {
                 let header = session.response_header().cloned().ok_or_else(|| {
                     Error::explain(ErrorType::InvalidHTTPHeader, "no response header")
                 })?;
-                Ok(Answer {
+                Ok(FullResponse {
                     header,
                     body: answer.freeze(),
                 })

@@ -8,7 +8,7 @@
 //!   message published between two polls is lost (and counted as lost).
 //!   Publish `POST <control>/publish/` with an `http-response` item.
 
-use crate::http::{request, Answer};
+use crate::http::{request, Response};
 use serde_json::Value;
 
 /// The servers the harness knows.
@@ -68,7 +68,7 @@ impl Server {
     }
 
     /// Reads an answer: the messages it carries; moves `pos` on.
-    pub fn read(self, answer: &Answer, pos: &mut Position) -> Vec<Payload> {
+    pub fn read(self, answer: &Response, pos: &mut Position) -> Vec<Payload> {
         match self {
             Server::Pollgate => {
                 let Ok(v) = serde_json::from_slice::<Value>(&answer.body) else {

@@ -10,14 +10,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// One answer.
-pub struct Answer {
+pub struct Response {
     pub status: u16,
     /// Lower-cased header names.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
 
-impl Answer {
+impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -53,7 +53,7 @@ impl Conn {
     }
 
     /// Sends `request` (a whole request, head and body) and reads one answer.
-    pub async fn exchange(&mut self, request: &[u8]) -> io::Result<Answer> {
+    pub async fn exchange(&mut self, request: &[u8]) -> io::Result<Response> {
         self.stream.write_all(request).await?;
         self.read_answer().await
     }
@@ -71,7 +71,7 @@ impl Conn {
         Ok(())
     }
 
-    async fn read_answer(&mut self) -> io::Result<Answer> {
+    async fn read_answer(&mut self) -> io::Result<Response> {
         let head_end = loop {
             if let Some(i) = find(&self.buf, b"\r\n\r\n") {
                 break i;
@@ -90,7 +90,7 @@ impl Conn {
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
             .collect();
-        let mut answer = Answer {
+        let mut answer = Response {
             status,
             headers,
             body: Vec::new(),

@@ -269,12 +269,21 @@ impl ServeHttp for Admin {
             ("GET", "/metrics") => respond(200, "text/plain; version=0.0.4", metrics::render()),
             ("GET", "/healthz") => json(200, serde_json::json!({ "status": "ok" })),
             ("GET", "/readyz") => {
+                // A broker outage shared by every instance must not empty the
+                // Service: ready once the broker was reached, unless asked
+                // strictly (`?broker=required`).
+                let strict = session.req_header().uri.query() == Some("broker=required");
+                let up = self.hub.broker().is_up();
                 if self.life.is_draining() {
                     error(503, "draining", "this instance is shutting down")
-                } else if !self.hub.broker().is_up() {
+                } else if !up && (strict || !self.hub.broker_reached()) {
                     error(503, "broker_down", "the broker is unreachable")
                 } else {
-                    json(200, serde_json::json!({ "status": "ready" }))
+                    let broker = if up { "up" } else { "down" };
+                    json(
+                        200,
+                        serde_json::json!({ "status": "ready", "broker": broker }),
+                    )
                 }
             }
             ("POST", "/v1/publish") => self.publish_batch(session).await,

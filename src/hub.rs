@@ -188,6 +188,8 @@ pub struct Hub {
     /// Where the broker's announcements go once [`Hub::run_deliveries`]
     /// runs (before that, they are handled on the broker's task).
     deliveries: OnceLock<mpsc::UnboundedSender<Announcement>>,
+    /// The broker has been reached since start (see [`Hub::broker_reached`]).
+    broker_seen: AtomicBool,
     /// Runs once between a poll's lookup and its registration (tests).
     #[cfg(test)]
     before_register: Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -221,6 +223,7 @@ impl Hub {
             linger,
             next_waiter: AtomicU64::new(1),
             deliveries: OnceLock::new(),
+            broker_seen: AtomicBool::new(false),
             #[cfg(test)]
             before_register: Mutex::new(None),
         });
@@ -231,6 +234,16 @@ impl Hub {
     /// The broker this hub serves from.
     pub fn broker(&self) -> &Arc<dyn Broker> {
         &self.broker
+    }
+
+    /// Whether the broker has been reached at least once since start (it
+    /// is checked now, and by housekeeping every second).
+    pub fn broker_reached(&self) -> bool {
+        if self.broker.is_up() {
+            self.broker_seen.store(true, Ordering::Relaxed);
+            return true;
+        }
+        self.broker_seen.load(Ordering::Relaxed)
     }
 
     fn lookup_channel(&self, name: &str) -> Option<Arc<Channel>> {

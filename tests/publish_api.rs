@@ -186,6 +186,9 @@ async fn health_readiness_and_metrics(backend: Backend) {
     assert_eq!(status, 200);
     let (status, _, v) = get_json(&pg.admin("/readyz")).await;
     assert_eq!((status, v["status"].as_str()), (200, Some("ready")));
+    assert_eq!(v["broker"], "up");
+    let (status, _, _) = get_json(&pg.admin("/readyz?broker=required")).await;
+    assert_eq!(status, 200);
     let text = get_text(&pg.admin("/metrics")).await;
     for name in [
         "pollgate_held_requests",

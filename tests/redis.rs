@@ -123,7 +123,11 @@ async fn a_redis_outage_loses_nothing_for_clients_holding_a_cursor() {
 
     redis.kill();
     pg.wait_metric("pollgate_broker_up", 0.0).await;
-    let (status, headers, v) = get_json(&pg.admin("/readyz")).await;
+    // Still ready (every instance shares the outage; proxied routes work),
+    // saying so; the strict variant is not.
+    let (status, _, v) = get_json(&pg.admin("/readyz")).await;
+    assert_eq!((status, v["broker"].as_str()), (200, Some("down")));
+    let (status, headers, v) = get_json(&pg.admin("/readyz?broker=required")).await;
     assert_eq!((status, v["error"].as_str()), (503, Some("broker_down")));
     assert!(headers.contains_key("retry-after"));
     let r = client()
@@ -398,4 +402,14 @@ async fn a_channel_begun_again_with_lower_ids_wakes_held_polls_with_a_gap() {
     );
     assert_eq!(ids(&v), ["1-1"]);
     assert_eq!(v["cursor"], "1-1");
+}
+
+#[tokio::test]
+async fn an_instance_is_not_ready_until_it_has_reached_its_broker() {
+    let dead = format!("redis://127.0.0.1:{}/0", free_port());
+    let pg = Pollgate::start(&with_broker(ROUTES, &dead));
+    let (status, _, v) = get_json(&pg.admin("/readyz")).await;
+    assert_eq!((status, v["error"].as_str()), (503, Some("broker_down")));
+    let (status, _, _) = get_json(&pg.admin("/healthz")).await;
+    assert_eq!(status, 200, "alive all the same");
 }

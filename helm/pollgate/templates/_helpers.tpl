@@ -108,3 +108,22 @@ grace_period, and 5 s for the process to exit.
 {{- define "pollgate.terminationGracePeriodSeconds" -}}
 {{- add (int .Values.preStopSleepSeconds) (include "pollgate.gracePeriodSeconds" . | atoi) 5 }}
 {{- end }}
+
+{{/*
+The ServiceAccount of the pods.
+*/}}
+{{- define "pollgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "pollgate.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Seconds an ingress or gateway must let a request last: the longest hold of
+the routes (longestHoldSeconds) plus a margin.
+*/}}
+{{- define "pollgate.proxyTimeoutSeconds" -}}
+{{- add (int .Values.longestHoldSeconds) 30 }}
+{{- end }}

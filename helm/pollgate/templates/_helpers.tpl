@@ -127,3 +127,24 @@ the routes (longestHoldSeconds) plus a margin.
 {{- define "pollgate.proxyTimeoutSeconds" -}}
 {{- add (int .Values.longestHoldSeconds) 30 }}
 {{- end }}
+
+{{/*
+The broker URL of the config: broker.url, with the password of
+broker.existingSecret put in (or replaced by the URL it holds); pollgate
+expands the variable at start, and `check` prints it redacted.
+*/}}
+{{- define "pollgate.brokerUrl" -}}
+{{- $b := .Values.broker }}
+{{- if not $b.existingSecret }}
+{{- $b.url }}
+{{- else if eq $b.existingSecretHolds "url" }}
+{{- "${POLLGATE_BROKER_URL}" }}
+{{- else if eq $b.existingSecretHolds "password" }}
+{{- if not (regexMatch "^rediss?(\\+cluster)?://[^@/]*$|^rediss?(\\+cluster)?://[^@]*/" $b.url) }}
+{{- fail "broker.url already holds credentials: with broker.existingSecret, give it without them" }}
+{{- end }}
+{{- regexReplaceAll "^(rediss?(\\+cluster)?)://" $b.url "${1}://:$${POLLGATE_REDIS_PASSWORD}@" }}
+{{- else }}
+{{- fail "broker.existingSecretHolds must be password or url" }}
+{{- end }}
+{{- end }}

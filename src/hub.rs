@@ -634,10 +634,14 @@ impl Hub {
         drop(self);
         while let Some(announcement) = rx.recv().await {
             let Some(hub) = hub.upgrade() else { return };
-            match announcement {
-                Announcement::Message(message) => hub.deliver(message),
-                Announcement::Resync(channel, history) => hub.resync(&channel, history),
-            }
+            hub.handle(announcement);
+        }
+    }
+
+    fn handle(&self, announcement: Announcement) {
+        match announcement {
+            Announcement::Message(message) => self.deliver(message),
+            Announcement::Resync(channel, history) => self.resync(&channel, history),
         }
     }
 
@@ -651,10 +655,7 @@ impl Hub {
             },
             None => announcement,
         };
-        match announcement {
-            Announcement::Message(message) => self.deliver(message),
-            Announcement::Resync(channel, history) => self.resync(&channel, history),
-        }
+        self.handle(announcement);
     }
 }
 

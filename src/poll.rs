@@ -278,7 +278,7 @@ impl Poller {
 
     /// Answers 503 + Retry-After for a refusal, counting it (unless the
     /// layer that refused has).
-    async fn refuse(
+    pub async fn refuse(
         &self,
         session: &mut Session,
         refusal: Option<Refusal>,
@@ -293,7 +293,7 @@ impl Poller {
     }
 
     /// Answers a poll the hub could not serve (503).
-    async fn hub_failed(&self, session: &mut Session, e: HubError) -> Result<()> {
+    pub async fn hub_failed(&self, session: &mut Session, e: HubError) -> Result<()> {
         let (refusal, error) = hub_refusal(&e);
         self.refuse(session, refusal, error, &e.to_string()).await
     }

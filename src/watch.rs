@@ -122,8 +122,9 @@ impl Watcher {
         let _slot = match poller.admit() {
             Ok(slot) => slot,
             Err((refusal, why)) => {
-                poll::count_refused(Some(refusal));
-                return unavailable(session, "unavailable", why).await;
+                return poller
+                    .refuse(session, Some(refusal), "unavailable", why)
+                    .await
             }
         };
         if let Some(upstream) = &route.authorize {
@@ -156,11 +157,7 @@ impl Watcher {
                     (Some(held), at)
                 }
                 Ok(Poll::Ready(answer)) => (None, answer.cursor.clone()),
-                Err(e) => {
-                    let (refusal, error) = poll::hub_refusal(&e);
-                    poll::count_refused(refusal);
-                    return unavailable(session, error, &e.to_string()).await;
-                }
+                Err(e) => return poller.hub_failed(session, e).await,
             };
             cursor = Some(position.clone());
             let stale = current.as_ref().is_none_or(|(_, at)| *at != position);
@@ -340,12 +337,6 @@ async fn answer(session: &mut Session, rep: &Representation, not_modified: bool)
     }
     header.insert_header("Content-Length", rep.body.len().to_string())?;
     respond::send(session, header, rep.body.clone()).await
-}
-
-/// Answers 503 with Retry-After.
-async fn unavailable(session: &mut Session, error: &str, detail: &str) -> Result<()> {
-    let extra = [("Retry-After", poll::RETRY_AFTER.to_string())];
-    respond::error(session, 503, error, detail, &extra).await
 }
 
 #[cfg(test)]

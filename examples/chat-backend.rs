@@ -13,6 +13,9 @@
 //! - `GET /rooms/{room}/messages` → 200 with the room's messages
 //! - `GET /rooms/{room}/events` → 200 for `Authorization: Bearer <name>`,
 //!   else 401 (the check pollgate's `authorize:` asks before holding a poll)
+//! - `GET /` → the chat page (examples/chat-page/index.html) and
+//!   `GET /pollgate.js` → the browser client it uses (clients/js), as any
+//!   web application serves its own front end
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
@@ -37,6 +40,20 @@ fn answer(status: u16, body: Value) -> Response<Vec<u8>> {
         .header("Content-Type", "application/json")
         .header("Content-Length", body.len())
         .body(body)
+        .unwrap_or_default()
+}
+
+/// The chat page and the browser client, built into the binary.
+const PAGE: &str = include_str!("chat-page/index.html");
+const CLIENT: &str = include_str!("../clients/js/pollgate.js");
+
+fn asset(content_type: &str, body: &str) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("Content-Type", content_type)
+        .header("Content-Length", body.len())
+        .header("Cache-Control", "no-cache")
+        .body(body.as_bytes().to_vec())
         .unwrap_or_default()
 }
 
@@ -98,6 +115,8 @@ impl ServeHttp for Chat {
             ("POST", ["rooms", room, "messages"]) => self.post(room, &body),
             ("GET", ["rooms", room, "messages"]) => self.list(room),
             ("GET", ["rooms", _, "events"]) => self.may_listen(authorization.as_deref()),
+            ("GET", [""]) => asset("text/html; charset=utf-8", PAGE),
+            ("GET", ["pollgate.js"]) => asset("text/javascript; charset=utf-8", CLIENT),
             _ => answer(404, json!({"error": format!("no {method} {path}")})),
         }
     }

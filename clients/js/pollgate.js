@@ -1,0 +1,509 @@
+// pollgate.js: the browser (and Node 18+) client for pollgate.
+//
+// One dependency-free ES module, usable as it is (no build step):
+//
+//   import { subscribe } from "./pollgate.js";
+//   const sub = subscribe("/rooms/1/events", {
+//     onMessage: (message) => show(message.data),
+//     onGap: () => reloadFromBackend(),
+//   });
+//   // later: sub.close();
+//
+// - `subscribe` long-polls a subscribe route with its cursor, so nothing is
+//   missed between two polls; retries with exponential backoff and jitter;
+//   reports gaps; optionally keeps its cursor in sessionStorage so a reload
+//   misses nothing; or streams the route as Server-Sent Events.
+// - `watch` long-polls a watch route (a backend GET made long-pollable),
+//   keeping the ETag.
+// - `position` reads a subscribe route's current cursor, to start from it
+//   after loading a snapshot from the backend.
+//
+// The whole contract is in the package's README.md.
+
+/** The default pacing of retries, in milliseconds. */
+export const DEFAULT_BACKOFF = Object.freeze({ initial: 1000, max: 30000, factor: 2 });
+
+// Time allowed beyond the hold time for an answer before the request is
+// deemed lost (a connection that died without a word).
+const DEADLINE_SLACK_MS = 15000;
+// Without a `timeout` option the route decides how long a poll is held;
+// this is how long to wait for any answer.
+const DEFAULT_DEADLINE_MS = 120000;
+// An empty answer quicker than this, twice in a row, means the server
+// answers without holding (a drain, a misconfigured route): slow down.
+const QUICK_ANSWER_MS = 1000;
+
+/**
+ * An HTTP answer that was not the expected one, or a failed request.
+ * `status` is the HTTP status (0 for a network failure), `code` and `detail`
+ * come from pollgate's JSON error body when there is one, and `retryable`
+ * says whether the client retries on its own.
+ */
+export class PollgateError extends Error {
+  constructor(message, { status = 0, code, detail, retryable = true, cause } = {}) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.name = "PollgateError";
+    this.status = status;
+    this.code = code;
+    this.detail = detail;
+    this.retryable = retryable;
+  }
+}
+
+/**
+ * The delay before retry number `attempt` (1, 2, ...): exponential from
+ * `initial` by `factor` up to `max`, then with "equal jitter": a random
+ * value between half of it and all of it, so that clients dropped together
+ * do not come back together. `random` is Math.random unless given.
+ * @returns {number} milliseconds
+ */
+export function backoff(attempt, options = {}, random = Math.random) {
+  const { initial, max, factor } = { ...DEFAULT_BACKOFF, ...options };
+  const exp = Math.min(max, initial * factor ** Math.max(0, attempt - 1));
+  return exp / 2 + (random() * exp) / 2;
+}
+
+/**
+ * The wait a `Retry-After` header asks for (seconds, or an HTTP date).
+ * @returns {number} milliseconds, 0 when absent or unreadable
+ */
+export function retryAfter(value, now = Date.now()) {
+  if (!value) return 0;
+  const seconds = Number(value);
+  if (Number.isFinite(seconds)) return Math.max(0, seconds * 1000);
+  const at = Date.parse(value);
+  return Number.isNaN(at) ? 0 : Math.max(0, at - now);
+}
+
+/**
+ * Whether an HTTP status is worth retrying: timeouts, rate limits, server
+ * errors. Anything else (401, 403, 404, ...) stops the loop.
+ */
+export function isRetryableStatus(status) {
+  return status === 408 || status === 425 || status === 429 || status >= 500;
+}
+
+/**
+ * Long-polls a pollgate subscribe route until closed.
+ *
+ * Messages arrive in order through `onMessage(message, {cursor})`; a lost
+ * position (`gap: true`) is reported to `onGap({cursor})` before the retained
+ * messages that follow it. Errors are reported to `onError(error, {retryIn,
+ * fatal})`; retryable ones are retried with backoff, others end the
+ * subscription.
+ *
+ * @returns {Subscription} `cursor` (the position so far), `close()`, and
+ *   `closed`, a promise of `undefined` once closed or of the `PollgateError`
+ *   that ended it.
+ */
+export function subscribe(url, options = {}) {
+  const sub = new Subscription(options);
+  const store = cursorStore(url, options);
+  sub.cursor = options.cursor ?? store.load() ?? null;
+  sub._remember = (cursor) => store.save(cursor);
+  const run = options.transport === "sse" ? runEventSource : runPolls;
+  sub._start(() => run(sub, url, options));
+  return sub;
+}
+
+/**
+ * Long-polls a pollgate watch route: a backend GET that answers when its
+ * resource changes. `onChange(value, {etag, response})` gets the body (parsed
+ * as `options.as`: "json" by default, or "text", or "response" for the
+ * Response itself) on the first answer and on every change.
+ *
+ * @returns {Subscription} whose `etag` is the representation seen last.
+ */
+export function watch(url, options = {}) {
+  const sub = new Subscription(options);
+  sub.etag = options.etag ?? null;
+  sub._start(() => runWatch(sub, url, options));
+  return sub;
+}
+
+/**
+ * The current cursor of a subscribe route, read without waiting (a poll
+ * with `timeout=0` and no cursor). Take it before loading a snapshot from
+ * the backend, then `subscribe` from it: what is published after it reaches
+ * you, so nothing falls between the snapshot and the subscription.
+ * @returns {Promise<string>} the cursor
+ */
+export async function position(url, options = {}) {
+  const response = await (options.fetch ?? globalThis.fetch)(
+    withQuery(url, { timeout: "0", format: "json", cursor: null }),
+    { ...requestInit(options), signal: options.signal },
+  );
+  if (!response.ok) throw await errorOf(response);
+  return (await response.json()).cursor;
+}
+
+/** A running subscription (see `subscribe` and `watch`). */
+export class Subscription {
+  constructor(options) {
+    /** The position so far (subscribe), or null. */
+    this.cursor = null;
+    /** The ETag of the representation seen last (watch), or null. */
+    this.etag = null;
+    /** A promise of `undefined` once closed, or of the error that ended it. */
+    this.closed = new Promise((resolve) => (this._resolveClosed = resolve));
+    this._options = options;
+    this._stopped = false;
+    this._interrupt = null; // ends the request or stream in flight
+    this._wake = null; // ends the current wait early
+    this._status = null;
+    const { signal } = options;
+    if (signal?.aborted) this._stopped = true;
+    signal?.addEventListener("abort", () => this.close(), { once: true });
+  }
+
+  /** Stops the subscription; the request in flight is aborted. Idempotent. */
+  close() {
+    this._stopped = true;
+    this._interrupt?.(null);
+    this._wake?.();
+  }
+
+  /** Whether `close()` was called, the signal aborted, or a fatal error ended it. */
+  get stopped() {
+    return this._stopped;
+  }
+
+  _start(run) {
+    // Going offline ends the request in flight at once (a held poll would
+    // otherwise hang on a dead connection); coming back online ends the
+    // wait before the next attempt.
+    const online = () => this._wake?.();
+    const offline = () => this._interrupt?.(new PollgateError("the browser went offline"));
+    const events = typeof globalThis.addEventListener === "function";
+    if (events) {
+      globalThis.addEventListener("online", online);
+      globalThis.addEventListener("offline", offline);
+    }
+    run()
+      .then(
+        () => undefined,
+        (error) => asPollgateError(error),
+      )
+      .then((error) => {
+        this._stopped = true;
+        if (events) {
+          globalThis.removeEventListener("online", online);
+          globalThis.removeEventListener("offline", offline);
+        }
+        this._setStatus("closed");
+        this._resolveClosed(error);
+      });
+  }
+
+  _setStatus(status) {
+    if (status === this._status) return;
+    this._status = status;
+    this._call("onStatus", status);
+  }
+
+  // Calls a user callback; what it throws is reported (as an uncaught
+  // error: the console shows it) and does not stop the subscription.
+  _call(name, ...args) {
+    const callback = this._options[name];
+    if (typeof callback !== "function") return;
+    try {
+      callback(...args);
+    } catch (error) {
+      if (typeof globalThis.reportError === "function") globalThis.reportError(error);
+      else
+        setTimeout(() => {
+          throw error;
+        });
+    }
+  }
+
+  // Resolves after `ms`, or at once on close() or when the browser is back
+  // online.
+  _sleep(ms) {
+    if (this._stopped) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        if (this._wake === done) this._wake = null;
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this._wake = done;
+    });
+  }
+
+  // One request, aborted on close(), when the browser goes offline, or
+  // after `deadline` ms without the whole answer. Returns what `read` makes
+  // of the response.
+  async _fetch(fetchImpl, url, init, deadline, read) {
+    const controller = new AbortController();
+    this._interrupt = (reason) => controller.abort(reason);
+    const timer = setTimeout(
+      () => controller.abort(new PollgateError(`no answer within ${deadline} ms`)),
+      deadline,
+    );
+    try {
+      const response = await fetchImpl(url, { ...init, signal: controller.signal });
+      return await read(response);
+    } catch (error) {
+      throw controller.signal.aborted && controller.signal.reason
+        ? controller.signal.reason
+        : asPollgateError(error);
+    } finally {
+      clearTimeout(timer);
+      this._interrupt = null;
+    }
+  }
+
+  // Reports a failed attempt and waits before the next one; throws the
+  // error when it ends the subscription. Returns false once closed.
+  async _failed(error, failures) {
+    if (this._stopped) return false;
+    if (!error.retryable) {
+      this._call("onError", error, { fatal: true, retryIn: null });
+      throw error;
+    }
+    const retryIn = Math.max(backoff(failures, this._options.backoff), error.retryAfter ?? 0);
+    this._setStatus("retrying");
+    this._call("onError", error, { fatal: false, retryIn });
+    await this._sleep(retryIn);
+    return !this._stopped;
+  }
+}
+
+// The long-poll loop of `subscribe`.
+async function runPolls(sub, url, options) {
+  const fetchImpl = options.fetch ?? globalThis.fetch;
+  const deadline =
+    options.deadline ??
+    (options.timeout ? options.timeout * 1000 + DEADLINE_SLACK_MS : DEFAULT_DEADLINE_MS);
+  let failures = 0;
+  let quick = 0;
+  while (!sub.stopped) {
+    const target = withQuery(url, {
+      cursor: sub.cursor,
+      timeout: options.timeout == null ? null : String(options.timeout),
+      format: "json",
+    });
+    const started = Date.now();
+    let body;
+    try {
+      body = await sub._fetch(fetchImpl, target, requestInit(options), deadline, async (response) => {
+        if (response.ok) return response.json();
+        throw await errorOf(response);
+      });
+    } catch (error) {
+      if (sub.stopped) break;
+      if (refusedCursor(error, sub.cursor)) {
+        // A cursor the gateway does not accept (e.g. one persisted for
+        // another route): start afresh, and say so as a gap.
+        sub.cursor = null;
+        sub._remember(null);
+        sub._call("onGap", { cursor: null, reason: "cursor refused" });
+        continue;
+      }
+      failures += 1;
+      if (!(await sub._failed(error, failures))) break;
+      continue;
+    }
+    failures = 0;
+    sub._setStatus("live");
+    const delivered = deliver(sub, body);
+    quick = delivered === 0 && Date.now() - started < QUICK_ANSWER_MS ? quick + 1 : 0;
+    if (quick > 1) await sub._sleep(backoff(quick - 1, options.backoff));
+  }
+}
+
+// Hands one envelope to the callbacks, then moves the cursor. Returns the
+// number of messages.
+function deliver(sub, body) {
+  const messages = Array.isArray(body?.messages) ? body.messages : [];
+  if (body?.gap) sub._call("onGap", { cursor: body.cursor, reason: "gap" });
+  for (const message of messages) {
+    if (sub.stopped) return messages.length;
+    sub._call("onMessage", message, { cursor: body.cursor });
+  }
+  if (typeof body?.cursor === "string" && body.cursor !== sub.cursor) {
+    sub.cursor = body.cursor;
+    sub._remember(body.cursor);
+  }
+  return messages.length;
+}
+
+// The EventSource loop of `subscribe` (transport: "sse"). The browser's own
+// reconnect is not used: it would resend the first URL's cursor; each
+// reconnect here carries the newest one, with backoff.
+async function runEventSource(sub, url, options) {
+  const EventSourceImpl = "EventSource" in options ? options.EventSource : globalThis.EventSource;
+  if (typeof EventSourceImpl !== "function") {
+    throw new PollgateError("EventSource is not available here", { retryable: false });
+  }
+  let failures = 0;
+  while (!sub.stopped) {
+    const error = await new Promise((resolve) => {
+      const source = new EventSourceImpl(withQuery(url, { cursor: sub.cursor }), {
+        withCredentials: options.credentials === "include",
+      });
+      const end = (reason) => {
+        source.close();
+        sub._interrupt = null;
+        resolve(reason);
+      };
+      sub._interrupt = (reason) =>
+        end(reason ?? new PollgateError("closed", { retryable: false }));
+      source.onopen = () => {
+        failures = 0;
+        sub._setStatus("live");
+      };
+      source.onmessage = (event) => {
+        let message;
+        try {
+          message = JSON.parse(event.data);
+        } catch (cause) {
+          return end(new PollgateError("an event that is not JSON", { cause }));
+        }
+        sub.cursor = event.lastEventId || sub.cursor;
+        sub._call("onMessage", message, { cursor: sub.cursor });
+        sub._remember(sub.cursor);
+      };
+      source.addEventListener("gap", () => sub._call("onGap", { cursor: null, reason: "gap" }));
+      source.onerror = () => end(new PollgateError("the event stream was interrupted"));
+    });
+    if (sub.stopped) break;
+    failures += 1;
+    if (!(await sub._failed(error, failures))) break;
+  }
+}
+
+// The loop of `watch`.
+async function runWatch(sub, url, options) {
+  const fetchImpl = options.fetch ?? globalThis.fetch;
+  const deadline = options.deadline ?? DEFAULT_DEADLINE_MS;
+  const as = options.as ?? "json";
+  let failures = 0;
+  let quick = 0;
+  while (!sub.stopped) {
+    const conditional = sub.etag ? { "If-None-Match": sub.etag } : {};
+    const started = Date.now();
+    let change;
+    try {
+      const init = requestInit(options, conditional);
+      change = await sub._fetch(fetchImpl, withQuery(url, {}), init, deadline, async (response) => {
+        if (response.status === 304) {
+          sub.etag = response.headers.get("ETag") ?? sub.etag;
+          return null;
+        }
+        if (!response.ok) throw await errorOf(response);
+        const etag = response.headers.get("ETag");
+        if (!etag) {
+          throw new PollgateError(
+            "the answer has no ETag: not a watch route, or a cross-origin answer that does not expose it",
+            { status: response.status, retryable: false },
+          );
+        }
+        const value =
+          as === "response" ? response : await (as === "text" ? response.text() : response.json());
+        return { value, etag, response };
+      });
+    } catch (error) {
+      if (sub.stopped) break;
+      failures += 1;
+      if (!(await sub._failed(error, failures))) break;
+      continue;
+    }
+    failures = 0;
+    sub._setStatus("live");
+    if (change) {
+      sub.etag = change.etag;
+      sub._call("onChange", change.value, { etag: change.etag, response: change.response });
+    }
+    quick = !change && Date.now() - started < QUICK_ANSWER_MS ? quick + 1 : 0;
+    if (quick > 1) await sub._sleep(backoff(quick - 1, options.backoff));
+  }
+}
+
+// Where `subscribe` keeps its cursor between page loads (`persist`).
+function cursorStore(url, { persist, persistKey }) {
+  let storage = persist;
+  if (persist === true) storage = globalThis.sessionStorage;
+  if (!storage || typeof storage.getItem !== "function") {
+    return { load: () => null, save: () => {} };
+  }
+  const key = persistKey ?? `pollgate:${url}`;
+  return {
+    load: () => {
+      try {
+        return storage.getItem(key);
+      } catch {
+        return null;
+      }
+    },
+    save: (cursor) => {
+      try {
+        if (cursor == null) storage.removeItem(key);
+        else storage.setItem(key, cursor);
+      } catch {
+        // Storage full or denied: the subscription goes on without it.
+      }
+    },
+  };
+}
+
+// The fetch options of every request: the caller's headers (an object, or
+// a function returning one, e.g. to send a fresh token), credentials, and
+// no HTTP cache.
+function requestInit(options, extra = {}) {
+  const headers =
+    typeof options.headers === "function" ? options.headers() : (options.headers ?? {});
+  return {
+    method: "GET",
+    headers: { ...headers, ...extra },
+    credentials: options.credentials ?? "same-origin",
+    cache: "no-store",
+  };
+}
+
+// `url` with query parameters set (null removes one). Relative URLs are
+// resolved against the page's location.
+function withQuery(url, params) {
+  const base = globalThis.location?.href;
+  const target = base ? new URL(url, base) : new URL(url);
+  for (const [name, value] of Object.entries(params)) {
+    if (value == null) target.searchParams.delete(name);
+    else target.searchParams.set(name, value);
+  }
+  return target.toString();
+}
+
+// A PollgateError from a non-2xx answer, with pollgate's `error`/`detail`
+// when the body has them.
+async function errorOf(response) {
+  let code;
+  let detail;
+  try {
+    const body = await response.json();
+    code = typeof body?.error === "string" ? body.error : undefined;
+    detail = typeof body?.detail === "string" ? body.detail : undefined;
+  } catch {
+    // Not JSON: the status says enough.
+  }
+  const error = new PollgateError(
+    `HTTP ${response.status}${detail ? `: ${detail}` : code ? `: ${code}` : ""}`,
+    { status: response.status, code, detail, retryable: isRetryableStatus(response.status) },
+  );
+  error.retryAfter = retryAfter(response.headers.get("Retry-After"));
+  return error;
+}
+
+function refusedCursor(error, cursor) {
+  return cursor != null && error.status === 400 && /cursor/i.test(error.detail ?? "");
+}
+
+function networkError(cause) {
+  if (cause instanceof PollgateError) return cause;
+  return new PollgateError(`network error: ${cause?.message ?? cause}`, { cause });
+}
+
+function asPollgateError(error) {
+  return error instanceof PollgateError ? error : networkError(error);
+}

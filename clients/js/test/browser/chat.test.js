@@ -10,7 +10,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
-import { ChatBackend, Gateway, Redis, until } from "./harness.js";
+import { ChatBackend, Gateway, Redis, chatConfig, until } from "./harness.js";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 
@@ -23,8 +23,8 @@ let browser;
 before(async () => {
   redis = await Redis.start();
   backend = await ChatBackend.start();
-  one = await Gateway.start(backend, redis);
-  two = await Gateway.start(backend, redis);
+  one = await Gateway.start(redis, chatConfig(backend));
+  two = await Gateway.start(redis, chatConfig(backend));
   browser = await chromium.launch({ executablePath: CHROMIUM });
 });
 

@@ -1,6 +1,7 @@
 // The processes behind the browser tests, all real: a redis-server, the
-// chat example's legacy backend (which serves the chat page), and pollgate
-// instances on conf/examples/chat.yaml sharing that Redis. Each runs on free
+// chat example's legacy backend (which serves the chat page and the
+// client), and pollgate instances on conf/examples/chat.yaml (or other
+// routes to the same backend) sharing that Redis. Each runs on free
 // loopback ports and is killed when the test file ends.
 //
 // Binaries: POLLGATE_BIN (default target/debug/pollgate) and
@@ -111,23 +112,32 @@ export class ChatBackend {
   }
 }
 
-/** A pollgate instance on conf/examples/chat.yaml, with the Redis broker. */
+/**
+ * conf/examples/chat.yaml without its listen addresses, pointed at `backend`.
+ * With `routes`, those routes instead of the example's (same upstream).
+ */
+export function chatConfig(backend, routes) {
+  let example = readFileSync(join(repo, "conf/examples/chat.yaml"), "utf8")
+    .split("\n")
+    .filter((line) => !/^(listen|admin_listen):/.test(line))
+    .join("\n")
+    .replaceAll("127.0.0.1:3000", `127.0.0.1:${backend.port}`);
+  if (routes) example = `${example.slice(0, example.indexOf("\nroutes:"))}\nroutes:\n${routes}`;
+  return example;
+}
+
+/** A pollgate instance with the Redis broker, on `config` (see chatConfig). */
 export class Gateway {
-  static async start(backend, redis) {
+  static async start(redis, config) {
     const gateway = new Gateway();
     gateway.port = await freePort();
     gateway.adminPort = await freePort();
-    const example = readFileSync(join(repo, "conf/examples/chat.yaml"), "utf8")
-      .split("\n")
-      .filter((line) => !/^(listen|admin_listen):/.test(line))
-      .join("\n")
-      .replaceAll("127.0.0.1:3000", `127.0.0.1:${backend.port}`);
-    const config = [
+    config = [
       `listen: "127.0.0.1:${gateway.port}"`,
       `admin_listen: "127.0.0.1:${gateway.adminPort}"`,
       `broker: {url: "${redis.url}"}`,
       `grace_period: 2s`,
-      example,
+      config,
     ].join("\n");
     gateway.config = join(mkdtempSync(join(tmpdir(), "pollgate-browser-")), "pollgate.yaml");
     writeFileSync(gateway.config, config);
@@ -160,6 +170,17 @@ export class Gateway {
   /** Starts it again on the same ports and configuration. */
   restart() {
     return this.run();
+  }
+
+  /** Publishes `data` (JSON) to `channel` through the publish API. Returns the message id. */
+  async publish(channel, data) {
+    const response = await fetch(`http://127.0.0.1:${this.adminPort}/v1/publish/${channel}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(data),
+    });
+    if (!response.ok) throw new Error(`publish: HTTP ${response.status}`);
+    return (await response.json()).id;
   }
 
   /** The value of a metric without labels, from the admin listener. */

@@ -61,6 +61,8 @@ for label in ["latency 1ch", "churn"]:
     row(label, "p50 latency (ms)", "latency_ms", "p50", target=0.7, better="low")
     row(label, "p99 latency (ms)", "latency_ms", "p99", target=0.7, better="low")
     row(label, "server CPU µs / delivery", "server_cpu_us_per_delivery", target=0.67, better="low")
+    row(label, "… of it in user space", "server_user_us_per_delivery", better="low")
+    row(label, "… of it in the kernel", "server_kernel_us_per_delivery", better="low")
     row(label, "client CPU %", "client_cpu_percent")
 row("churn", "lost", "lost")
 row("hold", "RSS per held poll (KiB)", "rss_per_held_poll", scale=1 / 1024, target=0.8, better="low")

@@ -180,7 +180,9 @@ async fn subscriber(
                 seen.errors += 1;
                 continue 'connection;
             };
-            let at = now_ns();
+            // When the answer reached this machine's socket, not when this
+            // task got to it (see http.rs).
+            let at = answer.received_ns;
             for Payload { seq, sent_ns } in args.server.read(&answer, &mut pos) {
                 if !got.insert(seq) {
                     seen.duplicates += 1;
@@ -386,6 +388,7 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
     tokio::time::sleep(args.settle).await;
 
     let cpu_start = proc::cpu_seconds(&args.pid);
+    let split_start = proc::cpu_split(&args.pid);
     let client_start = proc::cpu_seconds(&[std::process::id()]);
     let started = Instant::now();
     let mut published = vec![0usize; args.channels];
@@ -448,6 +451,14 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
         started.elapsed().as_secs_f64() - grace.as_secs_f64().min(started.elapsed().as_secs_f64());
     let active = started.elapsed().as_secs_f64();
     let server_cpu = proc::cpu_seconds(&args.pid) - cpu_start;
+    let split_end = proc::cpu_split(&args.pid);
+    let per_delivery = |seconds: f64| {
+        if delivered > 0 {
+            1e6 * seconds / delivered as f64
+        } else {
+            0.0
+        }
+    };
     let client_cpu = proc::cpu_seconds(&[std::process::id()]) - client_start;
     let mut out = json!({
         "label": args.label,
@@ -475,7 +486,10 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
             "max": latencies.last().copied().unwrap_or(0) as f64 / 1000.0,
         },
         "server_cpu_seconds": server_cpu,
-        "server_cpu_us_per_delivery": if delivered > 0 { 1e6 * server_cpu / delivered as f64 } else { 0.0 },
+        "server_cpu_us_per_delivery": per_delivery(server_cpu),
+        // The same in user space and in the kernel (sends, receives, epoll).
+        "server_user_us_per_delivery": per_delivery(split_end.0 - split_start.0),
+        "server_kernel_us_per_delivery": per_delivery(split_end.1 - split_start.1),
         "client_cpu_percent": 100.0 * client_cpu / active.max(0.001),
         "rss_after": proc::rss_bytes(&args.pid),
     });

@@ -34,20 +34,27 @@ pub fn tree(pid: u32) -> Vec<u32> {
 
 /// CPU seconds (user + system) used so far by the trees of `pids`.
 pub fn cpu_seconds(pids: &[u32]) -> f64 {
-    let mut ticks = 0u64;
+    let (user, system) = cpu_split(pids);
+    user + system
+}
+
+/// CPU seconds used so far by the trees of `pids`: (in user space, in the
+/// kernel).
+pub fn cpu_split(pids: &[u32]) -> (f64, f64) {
+    let (mut user, mut system) = (0u64, 0u64);
     for root in pids {
         for p in tree(*root) {
             if let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) {
                 // Fields after the parenthesised command: utime is 14th, stime 15th overall.
                 if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
                     let f: Vec<&str> = rest.split_whitespace().collect();
-                    ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-                    ticks += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                    user += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                    system += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
                 }
             }
         }
     }
-    ticks as f64 / TICKS_PER_SEC
+    (user as f64 / TICKS_PER_SEC, system as f64 / TICKS_PER_SEC)
 }
 
 /// Resident memory in bytes of the trees of `pids`.

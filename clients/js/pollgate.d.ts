@@ -134,10 +134,12 @@ export class PollgateError extends Error {
   retryAfter?: number;
 }
 
-/** Long-polls (or streams) a subscribe route until closed. */
+/** Long-polls (or streams) a subscribe route until closed. Throws a TypeError
+ * for a URL that cannot be resolved (a relative one outside a page). */
 export function subscribe<T = unknown>(url: string | URL, options?: SubscribeOptions<T>): Subscription;
 
-/** Long-polls a watch route, keeping the ETag. */
+/** Long-polls a watch route, keeping the ETag. Throws a TypeError for a URL
+ * that cannot be resolved. */
 export function watch<T = unknown>(url: string | URL, options?: WatchOptions<T>): Subscription;
 
 /** The current cursor of a subscribe route, without waiting. */

@@ -97,6 +97,7 @@ export function isRetryableStatus(status) {
  *   that ended it.
  */
 export function subscribe(url, options = {}) {
+  withQuery(url, {}); // a URL that cannot work throws here, not later
   const sub = new Subscription(options);
   const store = cursorStore(url, options);
   sub.cursor = options.cursor ?? store.load() ?? null;
@@ -115,6 +116,7 @@ export function subscribe(url, options = {}) {
  * @returns {Subscription} whose `etag` is the representation seen last.
  */
 export function watch(url, options = {}) {
+  withQuery(url, {}); // a URL that cannot work throws here, not later
   const sub = new Subscription(options);
   sub.etag = options.etag ?? null;
   sub._start(() => runWatch(sub, url, options));
@@ -464,7 +466,8 @@ function requestInit(options, extra = {}) {
 }
 
 // `url` with query parameters set (null removes one). Relative URLs are
-// resolved against the page's location.
+// resolved against the page's location; without one (Node), a relative URL
+// is a TypeError.
 function withQuery(url, params) {
   const base = globalThis.location?.href;
   const target = base ? new URL(url, base) : new URL(url);

@@ -274,3 +274,9 @@ test("position reads the current cursor without waiting", async () => {
   const refused = scriptedFetch([() => failure(401, "unauthorized", "log in first")]);
   await assert.rejects(position(URL_, { fetch: refused }), { status: 401 });
 });
+
+test("a URL that cannot work is refused at once", () => {
+  // No page to resolve it against (Node): a relative URL is an error.
+  assert.throws(() => subscribe("/rooms/1/events", { fetch: scriptedFetch([]) }), TypeError);
+  assert.throws(() => subscribe("http://[bad", { fetch: scriptedFetch([]) }), TypeError);
+});

@@ -188,8 +188,6 @@ pub struct Hub {
     /// Where the broker's announcements go once [`Hub::run_deliveries`]
     /// runs (before that, they are handled on the broker's task).
     deliveries: OnceLock<mpsc::UnboundedSender<Announcement>>,
-    /// The broker has been reached since start (see [`Hub::broker_reached`]).
-    broker_seen: AtomicBool,
     /// Runs once between a poll's lookup and its registration (tests).
     #[cfg(test)]
     before_register: Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -223,7 +221,6 @@ impl Hub {
             linger,
             next_waiter: AtomicU64::new(1),
             deliveries: OnceLock::new(),
-            broker_seen: AtomicBool::new(false),
             #[cfg(test)]
             before_register: Mutex::new(None),
         });
@@ -236,14 +233,9 @@ impl Hub {
         &self.broker
     }
 
-    /// Whether the broker has been reached at least once since start (it
-    /// is checked now, and by housekeeping every second).
+    /// Whether the broker has been reached at least once since start.
     pub fn broker_reached(&self) -> bool {
-        if self.broker.is_up() {
-            self.broker_seen.store(true, Ordering::Relaxed);
-            return true;
-        }
-        self.broker_seen.load(Ordering::Relaxed)
+        self.broker.reached()
     }
 
     fn lookup_channel(&self, name: &str) -> Option<Arc<Channel>> {

@@ -224,7 +224,6 @@ impl BackgroundService for Housekeeping {
                     self.hub.broker().maintain();
                     self.hub.sweep();
                     metrics::BROKER_UP.set(self.hub.broker().is_up() as i64);
-                    self.hub.broker_reached();
                 }
                 _ = shutdown.changed() => return,
             }

@@ -80,6 +80,13 @@ pub trait Broker: Send + Sync {
         true
     }
 
+    /// True once the broker has been reachable at least once since start,
+    /// however briefly (readiness: an outage after that does not make the
+    /// instance unready).
+    fn reached(&self) -> bool {
+        true
+    }
+
     /// Periodic housekeeping (expiring histories); called about once a second.
     fn maintain(&self) {}
 

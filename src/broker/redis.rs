@@ -58,6 +58,8 @@ pub struct RedisBroker {
     layout: Layout,
     conn: RwLock<Option<Conn>>,
     up: AtomicBool,
+    /// Connected at least once since start (readiness, see `Broker::reached`).
+    reached: AtomicBool,
     sink: OnceLock<Arc<dyn Sink>>,
     control: mpsc::UnboundedSender<Control>,
     control_rx: Mutex<Option<mpsc::UnboundedReceiver<Control>>>,
@@ -96,6 +98,7 @@ impl RedisBroker {
             layout: Layout::new(namespace, history, history_ttl),
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
+            reached: AtomicBool::new(false),
             sink: OnceLock::new(),
             control,
             control_rx: Mutex::new(Some(control_rx)),
@@ -125,6 +128,9 @@ impl RedisBroker {
     }
 
     fn set_up(&self, conn: Option<Conn>) {
+        if conn.is_some() {
+            self.reached.store(true, Ordering::Release);
+        }
         self.up.store(conn.is_some(), Ordering::Release);
         metrics::BROKER_UP.set(conn.is_some() as i64);
         *self.conn.write() = conn;
@@ -343,6 +349,10 @@ impl Broker for RedisBroker {
 
     fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    fn reached(&self) -> bool {
+        self.reached.load(Ordering::Acquire)
     }
 
     async fn run(&self, mut shutdown: watch::Receiver<bool>) {

@@ -99,13 +99,17 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 /// Reads until a whole request head is in `buf` (which may hold bytes of
 /// it already, and may end up holding more: a pipelined body or request).
 /// Returns the head's length. Waits up to `idle` for the first byte, then
-/// `limits.header_timeout` for the rest.
+/// `limits.header_timeout` for the rest. A connection idle between two
+/// requests (`between`) is closed when the instance drains; a new one is
+/// not: its first request is on its way (perhaps already in the socket,
+/// where closing would reset it), and is served.
 async fn read_head(
     stream: &mut Stream,
     buf: &mut BytesMut,
     idle: Duration,
     limits: HeadLimits,
     life: &Lifecycle,
+    between: bool,
 ) -> Result<usize, NoHead> {
     let mut deadline = tokio::time::Instant::now() + idle;
     if !buf.is_empty() {
@@ -129,7 +133,7 @@ async fn read_head(
         }
         let read = tokio::select! {
             r = stream.read_buf(buf) => r.map_err(|_| NoHead::Closed)?,
-            _ = life.drained(), if buf.is_empty() => return Err(NoHead::Closed),
+            _ = life.drained(), if between && buf.is_empty() => return Err(NoHead::Closed),
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(if buf.is_empty() { NoHead::Closed } else { NoHead::TooSlow });
             }
@@ -372,25 +376,31 @@ impl Front {
         let mut served: u32 = 0;
         loop {
             let idle = keepalive.map_or(limits.header_timeout, Duration::from_secs);
-            let head_len = match read_head(&mut stream, &mut buf, idle, limits, &self.life).await {
-                Ok(len) => len,
-                Err(NoHead::Closed) => return,
-                Err(NoHead::TooLarge) => {
-                    Refusal::HeaderTooLarge.count();
-                    let detail = format!(
-                        "the request head is larger than limits.max_head ({} bytes)",
-                        limits.max_head
-                    );
-                    refuse(&mut stream, 431, "header_too_large", &detail, limits).await;
-                    return;
-                }
-                Err(NoHead::TooSlow) => {
-                    Refusal::HeaderTimeout.count();
-                    let detail = "the request head did not arrive within limits.header_timeout";
-                    refuse(&mut stream, 408, "header_timeout", detail, limits).await;
-                    return;
-                }
-            };
+            let between = keepalive.is_some();
+            // A new connection counts as in flight until its first request
+            // is answered, so that a drain waits for the request it is
+            // about to send (see `read_head`) instead of exiting under it.
+            let _first = (!between).then(|| self.life.enter());
+            let head_len =
+                match read_head(&mut stream, &mut buf, idle, limits, &self.life, between).await {
+                    Ok(len) => len,
+                    Err(NoHead::Closed) => return,
+                    Err(NoHead::TooLarge) => {
+                        Refusal::HeaderTooLarge.count();
+                        let detail = format!(
+                            "the request head is larger than limits.max_head ({} bytes)",
+                            limits.max_head
+                        );
+                        refuse(&mut stream, 431, "header_too_large", &detail, limits).await;
+                        return;
+                    }
+                    Err(NoHead::TooSlow) => {
+                        Refusal::HeaderTimeout.count();
+                        let detail = "the request head did not arrive within limits.header_timeout";
+                        refuse(&mut stream, 408, "header_timeout", detail, limits).await;
+                        return;
+                    }
+                };
             served += 1;
             let last = request_limit > 0 && served >= request_limit;
             let head = match parse_head(&buf[..head_len]) {

@@ -79,6 +79,31 @@ async fn sigterm_answers_every_held_poll_with_its_cursor_and_exits_0() {
     assert!(status.success(), "{status:?}");
 }
 
+#[tokio::test]
+async fn a_connection_opened_before_sigterm_gets_its_first_request_answered() {
+    // A client that connected just before the drain sends its request just
+    // after: it gets an answer (503, go elsewhere), not a closed or reset
+    // connection, and the instance waits for it before exiting.
+    let mut pg = Pollgate::start(&format!("grace_period: 5s\n{ROUTES}"));
+    let mut early = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
+    std::thread::sleep(Duration::from_millis(200)); // accepted by now
+    pg.signal("-TERM");
+    std::thread::sleep(Duration::from_millis(300)); // draining by now
+    early
+        .write_all(b"GET /sub/late?timeout=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (status, headers, body) = read_answer(&mut early);
+    assert!(status.contains("503"), "{status}");
+    assert!(
+        headers.contains(&("connection".into(), "close".into())),
+        "{headers:?}"
+    );
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"], "unavailable", "{v}");
+    let status = pg.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert!(status.success(), "{status:?}");
+}
+
 /// A backend that answers every request after `delay`, once.
 fn slow_backend(delay: Duration) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -33,14 +33,21 @@ struct Chat {
     rooms: Mutex<HashMap<String, Vec<Value>>>,
 }
 
-fn answer(status: u16, body: Value) -> Response<Vec<u8>> {
-    let body = serde_json::to_vec(&body).unwrap_or_default();
+fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-        .header("Content-Type", "application/json")
+        .header("Content-Type", content_type)
         .header("Content-Length", body.len())
         .body(body)
         .unwrap_or_default()
+}
+
+fn answer(status: u16, body: Value) -> Response<Vec<u8>> {
+    reply(
+        status,
+        "application/json",
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
 }
 
 /// The chat page and the browser client, built into the binary.
@@ -48,13 +55,10 @@ const PAGE: &str = include_str!("chat-page/index.html");
 const CLIENT: &str = include_str!("../clients/js/pollgate.js");
 
 fn asset(content_type: &str, body: &str) -> Response<Vec<u8>> {
-    Response::builder()
-        .status(StatusCode::OK)
-        .header("Content-Type", content_type)
-        .header("Content-Length", body.len())
-        .header("Cache-Control", "no-cache")
-        .body(body.as_bytes().to_vec())
-        .unwrap_or_default()
+    let mut r = reply(200, content_type, body.as_bytes().to_vec());
+    r.headers_mut()
+        .insert("Cache-Control", http::HeaderValue::from_static("no-cache"));
+    r
 }
 
 impl Chat {

@@ -387,8 +387,8 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
     };
     tokio::time::sleep(args.settle).await;
 
-    let cpu_start = proc::cpu_seconds(&args.pid);
     let split_start = proc::cpu_split(&args.pid);
+    let cpu_start = split_start.0 + split_start.1;
     let client_start = proc::cpu_seconds(&[std::process::id()]);
     let started = Instant::now();
     let mut published = vec![0usize; args.channels];
@@ -450,8 +450,8 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
     let wall =
         started.elapsed().as_secs_f64() - grace.as_secs_f64().min(started.elapsed().as_secs_f64());
     let active = started.elapsed().as_secs_f64();
-    let server_cpu = proc::cpu_seconds(&args.pid) - cpu_start;
     let split_end = proc::cpu_split(&args.pid);
+    let server_cpu = split_end.0 + split_end.1 - cpu_start;
     let per_delivery = |seconds: f64| {
         if delivered > 0 {
             1e6 * seconds / delivered as f64

@@ -273,47 +273,63 @@ export class Subscription {
   }
 }
 
+// The request loop of `subscribe` and `watch`: one request at a time
+// (`request`, which returns what `handle` takes, or AGAIN to go on at once),
+// backoff after a failure, and pacing of answers that come back empty at
+// once (`handle` returns whether the answer had news).
+const AGAIN = Symbol("again");
+
+async function requestLoop(sub, options, request, handle) {
+  let failures = 0;
+  let quick = 0;
+  while (!sub.stopped) {
+    const started = Date.now();
+    let answer;
+    try {
+      answer = await request();
+    } catch (error) {
+      if (sub.stopped) break;
+      failures += 1;
+      if (!(await sub._failed(error, failures))) break;
+      continue;
+    }
+    if (answer === AGAIN) continue;
+    failures = 0;
+    sub._setStatus("live");
+    const news = handle(answer);
+    quick = !news && Date.now() - started < QUICK_ANSWER_MS ? quick + 1 : 0;
+    if (quick > 1) await sub._sleep(backoff(quick - 1, options.backoff));
+  }
+}
+
 // The long-poll loop of `subscribe`.
-async function runPolls(sub, url, options) {
+function runPolls(sub, url, options) {
   const fetchImpl = options.fetch ?? globalThis.fetch;
   const deadline =
     options.deadline ??
     (options.timeout ? options.timeout * 1000 + DEADLINE_SLACK_MS : DEFAULT_DEADLINE_MS);
-  let failures = 0;
-  let quick = 0;
-  while (!sub.stopped) {
+  const request = async () => {
     const target = withQuery(url, {
       cursor: sub.cursor,
       timeout: options.timeout == null ? null : String(options.timeout),
       format: "json",
     });
-    const started = Date.now();
-    let body;
     try {
-      body = await sub._fetch(fetchImpl, target, requestInit(options), deadline, async (response) => {
+      return await sub._fetch(fetchImpl, target, requestInit(options), deadline, async (response) => {
         if (response.ok) return response.json();
         throw await errorOf(response);
       });
     } catch (error) {
-      if (sub.stopped) break;
-      if (refusedCursor(error, sub.cursor)) {
-        // A cursor the gateway does not accept (e.g. one persisted for
-        // another route): start afresh, and say so as a gap.
-        sub.cursor = null;
-        sub._remember(null);
-        sub._call("onGap", { cursor: null, reason: "cursor refused" });
-        continue;
-      }
-      failures += 1;
-      if (!(await sub._failed(error, failures))) break;
-      continue;
+      if (sub.stopped || !refusedCursor(error, sub.cursor)) throw error;
+      // A cursor the gateway does not accept (e.g. one persisted for
+      // another route): start afresh, and say so as a gap.
+      sub.cursor = null;
+      sub._remember(null);
+      sub._call("onGap", { cursor: null, reason: "cursor refused" });
+      return AGAIN;
     }
-    failures = 0;
-    sub._setStatus("live");
-    const delivered = deliver(sub, body);
-    quick = delivered === 0 && Date.now() - started < QUICK_ANSWER_MS ? quick + 1 : 0;
-    if (quick > 1) await sub._sleep(backoff(quick - 1, options.backoff));
-  }
+  };
+  return requestLoop(sub, options, request, (body) => deliver(sub, body) > 0);
 }
 
 // Hands one envelope to the callbacks, then moves the cursor. Returns the
@@ -378,50 +394,36 @@ async function runEventSource(sub, url, options) {
 }
 
 // The loop of `watch`.
-async function runWatch(sub, url, options) {
+function runWatch(sub, url, options) {
   const fetchImpl = options.fetch ?? globalThis.fetch;
   const deadline = options.deadline ?? DEFAULT_DEADLINE_MS;
   const as = options.as ?? "json";
-  let failures = 0;
-  let quick = 0;
-  while (!sub.stopped) {
-    const conditional = sub.etag ? { "If-None-Match": sub.etag } : {};
-    const started = Date.now();
-    let change;
-    try {
-      const init = requestInit(options, conditional);
-      change = await sub._fetch(fetchImpl, withQuery(url, {}), init, deadline, async (response) => {
-        if (response.status === 304) {
-          sub.etag = response.headers.get("ETag") ?? sub.etag;
-          return null;
-        }
-        if (!response.ok) throw await errorOf(response);
-        const etag = response.headers.get("ETag");
-        if (!etag) {
-          throw new PollgateError(
-            "the answer has no ETag: not a watch route, or a cross-origin answer that does not expose it",
-            { status: response.status, retryable: false },
-          );
-        }
-        const value =
-          as === "response" ? response : await (as === "text" ? response.text() : response.json());
-        return { value, etag, response };
-      });
-    } catch (error) {
-      if (sub.stopped) break;
-      failures += 1;
-      if (!(await sub._failed(error, failures))) break;
-      continue;
-    }
-    failures = 0;
-    sub._setStatus("live");
-    if (change) {
-      sub.etag = change.etag;
-      sub._call("onChange", change.value, { etag: change.etag, response: change.response });
-    }
-    quick = !change && Date.now() - started < QUICK_ANSWER_MS ? quick + 1 : 0;
-    if (quick > 1) await sub._sleep(backoff(quick - 1, options.backoff));
-  }
+  const request = () => {
+    const init = requestInit(options, sub.etag ? { "If-None-Match": sub.etag } : {});
+    return sub._fetch(fetchImpl, withQuery(url, {}), init, deadline, async (response) => {
+      if (response.status === 304) {
+        sub.etag = response.headers.get("ETag") ?? sub.etag;
+        return null;
+      }
+      if (!response.ok) throw await errorOf(response);
+      const etag = response.headers.get("ETag");
+      if (!etag) {
+        throw new PollgateError(
+          "the answer has no ETag: not a watch route, or a cross-origin answer that does not expose it",
+          { status: response.status, retryable: false },
+        );
+      }
+      const value =
+        as === "response" ? response : await (as === "text" ? response.text() : response.json());
+      return { value, etag, response };
+    });
+  };
+  return requestLoop(sub, options, request, (change) => {
+    if (!change) return false;
+    sub.etag = change.etag;
+    sub._call("onChange", change.value, { etag: change.etag, response: change.response });
+    return true;
+  });
 }
 
 // Where `subscribe` keeps its cursor between page loads (`persist`).

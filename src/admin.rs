@@ -154,6 +154,7 @@ impl Admin {
         match self.hub.broker().publish(channel, content_type, body).await {
             Ok(m) => {
                 metrics::PUBLISHED.inc();
+                subscribers_first().await;
                 json(
                     200,
                     serde_json::json!({ "id": m.id.to_string(), "channel": channel }),
@@ -224,6 +225,7 @@ impl Admin {
                 }
             }
         }
+        subscribers_first().await;
         json(200, serde_json::json!({ "ids": ids }))
     }
 
@@ -244,6 +246,15 @@ impl Admin {
             Err(e) => error(503, "broker_unavailable", &e.to_string()),
         }
     }
+}
+
+/// Lets the hub's delivery task, which runs on this runtime, answer the
+/// held polls of what was just published before the publisher gets its own
+/// answer: their clients are the ones waiting (the publisher's answer is
+/// one more send, about a tenth of a millisecond of latency for every
+/// subscriber behind it, as measured in docs/benchmarks.md).
+async fn subscribers_first() {
+    tokio::task::yield_now().await;
 }
 
 #[async_trait]

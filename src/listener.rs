@@ -14,6 +14,7 @@
 //! front door's lean loop; HTTP/2 ones (ALPN `h2`, or the h2c preface) go
 //! through Pingora's HTTP/2 server, one task per stream.
 
+use crate::admin::Admin;
 use crate::config::ListenerConfig;
 use crate::front::Front;
 use crate::lifecycle::Lifecycle;
@@ -199,10 +200,22 @@ async fn starts_h2c(tcp: &TcpStream, wait: Duration) -> Option<bool> {
 /// One listening address of the service.
 struct Endpoint {
     addr: String,
-    /// The TLS acceptor of an HTTPS endpoint.
-    tls: Option<Arc<Acceptor>>,
+    serves: Serves,
     /// Bound at construction (None when the socket is to be inherited).
     bound: Option<std::net::TcpListener>,
+}
+
+/// What an endpoint's connections are served with.
+#[derive(Clone)]
+enum Serves {
+    /// Clients over plain TCP (HTTP/1.1, or HTTP/2 with prior knowledge).
+    Clients,
+    /// Clients over TLS, with this acceptor.
+    Tls(Arc<Acceptor>),
+    /// The admin API (publish, metrics, health): on the runtime of the
+    /// held polls, so that a publish reaches its waiters without crossing
+    /// threads.
+    Admin(Arc<Admin>),
 }
 
 /// The client listeners as a Pingora service.
@@ -218,16 +231,18 @@ pub struct ClientListener {
 }
 
 impl ClientListener {
-    /// A service listening on `listen` and, with `tls`, on its address with
-    /// its certificates and handshake timeout; `fds` receives Pingora's
-    /// table of listening sockets when the service starts. Binds now
-    /// (a taken port is an error at start) unless `inherit`: then the
-    /// sockets come from the instance being upgraded.
+    /// A service listening on `listen`, on the admin address with `admin`,
+    /// and, with `tls`, on its address with its certificates and handshake
+    /// timeout; `fds` receives Pingora's table of listening sockets when
+    /// the service starts. Binds now (a taken port is an error at start)
+    /// unless `inherit`: then the sockets come from the instance being
+    /// upgraded.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         front: Arc<Front>,
         life: Arc<Lifecycle>,
         listen: &str,
+        admin: (&str, Admin),
         tls: Option<(String, Arc<Certificates>, Duration)>,
         options: ListenerConfig,
         threads: usize,
@@ -240,17 +255,24 @@ impl ClientListener {
                 .map(Some)
                 .map_err(|e| format!("cannot listen on {addr}: {e}")),
         };
-        let mut endpoints = vec![Endpoint {
-            addr: listen.to_string(),
-            tls: None,
-            bound: bind_now(listen)?,
-        }];
+        let mut endpoints = vec![
+            Endpoint {
+                addr: listen.to_string(),
+                serves: Serves::Clients,
+                bound: bind_now(listen)?,
+            },
+            Endpoint {
+                addr: admin.0.to_string(),
+                serves: Serves::Admin(Arc::new(admin.1)),
+                bound: bind_now(admin.0)?,
+            },
+        ];
         let tls = match tls {
             Some((addr, certs, handshake)) => {
                 endpoints.push(Endpoint {
                     bound: bind_now(&addr)?,
                     addr,
-                    tls: Some(Arc::new(certs.acceptor())),
+                    serves: Serves::Tls(Arc::new(certs.acceptor())),
                 });
                 Some((certs, handshake))
             }
@@ -306,17 +328,20 @@ struct Acceptance {
 }
 
 impl Acceptance {
-    /// Accepts connections on `listener` until draining or shutdown.
+    /// Accepts connections on `listener` until shutdown, and on a client
+    /// endpoint until draining (the admin API answers until the end:
+    /// readiness says it is draining).
     async fn run(
         self,
         listener: tokio::net::TcpListener,
-        tls: Option<Arc<Acceptor>>,
+        serves: Serves,
         mut shutdown: ShutdownWatch,
     ) {
+        let admin = matches!(serves, Serves::Admin(_));
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
-                _ = self.life.drained() => break,
+                _ = self.life.drained(), if !admin => break,
                 _ = shutdown.changed() => break,
             };
             let tcp = match accepted {
@@ -333,13 +358,25 @@ impl Acceptance {
                 let probe = socket2::TcpKeepalive::new().with_time(self.tcp_keepalive);
                 let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&probe);
             }
-            tokio::spawn(self.clone().serve(tcp, tls.clone(), shutdown.clone()));
+            tokio::spawn(self.clone().serve(tcp, serves.clone(), shutdown.clone()));
         }
     }
 
-    /// Serves one accepted connection: TLS handshake when `tls`, then
-    /// HTTP/2 or HTTP/1.
-    async fn serve(self, tcp: TcpStream, tls: Option<Arc<Acceptor>>, shutdown: ShutdownWatch) {
+    /// Serves one accepted connection: TLS handshake on a TLS endpoint,
+    /// then HTTP/2 or HTTP/1; on the admin endpoint, Pingora's HTTP/1
+    /// server with the admin app, request after request.
+    async fn serve(self, tcp: TcpStream, serves: Serves, shutdown: ShutdownWatch) {
+        let tls = match serves {
+            Serves::Clients => None,
+            Serves::Tls(acceptor) => Some(acceptor),
+            Serves::Admin(admin) => {
+                let mut next = Some(Box::new(Conn::new(tcp)) as Stream);
+                while let Some(stream) = next {
+                    next = admin.process_new(stream, &shutdown).await;
+                }
+                return;
+            }
+        };
         // The transient steps are boxed: their state would otherwise be
         // part of every connection's task for as long as it lives.
         let h2c = match tls {
@@ -432,7 +469,7 @@ impl Service for ClientListener {
             match socket {
                 Ok(listener) => loops.push(tokio::spawn(acceptance.clone().run(
                     listener,
-                    endpoint.tls.clone(),
+                    endpoint.serves.clone(),
                     shutdown.clone(),
                 ))),
                 Err(e) => {

@@ -25,7 +25,6 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::ListenFds;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
-use pingora::services::listening::Service;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -155,11 +154,18 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
             o
         },
     };
+    let admin = Admin {
+        hub: hub.clone(),
+        life: life.clone(),
+        token: config.publish.token.clone(),
+        max_body: config.limits.max_body,
+    };
     let fds = Arc::new(OnceLock::new());
     let listener = ClientListener::new(
         Arc::new(front),
         life.clone(),
         &config.listen,
+        (&config.admin_listen, admin),
         config
             .tls
             .as_ref()
@@ -171,22 +177,11 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
         upgrade,
     )?;
 
-    let admin = Admin {
-        hub: hub.clone(),
-        life: life.clone(),
-        token: config.publish.token.clone(),
-        max_body: config.limits.max_body,
-    };
-    let mut admin = Service::new("pollgate admin".to_string(), admin);
-    admin.threads = Some(1);
-    admin.add_tcp(&config.admin_listen);
-
     let housekeeping =
         background_service("pollgate housekeeping", Housekeeping { hub: hub.clone() });
     let connection = background_service("pollgate broker", BrokerConnection { hub });
 
     server.add_service(listener);
-    server.add_service(admin);
     server.add_service(housekeeping);
     server.add_service(connection);
     tracing::info!(

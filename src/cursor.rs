@@ -6,11 +6,16 @@
 //! what SSE's `Last-Event-ID` and an `ETag` naturally carry.
 
 use crate::message::MessageId;
+use smallvec::SmallVec;
 use std::fmt;
 
-/// Positions of a subscription, one per channel.
+/// Positions of a subscription, one per channel (held inline up to two:
+/// a cursor is copied several times per poll).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Cursor(pub Vec<MessageId>);
+pub struct Cursor(pub Positions);
+
+/// The positions of a [`Cursor`].
+pub type Positions = SmallVec<[MessageId; 2]>;
 
 /// Why a client's cursor was refused (a 400).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,13 +35,18 @@ impl Cursor {
         if t.len() > 64 * channels.max(1) {
             return Err(CursorError("cursor is too long".into()));
         }
-        let ids = t
-            .split('.')
-            .map(|part| part.parse::<MessageId>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| {
-                CursorError(format!("'{}' is not a cursor pollgate issued", shorten(t)))
-            })?;
+        let mut ids = Positions::new();
+        for part in t.split('.') {
+            match part.parse::<MessageId>() {
+                Ok(id) => ids.push(id),
+                Err(_) => {
+                    let shown = shorten(t);
+                    return Err(CursorError(format!(
+                        "'{shown}' is not a cursor pollgate issued"
+                    )));
+                }
+            }
+        }
         if ids.len() != channels {
             return Err(CursorError(format!(
                 "cursor has {} position(s), this subscription has {} channel(s)",

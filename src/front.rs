@@ -83,17 +83,19 @@ enum NoHead {
 /// from `from` on (minus the 3 bytes a split terminator can reach back), so
 /// that a head arriving byte by byte is not scanned again on every read.
 fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    // Every line ends in '\n': look only after each one for the blank line
+    // ("\n" or "\r\n") that ends the head.
     let start = from.saturating_sub(3);
-    let tail = &buf[start..];
-    let crlf = tail
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4);
-    let lf = tail.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(start + a.min(b)),
-        (a, b) => a.or(b).map(|i| start + i),
+    let mut at = start;
+    while let Some(i) = buf[at..].iter().position(|&b| b == b'\n') {
+        let after = at + i + 1;
+        match &buf[after..] {
+            [b'\n', ..] => return Some(after + 1),
+            [b'\r', b'\n', ..] => return Some(after + 2),
+            _ => at = after,
+        }
     }
+    None
 }
 
 /// Reads until a whole request head is in `buf` (which may hold bytes of
@@ -198,9 +200,11 @@ fn lists(value: &[u8], token: &str) -> bool {
 /// The [`Head`] of a whole request head, by the same parser (httparse)
 /// Pingora uses. The error is the refusal to answer with.
 fn parse_head(head: &[u8]) -> Result<Head<'_>, (u16, &'static str, String)> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
+    // Uninitialized: zeroing room for MAX_HEADERS headers would cost more
+    // than parsing the few a long-poll has.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, &mut headers) {
         Ok(httparse::Status::Complete(_)) => {}
         Err(httparse::Error::TooManyHeaders) => {
             return Err((

@@ -18,6 +18,7 @@ use crate::message::{Message, MessageId};
 use crate::metrics;
 use crate::shards::ShardedMap;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -133,8 +134,11 @@ impl Waiter {
 /// Removes a waiter from its channels when the poll ends.
 struct Registration {
     waiter: Arc<Waiter>,
-    channels: Vec<Arc<Channel>>,
+    channels: Channels,
 }
+
+/// The channels of one poll (one, as a rule).
+type Channels = SmallVec<[Arc<Channel>; 1]>;
 
 impl Drop for Registration {
     fn drop(&mut self) {
@@ -157,13 +161,17 @@ struct Channel {
     ahead_check: Mutex<Option<(Instant, Arc<OnceCell<History>>)>>,
 }
 
+/// A channel's held waiters by id, with their index in the waiter's
+/// channel list.
+type Waiters = HashMap<u64, (Arc<Waiter>, usize), ahash::RandomState>;
+
 struct ChannelState {
     window: History,
     /// Messages announced before the window was loaded.
     early: Vec<Arc<Message>>,
     synced: bool,
     removed: bool,
-    waiters: HashMap<u64, (Arc<Waiter>, usize)>,
+    waiters: Waiters,
     idle_since: Instant,
 }
 
@@ -266,7 +274,7 @@ impl Hub {
                             early: Vec::new(),
                             synced: false,
                             removed: false,
-                            waiters: HashMap::new(),
+                            waiters: Waiters::default(),
                             idle_since: Instant::now(),
                         }),
                         ahead_check: Mutex::new(None),
@@ -342,7 +350,7 @@ impl Hub {
         let limit = format.limit();
         let mut cursor = cursor;
         loop {
-            let mut channels = Vec::with_capacity(names.len());
+            let mut channels = Channels::with_capacity(names.len());
             for name in names {
                 channels.push(self.channel(name).await?);
             }
@@ -441,7 +449,7 @@ impl Hub {
     /// channel moved past the cursor meanwhile (poll again).
     fn register(
         &self,
-        channels: Vec<Arc<Channel>>,
+        channels: Channels,
         cursor: Cursor,
         format: Format,
         answerer: Option<Arc<dyn Answerer>>,
@@ -457,7 +465,7 @@ impl Hub {
         });
         let mut registration = Registration {
             waiter: waiter.clone(),
-            channels: Vec::with_capacity(channels.len()),
+            channels: Channels::with_capacity(channels.len()),
         };
         for (i, ch) in channels.into_iter().enumerate() {
             {
@@ -511,22 +519,35 @@ impl Hub {
                 st.idle_since = Instant::now();
             }
             // As many will be back at once: room for them, no regrowth.
-            let room = HashMap::with_capacity(st.waiters.len());
+            let room = Waiters::with_capacity_and_hasher(st.waiters.len(), Default::default());
             std::mem::replace(&mut st.waiters, room)
         };
-        let mut answers: HashMap<(Format, usize, &Cursor), Arc<Answer>> = HashMap::new();
+        // One answer per distinct (format, channel index, cursor). Waiters
+        // on one key usually come in a row (all were at the newest message):
+        // the last key is checked before the map.
+        type Key<'a> = (Format, usize, &'a Cursor);
+        let mut last: Option<(Key, Arc<Answer>)> = None;
+        let mut answers: HashMap<Key, Arc<Answer>> = HashMap::new();
         for (waiter, index) in waiters.values() {
-            let answer = answers
-                .entry((waiter.format, *index, &waiter.cursor))
-                .or_insert_with(|| {
-                    Arc::new(Answer::build(
-                        waiter.format,
-                        &waiter.cursor,
-                        false,
-                        &[(*index, message.clone())],
-                    ))
-                })
-                .clone();
+            let key = (waiter.format, *index, &waiter.cursor);
+            let answer = match &last {
+                Some((k, answer)) if *k == key => answer.clone(),
+                _ => {
+                    if let Some((k, answer)) = last.take() {
+                        answers.insert(k, answer);
+                    }
+                    let answer = answers.remove(&key).unwrap_or_else(|| {
+                        Arc::new(Answer::build(
+                            waiter.format,
+                            &waiter.cursor,
+                            false,
+                            &[(*index, message.clone())],
+                        ))
+                    });
+                    last = Some((key, answer.clone()));
+                    answer
+                }
+            };
             waiter.fire(Wake::Answer(answer));
         }
     }

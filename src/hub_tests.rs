@@ -104,7 +104,7 @@ async fn one_publish_wakes_every_waiter_with_one_shared_answer_and_no_broker_cal
             .unwrap(),
         );
     }
-    let late = Cursor(vec![MessageId::ZERO]);
+    let late = Cursor(smallvec::smallvec![MessageId::ZERO]);
     match hub
         .poll(&names, Some(late), First::Newest, Format::Envelope)
         .await
@@ -131,7 +131,7 @@ async fn waiters_with_different_cursors_get_their_own_answers() {
     );
     let m = publish(&broker, "b", "1").await;
     let after = answer(first).await;
-    assert_eq!(after.cursor.0, vec![MessageId::ZERO, m.id]);
+    assert_eq!(after.cursor.0[..], [MessageId::ZERO, m.id]);
     let w1 = held(
         hub.poll(
             &names,
@@ -149,8 +149,8 @@ async fn waiters_with_different_cursors_get_their_own_answers() {
     );
     let n = publish(&broker, "a", "2").await;
     let (a1, a2) = (answer(w1).await, answer(w2).await);
-    assert_eq!(a1.cursor.0, vec![n.id, m.id]);
-    assert_eq!(a2.cursor.0, vec![n.id]);
+    assert_eq!(a1.cursor.0[..], [n.id, m.id]);
+    assert_eq!(a2.cursor.0[..], [n.id]);
 }
 
 fn msg(ms: u64, channel: &str) -> Arc<Message> {
@@ -195,7 +195,7 @@ async fn an_id_going_backwards_wakes_waiters_with_a_gap() {
     let w = held(
         hub.poll(
             &names,
-            Some(Cursor(vec![first.id])),
+            Some(Cursor(smallvec::smallvec![first.id])),
             First::Newest,
             Format::Envelope,
         )
@@ -230,7 +230,7 @@ async fn cursors_ahead_of_the_channel_are_a_gap_without_a_read_per_poll() {
     let names = vec!["future".to_string()];
     let kept = publish(&broker, "future", "kept").await;
     let reads = broker.reads.load(Ordering::Relaxed);
-    let made_up = Cursor(vec![MessageId {
+    let made_up = Cursor(smallvec::smallvec![MessageId {
         ms: kept.id.ms + 10_000_000,
         seq: 0,
     }]);

@@ -60,16 +60,23 @@ impl FromStr for MessageId {
 
     /// Parses `<ms>-<seq>`, both plain decimal numbers.
     fn from_str(s: &str) -> Result<Self, BadId> {
-        let (ms, seq) = s.split_once('-').ok_or(BadId)?;
-        let num = |t: &str| -> Result<u64, BadId> {
-            if t.is_empty() || t.len() > 20 || !t.bytes().all(|b| b.is_ascii_digit()) {
+        let s = s.as_bytes();
+        let dash = s.iter().position(|&b| b == b'-').ok_or(BadId)?;
+        let num = |t: &[u8]| -> Result<u64, BadId> {
+            if t.is_empty() {
                 return Err(BadId);
             }
-            t.parse().map_err(|_| BadId)
+            t.iter().try_fold(0u64, |n, &b| match b {
+                b'0'..=b'9' => n
+                    .checked_mul(10)
+                    .and_then(|n| n.checked_add(u64::from(b - b'0')))
+                    .ok_or(BadId),
+                _ => Err(BadId),
+            })
         };
         Ok(MessageId {
-            ms: num(ms)?,
-            seq: num(seq)?,
+            ms: num(&s[..dash])?,
+            seq: num(&s[dash + 1..])?,
         })
     }
 }

@@ -191,6 +191,7 @@ impl Refusal {
 
 /// Outcome label of a subscribe request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
 pub enum Outcome {
     Message,
     Timeout,
@@ -201,6 +202,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    const ALL: [Outcome; 6] = [
+        Outcome::Message,
+        Outcome::Timeout,
+        Outcome::Gap,
+        Outcome::Rejected,
+        Outcome::Error,
+        Outcome::Disconnected,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             Outcome::Message => "message",
@@ -212,23 +222,23 @@ impl Outcome {
         }
     }
 
-    /// Counts one subscribe request with this outcome.
+    /// Counts one subscribe request with this outcome (on its counter,
+    /// looked up once: it is counted for every answer).
     pub fn count(self) {
-        SUBSCRIBES.with_label_values(&[self.label()]).inc();
+        static COUNTERS: LazyLock<Vec<IntCounter>> = LazyLock::new(|| {
+            Outcome::ALL
+                .iter()
+                .map(|o| SUBSCRIBES.with_label_values(&[o.label()]))
+                .collect()
+        });
+        COUNTERS[self as usize].inc();
     }
 }
 
 /// Registers every metric so that `/metrics` lists them from the start.
 pub fn init() {
     LazyLock::force(&HELD);
-    for o in [
-        Outcome::Message,
-        Outcome::Timeout,
-        Outcome::Gap,
-        Outcome::Rejected,
-        Outcome::Error,
-        Outcome::Disconnected,
-    ] {
+    for o in Outcome::ALL {
         SUBSCRIBES.with_label_values(&[o.label()]);
     }
     LazyLock::force(&PUBLISHED);
@@ -257,4 +267,19 @@ pub fn render() -> Vec<u8> {
     let mut out = Vec::new();
     let _ = prometheus::TextEncoder::new().encode(&prometheus::gather(), &mut out);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_outcome_counts_on_its_own_label() {
+        for (i, o) in Outcome::ALL.into_iter().enumerate() {
+            assert_eq!(o as usize, i, "Outcome::ALL is in declaration order");
+            let before = SUBSCRIBES.with_label_values(&[o.label()]).get();
+            o.count();
+            assert_eq!(SUBSCRIBES.with_label_values(&[o.label()]).get(), before + 1);
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! stream.
 //!
 //! A held poll waits for the first of: its wake-up from the hub, its timeout
-//! (on Pingora's shared coarse timer), the client going away (detected by
+//! (a tokio timer), the client going away (detected by
 //! reading the idle connection), or draining.
 
 use crate::answer::{Answer, Format};
@@ -16,7 +16,7 @@ use crate::lifecycle::Lifecycle;
 use crate::metrics::{self, Outcome, Refusal};
 use crate::respond;
 use crate::routes::{Params, SubscribeRoute};
-use crate::target::Target;
+use crate::target::{form_decode, Target};
 use bytes::Bytes;
 use pingora::protocols::http::ServerSession as Session;
 use pingora::{Error, ErrorType, Result};
@@ -102,7 +102,8 @@ pub struct SubscribeHead<'a> {
 
 /// The subscription a request asks for.
 pub struct Request {
-    channels: Vec<String>,
+    /// The channel names, rendered (one, as a rule).
+    channels: smallvec::SmallVec<[String; 1]>,
     cursor: Option<Cursor>,
     timeout: Duration,
     pub format: Format,
@@ -393,7 +394,7 @@ impl Poller {
         metrics::HELD.inc();
         let mut ending = tokio::select! {
             woken = &mut held.wake => woken_by(woken),
-            _ = sleep(timeout) => Ending::Timeout,
+            _ = tokio::time::sleep(timeout) => Ending::Timeout,
             _ = self.life.drained() => Ending::Drain,
             _ = client.gone() => Ending::Gone,
         };
@@ -476,7 +477,7 @@ impl Poller {
             let ending = loop {
                 let ending = tokio::select! {
                     woken = &mut held.wake => woken_by(woken),
-                    _ = sleep(SSE_KEEPALIVE) => Ending::Timeout,
+                    _ = tokio::time::sleep(SSE_KEEPALIVE) => Ending::Timeout,
                     _ = self.life.drained() => Ending::Drain,
                     _ = session.gone() => Ending::Gone,
                 };
@@ -576,14 +577,6 @@ fn count_delivered(answer: &Answer, live: bool) {
     }
 }
 
-/// Sleeps on Pingora's shared coarse timer (cheap at tens of thousands of
-/// held polls). Under 1 ms returns at once: `fast_sleep(0)` overflows.
-async fn sleep(d: Duration) {
-    if d >= Duration::from_millis(1) {
-        pingora_timeout::fast_timeout::fast_sleep(d).await;
-    }
-}
-
 /// Up to 10% shorter, so that reconnects spread.
 pub fn jitter(timeout: Duration) -> Duration {
     timeout.mul_f64(1.0 - fastrand::f64() * 0.1)
@@ -622,15 +615,27 @@ impl<'a> SubscribeHead<'a> {
     /// captured `params`); the error is the detail of a 400 answer.
     pub fn parse(&self, route: &SubscribeRoute, params: &Params) -> Result<Request, BadRequest> {
         let target = self.target;
-        let mut channels = Vec::with_capacity(route.channels.len());
+        let mut channels = smallvec::SmallVec::with_capacity(route.channels.len());
         for t in &route.channels {
             let name = t.render(params).map_err(BadRequest)?;
             if !channels.contains(&name) {
                 channels.push(name);
             }
         }
-        let from_query = target.query_param("cursor");
-        let cursor_text = from_query
+        // One pass over the query; the first of each parameter counts.
+        let (mut cursor_q, mut timeout_q, mut format_q) = (None, None, None);
+        for (name, value) in target.query_pairs() {
+            let slot = match name {
+                "cursor" => &mut cursor_q,
+                "timeout" => &mut timeout_q,
+                "format" => &mut format_q,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(form_decode(value));
+            }
+        }
+        let cursor_text = cursor_q
             .as_deref()
             .or(self.last_event_id)
             .or(self.if_none_match);
@@ -640,7 +645,7 @@ impl<'a> SubscribeHead<'a> {
             }
             _ => None,
         };
-        let timeout = match target.query_param("timeout") {
+        let timeout = match timeout_q {
             None => route.timeout,
             Some(t) => {
                 let secs: f64 = t
@@ -653,7 +658,7 @@ impl<'a> SubscribeHead<'a> {
                 Duration::from_secs_f64(secs.min(route.timeout.as_secs_f64()))
             }
         };
-        let format = match target.query_param("format").as_deref() {
+        let format = match format_q.as_deref() {
             _ if self.wants_sse() => Format::Sse,
             None if route.raw => Format::Raw,
             None => Format::Envelope,

@@ -7,6 +7,7 @@
 
 use crate::target::Target;
 use std::fmt;
+use std::sync::Arc;
 
 /// Longest channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 256;
@@ -31,7 +32,8 @@ fn is_channel_char(c: char) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
     Literal(String),
-    Param(String),
+    /// Shared with every match's [`Params`].
+    Param(Arc<str>),
 }
 
 /// A compiled route path.
@@ -44,7 +46,7 @@ pub struct PathTemplate {
 /// Path parameters captured by a match, in path order (a route has a few:
 /// a list is cheaper than a map).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Params(Vec<(String, String)>);
+pub struct Params(Vec<(Arc<str>, String)>);
 
 impl Params {
     /// No parameters.
@@ -53,7 +55,7 @@ impl Params {
     }
 
     /// Sets parameter `name` (replacing an earlier value).
-    pub fn insert(&mut self, name: String, value: String) {
+    pub fn insert(&mut self, name: Arc<str>, value: String) {
         match self.0.iter_mut().find(|(n, _)| *n == name) {
             Some((_, v)) => *v = value,
             None => self.0.push((name, value)),
@@ -64,7 +66,7 @@ impl Params {
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
-            .find(|(n, _)| n == name)
+            .find(|(n, _)| &**n == name)
             .map(|(_, v)| v.as_str())
     }
 }
@@ -85,6 +87,7 @@ impl PathTemplate {
                 }
                 segments.push(match param_name(seg)? {
                     Some(name) => {
+                        let name: Arc<str> = name.into();
                         if segments.contains(&Segment::Param(name.clone())) {
                             return Err(format!("'{path}' names {{{name}}} twice"));
                         }
@@ -100,7 +103,7 @@ impl PathTemplate {
     /// Names of the `{name}` segments.
     pub fn params(&self) -> impl Iterator<Item = &str> {
         self.segments.iter().filter_map(|s| match s {
-            Segment::Param(n) => Some(n.as_str()),
+            Segment::Param(n) => Some(&**n),
             Segment::Literal(_) => None,
         })
     }
@@ -206,7 +209,11 @@ impl ChannelTemplate {
 
     /// Renders the channel name for `params`; the error is a 400 detail.
     pub fn render(&self, params: &Params) -> Result<String, String> {
-        let mut out = String::new();
+        let piece = |p: &'_ Piece| match p {
+            Piece::Text(t) => t.len(),
+            Piece::Param(n) => params.get(n).map_or(0, str::len),
+        };
+        let mut out = String::with_capacity(self.pieces.iter().map(piece).sum());
         for p in &self.pieces {
             match p {
                 Piece::Text(t) => out.push_str(t),

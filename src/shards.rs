@@ -2,30 +2,34 @@
 //! shards so that work on different channels does not contend. Used by the
 //! hub and the memory broker.
 
+use ahash::RandomState;
 use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 const SHARDS: usize = 64;
 
 /// Channel name → `V` (usually an `Arc`), sharded.
 pub struct ShardedMap<V> {
-    shards: Vec<RwLock<HashMap<Arc<str>, V>>>,
+    shards: Vec<RwLock<HashMap<Arc<str>, V, RandomState>>>,
+    /// Picks the shard; keyed per process, as each shard's own hasher, so
+    /// that names cannot be chosen to land in one shard or bucket.
     hasher: RandomState,
 }
 
 impl<V: Clone> Default for ShardedMap<V> {
     fn default() -> Self {
         ShardedMap {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(HashMap::default()))
+                .collect(),
             hasher: RandomState::new(),
         }
     }
 }
 
 impl<V: Clone> ShardedMap<V> {
-    fn shard(&self, key: &str) -> &RwLock<HashMap<Arc<str>, V>> {
+    fn shard(&self, key: &str) -> &RwLock<HashMap<Arc<str>, V, RandomState>> {
         &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
     }
 

@@ -12,7 +12,9 @@
 //! interpreted.
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use std::borrow::Cow;
 use std::fmt;
+use std::sync::OnceLock;
 
 /// Bytes kept as they are when a decoded segment is encoded again: RFC 3986
 /// unreserved characters, sub-delimiters, `:` and `@`.
@@ -36,17 +38,29 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'@');
 
 /// A parsed request target.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Target {
     /// Percent-decoded path segments (`/a/b/` is `["a", "b", ""]`).
     segments: Vec<String>,
-    /// The segments encoded again canonically, with a leading `/`.
-    path: String,
+    /// The segments encoded again canonically, with a leading `/`: made
+    /// when first asked for (long-polls never need it).
+    path: OnceLock<String>,
     /// The query exactly as sent, without `?`.
     query: Option<String>,
     /// The authority of an absolute-form target (`host:port`).
     authority: Option<String>,
 }
+
+/// Targets are equal when they name the same segments, query and
+/// authority (the canonical path follows from the segments).
+impl PartialEq for Target {
+    fn eq(&self, other: &Target) -> bool {
+        (&self.segments, &self.query, &self.authority)
+            == (&other.segments, &other.query, &other.authority)
+    }
+}
+
+impl Eq for Target {}
 
 /// Why a request target was refused: the detail of a 400 answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,23 +83,27 @@ impl Target {
                 (Some(authority.to_string()), path)
             }
         };
-        let (path, query) = match origin.split_once('?') {
-            Some((p, q)) => (p, Some(q.to_string())),
+        let (path, query) = match origin.bytes().position(|b| b == b'?') {
+            Some(q) => (&origin[..q], Some(origin[q + 1..].to_string())),
             None => (origin, None),
         };
-        let path = path.split_once('#').map_or(path, |(p, _)| p);
-        let mut segments = Vec::new();
-        for raw_segment in path[1..].split('/') {
-            segments.push(decode_segment(raw_segment)?);
-        }
-        let mut canonical = String::with_capacity(path.len());
-        for s in &segments {
-            canonical.push('/');
-            canonical.extend(utf8_percent_encode(s, SEGMENT));
+        let path = match path.bytes().position(|b| b == b'#') {
+            Some(end) => &path[..end],
+            None => path,
+        };
+        let mut segments = Vec::with_capacity(path.bytes().filter(|&b| b == b'/').count());
+        let mut rest = &path[1..];
+        loop {
+            let end = rest.bytes().position(|b| b == b'/');
+            segments.push(decode_segment(&rest[..end.unwrap_or(rest.len())])?);
+            match end {
+                Some(end) => rest = &rest[end + 1..],
+                None => break,
+            }
         }
         Ok(Target {
             segments,
-            path: canonical,
+            path: OnceLock::new(),
             query,
             authority,
         })
@@ -98,7 +116,14 @@ impl Target {
 
     /// The canonical path (decoded segments encoded again), starting with `/`.
     pub fn path(&self) -> &str {
-        &self.path
+        self.path.get_or_init(|| {
+            let mut canonical = String::new();
+            for s in &self.segments {
+                canonical.push('/');
+                canonical.extend(utf8_percent_encode(s, SEGMENT));
+            }
+            canonical
+        })
     }
 
     /// The authority (`host:port`) of an absolute-form target; None for
@@ -115,26 +140,49 @@ impl Target {
     /// The canonical path followed by the query as sent.
     pub fn path_and_query(&self) -> String {
         match &self.query {
-            Some(q) => format!("{}?{q}", self.path),
-            None => self.path.clone(),
+            Some(q) => format!("{}?{q}", self.path()),
+            None => self.path().to_string(),
         }
     }
 
-    /// The first value of query parameter `name`, form-decoded (`+` is a
-    /// space, escapes decoded, invalid UTF-8 replaced).
-    pub fn query_param(&self, name: &str) -> Option<String> {
-        self.query.as_deref()?.split('&').find_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k == name).then(|| {
-                // Most values (cursors, timeouts) have no '+': no copy then.
-                let v = match v.contains('+') {
-                    true => std::borrow::Cow::Owned(v.replace('+', " ")),
-                    false => std::borrow::Cow::Borrowed(v),
-                };
-                percent_decode_str(&v).decode_utf8_lossy().into_owned()
-            })
+    /// The query's parameters in order, as sent: `(name, value)`, both
+    /// still encoded (see [`form_decode`]); a parameter without `=` has an
+    /// empty value. One pass over the query reads every parameter.
+    pub fn query_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        let mut rest = self.query.as_deref().unwrap_or("");
+        std::iter::from_fn(move || {
+            while !rest.is_empty() {
+                let end = rest.bytes().position(|b| b == b'&').unwrap_or(rest.len());
+                let pair = &rest[..end];
+                rest = rest.get(end + 1..).unwrap_or("");
+                if !pair.is_empty() {
+                    return Some(match pair.bytes().position(|b| b == b'=') {
+                        Some(eq) => (&pair[..eq], &pair[eq + 1..]),
+                        None => (pair, ""),
+                    });
+                }
+            }
+            None
         })
     }
+
+    /// The first value of query parameter `name`, form-decoded.
+    pub fn query_param(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.query_pairs()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| form_decode(v))
+    }
+}
+
+/// A query value form-decoded: `+` is a space, escapes are decoded, invalid
+/// UTF-8 is replaced. Borrowed when there is nothing to decode (cursors and
+/// timeouts, as a rule).
+pub fn form_decode(value: &str) -> Cow<'_, str> {
+    if !value.bytes().any(|b| b == b'+' || b == b'%') {
+        return Cow::Borrowed(value);
+    }
+    let spaced = value.replace('+', " ");
+    Cow::Owned(percent_decode_str(&spaced).decode_utf8_lossy().into_owned())
 }
 
 /// The authority and the path with query of an absolute-form target
@@ -168,6 +216,13 @@ fn absolute_form(raw: &str) -> Result<(&str, &str), TargetError> {
 /// Decodes one path segment, refusing dot segments and bad escapes.
 fn decode_segment(raw: &str) -> Result<String, TargetError> {
     let bytes = raw.as_bytes();
+    if !bytes.contains(&b'%') {
+        // Nothing to decode (the usual case).
+        if raw == "." || raw == ".." {
+            return Err(dot_segments());
+        }
+        return Ok(raw.to_string());
+    }
     for (i, b) in bytes.iter().enumerate() {
         if *b == b'%' {
             let hex = bytes.get(i + 1..i + 3).unwrap_or(&[]);
@@ -186,11 +241,13 @@ fn decode_segment(raw: &str) -> Result<String, TargetError> {
         ))
     })?;
     if decoded == "." || decoded == ".." {
-        return Err(TargetError(
-            "dot segments ('.', '..') are not allowed in a request path".into(),
-        ));
+        return Err(dot_segments());
     }
     Ok(decoded.into_owned())
+}
+
+fn dot_segments() -> TargetError {
+    TargetError("dot segments ('.', '..') are not allowed in a request path".into())
 }
 
 fn shorten(s: &str) -> String {
@@ -219,6 +276,9 @@ mod tests {
         assert_eq!(t.query_param("x").as_deref(), Some("a b!"));
         assert_eq!(t.query_param("cursor").as_deref(), Some("1-0"));
         assert_eq!(t.query_param("nope"), None);
+        let q = ok("/a?&b&c=&d=1=2&&");
+        let pairs: Vec<_> = q.query_pairs().collect();
+        assert_eq!(pairs, [("b", ""), ("c", ""), ("d", "1=2")]);
         let a = ok("HTTP://gw.example:8080/rooms/1/events?cursor=1-0&x=a+b%21");
         assert_eq!(a.authority(), Some("gw.example:8080"));
         assert_eq!((a.segments(), a.query()), (t.segments(), t.query()));

@@ -53,6 +53,9 @@ pub struct Answer {
     /// The HTTP/1.1 status line and the answer's own header lines, encoded
     /// once for every waiter it is written to (see [`Answer::h1_head`]).
     h1_head: OnceLock<Vec<u8>>,
+    /// The whole keep-alive HTTP/1.1 answer without added header fields
+    /// (see [`Answer::h1_whole`]).
+    h1_whole: OnceLock<Vec<u8>>,
 }
 
 impl Answer {
@@ -121,6 +124,7 @@ impl Answer {
             messages: found.iter().map(|(_, m)| m.clone()).collect(),
             body,
             h1_head: OnceLock::new(),
+            h1_whole: OnceLock::new(),
         }
     }
 
@@ -176,6 +180,14 @@ impl Answer {
             }
             head
         })
+    }
+
+    /// The whole answer as `assemble` makes it from [`Answer::h1_head`],
+    /// for the waiters that add nothing to it (keep-alive, no CORS fields):
+    /// assembled by the first, the same bytes for the others (a publish's
+    /// answers go out within moments, so its Date stays true).
+    pub fn h1_whole(&self, assemble: impl FnOnce(&[u8]) -> Vec<u8>) -> &[u8] {
+        self.h1_whole.get_or_init(|| assemble(self.h1_head()))
     }
 }
 

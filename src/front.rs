@@ -133,7 +133,10 @@ async fn read_head(
         if buf.capacity() - buf.len() < 256 {
             buf.reserve(1024);
         }
+        // Biased to the read: a request already in the socket (the usual
+        // case right after an answer) is read without setting up the rest.
         let read = tokio::select! {
+            biased;
             r = stream.read_buf(buf) => r.map_err(|_| NoHead::Closed)?,
             _ = life.drained(), if between && buf.is_empty() => return Err(NoHead::Closed),
             _ = tokio::time::sleep_until(deadline) => {

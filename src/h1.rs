@@ -119,7 +119,11 @@ pub async fn serve(
                 Some(Settled::Sent) => true,
                 Some(Settled::Partly(rest)) => write_whole(poller, client, &rest).await,
                 Some(Settled::Unsent) | None => {
-                    write_answer(poller, client, &reply.answer, &manner.cors, keepalive).await
+                    let manner = Manner {
+                        keepalive,
+                        ..manner
+                    };
+                    write_whole(poller, client, &whole_answer(&reply.answer, &manner)).await
                 }
             };
             if written {
@@ -197,13 +201,7 @@ impl Answerer for DirectWrite {
         {
             return false;
         }
-        let manner = &self.manner;
-        let whole = assemble(
-            answer.h1_head(),
-            &manner.cors,
-            &answer.body,
-            manner.keepalive,
-        );
+        let whole = whole_answer(answer, &self.manner);
         // SAFETY: the poll's task keeps the socket open while the state is
         // WRITING (`close` waits), and `whole` is a live buffer of that length.
         let sent = unsafe {
@@ -252,16 +250,22 @@ async fn unavailable(
     write_error(poller, client, 503, (error, detail), &manner, &retry).await
 }
 
-/// Writes `answer`; false when the client could not take it.
-async fn write_answer(
-    poller: &Poller,
-    client: &mut Exchange<'_>,
-    answer: &Answer,
-    cors: &[(&'static str, String)],
-    keepalive: bool,
-) -> bool {
-    let whole = assemble(answer.h1_head(), cors, &answer.body, keepalive);
-    write_whole(poller, client, &whole).await
+/// The bytes of `answer` as written to a client of this `manner`: shared
+/// by every waiter of the answer when the manner adds nothing to it.
+fn whole_answer<'a>(answer: &'a Answer, manner: &Manner) -> std::borrow::Cow<'a, [u8]> {
+    if manner.keepalive && manner.cors.is_empty() {
+        let body = &answer.body;
+        return answer
+            .h1_whole(|head| assemble(head, &[], body, true))
+            .into();
+    }
+    assemble(
+        answer.h1_head(),
+        &manner.cors,
+        &answer.body,
+        manner.keepalive,
+    )
+    .into()
 }
 
 /// Answers a JSON error; false when the client could not take it.

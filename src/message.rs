@@ -118,35 +118,42 @@ impl Message {
 
 /// True when `content_type` names JSON (`application/json`, `*/*+json`).
 pub fn is_json_type(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json" || essence.ends_with("+json")
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    let suffix = essence.len().checked_sub(5).and_then(|i| essence.get(i..));
+    essence.eq_ignore_ascii_case("application/json")
+        || suffix.is_some_and(|s| s.eq_ignore_ascii_case("+json"))
 }
 
 fn encode_json(id: MessageId, channel: &str, content_type: &str, data: &[u8]) -> Bytes {
-    use serde_json::Value;
+    use std::io::Write;
     let mut out = Vec::with_capacity(data.len() + channel.len() + content_type.len() + 80);
-    out.extend_from_slice(b"{\"id\":\"");
-    out.extend_from_slice(id.to_string().as_bytes());
-    out.extend_from_slice(b"\",\"channel\":");
-    out.extend_from_slice(&serde_json::to_vec(channel).unwrap_or_default());
+    let _ = write!(out, "{{\"id\":\"{id}\",\"channel\":");
+    let _ = serde_json::to_writer(&mut out, channel);
     out.extend_from_slice(b",\"content_type\":");
-    out.extend_from_slice(&serde_json::to_vec(content_type).unwrap_or_default());
+    let _ = serde_json::to_writer(&mut out, content_type);
     out.extend_from_slice(b",\"data\":");
-    let as_json = is_json_type(content_type)
-        .then(|| serde_json::from_slice::<Value>(data).ok())
-        .flatten();
-    match (as_json, std::str::from_utf8(data)) {
-        (Some(value), _) => {
-            // Re-encoding keeps the object on one line whatever the publisher sent.
-            out.extend_from_slice(&serde_json::to_vec(&value).unwrap_or_default());
+    let json =
+        is_json_type(content_type) && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok();
+    match (json, std::str::from_utf8(data)) {
+        // Valid JSON on one line goes as sent (a raw line break can only
+        // be whitespace between tokens: inside a string it is invalid).
+        (true, _) if !data.iter().any(|&b| b == b'\n' || b == b'\r') => {
+            out.extend_from_slice(data.trim_ascii())
         }
-        (None, Ok(text)) => out.extend_from_slice(&serde_json::to_vec(text).unwrap_or_default()),
-        (None, Err(_)) => {
+        // Re-encoded on one line, as SSE's `data:` lines need.
+        (true, text) => match serde_json::from_slice::<serde_json::Value>(data) {
+            Ok(value) => {
+                let _ = serde_json::to_writer(&mut out, &value);
+            }
+            // Not expected (it was valid above): then as text.
+            Err(_) => {
+                let _ = serde_json::to_writer(&mut out, &text.unwrap_or_default());
+            }
+        },
+        (false, Ok(text)) => {
+            let _ = serde_json::to_writer(&mut out, text);
+        }
+        (false, Err(_)) => {
             out.push(b'"');
             out.extend_from_slice(
                 base64::engine::general_purpose::STANDARD
@@ -218,5 +225,27 @@ mod tests {
         let b = json_of("application/octet-stream", &[0xff, 0x00]);
         assert_eq!(b["data"], "/wA=");
         assert_eq!(b["encoding"], "base64");
+        assert!(is_json_type("Application/JSON; charset=utf-8"));
+        assert!(is_json_type("application/vnd.api+JSON"));
+        assert!(!is_json_type("json") && !is_json_type("text/plain"));
+    }
+
+    #[test]
+    fn json_data_goes_as_sent_on_one_line() {
+        let encoded = |data: &[u8]| {
+            let m = Message::new(
+                MessageId::ZERO,
+                "a".into(),
+                "application/json".into(),
+                Bytes::copy_from_slice(data),
+            );
+            String::from_utf8(m.json().to_vec()).unwrap()
+        };
+        // One line: the publisher's bytes (trimmed).
+        assert!(encoded(b" {\"a\": [1, 2]} ").ends_with(r#""data":{"a": [1, 2]}}"#));
+        // Several lines: re-encoded on one, as SSE needs.
+        let pretty = encoded(b"{\r\n  \"a\": \"x\"\n}");
+        assert!(pretty.ends_with(r#""data":{"a":"x"}}"#), "{pretty}");
+        assert!(!pretty.contains(['\n', '\r']));
     }
 }

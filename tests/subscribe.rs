@@ -31,16 +31,16 @@ async fn a_held_poll_is_answered_by_a_publish(backend: Backend) {
     assert_eq!(body["messages"][0]["channel"], "news");
     assert_eq!(body["messages"][0]["content_type"], "application/json");
     assert_eq!(body["messages"][0]["data"]["text"], "hi");
-    assert_eq!(
-        pg.metric("pollgate_subscribe_requests_total{outcome=\"message\"}")
-            .await,
-        1.0
-    );
-    assert_eq!(pg.metric("pollgate_messages_delivered_total").await, 1.0);
-    assert_eq!(
-        pg.metric("pollgate_delivery_latency_seconds_count").await,
-        1.0
-    );
+    // Counted by the poll's task just after its answer left.
+    pg.wait_metric(
+        "pollgate_subscribe_requests_total{outcome=\"message\"}",
+        1.0,
+    )
+    .await;
+    pg.wait_metric("pollgate_messages_delivered_total", 1.0)
+        .await;
+    pg.wait_metric("pollgate_delivery_latency_seconds_count", 1.0)
+        .await;
 }
 
 async fn a_timeout_answers_empty_with_the_cursor_unchanged_and_jitter(backend: Backend) {
@@ -61,11 +61,11 @@ async fn a_timeout_answers_empty_with_the_cursor_unchanged_and_jitter(backend: B
     // ?timeout= cannot exceed the route's 10s; 0 answers at once.
     let (_, _, body) = get_json(&pg.url(&format!("/sub/t?cursor={id}&timeout=0"))).await;
     assert_eq!(body["cursor"], id.as_str());
-    assert_eq!(
-        pg.metric("pollgate_subscribe_requests_total{outcome=\"timeout\"}")
-            .await,
-        2.0
-    );
+    pg.wait_metric(
+        "pollgate_subscribe_requests_total{outcome=\"timeout\"}",
+        2.0,
+    )
+    .await;
 }
 
 async fn a_poll_without_cursor_gets_the_current_cursor_so_nothing_is_missed(backend: Backend) {
@@ -155,11 +155,8 @@ async fn a_cursor_older_than_history_or_unknown_is_a_gap(backend: Backend) {
         get_json(&pg.url(&format!("/sub/g?cursor={}&timeout=0", published[4]))).await;
     assert_eq!(v["gap"], false);
     assert!(!headers.contains_key("pollgate-gap"));
-    assert_eq!(
-        pg.metric("pollgate_subscribe_requests_total{outcome=\"gap\"}")
-            .await,
-        3.0
-    );
+    pg.wait_metric("pollgate_subscribe_requests_total{outcome=\"gap\"}", 3.0)
+        .await;
 }
 
 async fn one_cursor_covers_every_channel_of_a_multi_channel_route(backend: Backend) {

@@ -40,10 +40,10 @@ esac
 bench() { target/release/pollgate-bench --server pollgate --label callgrind --sub 127.0.0.1:18080 \
   --publish 127.0.0.1:19090 --pid "$PG" --prefix "$1$$" "${args[@]}"; }
 bench w >/dev/null 2>&1
-callgrind_control -i on "$PG" >/dev/null
+callgrind_control -i on "$PG" >/dev/null 2>&1
 bench c > "$OUT/run.json" 2>/dev/null
-callgrind_control -d "$PG" >/dev/null
-callgrind_control -i off "$PG" >/dev/null
+callgrind_control -d "$PG" >/dev/null 2>&1
+callgrind_control -i off "$PG" >/dev/null 2>&1
 kill "$PG"; wait "$PG" 2>/dev/null || true
 trap - EXIT
 delivered=$(python3 -c "import json,sys;print(next(json.loads(l) for l in open(sys.argv[1]) if l.startswith('{'))['delivered'])" "$OUT/run.json")

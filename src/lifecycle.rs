@@ -4,12 +4,14 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio_util::task::task_tracker::{TaskTracker, TaskTrackerToken};
 
 /// Whether the instance is draining, and which requests are in flight.
 pub struct Lifecycle {
-    draining: watch::Sender<bool>,
+    /// Wakes everything waiting in [`Lifecycle::drained`] (every held
+    /// request registers with it: a plain list entry, no channel receiver).
+    draining: Notify,
     flag: AtomicBool,
     in_flight: TaskTracker,
 }
@@ -20,7 +22,7 @@ pub type InFlight = TaskTrackerToken;
 impl Default for Lifecycle {
     fn default() -> Self {
         Lifecycle {
-            draining: watch::Sender::new(false),
+            draining: Notify::new(),
             flag: AtomicBool::new(false),
             in_flight: TaskTracker::new(),
         }
@@ -31,19 +33,25 @@ impl Lifecycle {
     /// Starts draining: every held request is told at once, the client
     /// listeners stop accepting, idle connections close.
     pub fn drain(&self) {
-        self.flag.store(true, Ordering::Release);
-        self.draining.send_replace(true);
+        self.flag.store(true, Ordering::SeqCst);
+        self.draining.notify_waiters();
     }
 
     /// True once draining started.
     pub fn is_draining(&self) -> bool {
-        self.flag.load(Ordering::Acquire)
+        self.flag.load(Ordering::SeqCst)
     }
 
     /// Resolves when draining starts (at once if it has).
     pub async fn drained(&self) {
-        let mut rx = self.draining.subscribe();
-        let _ = rx.wait_for(|d| *d).await;
+        let notified = self.draining.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read: a drain in between still
+        // wakes it.
+        notified.as_mut().enable();
+        if !self.is_draining() {
+            notified.await;
+        }
     }
 
     /// Marks a request in flight for as long as the guard lives.

@@ -449,8 +449,14 @@ impl Service for ClientListener {
             request_limit: self.options.keepalive_request_limit,
             handshake: self.tls.as_ref().map_or(Duration::ZERO, |t| t.1),
         };
-        // Held polls are woken (and answered) from this runtime.
-        tokio::spawn(self.front.poller.hub.clone().run_deliveries());
+        // Held polls are woken (and answered) from this runtime, and the
+        // broker's connection runs on it too: an announcement reaches its
+        // waiters without a wake-up across runtimes.
+        let hub = &self.front.poller.hub;
+        tokio::spawn(hub.clone().run_deliveries());
+        let connection = hub.clone();
+        let until = shutdown.clone();
+        tokio::spawn(async move { connection.broker().run(until).await });
         let inherited = self.endpoints.iter().any(|e| e.bound.is_none());
         if inherited {
             // Taking over from a running instance, which keeps serving for

@@ -1,6 +1,7 @@
-//! Assembles the Pingora server from a validated config: the client
-//! listeners, the admin service, the broker and housekeeping background
-//! services, and the signals that drain the instance (the one shutdown path).
+//! Assembles the Pingora server from a validated config: the listeners
+//! (clients, TLS, admin; the broker's connection runs on their runtime),
+//! the housekeeping background service, and the signals that drain the
+//! instance (the one shutdown path).
 
 use crate::admin::Admin;
 use crate::authorize::Authorizer;
@@ -179,11 +180,9 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
 
     let housekeeping =
         background_service("pollgate housekeeping", Housekeeping { hub: hub.clone() });
-    let connection = background_service("pollgate broker", BrokerConnection { hub });
 
     server.add_service(listener);
     server.add_service(housekeeping);
-    server.add_service(connection);
     tracing::info!(
         listen = %config.listen,
         tls = config.tls.as_ref().map_or("", |t| t.listen.as_str()),
@@ -223,18 +222,6 @@ impl BackgroundService for Housekeeping {
                 _ = shutdown.changed() => return,
             }
         }
-    }
-}
-
-/// Runs the broker's connection work (nothing for the memory broker).
-struct BrokerConnection {
-    hub: Arc<Hub>,
-}
-
-#[async_trait]
-impl BackgroundService for BrokerConnection {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        self.hub.broker().run(shutdown).await;
     }
 }
 

@@ -11,8 +11,16 @@ use std::fmt;
 
 /// Positions of a subscription, one per channel (held inline up to two:
 /// a cursor is copied several times per poll).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Debug, PartialEq, Eq, Hash)]
 pub struct Cursor(pub Positions);
+
+/// A plain copy of the positions (smallvec's own `Clone` goes through its
+/// generic `extend`).
+impl Clone for Cursor {
+    fn clone(&self) -> Cursor {
+        Cursor(Positions::from_slice(&self.0))
+    }
+}
 
 /// The positions of a [`Cursor`].
 pub type Positions = SmallVec<[MessageId; 2]>;
@@ -36,8 +44,10 @@ impl Cursor {
             return Err(CursorError("cursor is too long".into()));
         }
         let mut ids = Positions::new();
-        for part in t.split('.') {
-            match part.parse::<MessageId>() {
+        let mut rest = t;
+        loop {
+            let end = rest.bytes().position(|b| b == b'.');
+            match rest[..end.unwrap_or(rest.len())].parse::<MessageId>() {
                 Ok(id) => ids.push(id),
                 Err(_) => {
                     let shown = shorten(t);
@@ -45,6 +55,10 @@ impl Cursor {
                         "'{shown}' is not a cursor pollgate issued"
                     )));
                 }
+            }
+            match end {
+                Some(end) => rest = &rest[end + 1..],
+                None => break,
             }
         }
         if ids.len() != channels {

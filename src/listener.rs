@@ -1,12 +1,16 @@
-//! The client listeners: a Pingora service that owns the listening
-//! sockets of `listen` (HTTP/1.1 and HTTP/2 with prior knowledge) and
-//! `tls.listen` (HTTPS, HTTP/2 or HTTP/1.1 by ALPN), and serves every
-//! connection with the [`Front`] door.
+//! The listeners: a Pingora service that owns the listening sockets of
+//! `listen` (HTTP/1.1 and HTTP/2 with prior knowledge) and `tls.listen`
+//! (HTTPS, HTTP/2 or HTTP/1.1 by ALPN), serving every connection with the
+//! [`Front`] door, and of `admin_listen`, serving the [`Admin`] app. All
+//! run on this service's runtime, with the hub's delivery task and the
+//! broker's connection: a publish meets its held polls without a wake-up
+//! across runtimes.
 //!
 //! The sockets are declared to Pingora ([`Service::listen_addresses`]) and
 //! kept in its table of listening fds, so that a graceful upgrade hands them
 //! to the next process; a process started with `--upgrade` adopts the ones
-//! it received instead of binding. Accepting stops when the instance drains.
+//! it received instead of binding. Accepting stops when the instance drains
+//! (on the admin listener, at shutdown).
 //!
 //! Connections are unbuffered at L4 and written through [`Conn`], which
 //! gathers an answer's writes into one segment (a vectored write goes

@@ -533,17 +533,17 @@ impl Hub {
             let answer = match &last {
                 Some((k, answer)) if *k == key => answer.clone(),
                 _ => {
-                    if let Some((k, answer)) = last.take() {
-                        answers.insert(k, answer);
-                    }
-                    let answer = answers.remove(&key).unwrap_or_else(|| {
-                        Arc::new(Answer::build(
-                            waiter.format,
-                            &waiter.cursor,
-                            false,
-                            &[(*index, message.clone())],
-                        ))
-                    });
+                    let answer = answers
+                        .entry(key)
+                        .or_insert_with(|| {
+                            Arc::new(Answer::build(
+                                waiter.format,
+                                &waiter.cursor,
+                                false,
+                                &[(*index, message.clone())],
+                            ))
+                        })
+                        .clone();
                     last = Some((key, answer.clone()));
                     answer
                 }

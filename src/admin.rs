@@ -1,18 +1,24 @@
 //! The admin listener: the publish API (docs/api.md, "Publishing"), channel info, `/metrics`,
 //! `/healthz` and `/readyz` (docs/api.md, "Admin endpoints").
 
+use crate::conn::{self, BodyError, Head, Http1App, Plan, Raw};
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::message::is_json_type;
 use crate::metrics;
 use crate::respond::error_json;
 use crate::routes::channel_problem;
+use crate::target::Target;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use http::{Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
+use pingora::apps::{HttpServerApp, ReusedHttpStream};
 use pingora::protocols::http::ServerSession;
-use serde::Deserialize;
+use pingora::server::ShutdownWatch;
+use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
+use std::future::Future;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
@@ -25,41 +31,157 @@ pub struct Admin {
     pub max_body: u64,
 }
 
-type AdminResponse = Response<Vec<u8>>;
-
-fn json(status: u16, value: serde_json::Value) -> AdminResponse {
-    let body = serde_json::to_vec(&value).unwrap_or_default();
-    respond(status, "application/json", body)
+/// An admin call, as read from its head (on the raw connection or on a
+/// Pingora session).
+pub struct Call {
+    method: Method,
+    target: Target,
+    /// The bearer token matched (or none is required).
+    authorized: bool,
+    content_type: Option<String>,
+    /// The body's declared length.
+    content_length: Option<u64>,
+    /// The client keeps the connection after the answer.
+    keepalive: bool,
 }
 
-fn respond(status: u16, content_type: &str, body: Vec<u8>) -> AdminResponse {
-    let len = body.len();
-    let mut r = Response::new(body);
-    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let headers = r.headers_mut();
-    if let Ok(v) = content_type.parse() {
-        headers.insert(http::header::CONTENT_TYPE, v);
-    }
-    headers.insert(http::header::CONTENT_LENGTH, len.into());
-    headers.insert(
-        http::header::CACHE_CONTROL,
-        http::HeaderValue::from_static("no-store"),
-    );
-    r
+/// An admin answer: always whole, with `Cache-Control: no-store`.
+pub struct Reply {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+    /// One more header field (`Retry-After`, `WWW-Authenticate`, `Allow`).
+    extra: Option<(&'static str, &'static str)>,
 }
 
-fn error(status: u16, error: &str, detail: &str) -> AdminResponse {
-    let mut r = respond(status, "application/json", error_json(error, detail));
-    if status == 503 {
-        r.headers_mut().insert(http::header::RETRY_AFTER, 1.into());
+impl Reply {
+    fn new(status: u16, content_type: &'static str, body: Vec<u8>) -> Reply {
+        Reply {
+            status,
+            content_type,
+            body,
+            extra: None,
+        }
     }
-    if status == 401 {
-        r.headers_mut().insert(
-            http::header::WWW_AUTHENTICATE,
-            http::HeaderValue::from_static("Bearer"),
+
+    fn json(status: u16, value: &impl Serialize) -> Reply {
+        let body = serde_json::to_vec(value).unwrap_or_default();
+        Reply::new(status, "application/json", body)
+    }
+
+    /// A JSON error; a 503 says when to retry, a 401 which scheme to use.
+    fn error(status: u16, error: &str, detail: &str) -> Reply {
+        let extra = match status {
+            503 => Some(("Retry-After", "1")),
+            401 => Some(("WWW-Authenticate", "Bearer")),
+            _ => None,
+        };
+        Reply {
+            extra,
+            ..Reply::new(status, "application/json", error_json(error, detail))
+        }
+    }
+
+    /// The answer's bytes on an HTTP/1 connection.
+    fn h1(&self, keepalive: bool) -> Vec<u8> {
+        let mut head = conn::status_head(self.status, self.content_type, self.body.len());
+        head.extend_from_slice(b"Cache-Control: no-store\r\n");
+        if let Some((name, value)) = self.extra {
+            for part in [name, ": ", value, "\r\n"] {
+                head.extend_from_slice(part.as_bytes());
+            }
+        }
+        conn::assemble(&head, &[], &self.body, keepalive)
+    }
+
+    /// The answer for Pingora's `ServeHttp`.
+    fn into_response(self) -> Response<Vec<u8>> {
+        let len = self.body.len();
+        let mut r = Response::new(self.body);
+        *r.status_mut() =
+            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let headers = r.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(self.content_type),
         );
+        headers.insert(http::header::CONTENT_LENGTH, len.into());
+        headers.insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
+        if let Some((name, value)) = self.extra {
+            headers.insert(name, http::HeaderValue::from_static(value));
+        }
+        r
     }
-    r
+}
+
+/// Where an admin call's body comes from.
+trait ReadBody: Send {
+    /// The whole body, of at most `max` bytes (`declared` when the head
+    /// says). Err is the answer: 413 past `max`, 400 or 408 when it cannot
+    /// be read.
+    fn read_body(
+        &mut self,
+        declared: Option<u64>,
+        max: u64,
+    ) -> impl Future<Output = Result<Bytes, Reply>> + Send;
+}
+
+/// The body of `call` from `body`, refused (413) at once when its declared
+/// length is over `max`.
+async fn body_of(call: &Call, max: u64, body: &mut impl ReadBody) -> Result<Bytes, Reply> {
+    if call.content_length.is_some_and(|n| n > max) {
+        return Err(too_big(max));
+    }
+    body.read_body(call.content_length, max).await
+}
+
+/// The 413 answer for a body over `max`.
+fn too_big(max: u64) -> Reply {
+    let detail = format!("body is larger than limits.max_body ({max} bytes)");
+    Reply::error(413, "payload_too_large", &detail)
+}
+
+impl ReadBody for ServerSession {
+    async fn read_body(&mut self, _declared: Option<u64>, max: u64) -> Result<Bytes, Reply> {
+        let mut body = BytesMut::new();
+        loop {
+            match self.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if (body.len() + chunk.len()) as u64 > max {
+                        return Err(too_big(max));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body.freeze()),
+                Err(e) => {
+                    let detail = format!("cannot read body: {e}");
+                    return Err(Reply::error(400, "bad_request", &detail));
+                }
+            }
+        }
+    }
+}
+
+impl ReadBody for Raw<'_> {
+    async fn read_body(&mut self, declared: Option<u64>, max: u64) -> Result<Bytes, Reply> {
+        // The head framed the body with one Content-Length (or none: empty).
+        let len = match declared {
+            None | Some(0) => return Ok(Bytes::new()),
+            Some(n) if n > max => return Err(too_big(max)),
+            Some(n) => n as usize,
+        };
+        self.body(len).await.map_err(|e| match e {
+            BodyError::Closed => Reply::error(400, "bad_request", "cannot read body: closed"),
+            BodyError::TooSlow => Reply::error(
+                408,
+                "body_timeout",
+                "the body did not arrive within limits.header_timeout",
+            ),
+        })
+    }
 }
 
 /// One message of a batch publish.
@@ -78,132 +200,136 @@ struct Batch {
     messages: Vec<BatchMessage>,
 }
 
+#[derive(Serialize)]
+struct Published<'a> {
+    id: String,
+    channel: &'a str,
+}
+
 impl Admin {
-    fn authorized(&self, session: &ServerSession) -> bool {
-        if self.token.is_empty() {
-            return true;
-        }
-        let header = session
-            .req_header()
-            .headers
-            .get("Authorization")
-            .map_or(&b""[..], |v| v.as_bytes());
-        bearer_matches(header, self.token.as_bytes())
+    /// Whether an `Authorization` header value (if any) passes.
+    fn authorized(&self, header: Option<&[u8]>) -> bool {
+        self.token.is_empty() || bearer_matches(header.unwrap_or_default(), self.token.as_bytes())
     }
 
-    /// Reads the whole body; Err is the answer (413) when it is too big.
-    async fn body(&self, session: &mut ServerSession) -> Result<Bytes, AdminResponse> {
-        let too_big = || {
-            error(
-                413,
-                "payload_too_large",
-                &format!(
-                    "body is larger than limits.max_body ({} bytes)",
-                    self.max_body
-                ),
-            )
-        };
-        let declared = session
-            .req_header()
-            .headers
-            .get("Content-Length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body) {
-            return Err(too_big());
+    /// Answers `call`, reading its body from `body` when the endpoint
+    /// takes one.
+    async fn answer(&self, call: &Call, body: &mut impl ReadBody) -> Reply {
+        let path: SmallVec<[&str; 4]> = call.target.segments().iter().map(String::as_str).collect();
+        if path.len() >= 2 && path[0] == "v1" && !call.authorized {
+            let detail = "this publish API needs Authorization: Bearer <token>";
+            return Reply::error(401, "unauthorized", detail);
         }
-        let mut body = BytesMut::new();
-        loop {
-            match session.read_request_body().await {
-                Ok(Some(chunk)) => {
-                    if (body.len() + chunk.len()) as u64 > self.max_body {
-                        return Err(too_big());
-                    }
-                    body.extend_from_slice(&chunk);
+        let method = &call.method;
+        match (method, path.as_slice()) {
+            (&Method::GET, ["metrics"]) => {
+                Reply::new(200, "text/plain; version=0.0.4", metrics::render())
+            }
+            (&Method::GET, ["healthz"]) => Reply::json(200, &serde_json::json!({ "status": "ok" })),
+            (&Method::GET, ["readyz"]) => self.readiness(call.target.query()),
+            (&Method::POST, ["v1", "publish"]) => match body_of(call, self.max_body, body).await {
+                Ok(body) => self.publish_batch(body).await,
+                Err(reply) => reply,
+            },
+            (&Method::POST, ["v1", "publish", channel @ ..]) => {
+                let channel = channel.join("/");
+                if let Some(why) = channel_problem(&channel) {
+                    return Reply::error(400, "bad_channel", &why);
                 }
-                Ok(None) => return Ok(body.freeze()),
-                Err(e) => return Err(error(400, "bad_request", &format!("cannot read body: {e}"))),
+                match body_of(call, self.max_body, body).await {
+                    Ok(body) => {
+                        self.publish_one(&channel, call.content_type.as_deref(), body)
+                            .await
+                    }
+                    Err(reply) => reply,
+                }
+            }
+            (&Method::GET, ["v1", "channels", channel @ ..]) => {
+                self.channel_info(&channel.join("/")).await
+            }
+            (_, ["metrics"] | ["healthz"] | ["readyz"] | ["v1", "publish"]) => {
+                let path = call.target.path();
+                let allow = if path == "/v1/publish" { "POST" } else { "GET" };
+                let detail = format!("{method} is not allowed on {path}");
+                Reply {
+                    extra: Some(("Allow", allow)),
+                    ..Reply::error(405, "method_not_allowed", &detail)
+                }
+            }
+            _ => {
+                let detail = format!("no admin endpoint {method} {}", call.target.path());
+                Reply::error(404, "not_found", &detail)
             }
         }
     }
 
-    async fn publish_one(&self, session: &mut ServerSession, channel: &str) -> AdminResponse {
-        if let Some(why) = channel_problem(channel) {
-            return error(400, "bad_channel", &why);
+    /// `/readyz`: a broker outage shared by every instance must not empty
+    /// the Service, so ready once the broker was reached, unless asked
+    /// strictly (`?broker=required`).
+    fn readiness(&self, query: Option<&str>) -> Reply {
+        let strict = query == Some("broker=required");
+        let up = self.hub.broker().is_up();
+        if self.life.is_draining() {
+            Reply::error(503, "draining", "this instance is shutting down")
+        } else if !up && (strict || !self.hub.broker_reached()) {
+            Reply::error(503, "broker_down", "the broker is unreachable")
+        } else {
+            let broker = if up { "up" } else { "down" };
+            let ready = serde_json::json!({ "status": "ready", "broker": broker });
+            Reply::json(200, &ready)
         }
-        let content_type = session
-            .req_header()
-            .headers
-            .get("Content-Type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("application/octet-stream")
-            .to_string();
-        let body = match self.body(session).await {
-            Ok(b) => b,
-            Err(answer) => return answer,
-        };
-        if is_json_type(&content_type)
+    }
+
+    async fn publish_one(&self, channel: &str, content_type: Option<&str>, body: Bytes) -> Reply {
+        let content_type = content_type.unwrap_or("application/octet-stream");
+        if is_json_type(content_type)
             && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
         {
-            return error(
-                400,
-                "bad_json",
-                "Content-Type says JSON but the body is not valid JSON",
-            );
+            let detail = "Content-Type says JSON but the body is not valid JSON";
+            return Reply::error(400, "bad_json", detail);
         }
-        match self.hub.broker().publish(channel, content_type, body).await {
+        let broker = self.hub.broker();
+        match broker
+            .publish(channel, content_type.to_string(), body)
+            .await
+        {
             Ok(m) => {
                 metrics::PUBLISHED.inc();
                 subscribers_first().await;
-                json(
-                    200,
-                    serde_json::json!({ "id": m.id.to_string(), "channel": channel }),
-                )
+                let id = m.id.to_string();
+                Reply::json(200, &Published { id, channel })
             }
-            Err(e) => error(503, "broker_unavailable", &e.to_string()),
+            Err(e) => Reply::error(503, "broker_unavailable", &e.to_string()),
         }
     }
 
-    async fn publish_batch(&self, session: &mut ServerSession) -> AdminResponse {
-        let body = match self.body(session).await {
-            Ok(b) => b,
-            Err(answer) => return answer,
-        };
+    async fn publish_batch(&self, body: Bytes) -> Reply {
         let batch: Batch = match serde_json::from_slice(&body) {
             Ok(b) => b,
             Err(e) => {
-                return error(
-                    400,
-                    "bad_json",
-                    &format!("expected {{\"messages\": [...]}}: {e}"),
-                )
+                let detail = format!("expected {{\"messages\": [...]}}: {e}");
+                return Reply::error(400, "bad_json", &detail);
             }
         };
         let mut prepared = Vec::with_capacity(batch.messages.len());
         for (i, m) in batch.messages.into_iter().enumerate() {
             if let Some(why) = channel_problem(&m.channel) {
-                return error(400, "bad_channel", &format!("messages[{i}]: {why}"));
+                return Reply::error(400, "bad_channel", &format!("messages[{i}]: {why}"));
             }
             let content_type = m.content_type.unwrap_or_else(|| "application/json".into());
             let data = match (&m.data, is_json_type(&content_type)) {
                 (_, true) => serde_json::to_vec(&m.data).unwrap_or_default(),
                 (serde_json::Value::String(s), false) => s.clone().into_bytes(),
                 (_, false) => {
-                    return error(
-                        400,
-                        "bad_message",
-                        &format!(
-                            "messages[{i}]: data must be a string when content_type is not JSON"
-                        ),
-                    )
+                    let detail = format!(
+                        "messages[{i}]: data must be a string when content_type is not JSON"
+                    );
+                    return Reply::error(400, "bad_message", &detail);
                 }
             };
             if data.len() as u64 > self.max_body {
-                return error(
-                    413,
-                    "payload_too_large",
-                    &format!("messages[{i}] is larger than limits.max_body"),
-                );
+                let detail = format!("messages[{i}] is larger than limits.max_body");
+                return Reply::error(413, "payload_too_large", &detail);
             }
             prepared.push((m.channel, content_type, Bytes::from(data)));
         }
@@ -221,29 +347,29 @@ impl Admin {
                 }
                 Err(e) => {
                     let detail = format!("{e}; published {} of the batch: {:?}", ids.len(), ids);
-                    return error(503, "broker_unavailable", &detail);
+                    return Reply::error(503, "broker_unavailable", &detail);
                 }
             }
         }
         subscribers_first().await;
-        json(200, serde_json::json!({ "ids": ids }))
+        Reply::json(200, &serde_json::json!({ "ids": ids }))
     }
 
-    async fn channel_info(&self, channel: &str) -> AdminResponse {
+    async fn channel_info(&self, channel: &str) -> Reply {
         if let Some(why) = channel_problem(channel) {
-            return error(400, "bad_channel", &why);
+            return Reply::error(400, "bad_channel", &why);
         }
         match self.hub.info(channel).await {
-            Ok(info) => json(
+            Ok(info) => Reply::json(
                 200,
-                serde_json::json!({
+                &serde_json::json!({
                     "channel": channel,
                     "last_id": info.last_id.to_string(),
                     "history": info.history,
                     "subscribers": info.subscribers,
                 }),
             ),
-            Err(e) => error(503, "broker_unavailable", &e.to_string()),
+            Err(e) => Reply::error(503, "broker_unavailable", &e.to_string()),
         }
     }
 }
@@ -257,84 +383,70 @@ async fn subscribers_first() {
     tokio::task::yield_now().await;
 }
 
+/// Admin calls are served on the raw connection, but for those whose body
+/// is not framed by one `Content-Length` (chunked, `Expect: 100-continue`)
+/// and `HEAD` requests: those go to Pingora's HTTP/1 server.
+impl Http1App for Admin {
+    type Lean<'a> = Call;
+    type Handoff<'a> = ();
+
+    fn plan(&self, head: Head<'_>, last: bool) -> Plan<Call, ()> {
+        let method = match Method::from_bytes(head.method.as_bytes()) {
+            Ok(m) if head.framed && m != Method::HEAD => m,
+            _ => return Plan::Session(()),
+        };
+        Plan::Lean(Call {
+            method,
+            authorized: self.authorized(head.authorization),
+            content_type: head.content_type.map(str::to_owned),
+            content_length: head.content_length,
+            keepalive: head.keepalive && !last,
+            target: head.target,
+        })
+    }
+
+    async fn serve_lean(&self, call: Call, raw: &mut Raw<'_>) -> bool {
+        let reply = self.answer(&call, raw).await;
+        // A body left unread would be taken for the next request.
+        let keepalive =
+            call.keepalive && raw.body_consumed(call.content_length) && !self.life.is_draining();
+        raw.write(&reply.h1(keepalive)).await && keepalive
+    }
+
+    async fn serve_session<'a>(
+        self: &'a Arc<Self>,
+        session: ServerSession,
+        _: (),
+        shutdown: &'a ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        self.process_new_http(session, shutdown).await
+    }
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let method = session.req_header().method.as_str().to_string();
-        let path = session.req_header().uri.path().to_string();
-        let is_api = path.starts_with("/v1/");
-        if is_api && !self.authorized(session) {
-            return error(
-                401,
-                "unauthorized",
-                "this publish API needs Authorization: Bearer <token>",
-            );
-        }
-        let decoded = |p: &str| {
-            percent_encoding::percent_decode_str(p)
-                .decode_utf8()
-                .ok()
-                .map(|c| c.into_owned())
+        let req = session.req_header();
+        let target = std::str::from_utf8(req.raw_path())
+            .map_err(|_| "the request target is not UTF-8".to_string())
+            .and_then(|raw| Target::parse(raw).map_err(|e| e.to_string()));
+        let target = match target {
+            Ok(target) => target,
+            Err(detail) => return Reply::error(400, "bad_request", &detail).into_response(),
         };
-        match (method.as_str(), path.as_str()) {
-            ("GET", "/metrics") => respond(200, "text/plain; version=0.0.4", metrics::render()),
-            ("GET", "/healthz") => json(200, serde_json::json!({ "status": "ok" })),
-            ("GET", "/readyz") => {
-                // A broker outage shared by every instance must not empty the
-                // Service: ready once the broker was reached, unless asked
-                // strictly (`?broker=required`).
-                let strict = session.req_header().uri.query() == Some("broker=required");
-                let up = self.hub.broker().is_up();
-                if self.life.is_draining() {
-                    error(503, "draining", "this instance is shutting down")
-                } else if !up && (strict || !self.hub.broker_reached()) {
-                    error(503, "broker_down", "the broker is unreachable")
-                } else {
-                    let broker = if up { "up" } else { "down" };
-                    json(
-                        200,
-                        serde_json::json!({ "status": "ready", "broker": broker }),
-                    )
-                }
-            }
-            ("POST", "/v1/publish") => self.publish_batch(session).await,
-            ("POST", p) if p.starts_with("/v1/publish/") => {
-                match decoded(&p["/v1/publish/".len()..]) {
-                    Some(ch) => self.publish_one(session, &ch).await,
-                    None => error(
-                        400,
-                        "bad_channel",
-                        "the channel is not valid percent-encoded UTF-8",
-                    ),
-                }
-            }
-            ("GET", p) if p.starts_with("/v1/channels/") => {
-                match decoded(&p["/v1/channels/".len()..]) {
-                    Some(ch) => self.channel_info(&ch).await,
-                    None => error(
-                        400,
-                        "bad_channel",
-                        "the channel is not valid percent-encoded UTF-8",
-                    ),
-                }
-            }
-            (_, "/metrics" | "/healthz" | "/readyz" | "/v1/publish") => {
-                let allow = if path == "/v1/publish" { "POST" } else { "GET" };
-                let mut r = error(
-                    405,
-                    "method_not_allowed",
-                    &format!("{method} is not allowed on {path}"),
-                );
-                r.headers_mut()
-                    .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
-                r
-            }
-            _ => error(
-                404,
-                "not_found",
-                &format!("no admin endpoint {method} {path}"),
-            ),
-        }
+        let header = |name| req.headers.get(name).map(|v| v.as_bytes());
+        let call = Call {
+            method: req.method.clone(),
+            target,
+            authorized: self.authorized(header(http::header::AUTHORIZATION)),
+            content_type: header(http::header::CONTENT_TYPE)
+                .and_then(conn::text)
+                .map(str::to_owned),
+            content_length: header(http::header::CONTENT_LENGTH)
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()),
+            keepalive: true,
+        };
+        self.answer(&call, session).await.into_response()
     }
 }
 

@@ -13,16 +13,16 @@
 //! admission and the hold ([`Poller::wait`]).
 
 use crate::answer::Answer;
+use crate::conn;
 use crate::hub::Answerer;
 use crate::metrics::Outcome;
 use crate::poll::{self, BadRequest, Client, Poller, Request, Waited};
-use crate::respond;
 use crate::routes::SubscribeRoute;
 use bytes::BytesMut;
 use parking_lot::Mutex;
 use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
-use std::io::{IoSlice, Write};
+use std::io::IoSlice;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -256,10 +256,10 @@ fn whole_answer<'a>(answer: &'a Answer, manner: &Manner) -> std::borrow::Cow<'a,
     if manner.keepalive && manner.cors.is_empty() {
         let body = &answer.body;
         return answer
-            .h1_whole(|head| assemble(head, &[], body, true))
+            .h1_whole(|head| conn::assemble(head, &[], body, true))
             .into();
     }
-    assemble(
+    conn::assemble(
         answer.h1_head(),
         &manner.cors,
         &answer.body,
@@ -273,62 +273,12 @@ async fn write_error(
     poller: &Poller,
     client: &mut Exchange<'_>,
     status: u16,
-    (error, detail): (&str, &str),
+    error: (&str, &str),
     manner: &Manner,
     extra: &[(&str, &str)],
 ) -> bool {
-    let body = respond::error_json(error, detail);
-    let mut head = status_head(status, "application/json", body.len());
-    head.extend_from_slice(b"Cache-Control: no-store\r\n");
-    for (name, value) in extra {
-        let _ = write!(head, "{name}: {value}\r\n");
-    }
-    let whole = assemble(&head, &manner.cors, &body, manner.keepalive);
+    let whole = conn::error_answer(status, error, extra, &manner.cors, manner.keepalive);
     write_whole(poller, client, &whole).await && manner.keepalive
-}
-
-/// A status line with Content-Type (unless empty) and Content-Length.
-pub fn status_head(status: u16, content_type: &str, len: usize) -> Vec<u8> {
-    let reason = http::StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("Error");
-    let mut head = Vec::with_capacity(256);
-    let _ = write!(head, "HTTP/1.1 {status} {reason}\r\n");
-    if !content_type.is_empty() {
-        let _ = write!(head, "Content-Type: {content_type}\r\n");
-    }
-    let _ = write!(head, "Content-Length: {len}\r\n");
-    head
-}
-
-/// The bytes of a whole answer: `head` (status line and header lines),
-/// `fields`, Date and Connection, the blank line and `body`.
-pub fn assemble(
-    head: &[u8],
-    fields: &[(&'static str, String)],
-    body: &[u8],
-    keepalive: bool,
-) -> Vec<u8> {
-    let date = pingora::protocols::http::date::get_cached_date();
-    let connection: &[u8] = if keepalive {
-        b"Connection: keep-alive\r\n\r\n"
-    } else {
-        b"Connection: close\r\n\r\n"
-    };
-    let fields_len: usize = fields.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
-    let mut whole =
-        Vec::with_capacity(head.len() + fields_len + 40 + connection.len() + body.len());
-    whole.extend_from_slice(head);
-    for (name, value) in fields {
-        let _ = write!(whole, "{name}: {value}\r\n");
-    }
-    whole.extend_from_slice(b"Date: ");
-    whole.extend_from_slice(date.as_bytes());
-    whole.extend_from_slice(b"\r\n");
-    whole.extend_from_slice(connection);
-    whole.extend_from_slice(body);
-    whole
 }
 
 /// Writes `whole` straight to the socket (one write, as a rule); gives up

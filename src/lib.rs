@@ -10,6 +10,7 @@ pub mod authorize;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod conn;
 pub mod cursor;
 pub mod front;
 pub mod gateway;

@@ -14,12 +14,13 @@
 //!
 //! Connections are unbuffered at L4 and written through [`Conn`], which
 //! gathers an answer's writes into one segment (a vectored write goes
-//! straight out). HTTP/1 connections run the
-//! front door's lean loop; HTTP/2 ones (ALPN `h2`, or the h2c preface) go
+//! straight out). HTTP/1 connections, client and admin, run the loop of
+//! [`conn::serve`]; HTTP/2 ones (ALPN `h2`, or the h2c preface) go
 //! through Pingora's HTTP/2 server, one task per stream.
 
 use crate::admin::Admin;
 use crate::config::ListenerConfig;
+use crate::conn::{self, Settings};
 use crate::front::Front;
 use crate::lifecycle::Lifecycle;
 use crate::tls::Certificates;
@@ -327,7 +328,8 @@ struct Acceptance {
     front: Arc<Front>,
     life: Arc<Lifecycle>,
     tcp_keepalive: Duration,
-    request_limit: u32,
+    /// How the client listeners serve HTTP/1 connections.
+    settings: Settings,
     handshake: Duration,
 }
 
@@ -367,17 +369,20 @@ impl Acceptance {
     }
 
     /// Serves one accepted connection: TLS handshake on a TLS endpoint,
-    /// then HTTP/2 or HTTP/1; on the admin endpoint, Pingora's HTTP/1
-    /// server with the admin app, request after request.
+    /// then HTTP/2 or HTTP/1; on the admin endpoint, the admin app,
+    /// request after request.
     async fn serve(self, tcp: TcpStream, serves: Serves, shutdown: ShutdownWatch) {
         let tls = match serves {
             Serves::Clients => None,
             Serves::Tls(acceptor) => Some(acceptor),
             Serves::Admin(admin) => {
-                let mut next = Some(Box::new(Conn::new(tcp)) as Stream);
-                while let Some(stream) = next {
-                    next = admin.process_new(stream, &shutdown).await;
-                }
+                // As a client connection, without a request limit.
+                let settings = Settings {
+                    request_limit: 0,
+                    ..self.settings
+                };
+                let conn = Box::new(Conn::new(tcp));
+                conn::serve(admin, conn, settings, &self.life, &shutdown).await;
                 return;
             }
         };
@@ -385,7 +390,7 @@ impl Acceptance {
         // part of every connection's task for as long as it lives.
         let h2c = match tls {
             Some(_) => false,
-            None => match Box::pin(starts_h2c(&tcp, self.front.limits.header_timeout)).await {
+            None => match Box::pin(starts_h2c(&tcp, self.settings.limits.header_timeout)).await {
                 Some(h2c) => h2c,
                 None => return, // silent or closed: as a head that never comes
             },
@@ -411,9 +416,8 @@ impl Acceptance {
         if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             self.front.process_new(stream, &shutdown).await;
         } else {
-            self.front
-                .serve_h1(stream, self.request_limit, shutdown)
-                .await;
+            let front = self.front.clone();
+            conn::serve(front, stream, self.settings, &self.life, &shutdown).await;
         }
     }
 }
@@ -450,7 +454,7 @@ impl Service for ClientListener {
             front: self.front.clone(),
             life: self.life.clone(),
             tcp_keepalive: self.options.tcp_keepalive,
-            request_limit: self.options.keepalive_request_limit,
+            settings: self.front.settings(self.options.keepalive_request_limit),
             handshake: self.tls.as_ref().map_or(Duration::ZERO, |t| t.1),
         };
         // Held polls are woken (and answered) from this runtime, and the

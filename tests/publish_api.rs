@@ -217,3 +217,129 @@ on_both_brokers!(
     channel_info_reports_history_and_local_subscribers,
     health_readiness_and_metrics,
 );
+
+/// Reads answers off a raw admin connection until it closes; true when it
+/// closed (read 0) within a second.
+fn closes(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .unwrap();
+    matches!(s.read(&mut [0u8; 64]), Ok(0))
+}
+
+#[tokio::test]
+async fn an_admin_connection_serves_pipelined_chunked_and_split_requests_in_order() {
+    use std::io::Write;
+    let pg = Pollgate::start(&format!("limits:\n  max_body: 1KiB\n{ROUTES}"));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", pg.admin_port)).unwrap();
+    // Two publishes and a probe in one write: three answers, in order.
+    let publish = |body: &str| {
+        format!(
+            "POST /v1/publish/p HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let pipelined = format!(
+        "{}{}GET /healthz HTTP/1.1\r\n\r\n",
+        publish("one"),
+        publish("two")
+    );
+    s.write_all(pipelined.as_bytes()).unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, _, body) = read_answer(&mut s);
+        assert!(status.contains("200"), "{status}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let (status, _, body) = read_answer(&mut s);
+    assert!(status.contains("200") && body.starts_with(b"{\"status\""));
+    // A chunked body (left to Pingora's HTTP/1 server), then a body that
+    // arrives in two parts, on the same connection.
+    let chunked = "POST /v1/publish/p HTTP/1.1\r\nContent-Type: text/plain\r\n\
+                   Transfer-Encoding: chunked\r\n\r\n5\r\nthree\r\n0\r\n\r\n";
+    let (status, _, body) = raw_exchange(&mut s, chunked);
+    assert!(status.contains("200"), "{status}");
+    ids.push(
+        serde_json::from_slice::<Value>(&body).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .into(),
+    );
+    let split = publish("four");
+    let (head, tail) = split.split_at(split.len() - 2);
+    s.write_all(head.as_bytes()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (status, headers, body) = raw_exchange(&mut s, tail);
+    assert!(status.contains("200"), "{status}");
+    assert!(headers.contains(&("connection".into(), "keep-alive".into())));
+    ids.push(
+        serde_json::from_slice::<Value>(&body).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .into(),
+    );
+    let (_, _, env) = get_json(&pg.url("/oldest/p")).await;
+    let got: Vec<&str> = env["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, ["one", "two", "three", "four"]);
+    assert_eq!(support::ids(&env), ids);
+}
+
+#[tokio::test]
+async fn an_admin_body_left_unread_or_late_closes_the_connection() {
+    use std::io::Write;
+    let config = format!("limits:\n  max_body: 1KiB\n  header_timeout: 1s\n{ROUTES}");
+    let pg = Pollgate::start_with_env(
+        &format!("publish:\n  token: \"${{TEST_TOKEN}}\"\n{config}"),
+        &[("TEST_TOKEN", "t")],
+    );
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", pg.admin_port)).unwrap();
+    // Refused before its body is read: the body must not be taken for a
+    // request, so the connection closes after the answer.
+    for (request, status, error) in [
+        (
+            "POST /v1/publish/p HTTP/1.1\r\nContent-Length: 5\r\n\r\nGET /",
+            401,
+            "unauthorized",
+        ),
+        (
+            "POST /v1/publish/p HTTP/1.1\r\nAuthorization: Bearer t\r\n\
+             Content-Length: 2000\r\n\r\nxx",
+            413,
+            "payload_too_large",
+        ),
+    ] {
+        let mut s = connect();
+        let (line, headers, body) = raw_exchange(&mut s, request);
+        assert!(line.contains(&status.to_string()), "{line}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], error);
+        assert!(headers.contains(&("connection".into(), "close".into())));
+        assert!(closes(&mut s), "{error}: closed after the answer");
+    }
+    // A body that stops short is given up after limits.header_timeout.
+    let mut s = connect();
+    s.write_all(
+        b"POST /v1/publish/p HTTP/1.1\r\nAuthorization: Bearer t\r\nContent-Length: 10\r\n\r\nabc",
+    )
+    .unwrap();
+    let (line, _, body) = read_answer(&mut s);
+    assert!(line.contains("408"), "{line}");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["error"],
+        "body_timeout"
+    );
+    assert!(closes(&mut s));
+    let (_, _, v) = get_json(&pg.admin("/v1/channels/p")).await;
+    assert_eq!(
+        v["error"], "unauthorized",
+        "the token still guards channel info"
+    );
+    assert_eq!(pg.metric("pollgate_messages_published_total").await, 0.0);
+}

@@ -1,0 +1,650 @@
+//! One HTTP/1 connection, request after request, shared by the client and
+//! admin listeners: each request head is read and parsed once (httparse)
+//! into a [`Head`]; the app ([`Http1App`]) then serves the request on the
+//! raw connection when it can (the lean path: long-polls, admin calls), or
+//! has it served on a Pingora HTTP/1 session, which gets the bytes already
+//! read and hands the connection back for the next request.
+//!
+//! Why: Pingora's session costs tens of thousands of instructions per
+//! request and kilobytes per connection; the requests pollgate serves most
+//! (a long-poll, a publish) need a head, sometimes a short body, and one
+//! write.
+
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Refusal;
+use crate::respond;
+use crate::target::Target;
+use bytes::{Bytes, BytesMut};
+use pingora::apps::ReusedHttpStream;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use std::future::Future;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Most header lines in a request head (as Pingora allows).
+const MAX_HEADERS: usize = 256;
+
+/// Bounds on reading a request.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadLimits {
+    /// Largest head (request line and headers), in bytes: 431 past it.
+    pub max_head: usize,
+    /// Time for a whole head to arrive once its first byte has (and for the
+    /// first byte of a connection's first request): 408 past it. A body
+    /// read on the lean path must arrive within it too.
+    pub header_timeout: Duration,
+    /// Time allowed to write an answer or a refusal to a client.
+    pub write_timeout: Duration,
+}
+
+/// How a connection's requests are served.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub limits: HeadLimits,
+    /// Seconds an idle connection is kept between requests.
+    pub keepalive_secs: u64,
+    /// Most requests per connection; 0 for no limit.
+    pub request_limit: u32,
+}
+
+/// What an app does with a request whose head was read.
+pub enum Plan<L, S> {
+    /// Serve it on the raw connection ([`Http1App::serve_lean`]).
+    Lean(L),
+    /// Serve it on a Pingora session ([`Http1App::serve_session`]).
+    Session(S),
+}
+
+/// An app served by [`serve`].
+pub trait Http1App: Send + Sync + 'static {
+    /// What [`Http1App::plan`] hands to the lean path.
+    type Lean<'a>: Send
+    where
+        Self: 'a;
+    /// What [`Http1App::plan`] hands to the session path.
+    type Handoff<'a>: Send
+    where
+        Self: 'a;
+
+    /// Decides how to serve the request of `head`; `last` when the
+    /// connection closes after it (`listener.keepalive_request_limit`).
+    fn plan<'a>(&'a self, head: Head<'_>, last: bool) -> Plan<Self::Lean<'a>, Self::Handoff<'a>>;
+
+    /// Serves a request on the raw connection. Returns whether the
+    /// connection can serve another request.
+    fn serve_lean<'a>(
+        &'a self,
+        work: Self::Lean<'a>,
+        raw: &mut Raw<'_>,
+    ) -> impl Future<Output = bool> + Send;
+
+    /// Serves a request on a Pingora session (its head buffered, not yet
+    /// read). Returns the connection when it can serve another request.
+    fn serve_session<'a>(
+        self: &'a Arc<Self>,
+        session: ServerSession,
+        handoff: Self::Handoff<'a>,
+        shutdown: &'a ShutdownWatch,
+    ) -> impl Future<Output = Option<ReusedHttpStream>> + Send;
+}
+
+/// Why no request head was read.
+#[derive(Debug, PartialEq, Eq)]
+enum NoHead {
+    /// Closed, idle past the keep-alive, or shutdown: close quietly.
+    Closed,
+    /// Larger than `max_head`.
+    TooLarge,
+    /// Started but not finished within `header_timeout`.
+    TooSlow,
+}
+
+/// Where the head ends in `buf` (just past its blank line), searching only
+/// from `from` on (minus the 3 bytes a split terminator can reach back), so
+/// that a head arriving byte by byte is not scanned again on every read.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    // Every line ends in '\n': look only after each one for the blank line
+    // ("\n" or "\r\n") that ends the head.
+    let start = from.saturating_sub(3);
+    let mut at = start;
+    while let Some(i) = buf[at..].iter().position(|&b| b == b'\n') {
+        let after = at + i + 1;
+        match &buf[after..] {
+            [b'\n', ..] => return Some(after + 1),
+            [b'\r', b'\n', ..] => return Some(after + 2),
+            _ => at = after,
+        }
+    }
+    None
+}
+
+/// Reads until a whole request head is in `buf` (which may hold bytes of
+/// it already, and may end up holding more: a pipelined body or request).
+/// Returns the head's length. Waits up to `idle` for the first byte, then
+/// `limits.header_timeout` for the rest. A connection idle between two
+/// requests (`between`) is closed when the instance drains; a new one is
+/// not: its first request is on its way (perhaps already in the socket,
+/// where closing would reset it), and is served.
+async fn read_head(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    idle: Duration,
+    limits: HeadLimits,
+    life: &Lifecycle,
+    between: bool,
+) -> Result<usize, NoHead> {
+    let mut deadline = tokio::time::Instant::now() + idle;
+    if !buf.is_empty() {
+        deadline = tokio::time::Instant::now() + limits.header_timeout;
+    }
+    let mut scanned = 0;
+    loop {
+        if let Some(end) = head_end(buf, scanned) {
+            return if end > limits.max_head {
+                Err(NoHead::TooLarge)
+            } else {
+                Ok(end)
+            };
+        }
+        if buf.len() > limits.max_head {
+            return Err(NoHead::TooLarge);
+        }
+        scanned = buf.len();
+        if buf.capacity() - buf.len() < 256 {
+            buf.reserve(1024);
+        }
+        // Biased to the read: a request already in the socket (the usual
+        // case right after an answer) is read without setting up the rest.
+        let read = tokio::select! {
+            biased;
+            r = stream.read_buf(buf) => r.map_err(|_| NoHead::Closed)?,
+            _ = life.drained(), if between && buf.is_empty() => return Err(NoHead::Closed),
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(if buf.is_empty() { NoHead::Closed } else { NoHead::TooSlow });
+            }
+        };
+        if read == 0 {
+            return Err(NoHead::Closed);
+        }
+        if scanned == 0 {
+            deadline = tokio::time::Instant::now() + limits.header_timeout;
+        }
+    }
+}
+
+/// What is read of a request head, borrowed from the connection's buffer.
+#[derive(Debug)]
+pub struct Head<'a> {
+    pub method: &'a str,
+    pub target: Target,
+    /// The client keeps the connection after the answer (HTTP/1.1 unless
+    /// `Connection: close`; HTTP/1.0 with `Connection: keep-alive`).
+    pub keepalive: bool,
+    /// The request ends with its head or with `content_length` bytes of
+    /// body: no `Transfer-Encoding`, upgrade or 100-continue, at most one
+    /// `Host` and one valid `Content-Length`.
+    pub framed: bool,
+    /// The body's length, when the head declares one.
+    pub content_length: Option<u64>,
+    pub last_event_id: Option<&'a str>,
+    pub if_none_match: Option<&'a str>,
+    pub accept: Option<&'a str>,
+    pub origin: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    pub authorization: Option<&'a [u8]>,
+}
+
+impl Head<'_> {
+    /// Nothing follows the head: [`Head::framed`] without a body.
+    pub fn bare(&self) -> bool {
+        self.framed && self.content_length.unwrap_or(0) == 0
+    }
+}
+
+/// A header value as text: visible ASCII and spaces only, as Pingora's
+/// `to_str` (None otherwise).
+pub fn text(value: &[u8]) -> Option<&str> {
+    if value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
+}
+
+/// Whether a `Connection` header value lists `token`.
+fn lists(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// A `Content-Length` value: 1 to 19 digits (no sign, no spaces).
+fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// The [`Head`] of a whole request head, by the same parser (httparse)
+/// Pingora uses. The error is the refusal to answer with.
+pub fn parse_head(head: &[u8]) -> Result<Head<'_>, (u16, &'static str, String)> {
+    // Uninitialized: zeroing room for MAX_HEADERS headers would cost more
+    // than parsing the few a long-poll has.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, &mut headers) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err((
+                431,
+                "header_too_large",
+                format!("more than {MAX_HEADERS} header lines"),
+            ))
+        }
+        Ok(httparse::Status::Partial) | Err(_) => {
+            return Err((400, "bad_request", "malformed request head".into()))
+        }
+    }
+    let target = Target::parse(req.path.unwrap_or_default())
+        .map_err(|e| (400, "bad_request", e.to_string()))?;
+    let http11 = req.version == Some(1);
+    let mut parsed = Head {
+        method: req.method.unwrap_or_default(),
+        target,
+        keepalive: http11,
+        framed: true,
+        content_length: None,
+        last_event_id: None,
+        if_none_match: None,
+        accept: None,
+        origin: None,
+        content_type: None,
+        authorization: None,
+    };
+    let mut hosts = 0;
+    let mut lengths = 0;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            if let Some(authority) = parsed.target.authority() {
+                // An absolute-form target names the host itself: it must
+                // agree with the Host header (as Pingora requires too).
+                if !h.value.eq_ignore_ascii_case(authority.as_bytes()) {
+                    let detail = "the Host header differs from the request target's authority";
+                    return Err((400, "bad_request", detail.into()));
+                }
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            if lists(h.value, "close") {
+                parsed.keepalive = false;
+            } else if !http11 && lists(h.value, "keep-alive") {
+                parsed.keepalive = true;
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
+            lengths += 1;
+            parsed.content_length = content_length(h.value);
+            parsed.framed &= parsed.content_length.is_some();
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case("expect")
+        {
+            parsed.framed = false;
+        } else if name.eq_ignore_ascii_case("last-event-id") {
+            parsed.last_event_id = parsed.last_event_id.or(text(h.value));
+        } else if name.eq_ignore_ascii_case("if-none-match") {
+            parsed.if_none_match = parsed.if_none_match.or(text(h.value));
+        } else if name.eq_ignore_ascii_case("accept") {
+            parsed.accept = parsed.accept.or(text(h.value));
+        } else if name.eq_ignore_ascii_case("origin") {
+            parsed.origin = parsed.origin.or(text(h.value));
+        } else if name.eq_ignore_ascii_case("content-type") {
+            parsed.content_type = parsed.content_type.or(text(h.value));
+        } else if name.eq_ignore_ascii_case("authorization") {
+            parsed.authorization = parsed.authorization.or(Some(h.value));
+        }
+    }
+    // Several Host or Content-Length headers are Pingora's to refuse.
+    parsed.framed &= hosts <= 1 && lengths <= 1;
+    Ok(parsed)
+}
+
+/// A request being served on the raw connection.
+pub struct Raw<'c> {
+    pub stream: &'c mut Stream,
+    /// The connection's read buffer: the request's head, then whatever
+    /// arrived after it (its body, a pipelined request).
+    pub buf: &'c mut BytesMut,
+    pub limits: HeadLimits,
+    head_len: usize,
+    /// Bytes after the head that belong to this request.
+    body_len: usize,
+}
+
+/// Why a request body could not be read on the raw connection.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The client closed or failed.
+    Closed,
+    /// Not all of it within `limits.header_timeout`.
+    TooSlow,
+}
+
+impl Raw<'_> {
+    /// Reads the request's body of `len` bytes (its `Content-Length`),
+    /// which must arrive within `limits.header_timeout`. The caller bounds
+    /// `len`.
+    pub async fn body(&mut self, len: usize) -> Result<Bytes, BodyError> {
+        let end = self.head_len + len;
+        let read = async {
+            while self.buf.len() < end {
+                self.buf.reserve(end - self.buf.len());
+                match self.stream.read_buf(self.buf).await {
+                    Ok(0) | Err(_) => return Err(BodyError::Closed),
+                    Ok(_) => {}
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(self.limits.header_timeout, read)
+            .await
+            .map_err(|_| BodyError::TooSlow)??;
+        self.body_len = len;
+        Ok(Bytes::copy_from_slice(&self.buf[self.head_len..end]))
+    }
+
+    /// Whether the body that `declared` announces was read (or there is
+    /// none): otherwise the connection cannot carry another request.
+    pub fn body_consumed(&self, declared: Option<u64>) -> bool {
+        self.body_len as u64 == declared.unwrap_or(0)
+    }
+
+    /// Writes `whole`, one answer's bytes, within `limits.write_timeout`.
+    /// Returns whether all of it was written.
+    pub async fn write(&mut self, whole: &[u8]) -> bool {
+        write_within(self.stream, whole, self.limits.write_timeout).await
+    }
+}
+
+/// Writes `whole` and flushes, within `limit`. Returns whether it was.
+async fn write_within(stream: &mut Stream, whole: &[u8], limit: Duration) -> bool {
+    let write = async {
+        stream.write_all(whole).await?;
+        stream.flush().await
+    };
+    matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
+}
+
+/// The bytes of a whole JSON error answer: `status`, `{"error","detail"}`,
+/// `Cache-Control: no-store`, the `extra` header fields and `fields`.
+pub fn error_answer(
+    status: u16,
+    (error, detail): (&str, &str),
+    extra: &[(&str, &str)],
+    fields: &[(&'static str, String)],
+    keepalive: bool,
+) -> Vec<u8> {
+    let body = respond::error_json(error, detail);
+    let mut head = status_head(status, "application/json", body.len());
+    head.extend_from_slice(b"Cache-Control: no-store\r\n");
+    for (name, value) in extra {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    assemble(&head, fields, &body, keepalive)
+}
+
+/// A status line with Content-Type (unless empty) and Content-Length.
+pub fn status_head(status: u16, content_type: &str, len: usize) -> Vec<u8> {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let mut head = Vec::with_capacity(256);
+    let _ = write!(head, "HTTP/1.1 {status} {reason}\r\n");
+    if !content_type.is_empty() {
+        let _ = write!(head, "Content-Type: {content_type}\r\n");
+    }
+    let _ = write!(head, "Content-Length: {len}\r\n");
+    head
+}
+
+/// The bytes of a whole answer: `head` (status line and header lines),
+/// `fields`, Date and Connection, the blank line and `body`.
+pub fn assemble(
+    head: &[u8],
+    fields: &[(&'static str, String)],
+    body: &[u8],
+    keepalive: bool,
+) -> Vec<u8> {
+    let date = pingora::protocols::http::date::get_cached_date();
+    let connection: &[u8] = if keepalive {
+        b"Connection: keep-alive\r\n\r\n"
+    } else {
+        b"Connection: close\r\n\r\n"
+    };
+    let fields_len: usize = fields.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+    let mut whole =
+        Vec::with_capacity(head.len() + fields_len + 40 + connection.len() + body.len());
+    whole.extend_from_slice(head);
+    for (name, value) in fields {
+        let _ = write!(whole, "{name}: {value}\r\n");
+    }
+    whole.extend_from_slice(b"Date: ");
+    whole.extend_from_slice(date.as_bytes());
+    whole.extend_from_slice(b"\r\n");
+    whole.extend_from_slice(connection);
+    whole.extend_from_slice(body);
+    whole
+}
+
+/// Writes a JSON error answer straight to the connection and closes it.
+async fn refuse(stream: &mut Stream, status: u16, error: &str, detail: &str, limits: HeadLimits) {
+    let answer = error_answer(status, (error, detail), &[], &[], false);
+    if write_within(stream, &answer, limits.write_timeout).await {
+        let _ = tokio::time::timeout(limits.write_timeout, stream.shutdown()).await;
+    }
+}
+
+/// Serves one HTTP/1 connection for `app`, request after request: the
+/// first must start within the header timeout, later ones within the
+/// keep-alive; at most `settings.request_limit` requests when it is not 0.
+/// A request the app plans lean is served on the raw connection; any other
+/// gets a Pingora session.
+pub async fn serve<A: Http1App>(
+    app: Arc<A>,
+    mut stream: Stream,
+    settings: Settings,
+    life: &Lifecycle,
+    shutdown: &ShutdownWatch,
+) {
+    let limits = settings.limits;
+    let request_limit = settings.request_limit;
+    let mut buf = BytesMut::with_capacity(1024);
+    // The keep-alive the previous answer set (None before the first).
+    let mut keepalive: Option<u64> = None;
+    let mut served: u32 = 0;
+    loop {
+        let idle = keepalive.map_or(limits.header_timeout, Duration::from_secs);
+        let between = keepalive.is_some();
+        // A new connection counts as in flight until its first request
+        // is answered, so that a drain waits for the request it is
+        // about to send (see `read_head`) instead of exiting under it.
+        let _first = (!between).then(|| life.enter());
+        let head_len = match read_head(&mut stream, &mut buf, idle, limits, life, between).await {
+            Ok(len) => len,
+            Err(NoHead::Closed) => return,
+            Err(NoHead::TooLarge) => {
+                Refusal::HeaderTooLarge.count();
+                let detail = format!(
+                    "the request head is larger than limits.max_head ({} bytes)",
+                    limits.max_head
+                );
+                refuse(&mut stream, 431, "header_too_large", &detail, limits).await;
+                return;
+            }
+            Err(NoHead::TooSlow) => {
+                Refusal::HeaderTimeout.count();
+                let detail = "the request head did not arrive within limits.header_timeout";
+                refuse(&mut stream, 408, "header_timeout", detail, limits).await;
+                return;
+            }
+        };
+        served += 1;
+        let last = request_limit > 0 && served >= request_limit;
+        let head = match parse_head(&buf[..head_len]) {
+            Ok(head) => head,
+            Err((status, error, detail)) => {
+                Refusal::BadTarget.count();
+                refuse(&mut stream, status, error, &detail, limits).await;
+                return;
+            }
+        };
+        let handoff = match app.plan(head, last) {
+            Plan::Lean(work) => {
+                let _in_flight = life.enter();
+                let mut raw = Raw {
+                    stream: &mut stream,
+                    buf: &mut buf,
+                    limits,
+                    head_len,
+                    body_len: 0,
+                };
+                if !app.serve_lean(work, &mut raw).await {
+                    return;
+                }
+                let used = head_len + raw.body_len;
+                bytes::Buf::advance(&mut buf, used);
+                keepalive = Some(settings.keepalive_secs);
+                continue;
+            }
+            Plan::Session(handoff) => handoff,
+        };
+        let mut session = ServerSession::new_http1(stream);
+        session.set_keepalive(keepalive);
+        if request_limit > 0 {
+            session.set_keepalive_reuses_remaining(Some(request_limit - served));
+        }
+        session.set_pipelined_prefix(buf.split());
+        let reused = app.serve_session(session, handoff, shutdown).await;
+        let Some((next, settings)) = reused.map(|r| r.consume()) else {
+            return;
+        };
+        if last {
+            return;
+        }
+        let mut session = ServerSession::new_http1(next);
+        if let Some(settings) = settings {
+            settings.apply_to_session(&mut session);
+        }
+        keepalive = session.get_keepalive();
+        let ServerSession::H1(h1) = session else {
+            return;
+        };
+        stream = h1.into_inner();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn heads_end_at_the_first_blank_line_found_incrementally() {
+        let head = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nBODY";
+        assert_eq!(head_end(head, 0), Some(head.len() - 4));
+        // Found when the last read brought only the final "\n".
+        assert_eq!(head_end(head, 27), Some(head.len() - 4));
+        assert_eq!(head_end(b"GET /a HTTP/1.1\nHost: x\n\n", 0), Some(25));
+        assert_eq!(head_end(b"GET /a HTTP/1.1\r\nHost: x\r\n", 0), None);
+    }
+
+    #[test]
+    fn parses_method_and_target_or_refuses() {
+        let head =
+            parse_head(b"GET http://h/sub/a?cursor=1-0 HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+        assert_eq!((head.method, head.target.path()), ("GET", "/sub/a"));
+        assert!(head.keepalive && head.bare());
+        let other_host = b"GET http://h/sub/a HTTP/1.1\r\nHost: elsewhere\r\n\r\n";
+        assert_eq!(parse_head(other_host).unwrap_err().0, 400);
+        assert_eq!(
+            parse_head(b"GET /a/../b HTTP/1.1\r\n\r\n").unwrap_err().0,
+            400
+        );
+        assert_eq!(parse_head(b"garbage\r\n\r\n").unwrap_err().0, 400);
+        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(300));
+        assert_eq!(parse_head(many.as_bytes()).unwrap_err().0, 431);
+    }
+
+    #[test]
+    fn reads_what_a_long_poll_needs_from_the_head() {
+        let head = parse_head(
+            b"GET /sub/a HTTP/1.1\r\nLast-Event-ID: 3-0\r\nlast-event-id: 4-0\r\n\
+              Origin: https://x\r\nAccept: text/event-stream\r\nConnection: Close\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(head.last_event_id, Some("3-0"), "the first of two");
+        assert_eq!(head.origin, Some("https://x"));
+        assert_eq!(head.accept, Some("text/event-stream"));
+        assert!(!head.keepalive);
+        let old = parse_head(b"GET / HTTP/1.0\r\nConnection: keep-alive, x\r\n\r\n").unwrap();
+        assert!(old.keepalive);
+        assert!(!parse_head(b"GET / HTTP/1.0\r\n\r\n").unwrap().keepalive);
+        // Not visible ASCII: as if absent.
+        let odd = parse_head(b"GET / HTTP/1.1\r\nIf-None-Match: \xff\r\n\r\n").unwrap();
+        assert_eq!(odd.if_none_match, None);
+    }
+
+    #[test]
+    fn a_body_is_framed_by_one_valid_content_length_only() {
+        let head = parse_head(
+            b"POST /v1/publish/a HTTP/1.1\r\nContent-Length: 12\r\n\
+              Content-Type: application/json\r\nAuthorization: Bearer t\r\n\r\n",
+        )
+        .unwrap();
+        assert!(head.framed && !head.bare());
+        assert_eq!(head.content_length, Some(12));
+        assert_eq!(head.content_type, Some("application/json"));
+        assert_eq!(head.authorization, Some(&b"Bearer t"[..]));
+        assert!(parse_head(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            .unwrap()
+            .bare());
+        // Anything else that makes more than a head is left to Pingora.
+        for extra in [
+            "Transfer-Encoding: chunked",
+            "Upgrade: websocket",
+            "Expect: 100-continue",
+            "Host: a\r\nHost: b",
+            "Content-Length: 5\r\nContent-Length: 5",
+            "Content-Length: +5",
+            "Content-Length: 99999999999999999999",
+            "Content-Length:",
+        ] {
+            let text = format!("POST / HTTP/1.1\r\n{extra}\r\n\r\n");
+            let head = parse_head(text.as_bytes()).unwrap();
+            assert!(!head.framed && !head.bare(), "{extra}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+        /// Any bytes: no panic, and the incremental search agrees with a
+        /// whole scan however the bytes were split into reads.
+        #[test]
+        fn head_parsing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300), split in 0usize..300) {
+            let _ = parse_head(&bytes);
+            let split = split.min(bytes.len());
+            let whole = head_end(&bytes, 0);
+            let incremental = head_end(&bytes[..split], 0).or_else(|| head_end(&bytes, split));
+            prop_assert_eq!(whole, incremental);
+        }
+    }
+}

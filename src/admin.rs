@@ -215,7 +215,7 @@ impl Admin {
     /// Answers `call`, reading its body from `body` when the endpoint
     /// takes one.
     async fn answer(&self, call: &Call, body: &mut impl ReadBody) -> Reply {
-        let path: SmallVec<[&str; 4]> = call.target.segments().iter().map(String::as_str).collect();
+        let path: SmallVec<[&str; 4]> = call.target.segments().collect();
         if path.len() >= 2 && path[0] == "v1" && !call.authorized {
             let detail = "this publish API needs Authorization: Bearer <token>";
             return Reply::error(401, "unauthorized", detail);

@@ -21,6 +21,7 @@ use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use std::future::Future;
 use std::io::Write;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -134,7 +135,7 @@ async fn read_head(
     buf: &mut BytesMut,
     idle: Duration,
     limits: HeadLimits,
-    life: &Lifecycle,
+    drained: &mut Pin<&mut impl Future<Output = ()>>,
     between: bool,
 ) -> Result<usize, NoHead> {
     let mut deadline = tokio::time::Instant::now() + idle;
@@ -162,7 +163,7 @@ async fn read_head(
         let read = tokio::select! {
             biased;
             r = stream.read_buf(buf) => r.map_err(|_| NoHead::Closed)?,
-            _ = life.drained(), if between && buf.is_empty() => return Err(NoHead::Closed),
+            _ = drained.as_mut(), if between && buf.is_empty() => return Err(NoHead::Closed),
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(if buf.is_empty() { NoHead::Closed } else { NoHead::TooSlow });
             }
@@ -471,6 +472,9 @@ pub async fn serve<A: Http1App>(
     // The keep-alive the previous answer set (None before the first).
     let mut keepalive: Option<u64> = None;
     let mut served: u32 = 0;
+    // Registered once for the connection, not once per wait between
+    // requests (it resolves once: the connection then closes).
+    let mut drained = std::pin::pin!(life.drained());
     loop {
         let idle = keepalive.map_or(limits.header_timeout, Duration::from_secs);
         let between = keepalive.is_some();
@@ -478,25 +482,26 @@ pub async fn serve<A: Http1App>(
         // is answered, so that a drain waits for the request it is
         // about to send (see `read_head`) instead of exiting under it.
         let _first = (!between).then(|| life.enter());
-        let head_len = match read_head(&mut stream, &mut buf, idle, limits, life, between).await {
-            Ok(len) => len,
-            Err(NoHead::Closed) => return,
-            Err(NoHead::TooLarge) => {
-                Refusal::HeaderTooLarge.count();
-                let detail = format!(
-                    "the request head is larger than limits.max_head ({} bytes)",
-                    limits.max_head
-                );
-                refuse(&mut stream, 431, "header_too_large", &detail, limits).await;
-                return;
-            }
-            Err(NoHead::TooSlow) => {
-                Refusal::HeaderTimeout.count();
-                let detail = "the request head did not arrive within limits.header_timeout";
-                refuse(&mut stream, 408, "header_timeout", detail, limits).await;
-                return;
-            }
-        };
+        let head_len =
+            match read_head(&mut stream, &mut buf, idle, limits, &mut drained, between).await {
+                Ok(len) => len,
+                Err(NoHead::Closed) => return,
+                Err(NoHead::TooLarge) => {
+                    Refusal::HeaderTooLarge.count();
+                    let detail = format!(
+                        "the request head is larger than limits.max_head ({} bytes)",
+                        limits.max_head
+                    );
+                    refuse(&mut stream, 431, "header_too_large", &detail, limits).await;
+                    return;
+                }
+                Err(NoHead::TooSlow) => {
+                    Refusal::HeaderTimeout.count();
+                    let detail = "the request head did not arrive within limits.header_timeout";
+                    refuse(&mut stream, 408, "header_timeout", detail, limits).await;
+                    return;
+                }
+            };
         served += 1;
         let last = request_limit > 0 && served >= request_limit;
         let head = match parse_head(&buf[..head_len]) {

@@ -84,6 +84,8 @@ pub enum Wake {
     Answer(Arc<Answer>),
     /// The channel's history was replaced (the broker lost it): poll again.
     Repoll,
+    /// The instance drains: answer now, and close (see [`Hub::release_all`]).
+    Drain,
 }
 
 /// A registered poll. Dropping it deregisters the waiter.
@@ -234,6 +236,22 @@ impl Hub {
         });
         broker.set_sink(Arc::new(HubSink(Arc::downgrade(&hub))));
         hub
+    }
+
+    /// Wakes every held poll with [`Wake::Drain`], once the instance
+    /// drains. A poll registered after its channel was swept here must see
+    /// the drain itself: it checks [`Lifecycle::is_draining`] after
+    /// registering, and the drain sets that flag before calling this, so
+    /// each poll is released by one or the other.
+    ///
+    /// [`Lifecycle::is_draining`]: crate::lifecycle::Lifecycle::is_draining
+    pub fn release_all(&self) {
+        for ch in self.channels.values() {
+            let waiters = std::mem::take(&mut ch.state.lock().waiters);
+            for (waiter, _) in waiters.into_values() {
+                waiter.fire(Wake::Drain);
+            }
+        }
     }
 
     /// The broker this hub serves from.

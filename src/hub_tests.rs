@@ -52,7 +52,7 @@ async fn publish(b: &Counting, ch: &str, text: &'static str) -> Arc<Message> {
 async fn answer(h: Held) -> Arc<Answer> {
     match h.wake.await.unwrap() {
         Wake::Answer(a) => a,
-        Wake::Repoll => panic!("unexpected repoll"),
+        other => panic!("unexpected {other:?}"),
     }
 }
 
@@ -299,4 +299,28 @@ async fn a_dropped_waiter_leaves_its_channels_and_idle_channels_are_swept() {
     assert_eq!(hub.info("y").await.unwrap().subscribers, 0);
     hub.sweep();
     assert!(hub.lookup_channel("x").is_none() && hub.lookup_channel("y").is_none());
+}
+
+#[tokio::test]
+async fn a_drain_releases_every_held_poll_once() {
+    let (hub, _) = hub();
+    let one = vec!["a".to_string()];
+    let two = vec!["a".to_string(), "b".to_string()];
+    let first = held(
+        hub.poll(&one, None, First::Newest, Format::Envelope)
+            .await
+            .unwrap(),
+    );
+    let both = held(
+        hub.poll(&two, None, First::Newest, Format::Envelope)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(hub.info("a").await.unwrap().subscribers, 2);
+    hub.release_all();
+    for h in [first, both] {
+        assert!(matches!(h.wake.await, Ok(Wake::Drain)));
+    }
+    assert_eq!(hub.info("a").await.unwrap().subscribers, 0);
+    assert_eq!(hub.info("b").await.unwrap().subscribers, 0);
 }

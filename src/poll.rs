@@ -392,11 +392,16 @@ impl Poller {
         timeout: Duration,
     ) -> Ending {
         metrics::HELD.inc();
-        let mut ending = tokio::select! {
-            woken = &mut held.wake => woken_by(woken),
-            _ = tokio::time::sleep(timeout) => Ending::Timeout,
-            _ = self.life.drained() => Ending::Drain,
-            _ = client.gone() => Ending::Gone,
+        // A drain wakes the held polls through the hub, but for one
+        // registered after the hub released them (`Hub::release_all`).
+        let mut ending = if self.life.is_draining() {
+            Ending::Drain
+        } else {
+            tokio::select! {
+                woken = &mut held.wake => woken_by(woken),
+                _ = tokio::time::sleep(timeout) => Ending::Timeout,
+                _ = client.gone() => Ending::Gone,
+            }
         };
         if let Some(answerer) = answerer {
             let taken = !answerer.close();
@@ -475,10 +480,12 @@ impl Poller {
             };
             metrics::HELD.inc();
             let ending = loop {
+                if self.life.is_draining() {
+                    break Ending::Drain; // as in `Poller::hold`
+                }
                 let ending = tokio::select! {
                     woken = &mut held.wake => woken_by(woken),
                     _ = tokio::time::sleep(SSE_KEEPALIVE) => Ending::Timeout,
-                    _ = self.life.drained() => Ending::Drain,
                     _ = session.gone() => Ending::Gone,
                 };
                 if !matches!(ending, Ending::Timeout) {
@@ -546,6 +553,7 @@ pub fn cors_headers(cors: &Cors, origin: Option<&str>) -> Vec<(&'static str, Str
 fn woken_by(wake: Result<Wake, tokio::sync::oneshot::error::RecvError>) -> Ending {
     match wake {
         Ok(Wake::Answer(answer)) => Ending::Woken(answer),
+        Ok(Wake::Drain) => Ending::Drain,
         // A waiter is only dropped unfired when its channel is reset.
         Ok(Wake::Repoll) | Err(_) => Ending::Repoll,
     }

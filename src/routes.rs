@@ -110,8 +110,8 @@ impl PathTemplate {
 
     /// Matches the decoded segments of a request path (see
     /// [`Target`](crate::target::Target)). Returns the captures or None.
-    pub fn matches(&self, path: &[String]) -> Option<Params> {
-        let mut parts = path.iter();
+    pub fn matches<'s>(&self, path: impl Iterator<Item = &'s str>) -> Option<Params> {
+        let mut parts = path;
         let mut params = Params::new();
         for seg in &self.segments {
             let part = parts.next()?;
@@ -122,12 +122,15 @@ impl PathTemplate {
                     if part.is_empty() {
                         return None;
                     }
-                    params.insert(name.clone(), part.clone());
+                    params.insert(name.clone(), part.to_owned());
                 }
             }
         }
-        let remaining = parts.as_slice();
-        let exact = remaining.is_empty() || (remaining.len() == 1 && remaining[0].is_empty());
+        // Nothing left, or only the empty segment of a trailing slash.
+        let exact = match parts.next() {
+            None => true,
+            Some(last) => last.is_empty() && parts.next().is_none(),
+        };
         (exact || self.prefix).then_some(params)
     }
 }

@@ -195,6 +195,7 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
             life,
+            hub: hub.clone(),
             grace: config.grace_period,
             fds,
             upgrade_sock: config.upgrade_sock.clone(),
@@ -234,6 +235,8 @@ impl BackgroundService for Housekeeping {
 /// Pingora is told to stop, with nothing left to wait for.
 struct Signals {
     life: Arc<Lifecycle>,
+    /// Told to release its held polls when draining.
+    hub: Arc<Hub>,
     grace: Duration,
     fds: Arc<OnceLock<ListenFds>>,
     upgrade_sock: String,
@@ -306,7 +309,9 @@ impl ShutdownSignalWatch for Signals {
                 },
             }
         }
+        // The flag first, then the held polls (see `Hub::release_all`).
         self.life.drain();
+        self.hub.release_all();
         let clean = self.life.wait_idle(self.grace).await;
         tracing::info!(clean, "drained; exiting");
         ShutdownSignal::GracefulTerminate

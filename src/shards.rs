@@ -53,6 +53,15 @@ impl<V: Clone> ShardedMap<V> {
         v
     }
 
+    /// Every value, shard by shard (each shard read-locked in turn).
+    pub fn values(&self) -> Vec<V> {
+        let mut all = Vec::new();
+        for shard in &self.shards {
+            all.extend(shard.read().values().cloned());
+        }
+        all
+    }
+
     /// Removes the entries for which `remove` returns true. Shards with no
     /// candidate (by the cheaper `candidate` check under a read lock) are not
     /// write-locked at all.

@@ -12,6 +12,7 @@
 //! interpreted.
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::OnceLock;
@@ -37,28 +38,60 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b':')
     .remove(b'@');
 
-/// A parsed request target.
+/// A parsed request target, in one allocation as a rule: its parts lie
+/// back to back in one string.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Percent-decoded path segments (`/a/b/` is `["a", "b", ""]`).
-    segments: Vec<String>,
+    /// The percent-decoded path segments, then the query, then the
+    /// authority.
+    text: String,
+    /// Where each segment ends in `text` (each starts where the one before
+    /// ends; `/a/b/` is `["a", "b", ""]`).
+    ends: SmallVec<[u32; 6]>,
+    /// The query exactly as sent, without `?`: its place in `text`.
+    query: Option<(u32, u32)>,
+    /// The authority of an absolute-form target (`host:port`): its place
+    /// in `text`.
+    authority: Option<(u32, u32)>,
     /// The segments encoded again canonically, with a leading `/`: made
     /// when first asked for (long-polls never need it).
     path: OnceLock<String>,
-    /// The query exactly as sent, without `?`.
-    query: Option<String>,
-    /// The authority of an absolute-form target (`host:port`).
-    authority: Option<String>,
 }
 
 /// Targets are equal when they name the same segments, query and
 /// authority (the canonical path follows from the segments).
 impl PartialEq for Target {
     fn eq(&self, other: &Target) -> bool {
-        (&self.segments, &self.query, &self.authority)
-            == (&other.segments, &other.query, &other.authority)
+        // The parts are laid out the same way for the same parts.
+        (&self.text, &self.ends, self.query, self.authority)
+            == (&other.text, &other.ends, other.query, other.authority)
     }
 }
+
+/// The decoded segments of a [`Target`], in order.
+#[derive(Clone)]
+pub struct Segments<'a> {
+    text: &'a str,
+    ends: &'a [u32],
+    start: usize,
+}
+
+impl<'a> Iterator for Segments<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let (&end, rest) = self.ends.split_first()?;
+        let segment = &self.text[self.start..end as usize];
+        (self.start, self.ends) = (end as usize, rest);
+        Some(segment)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.ends.len(), Some(self.ends.len()))
+    }
+}
+
+impl ExactSizeIterator for Segments<'_> {}
 
 impl Eq for Target {}
 
@@ -80,45 +113,65 @@ impl Target {
             Some(b'/') => (None, raw),
             _ => {
                 let (authority, path) = absolute_form(raw)?;
-                (Some(authority.to_string()), path)
+                (Some(authority), path)
             }
         };
         let (path, query) = match origin.bytes().position(|b| b == b'?') {
-            Some(q) => (&origin[..q], Some(origin[q + 1..].to_string())),
+            Some(q) => (&origin[..q], Some(&origin[q + 1..])),
             None => (origin, None),
         };
         let path = match path.bytes().position(|b| b == b'#') {
             Some(end) => &path[..end],
             None => path,
         };
-        let mut segments = Vec::with_capacity(path.bytes().filter(|&b| b == b'/').count());
+        // Decoding never lengthens: every part fits in the raw length.
+        let mut text = String::with_capacity(raw.len());
+        let mut ends = SmallVec::new();
         let mut rest = &path[1..];
         loop {
             let end = rest.bytes().position(|b| b == b'/');
-            segments.push(decode_segment(&rest[..end.unwrap_or(rest.len())])?);
+            decode_segment(&rest[..end.unwrap_or(rest.len())], &mut text)?;
+            ends.push(text.len() as u32);
             match end {
                 Some(end) => rest = &rest[end + 1..],
                 None => break,
             }
         }
+        let mut place = |part: &str| {
+            let start = text.len() as u32;
+            text.push_str(part);
+            (start, text.len() as u32)
+        };
+        let query = query.map(&mut place);
+        let authority = authority.map(&mut place);
         Ok(Target {
-            segments,
-            path: OnceLock::new(),
+            text,
+            ends,
             query,
             authority,
+            path: OnceLock::new(),
         })
     }
 
     /// The decoded path segments that routes match.
-    pub fn segments(&self) -> &[String] {
-        &self.segments
+    pub fn segments(&self) -> Segments<'_> {
+        Segments {
+            text: &self.text,
+            ends: &self.ends,
+            start: 0,
+        }
+    }
+
+    /// The part of `text` at `place`.
+    fn part(&self, place: Option<(u32, u32)>) -> Option<&str> {
+        place.map(|(start, end)| &self.text[start as usize..end as usize])
     }
 
     /// The canonical path (decoded segments encoded again), starting with `/`.
     pub fn path(&self) -> &str {
         self.path.get_or_init(|| {
             let mut canonical = String::new();
-            for s in &self.segments {
+            for s in self.segments() {
                 canonical.push('/');
                 canonical.extend(utf8_percent_encode(s, SEGMENT));
             }
@@ -129,17 +182,17 @@ impl Target {
     /// The authority (`host:port`) of an absolute-form target; None for
     /// the usual origin-form.
     pub fn authority(&self) -> Option<&str> {
-        self.authority.as_deref()
+        self.part(self.authority)
     }
 
     /// The query as the client sent it, if any.
     pub fn query(&self) -> Option<&str> {
-        self.query.as_deref()
+        self.part(self.query)
     }
 
     /// The canonical path followed by the query as sent.
     pub fn path_and_query(&self) -> String {
-        match &self.query {
+        match self.query() {
             Some(q) => format!("{}?{q}", self.path()),
             None => self.path().to_string(),
         }
@@ -149,7 +202,7 @@ impl Target {
     /// still encoded (see [`form_decode`]); a parameter without `=` has an
     /// empty value. One pass over the query reads every parameter.
     pub fn query_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
-        let mut rest = self.query.as_deref().unwrap_or("");
+        let mut rest = self.query().unwrap_or("");
         std::iter::from_fn(move || {
             while !rest.is_empty() {
                 let end = rest.bytes().position(|b| b == b'&').unwrap_or(rest.len());
@@ -206,15 +259,17 @@ fn absolute_form(raw: &str) -> Result<(&str, &str), TargetError> {
     }
 }
 
-/// Decodes one path segment, refusing dot segments and bad escapes.
-fn decode_segment(raw: &str) -> Result<String, TargetError> {
+/// Decodes one path segment onto `out`, refusing dot segments and bad
+/// escapes.
+fn decode_segment(raw: &str, out: &mut String) -> Result<(), TargetError> {
     let bytes = raw.as_bytes();
     if !bytes.contains(&b'%') {
         // Nothing to decode (the usual case).
         if raw == "." || raw == ".." {
             return Err(dot_segments());
         }
-        return Ok(raw.to_string());
+        out.push_str(raw);
+        return Ok(());
     }
     for (i, b) in bytes.iter().enumerate() {
         if *b == b'%' {
@@ -236,7 +291,8 @@ fn decode_segment(raw: &str) -> Result<String, TargetError> {
     if decoded == "." || decoded == ".." {
         return Err(dot_segments());
     }
-    Ok(decoded.into_owned())
+    out.push_str(&decoded);
+    Ok(())
 }
 
 fn dot_segments() -> TargetError {
@@ -260,10 +316,15 @@ mod tests {
         Target::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"))
     }
 
+    fn segments(raw: &str) -> Vec<String> {
+        ok(raw).segments().map(str::to_owned).collect()
+    }
+
     #[test]
     fn origin_and_absolute_forms_parse_alike() {
         let t = ok("/rooms/1/events?cursor=1-0&x=a+b%21");
-        assert_eq!(t.segments(), ["rooms", "1", "events"]);
+        assert_eq!(t.segments().collect::<Vec<_>>(), ["rooms", "1", "events"]);
+        assert_eq!(t.segments().len(), 3);
         assert_eq!(t.path(), "/rooms/1/events");
         assert_eq!(t.query(), Some("cursor=1-0&x=a+b%21"));
         let param = |name| {
@@ -279,18 +340,26 @@ mod tests {
         assert_eq!(pairs, [("b", ""), ("c", ""), ("d", "1=2")]);
         let a = ok("HTTP://gw.example:8080/rooms/1/events?cursor=1-0&x=a+b%21");
         assert_eq!(a.authority(), Some("gw.example:8080"));
-        assert_eq!((a.segments(), a.query()), (t.segments(), t.query()));
+        assert!(a.segments().eq(t.segments()) && a.query() == t.query());
+        assert_ne!(a, t, "the authority differs");
         assert_eq!(ok("http://gw.example").path(), "/");
-        assert_eq!(ok("/").segments(), [""]);
-        assert_eq!(ok("/a/").segments(), ["a", ""]);
+        assert_eq!(segments("/"), [""]);
+        assert_eq!(segments("/a/"), ["a", ""]);
+        assert_eq!(segments("/a//b"), ["a", "", "b"]);
+        assert_eq!(ok("/a/b?q"), ok("/a/b?q"));
+        assert_ne!(ok("/a/b"), ok("/ab"));
+        assert_ne!(ok("/a?b"), ok("/a/b"));
     }
 
     #[test]
     fn segments_are_decoded_once_and_encoded_canonically() {
         let t = ok("/s%75b/a%2Fb/%E2%9C%93/x%20y");
-        assert_eq!(t.segments(), ["sub", "a/b", "✓", "x y"]);
+        assert_eq!(t.segments().collect::<Vec<_>>(), ["sub", "a/b", "✓", "x y"]);
         assert_eq!(t.path(), "/sub/a%2Fb/%E2%9C%93/x%20y");
-        assert_eq!(ok(t.path()).segments(), t.segments(), "canonical is stable");
+        assert!(
+            ok(t.path()).segments().eq(t.segments()),
+            "canonical is stable"
+        );
         assert_eq!(ok("/a?b=/../c").path_and_query(), "/a?b=/../c");
     }
 
@@ -327,8 +396,8 @@ mod tests {
         fn never_panics_and_canonical_form_round_trips(raw in "\\PC{0,64}|(/[a-zA-Z0-9%._~:@+-]{0,12}){0,5}(\\?[a-z=&%+]{0,12})?") {
             if let Ok(t) = Target::parse(&raw) {
                 let again = Target::parse(&t.path_and_query()).unwrap();
-                prop_assert_eq!(again.segments(), t.segments());
-                prop_assert!(t.segments().iter().all(|s| s != "." && s != ".."));
+                prop_assert!(again.segments().eq(t.segments()));
+                prop_assert!(t.segments().all(|s| s != "." && s != ".."));
             }
         }
     }

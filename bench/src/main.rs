@@ -330,11 +330,26 @@ async fn start_subscribers(
             tokio::task::yield_now().await;
         }
     }
+    // A server that is not there (or refuses connections) ends the run
+    // instead of keeping the subscribers retrying for ever.
+    let deadline = Instant::now() + SUBSCRIBE_WITHIN;
     while ready.load(Ordering::Relaxed) < subs.len() {
+        if Instant::now() > deadline {
+            let connected = ready.load(Ordering::Relaxed);
+            eprintln!(
+                "pollgate-bench: only {connected} of {} subscribers connected to {:?} within {SUBSCRIBE_WITHIN:?}",
+                subs.len(),
+                args.sub
+            );
+            std::process::exit(1);
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     subs
 }
+
+/// How long all subscribers of a run have to connect.
+const SUBSCRIBE_WITHIN: Duration = Duration::from_secs(60);
 
 /// What a set of subscribers saw, added up.
 #[derive(Default)]

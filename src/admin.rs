@@ -46,7 +46,7 @@ pub struct Call {
 }
 
 /// An admin answer: always whole, with `Cache-Control: no-store`.
-pub struct Reply {
+pub struct AdminReply {
     status: u16,
     content_type: &'static str,
     body: Vec<u8>,
@@ -54,9 +54,9 @@ pub struct Reply {
     extra: Option<(&'static str, &'static str)>,
 }
 
-impl Reply {
-    fn new(status: u16, content_type: &'static str, body: Vec<u8>) -> Reply {
-        Reply {
+impl AdminReply {
+    fn new(status: u16, content_type: &'static str, body: Vec<u8>) -> AdminReply {
+        AdminReply {
             status,
             content_type,
             body,
@@ -64,21 +64,21 @@ impl Reply {
         }
     }
 
-    fn json(status: u16, value: &impl Serialize) -> Reply {
+    fn json(status: u16, value: &impl Serialize) -> AdminReply {
         let body = serde_json::to_vec(value).unwrap_or_default();
-        Reply::new(status, "application/json", body)
+        AdminReply::new(status, "application/json", body)
     }
 
     /// A JSON error; a 503 says when to retry, a 401 which scheme to use.
-    fn error(status: u16, error: &str, detail: &str) -> Reply {
+    fn error(status: u16, error: &str, detail: &str) -> AdminReply {
         let extra = match status {
             503 => Some(("Retry-After", "1")),
             401 => Some(("WWW-Authenticate", "Bearer")),
             _ => None,
         };
-        Reply {
+        AdminReply {
             extra,
-            ..Reply::new(status, "application/json", error_json(error, detail))
+            ..AdminReply::new(status, "application/json", error_json(error, detail))
         }
     }
 
@@ -126,12 +126,12 @@ trait ReadBody: Send {
         &mut self,
         declared: Option<u64>,
         max: u64,
-    ) -> impl Future<Output = Result<Bytes, Reply>> + Send;
+    ) -> impl Future<Output = Result<Bytes, AdminReply>> + Send;
 }
 
 /// The body of `call` from `body`, refused (413) at once when its declared
 /// length is over `max`.
-async fn body_of(call: &Call, max: u64, body: &mut impl ReadBody) -> Result<Bytes, Reply> {
+async fn body_of(call: &Call, max: u64, body: &mut impl ReadBody) -> Result<Bytes, AdminReply> {
     if call.content_length.is_some_and(|n| n > max) {
         return Err(too_big(max));
     }
@@ -139,13 +139,13 @@ async fn body_of(call: &Call, max: u64, body: &mut impl ReadBody) -> Result<Byte
 }
 
 /// The 413 answer for a body over `max`.
-fn too_big(max: u64) -> Reply {
+fn too_big(max: u64) -> AdminReply {
     let detail = format!("body is larger than limits.max_body ({max} bytes)");
-    Reply::error(413, "payload_too_large", &detail)
+    AdminReply::error(413, "payload_too_large", &detail)
 }
 
 impl ReadBody for ServerSession {
-    async fn read_body(&mut self, _declared: Option<u64>, max: u64) -> Result<Bytes, Reply> {
+    async fn read_body(&mut self, _declared: Option<u64>, max: u64) -> Result<Bytes, AdminReply> {
         let mut body = BytesMut::new();
         loop {
             match self.read_request_body().await {
@@ -158,7 +158,7 @@ impl ReadBody for ServerSession {
                 Ok(None) => return Ok(body.freeze()),
                 Err(e) => {
                     let detail = format!("cannot read body: {e}");
-                    return Err(Reply::error(400, "bad_request", &detail));
+                    return Err(AdminReply::error(400, "bad_request", &detail));
                 }
             }
         }
@@ -166,7 +166,7 @@ impl ReadBody for ServerSession {
 }
 
 impl ReadBody for Raw<'_> {
-    async fn read_body(&mut self, declared: Option<u64>, max: u64) -> Result<Bytes, Reply> {
+    async fn read_body(&mut self, declared: Option<u64>, max: u64) -> Result<Bytes, AdminReply> {
         // The head framed the body with one Content-Length (or none: empty).
         let len = match declared {
             None | Some(0) => return Ok(Bytes::new()),
@@ -174,8 +174,8 @@ impl ReadBody for Raw<'_> {
             Some(n) => n as usize,
         };
         self.body(len).await.map_err(|e| match e {
-            BodyError::Closed => Reply::error(400, "bad_request", "cannot read body: closed"),
-            BodyError::TooSlow => Reply::error(
+            BodyError::Closed => AdminReply::error(400, "bad_request", "cannot read body: closed"),
+            BodyError::TooSlow => AdminReply::error(
                 408,
                 "body_timeout",
                 "the body did not arrive within limits.header_timeout",
@@ -214,18 +214,20 @@ impl Admin {
 
     /// Answers `call`, reading its body from `body` when the endpoint
     /// takes one.
-    async fn answer(&self, call: &Call, body: &mut impl ReadBody) -> Reply {
+    async fn answer(&self, call: &Call, body: &mut impl ReadBody) -> AdminReply {
         let path: SmallVec<[&str; 4]> = call.target.segments().collect();
         if path.len() >= 2 && path[0] == "v1" && !call.authorized {
             let detail = "this publish API needs Authorization: Bearer <token>";
-            return Reply::error(401, "unauthorized", detail);
+            return AdminReply::error(401, "unauthorized", detail);
         }
         let method = &call.method;
         match (method, path.as_slice()) {
             (&Method::GET, ["metrics"]) => {
-                Reply::new(200, "text/plain; version=0.0.4", metrics::render())
+                AdminReply::new(200, "text/plain; version=0.0.4", metrics::render())
             }
-            (&Method::GET, ["healthz"]) => Reply::json(200, &serde_json::json!({ "status": "ok" })),
+            (&Method::GET, ["healthz"]) => {
+                AdminReply::json(200, &serde_json::json!({ "status": "ok" }))
+            }
             (&Method::GET, ["readyz"]) => self.readiness(call.target.query()),
             (&Method::POST, ["v1", "publish"]) => match body_of(call, self.max_body, body).await {
                 Ok(body) => self.publish_batch(body).await,
@@ -234,7 +236,7 @@ impl Admin {
             (&Method::POST, ["v1", "publish", channel @ ..]) => {
                 let channel = channel.join("/");
                 if let Some(why) = channel_problem(&channel) {
-                    return Reply::error(400, "bad_channel", &why);
+                    return AdminReply::error(400, "bad_channel", &why);
                 }
                 match body_of(call, self.max_body, body).await {
                     Ok(body) => {
@@ -251,14 +253,14 @@ impl Admin {
                 let path = call.target.path();
                 let allow = if path == "/v1/publish" { "POST" } else { "GET" };
                 let detail = format!("{method} is not allowed on {path}");
-                Reply {
+                AdminReply {
                     extra: Some(("Allow", allow)),
-                    ..Reply::error(405, "method_not_allowed", &detail)
+                    ..AdminReply::error(405, "method_not_allowed", &detail)
                 }
             }
             _ => {
                 let detail = format!("no admin endpoint {method} {}", call.target.path());
-                Reply::error(404, "not_found", &detail)
+                AdminReply::error(404, "not_found", &detail)
             }
         }
     }
@@ -266,27 +268,32 @@ impl Admin {
     /// `/readyz`: a broker outage shared by every instance must not empty
     /// the Service, so ready once the broker was reached, unless asked
     /// strictly (`?broker=required`).
-    fn readiness(&self, query: Option<&str>) -> Reply {
+    fn readiness(&self, query: Option<&str>) -> AdminReply {
         let strict = query == Some("broker=required");
         let up = self.hub.broker().is_up();
         if self.life.is_draining() {
-            Reply::error(503, "draining", "this instance is shutting down")
+            AdminReply::error(503, "draining", "this instance is shutting down")
         } else if !up && (strict || !self.hub.broker_reached()) {
-            Reply::error(503, "broker_down", "the broker is unreachable")
+            AdminReply::error(503, "broker_down", "the broker is unreachable")
         } else {
             let broker = if up { "up" } else { "down" };
             let ready = serde_json::json!({ "status": "ready", "broker": broker });
-            Reply::json(200, &ready)
+            AdminReply::json(200, &ready)
         }
     }
 
-    async fn publish_one(&self, channel: &str, content_type: Option<&str>, body: Bytes) -> Reply {
+    async fn publish_one(
+        &self,
+        channel: &str,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> AdminReply {
         let content_type = content_type.unwrap_or("application/octet-stream");
         if is_json_type(content_type)
             && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
         {
             let detail = "Content-Type says JSON but the body is not valid JSON";
-            return Reply::error(400, "bad_json", detail);
+            return AdminReply::error(400, "bad_json", detail);
         }
         let broker = self.hub.broker();
         match broker
@@ -297,24 +304,24 @@ impl Admin {
                 metrics::PUBLISHED.inc();
                 subscribers_first().await;
                 let id = m.id.to_string();
-                Reply::json(200, &Published { id, channel })
+                AdminReply::json(200, &Published { id, channel })
             }
-            Err(e) => Reply::error(503, "broker_unavailable", &e.to_string()),
+            Err(e) => AdminReply::error(503, "broker_unavailable", &e.to_string()),
         }
     }
 
-    async fn publish_batch(&self, body: Bytes) -> Reply {
+    async fn publish_batch(&self, body: Bytes) -> AdminReply {
         let batch: Batch = match serde_json::from_slice(&body) {
             Ok(b) => b,
             Err(e) => {
                 let detail = format!("expected {{\"messages\": [...]}}: {e}");
-                return Reply::error(400, "bad_json", &detail);
+                return AdminReply::error(400, "bad_json", &detail);
             }
         };
         let mut prepared = Vec::with_capacity(batch.messages.len());
         for (i, m) in batch.messages.into_iter().enumerate() {
             if let Some(why) = channel_problem(&m.channel) {
-                return Reply::error(400, "bad_channel", &format!("messages[{i}]: {why}"));
+                return AdminReply::error(400, "bad_channel", &format!("messages[{i}]: {why}"));
             }
             let content_type = m.content_type.unwrap_or_else(|| "application/json".into());
             let data = match (&m.data, is_json_type(&content_type)) {
@@ -324,12 +331,12 @@ impl Admin {
                     let detail = format!(
                         "messages[{i}]: data must be a string when content_type is not JSON"
                     );
-                    return Reply::error(400, "bad_message", &detail);
+                    return AdminReply::error(400, "bad_message", &detail);
                 }
             };
             if data.len() as u64 > self.max_body {
                 let detail = format!("messages[{i}] is larger than limits.max_body");
-                return Reply::error(413, "payload_too_large", &detail);
+                return AdminReply::error(413, "payload_too_large", &detail);
             }
             prepared.push((m.channel, content_type, Bytes::from(data)));
         }
@@ -347,20 +354,20 @@ impl Admin {
                 }
                 Err(e) => {
                     let detail = format!("{e}; published {} of the batch: {:?}", ids.len(), ids);
-                    return Reply::error(503, "broker_unavailable", &detail);
+                    return AdminReply::error(503, "broker_unavailable", &detail);
                 }
             }
         }
         subscribers_first().await;
-        Reply::json(200, &serde_json::json!({ "ids": ids }))
+        AdminReply::json(200, &serde_json::json!({ "ids": ids }))
     }
 
-    async fn channel_info(&self, channel: &str) -> Reply {
+    async fn channel_info(&self, channel: &str) -> AdminReply {
         if let Some(why) = channel_problem(channel) {
-            return Reply::error(400, "bad_channel", &why);
+            return AdminReply::error(400, "bad_channel", &why);
         }
         match self.hub.info(channel).await {
-            Ok(info) => Reply::json(
+            Ok(info) => AdminReply::json(
                 200,
                 &serde_json::json!({
                     "channel": channel,
@@ -369,7 +376,7 @@ impl Admin {
                     "subscribers": info.subscribers,
                 }),
             ),
-            Err(e) => Reply::error(503, "broker_unavailable", &e.to_string()),
+            Err(e) => AdminReply::error(503, "broker_unavailable", &e.to_string()),
         }
     }
 }
@@ -432,7 +439,7 @@ impl ServeHttp for Admin {
             .and_then(|raw| Target::parse(raw).map_err(|e| e.to_string()));
         let target = match target {
             Ok(target) => target,
-            Err(detail) => return Reply::error(400, "bad_request", &detail).into_response(),
+            Err(detail) => return AdminReply::error(400, "bad_request", &detail).into_response(),
         };
         let header = |name| req.headers.get(name).map(|v| v.as_bytes());
         let call = Call {

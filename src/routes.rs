@@ -6,6 +6,7 @@
 //! path under it. A [`ChannelTemplate`] renders a channel name from captures.
 
 use crate::target::Target;
+use smallvec::SmallVec;
 use std::fmt;
 use std::sync::Arc;
 
@@ -44,9 +45,9 @@ pub struct PathTemplate {
 }
 
 /// Path parameters captured by a match, in path order (a route has a few:
-/// a list is cheaper than a map).
+/// a list is cheaper than a map, and two are held without an allocation).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Params(Vec<(Arc<str>, String)>);
+pub struct Params(SmallVec<[(Arc<str>, String); 2]>);
 
 impl Params {
     /// No parameters.

@@ -20,10 +20,12 @@ use crate::shards::ShardedMap;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+use std::task::{Poll as TaskPoll, Waker};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, OnceCell};
+use tokio::sync::{mpsc, OnceCell};
 
 /// What a poll without a cursor starts from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,11 +92,30 @@ pub enum Wake {
 
 /// A registered poll. Dropping it deregisters the waiter.
 pub struct Held {
-    /// Resolves when a message arrives (or the poll must be redone).
-    pub wake: oneshot::Receiver<Wake>,
     /// The subscription's cursor while it waits (the timeout answer's cursor).
     pub cursor: Cursor,
-    _registration: Registration,
+    registration: Registration,
+}
+
+impl Held {
+    /// Resolves with the poll's wake-up: a message arrived, the poll must
+    /// be redone, or the instance drains. Resolves once: await it again
+    /// after that and it never does.
+    pub fn woken(&mut self) -> impl Future<Output = Wake> + Send + '_ {
+        let waiter = &self.registration.waiter;
+        std::future::poll_fn(move |cx| {
+            let mut slot = waiter.slot.lock();
+            match slot.wake.take() {
+                Some(wake) => TaskPoll::Ready(wake),
+                None => {
+                    if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        slot.waker = Some(cx.waker().clone());
+                    }
+                    TaskPoll::Pending
+                }
+            }
+        })
+    }
 }
 
 /// Writes an answer to a held poll's client straight from the task that
@@ -114,8 +135,19 @@ struct Waiter {
     cursor: Cursor,
     format: Format,
     fired: AtomicBool,
-    tx: Mutex<Option<oneshot::Sender<Wake>>>,
+    /// The poll's wake-up, in the waiter itself (no channel of its own).
+    slot: Mutex<WakeSlot>,
     answerer: Option<Arc<dyn Answerer>>,
+}
+
+/// Where [`Waiter::fire`] leaves the wake-up for [`Held::woken`].
+#[derive(Default)]
+struct WakeSlot {
+    /// Set by the first `fire`: a waiter on several channels fires once.
+    claimed: bool,
+    wake: Option<Wake>,
+    /// The poll's task, once it waits.
+    waker: Option<Waker>,
 }
 
 impl Waiter {
@@ -123,13 +155,25 @@ impl Waiter {
     /// [`Answerer`]); false when another channel was faster.
     fn fire(&self, wake: Wake) -> bool {
         self.fired.store(true, Ordering::Relaxed);
-        let Some(tx) = self.tx.lock().take() else {
-            return false;
-        };
+        {
+            let mut slot = self.slot.lock();
+            if slot.claimed {
+                return false;
+            }
+            slot.claimed = true;
+        }
         if let (Wake::Answer(answer), Some(answerer)) = (&wake, &self.answerer) {
             answerer.answer(answer);
         }
-        tx.send(wake).is_ok()
+        let waker = {
+            let mut slot = self.slot.lock();
+            slot.wake = Some(wake);
+            slot.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        true
     }
 }
 
@@ -472,13 +516,12 @@ impl Hub {
         format: Format,
         answerer: Option<Arc<dyn Answerer>>,
     ) -> Option<Held> {
-        let (tx, rx) = oneshot::channel();
         let waiter = Arc::new(Waiter {
             id: self.next_waiter.fetch_add(1, Ordering::Relaxed),
             cursor: cursor.clone(),
             format,
             fired: AtomicBool::new(false),
-            tx: Mutex::new(Some(tx)),
+            slot: Mutex::new(WakeSlot::default()),
             answerer,
         });
         let mut registration = Registration {
@@ -496,9 +539,8 @@ impl Hub {
             registration.channels.push(ch);
         }
         Some(Held {
-            wake: rx,
             cursor,
-            _registration: registration,
+            registration,
         })
     }
 

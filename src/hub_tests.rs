@@ -49,8 +49,8 @@ async fn publish(b: &Counting, ch: &str, text: &'static str) -> Arc<Message> {
         .unwrap()
 }
 
-async fn answer(h: Held) -> Arc<Answer> {
-    match h.wake.await.unwrap() {
+async fn answer(mut h: Held) -> Arc<Answer> {
+    match h.woken().await {
         Wake::Answer(a) => a,
         other => panic!("unexpected {other:?}"),
     }
@@ -192,7 +192,7 @@ async fn an_id_going_backwards_wakes_waiters_with_a_gap() {
     let (hub, broker) = hub();
     let names = vec!["reset".to_string()];
     let first = publish(&broker, "reset", "before").await;
-    let w = held(
+    let mut w = held(
         hub.poll(
             &names,
             Some(Cursor(smallvec::smallvec![first.id])),
@@ -205,10 +205,9 @@ async fn an_id_going_backwards_wakes_waiters_with_a_gap() {
     // The channel's history was deleted and begins again, lower.
     let restarted = msg(first.id.ms - 1000, "reset");
     hub.deliver(restarted.clone());
-    let wake = tokio::time::timeout(Duration::from_secs(1), w.wake)
+    let wake = tokio::time::timeout(Duration::from_secs(1), w.woken())
         .await
-        .expect("woken, not left waiting")
-        .unwrap();
+        .expect("woken, not left waiting");
     assert!(
         matches!(wake, Wake::Repoll),
         "sent back to poll, to learn of the gap"
@@ -318,8 +317,8 @@ async fn a_drain_releases_every_held_poll_once() {
     );
     assert_eq!(hub.info("a").await.unwrap().subscribers, 2);
     hub.release_all();
-    for h in [first, both] {
-        assert!(matches!(h.wake.await, Ok(Wake::Drain)));
+    for mut h in [first, both] {
+        assert!(matches!(h.woken().await, Wake::Drain));
     }
     assert_eq!(hub.info("a").await.unwrap().subscribers, 0);
     assert_eq!(hub.info("b").await.unwrap().subscribers, 0);

@@ -398,7 +398,7 @@ impl Poller {
             Ending::Drain
         } else {
             tokio::select! {
-                woken = &mut held.wake => woken_by(woken),
+                woken = held.woken() => woken_by(woken),
                 _ = tokio::time::sleep(timeout) => Ending::Timeout,
                 _ = client.gone() => Ending::Gone,
             }
@@ -407,7 +407,7 @@ impl Poller {
             let taken = !answerer.close();
             if taken && matches!(ending, Ending::Timeout | Ending::Drain) {
                 // Its wake-up is on the way (sent right after the write).
-                ending = woken_by(held.wake.await);
+                ending = woken_by(held.woken().await);
             }
         }
         metrics::HELD.dec();
@@ -484,7 +484,7 @@ impl Poller {
                     break Ending::Drain; // as in `Poller::hold`
                 }
                 let ending = tokio::select! {
-                    woken = &mut held.wake => woken_by(woken),
+                    woken = held.woken() => woken_by(woken),
                     _ = tokio::time::sleep(SSE_KEEPALIVE) => Ending::Timeout,
                     _ = session.gone() => Ending::Gone,
                 };
@@ -550,12 +550,11 @@ pub fn cors_headers(cors: &Cors, origin: Option<&str>) -> Vec<(&'static str, Str
     ]
 }
 
-fn woken_by(wake: Result<Wake, tokio::sync::oneshot::error::RecvError>) -> Ending {
+fn woken_by(wake: Wake) -> Ending {
     match wake {
-        Ok(Wake::Answer(answer)) => Ending::Woken(answer),
-        Ok(Wake::Drain) => Ending::Drain,
-        // A waiter is only dropped unfired when its channel is reset.
-        Ok(Wake::Repoll) | Err(_) => Ending::Repoll,
+        Wake::Answer(answer) => Ending::Woken(answer),
+        Wake::Drain => Ending::Drain,
+        Wake::Repoll => Ending::Repoll,
     }
 }
 

@@ -6,7 +6,7 @@ use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::message::is_json_type;
 use crate::metrics;
-use crate::respond::error_json;
+use crate::respond::{self, error_json};
 use crate::routes::channel_problem;
 use crate::target::Target;
 use async_trait::async_trait;
@@ -84,14 +84,14 @@ impl AdminReply {
 
     /// The answer's bytes on an HTTP/1 connection.
     fn h1(&self, keepalive: bool) -> Vec<u8> {
-        let mut head = conn::status_head(self.status, self.content_type, self.body.len());
+        let mut head = respond::status_head(self.status, self.content_type, self.body.len());
         head.extend_from_slice(b"Cache-Control: no-store\r\n");
         if let Some((name, value)) = self.extra {
             for part in [name, ": ", value, "\r\n"] {
                 head.extend_from_slice(part.as_bytes());
             }
         }
-        conn::assemble(&head, &[], &self.body, keepalive)
+        respond::assemble(&head, &[], &self.body, keepalive)
     }
 
     /// The answer for Pingora's `ServeHttp`.

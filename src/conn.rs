@@ -20,7 +20,6 @@ use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use std::future::Future;
-use std::io::Write;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -384,71 +383,9 @@ async fn write_within(stream: &mut Stream, whole: &[u8], limit: Duration) -> boo
     matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
 }
 
-/// The bytes of a whole JSON error answer: `status`, `{"error","detail"}`,
-/// `Cache-Control: no-store`, the `extra` header fields and `fields`.
-pub fn error_answer(
-    status: u16,
-    (error, detail): (&str, &str),
-    extra: &[(&str, &str)],
-    fields: &[(&'static str, String)],
-    keepalive: bool,
-) -> Vec<u8> {
-    let body = respond::error_json(error, detail);
-    let mut head = status_head(status, "application/json", body.len());
-    head.extend_from_slice(b"Cache-Control: no-store\r\n");
-    for (name, value) in extra {
-        let _ = write!(head, "{name}: {value}\r\n");
-    }
-    assemble(&head, fields, &body, keepalive)
-}
-
-/// A status line with Content-Type (unless empty) and Content-Length.
-pub fn status_head(status: u16, content_type: &str, len: usize) -> Vec<u8> {
-    let reason = http::StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("Error");
-    let mut head = Vec::with_capacity(256);
-    let _ = write!(head, "HTTP/1.1 {status} {reason}\r\n");
-    if !content_type.is_empty() {
-        let _ = write!(head, "Content-Type: {content_type}\r\n");
-    }
-    let _ = write!(head, "Content-Length: {len}\r\n");
-    head
-}
-
-/// The bytes of a whole answer: `head` (status line and header lines),
-/// `fields`, Date and Connection, the blank line and `body`.
-pub fn assemble(
-    head: &[u8],
-    fields: &[(&'static str, String)],
-    body: &[u8],
-    keepalive: bool,
-) -> Vec<u8> {
-    let date = pingora::protocols::http::date::get_cached_date();
-    let connection: &[u8] = if keepalive {
-        b"Connection: keep-alive\r\n\r\n"
-    } else {
-        b"Connection: close\r\n\r\n"
-    };
-    let fields_len: usize = fields.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
-    let mut whole =
-        Vec::with_capacity(head.len() + fields_len + 40 + connection.len() + body.len());
-    whole.extend_from_slice(head);
-    for (name, value) in fields {
-        let _ = write!(whole, "{name}: {value}\r\n");
-    }
-    whole.extend_from_slice(b"Date: ");
-    whole.extend_from_slice(date.as_bytes());
-    whole.extend_from_slice(b"\r\n");
-    whole.extend_from_slice(connection);
-    whole.extend_from_slice(body);
-    whole
-}
-
 /// Writes a JSON error answer straight to the connection and closes it.
 async fn refuse(stream: &mut Stream, status: u16, error: &str, detail: &str, limits: HeadLimits) {
-    let answer = error_answer(status, (error, detail), &[], &[], false);
+    let answer = respond::error_answer(status, (error, detail), &[], &[], false);
     if write_within(stream, &answer, limits.write_timeout).await {
         let _ = tokio::time::timeout(limits.write_timeout, stream.shutdown()).await;
     }

@@ -13,10 +13,10 @@
 //! admission and the hold ([`Poller::wait`]).
 
 use crate::answer::Answer;
-use crate::conn;
 use crate::hub::Answerer;
 use crate::metrics::Outcome;
 use crate::poll::{self, BadRequest, Client, Poller, Request, Waited};
+use crate::respond;
 use crate::routes::SubscribeRoute;
 use bytes::BytesMut;
 use parking_lot::Mutex;
@@ -256,10 +256,10 @@ fn whole_answer<'a>(answer: &'a Answer, manner: &Manner) -> std::borrow::Cow<'a,
     if manner.keepalive && manner.cors.is_empty() {
         let body = &answer.body;
         return answer
-            .h1_whole(|head| conn::assemble(head, &[], body, true))
+            .h1_whole(|head| respond::assemble(head, &[], body, true))
             .into();
     }
-    conn::assemble(
+    respond::assemble(
         answer.h1_head(),
         &manner.cors,
         &answer.body,
@@ -277,7 +277,7 @@ async fn write_error(
     manner: &Manner,
     extra: &[(&str, &str)],
 ) -> bool {
-    let whole = conn::error_answer(status, error, extra, &manner.cors, manner.keepalive);
+    let whole = respond::error_answer(status, error, extra, &manner.cors, manner.keepalive);
     write_whole(poller, client, &whole).await && manner.keepalive
 }
 

@@ -1,5 +1,6 @@
-//! Writing whole answers, on a plain HTTP session (long-polls) or inside
-//! Pingora's proxy (proxy routes).
+//! Whole answers: written on a Pingora session (long-polls held there) or
+//! inside Pingora's proxy (proxy routes), or encoded as the bytes of one
+//! HTTP/1.1 answer for the raw connection (`status_head`, `assemble`).
 //!
 //! Every answer has a Content-Length, so the connection stays reusable
 //! (Pingora's `respond_error*` would turn keep-alive off), and every error is
@@ -11,6 +12,7 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use pingora::Result;
+use std::io::Write;
 
 /// Something an answer can be written to.
 #[async_trait]
@@ -82,4 +84,66 @@ pub async fn error(
         h.insert_header(*k, v.as_str())?;
     }
     send(to, h, Bytes::from(body)).await
+}
+
+/// The bytes of a whole JSON error answer: `status`, `{"error","detail"}`,
+/// `Cache-Control: no-store`, the `extra` header fields and `fields`.
+pub fn error_answer(
+    status: u16,
+    (error, detail): (&str, &str),
+    extra: &[(&str, &str)],
+    fields: &[(&'static str, String)],
+    keepalive: bool,
+) -> Vec<u8> {
+    let body = error_json(error, detail);
+    let mut head = status_head(status, "application/json", body.len());
+    head.extend_from_slice(b"Cache-Control: no-store\r\n");
+    for (name, value) in extra {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    assemble(&head, fields, &body, keepalive)
+}
+
+/// A status line with Content-Type (unless empty) and Content-Length.
+pub fn status_head(status: u16, content_type: &str, len: usize) -> Vec<u8> {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let mut head = Vec::with_capacity(256);
+    let _ = write!(head, "HTTP/1.1 {status} {reason}\r\n");
+    if !content_type.is_empty() {
+        let _ = write!(head, "Content-Type: {content_type}\r\n");
+    }
+    let _ = write!(head, "Content-Length: {len}\r\n");
+    head
+}
+
+/// The bytes of a whole answer: `head` (status line and header lines),
+/// `fields`, Date and Connection, the blank line and `body`.
+pub fn assemble(
+    head: &[u8],
+    fields: &[(&'static str, String)],
+    body: &[u8],
+    keepalive: bool,
+) -> Vec<u8> {
+    let date = pingora::protocols::http::date::get_cached_date();
+    let connection: &[u8] = if keepalive {
+        b"Connection: keep-alive\r\n\r\n"
+    } else {
+        b"Connection: close\r\n\r\n"
+    };
+    let fields_len: usize = fields.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+    let mut whole =
+        Vec::with_capacity(head.len() + fields_len + 40 + connection.len() + body.len());
+    whole.extend_from_slice(head);
+    for (name, value) in fields {
+        let _ = write!(whole, "{name}: {value}\r\n");
+    }
+    whole.extend_from_slice(b"Date: ");
+    whole.extend_from_slice(date.as_bytes());
+    whole.extend_from_slice(b"\r\n");
+    whole.extend_from_slice(connection);
+    whole.extend_from_slice(body);
+    whole
 }

@@ -194,12 +194,14 @@ struct BatchMessage {
     content_type: Option<String>,
 }
 
+/// A batch publish's body.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Batch {
     messages: Vec<BatchMessage>,
 }
 
+/// The answer to a single publish: the message's id and its channel.
 #[derive(Serialize)]
 struct Published<'a> {
     id: String,

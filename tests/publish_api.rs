@@ -343,3 +343,50 @@ async fn an_admin_body_left_unread_or_late_closes_the_connection() {
     );
     assert_eq!(pg.metric("pollgate_messages_published_total").await, 0.0);
 }
+
+#[tokio::test]
+async fn admin_heads_are_bounded_and_parsed_as_client_heads() {
+    use std::io::Write;
+    let pg = Pollgate::start(&format!(
+        "limits:\n  max_head: 1KiB\n  header_timeout: 1s\n{ROUTES}"
+    ));
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", pg.admin_port)).unwrap();
+    let huge = format!(
+        "GET /healthz HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+        "x".repeat(2000)
+    );
+    for (request, status, error) in [
+        (huge.as_str(), 431, "header_too_large"),
+        (
+            "POST /v1/publish/a%zz HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST /v1/publish/../a HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
+            400,
+            "bad_request",
+        ),
+    ] {
+        let mut s = connect();
+        let (line, _, body) = raw_exchange(&mut s, request);
+        assert!(line.contains(&status.to_string()), "{line}");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap()["error"],
+            error
+        );
+        assert!(closes(&mut s), "{error}: closed");
+    }
+    // A head that stops halfway is given up after limits.header_timeout.
+    let mut s = connect();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
+    let (line, _, body) = read_answer(&mut s);
+    assert!(line.contains("408"), "{line}");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["error"],
+        "header_timeout"
+    );
+    assert_eq!(pg.metric("pollgate_messages_published_total").await, 0.0);
+    let (status, _, _) = get_json(&pg.admin("/healthz")).await;
+    assert_eq!(status, 200, "and the listener serves on");
+}

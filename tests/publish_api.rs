@@ -218,6 +218,12 @@ on_both_brokers!(
     health_readiness_and_metrics,
 );
 
+/// The text of field `key` in a JSON answer's body.
+fn field(body: &[u8], key: &str) -> String {
+    let v: Value = serde_json::from_slice(body).unwrap();
+    v[key].as_str().unwrap_or_default().to_string()
+}
+
 /// Reads answers off a raw admin connection until it closes; true when it
 /// closed (read 0) within a second.
 fn closes(s: &mut std::net::TcpStream) -> bool {
@@ -250,8 +256,7 @@ async fn an_admin_connection_serves_pipelined_chunked_and_split_requests_in_orde
     for _ in 0..2 {
         let (status, _, body) = read_answer(&mut s);
         assert!(status.contains("200"), "{status}");
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        ids.push(v["id"].as_str().unwrap().to_string());
+        ids.push(field(&body, "id"));
     }
     let (status, _, body) = read_answer(&mut s);
     assert!(status.contains("200") && body.starts_with(b"{\"status\""));
@@ -261,12 +266,7 @@ async fn an_admin_connection_serves_pipelined_chunked_and_split_requests_in_orde
                    Transfer-Encoding: chunked\r\n\r\n5\r\nthree\r\n0\r\n\r\n";
     let (status, _, body) = raw_exchange(&mut s, chunked);
     assert!(status.contains("200"), "{status}");
-    ids.push(
-        serde_json::from_slice::<Value>(&body).unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .into(),
-    );
+    ids.push(field(&body, "id"));
     let split = publish("four");
     let (head, tail) = split.split_at(split.len() - 2);
     s.write_all(head.as_bytes()).unwrap();
@@ -274,12 +274,7 @@ async fn an_admin_connection_serves_pipelined_chunked_and_split_requests_in_orde
     let (status, headers, body) = raw_exchange(&mut s, tail);
     assert!(status.contains("200"), "{status}");
     assert!(headers.contains(&("connection".into(), "keep-alive".into())));
-    ids.push(
-        serde_json::from_slice::<Value>(&body).unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .into(),
-    );
+    ids.push(field(&body, "id"));
     let (_, _, env) = get_json(&pg.url("/oldest/p")).await;
     let got: Vec<&str> = env["messages"]
         .as_array()
@@ -318,8 +313,7 @@ async fn an_admin_body_left_unread_or_late_closes_the_connection() {
         let mut s = connect();
         let (line, headers, body) = raw_exchange(&mut s, request);
         assert!(line.contains(&status.to_string()), "{line}");
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["error"], error);
+        assert_eq!(field(&body, "error"), error);
         assert!(headers.contains(&("connection".into(), "close".into())));
         assert!(closes(&mut s), "{error}: closed after the answer");
     }
@@ -331,10 +325,7 @@ async fn an_admin_body_left_unread_or_late_closes_the_connection() {
     .unwrap();
     let (line, _, body) = read_answer(&mut s);
     assert!(line.contains("408"), "{line}");
-    assert_eq!(
-        serde_json::from_slice::<Value>(&body).unwrap()["error"],
-        "body_timeout"
-    );
+    assert_eq!(field(&body, "error"), "body_timeout");
     assert!(closes(&mut s));
     let (_, _, v) = get_json(&pg.admin("/v1/channels/p")).await;
     assert_eq!(
@@ -371,10 +362,7 @@ async fn admin_heads_are_bounded_and_parsed_as_client_heads() {
         let mut s = connect();
         let (line, _, body) = raw_exchange(&mut s, request);
         assert!(line.contains(&status.to_string()), "{line}");
-        assert_eq!(
-            serde_json::from_slice::<Value>(&body).unwrap()["error"],
-            error
-        );
+        assert_eq!(field(&body, "error"), error);
         assert!(closes(&mut s), "{error}: closed");
     }
     // A head that stops halfway is given up after limits.header_timeout.
@@ -382,10 +370,7 @@ async fn admin_heads_are_bounded_and_parsed_as_client_heads() {
     s.write_all(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
     let (line, _, body) = read_answer(&mut s);
     assert!(line.contains("408"), "{line}");
-    assert_eq!(
-        serde_json::from_slice::<Value>(&body).unwrap()["error"],
-        "header_timeout"
-    );
+    assert_eq!(field(&body, "error"), "header_timeout");
     assert_eq!(pg.metric("pollgate_messages_published_total").await, 0.0);
     let (status, _, _) = get_json(&pg.admin("/healthz")).await;
     assert_eq!(status, 200, "and the listener serves on");

@@ -390,7 +390,7 @@ impl Hub {
     /// at once when there is something to send, else by registering a waiter.
     pub async fn poll(
         &self,
-        names: &[String],
+        names: &[impl AsRef<str> + Sync],
         cursor: Option<Cursor>,
         first: First,
         format: Format,
@@ -403,7 +403,7 @@ impl Hub {
     /// from the delivering task when it can.
     pub async fn poll_answered_by(
         &self,
-        names: &[String],
+        names: &[impl AsRef<str> + Sync],
         cursor: Option<Cursor>,
         first: First,
         format: Format,
@@ -414,7 +414,7 @@ impl Hub {
         loop {
             let mut channels = Channels::with_capacity(names.len());
             for name in names {
-                channels.push(self.channel(name).await?);
+                channels.push(self.channel(name.as_ref()).await?);
             }
             let start = match &cursor {
                 Some(c) => c.clone(),

@@ -18,6 +18,7 @@ use crate::respond;
 use crate::routes::{Params, SubscribeRoute};
 use crate::target::{form_decode, Target};
 use bytes::Bytes;
+use compact_str::CompactString;
 use pingora::protocols::http::ServerSession as Session;
 use pingora::{Error, ErrorType, Result};
 use std::future::Future;
@@ -103,7 +104,7 @@ pub struct SubscribeHead<'a> {
 /// The subscription a request asks for.
 pub struct Request {
     /// The channel names, rendered (one, as a rule).
-    channels: smallvec::SmallVec<[String; 1]>,
+    channels: smallvec::SmallVec<[CompactString; 1]>,
     cursor: Option<Cursor>,
     timeout: Duration,
     pub format: Format,
@@ -230,7 +231,7 @@ impl Poller {
         req: &Request,
         route: &SubscribeRoute,
     ) -> Waited {
-        let deadline = Instant::now() + jitter(req.timeout);
+        let deadline = tokio::time::Instant::now() + jitter(req.timeout);
         let mut cursor = req.cursor.clone();
         let answerer = client.answerer();
         loop {
@@ -255,9 +256,8 @@ impl Poller {
                 Err(e) => return Waited::Failed(e),
             };
             let current = held.cursor.clone();
-            let left = deadline.saturating_duration_since(Instant::now());
             let empty = || Arc::new(Answer::build(req.format, &current, false, &[]));
-            return match self.hold(client, answerer.as_deref(), held, left).await {
+            return match self.hold(client, answerer.as_deref(), held, deadline).await {
                 Ending::Woken(answer) => Waited::Reply(Reply::new(answer, Outcome::Message, true)),
                 Ending::Repoll => {
                     cursor = Some(current);
@@ -381,15 +381,15 @@ impl Poller {
         }
     }
 
-    /// Waits for the first event that ends a held poll. An answer that
-    /// `answerer` took meanwhile wins over the timeout and draining (the
-    /// client has it, or part of it).
+    /// Waits for the first event that ends a held poll (its timeout is
+    /// `deadline`). An answer that `answerer` took meanwhile wins over the
+    /// timeout and draining (the client has it, or part of it).
     pub async fn hold(
         &self,
         client: &mut impl Client,
         answerer: Option<&dyn Answerer>,
         mut held: Held,
-        timeout: Duration,
+        deadline: tokio::time::Instant,
     ) -> Ending {
         metrics::HELD.inc();
         // A drain wakes the held polls through the hub, but for one
@@ -399,7 +399,7 @@ impl Poller {
         } else {
             tokio::select! {
                 woken = held.woken() => woken_by(woken),
-                _ = tokio::time::sleep(timeout) => Ending::Timeout,
+                _ = tokio::time::sleep_until(deadline) => Ending::Timeout,
                 _ = client.gone() => Ending::Gone,
             }
         };
@@ -584,9 +584,11 @@ fn count_delivered(answer: &Answer, live: bool) {
     }
 }
 
-/// Up to 10% shorter, so that reconnects spread.
+/// Up to 10% shorter, so that reconnects spread (in integers: this runs
+/// once per poll).
 pub fn jitter(timeout: Duration) -> Duration {
-    timeout.mul_f64(1.0 - fastrand::f64() * 0.1)
+    let cut = timeout.as_nanos() / 10 * u128::from(fastrand::u16(..=1000)) / 1000;
+    timeout.saturating_sub(Duration::from_nanos(u64::try_from(cut).unwrap_or(u64::MAX)))
 }
 
 /// The refusal to count (unless the broker counted it) and the `error` of

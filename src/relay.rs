@@ -85,7 +85,7 @@ impl Relay {
                 BodySource::Request => (body.clone(), content_type(&session.req_header().headers)),
                 BodySource::None => (Bytes::new(), "application/octet-stream".to_string()),
             };
-            targets.push((channel, data, ct));
+            targets.push((channel.into(), data, ct));
         }
         if route.publish_from_header {
             if let Some(list) = header.remove_header("Pollgate-Publish") {

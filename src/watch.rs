@@ -29,7 +29,7 @@ use pingora::protocols::http::ServerSession as Session;
 use pingora::Result;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Request headers that make two watchers' answers differ, besides those
 /// an upstream answer names in `Vary`.
@@ -140,7 +140,7 @@ impl Watcher {
             .get("If-None-Match")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let deadline = Instant::now() + poll::jitter(route.timeout);
+        let deadline = tokio::time::Instant::now() + poll::jitter(route.timeout);
         let mut cursor: Option<Cursor> = None;
         // The representation and the position of the channels it reflects.
         let mut current: Option<(Arc<Representation>, Cursor)> = None;
@@ -186,9 +186,8 @@ impl Watcher {
             let Some(held) = held else {
                 continue; // changed while fetching: fetch again
             };
-            let left = deadline.saturating_duration_since(Instant::now());
             metrics::HELD_WATCHERS.inc();
-            let ending = poller.hold(session, None, held, left).await;
+            let ending = poller.hold(session, None, held, deadline).await;
             metrics::HELD_WATCHERS.dec();
             match ending {
                 Ending::Woken(answer) => cursor = Some(answer.cursor.clone()),

@@ -399,6 +399,28 @@ impl Hub {
             .await
     }
 
+    /// Holds a poll on `names` at `cursor` without awaiting anything, in
+    /// the common case: every channel is known and synced here and the
+    /// cursor is at each one's newest message. None when the poll needs
+    /// more (a channel to load, messages to answer with, a broker check):
+    /// [`Hub::poll_answered_by`] then serves it.
+    pub fn hold_now(
+        &self,
+        names: &[impl AsRef<str>],
+        cursor: &Cursor,
+        format: Format,
+        answerer: Option<&Arc<dyn Answerer>>,
+    ) -> Option<Held> {
+        let mut channels = Channels::with_capacity(names.len());
+        for name in names {
+            let ch = self.channels.get(name.as_ref())?;
+            ch.ready.get()?;
+            channels.push(ch);
+        }
+        // Registering checks that the cursor is at the newest message.
+        self.register(channels, cursor.clone(), format, answerer.cloned())
+    }
+
     /// [`Hub::poll`], with the answer of a held poll written by `answerer`
     /// from the delivering task when it can.
     pub async fn poll_answered_by(

@@ -323,3 +323,28 @@ async fn a_drain_releases_every_held_poll_once() {
     assert_eq!(hub.info("a").await.unwrap().subscribers, 0);
     assert_eq!(hub.info("b").await.unwrap().subscribers, 0);
 }
+
+#[tokio::test]
+async fn a_poll_at_the_newest_message_of_a_known_channel_is_held_at_once() {
+    let (hub, broker) = hub();
+    let names = vec!["room".to_string()];
+    let first = held(
+        hub.poll(&names, None, First::Newest, Format::Envelope)
+            .await
+            .unwrap(),
+    );
+    let at = first.cursor.clone();
+    // Unknown channel: it must be loaded first.
+    let other = vec!["other".to_string()];
+    assert!(hub.hold_now(&other, &at, Format::Envelope, None).is_none());
+    let now = hub
+        .hold_now(&names, &at, Format::Envelope, None)
+        .expect("held at once");
+    publish(&broker, "room", "m1").await;
+    for h in [first, now] {
+        assert_eq!(answer(h).await.messages.len(), 1, "both waiters are woken");
+    }
+    // Behind the newest message: answered by the full poll, not held.
+    assert!(hub.hold_now(&names, &at, Format::Envelope, None).is_none());
+    assert_eq!(broker.reads.load(Ordering::Relaxed), 1, "no broker call");
+}

@@ -235,25 +235,35 @@ impl Poller {
         let mut cursor = req.cursor.clone();
         let answerer = client.answerer();
         loop {
-            // Boxed so that its state is not carried while the poll is held.
-            let poll = Box::pin(self.hub.poll_answered_by(
-                &req.channels,
-                cursor,
-                route.first,
-                req.format,
-                answerer.clone(),
-            ));
-            let held = match poll.await {
-                Ok(Poll::Ready(answer)) => {
-                    let outcome = if answer.gap {
-                        Outcome::Gap
-                    } else {
-                        Outcome::Message
-                    };
-                    return Waited::Reply(Reply::new(answer, outcome, false));
+            // Held at once as a rule; the whole poll (boxed, so that its
+            // state is not carried while the poll is held) otherwise.
+            let now = cursor.as_ref().and_then(|c| {
+                self.hub
+                    .hold_now(&req.channels, c, req.format, answerer.as_ref())
+            });
+            let held = match now {
+                Some(held) => held,
+                None => {
+                    let poll = Box::pin(self.hub.poll_answered_by(
+                        &req.channels,
+                        cursor,
+                        route.first,
+                        req.format,
+                        answerer.clone(),
+                    ));
+                    match poll.await {
+                        Ok(Poll::Ready(answer)) => {
+                            let outcome = if answer.gap {
+                                Outcome::Gap
+                            } else {
+                                Outcome::Message
+                            };
+                            return Waited::Reply(Reply::new(answer, outcome, false));
+                        }
+                        Ok(Poll::Held(held)) => held,
+                        Err(e) => return Waited::Failed(e),
+                    }
                 }
-                Ok(Poll::Held(held)) => held,
-                Err(e) => return Waited::Failed(e),
             };
             let current = held.cursor.clone();
             let empty = || Arc::new(Answer::build(req.format, &current, false, &[]));

@@ -398,6 +398,7 @@ async fn subscribers_first() {
 impl Http1App for Admin {
     type Lean<'a> = Call;
     type Handoff<'a> = ();
+    type Kept = ();
 
     fn plan(&self, head: Head<'_>, last: bool) -> Plan<Call, ()> {
         let method = match Method::from_bytes(head.method.as_bytes()) {
@@ -414,7 +415,7 @@ impl Http1App for Admin {
         })
     }
 
-    async fn serve_lean(&self, call: Call, raw: &mut Raw<'_>) -> bool {
+    async fn serve_lean(&self, call: Call, raw: &mut Raw<'_>, _: &mut ()) -> bool {
         let reply = self.answer(&call, raw).await;
         // A body left unread would be taken for the next request.
         let keepalive =

@@ -69,6 +69,9 @@ pub trait Http1App: Send + Sync + 'static {
     type Handoff<'a>: Send
     where
         Self: 'a;
+    /// What the lean path keeps for a connection from one request to the
+    /// next.
+    type Kept: Default + Send;
 
     /// Decides how to serve the request of `head`; `last` when the
     /// connection closes after it (`listener.keepalive_request_limit`).
@@ -80,6 +83,7 @@ pub trait Http1App: Send + Sync + 'static {
         &'a self,
         work: Self::Lean<'a>,
         raw: &mut Raw<'_>,
+        kept: &mut Self::Kept,
     ) -> impl Future<Output = bool> + Send;
 
     /// Serves a request on a Pingora session (its head buffered, not yet
@@ -412,6 +416,7 @@ pub async fn serve<A: Http1App>(
     // Registered once for the connection, not once per wait between
     // requests (it resolves once: the connection then closes).
     let mut drained = std::pin::pin!(life.drained());
+    let mut kept = A::Kept::default();
     loop {
         let idle = keepalive.map_or(limits.header_timeout, Duration::from_secs);
         let between = keepalive.is_some();
@@ -459,7 +464,7 @@ pub async fn serve<A: Http1App>(
                     head_len,
                     body_len: 0,
                 };
-                if !app.serve_lean(work, &mut raw).await {
+                if !app.serve_lean(work, &mut raw, &mut kept).await {
                     return;
                 }
                 let used = head_len + raw.body_len;

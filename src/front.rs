@@ -146,6 +146,7 @@ impl Front {
 impl Http1App for Front {
     type Lean<'a> = LeanPoll<'a>;
     type Handoff<'a> = (Target, Option<(Holds<'a>, Params)>);
+    type Kept = h1::Kept;
 
     /// The lean path takes a subscribe request whose head is bare, whose
     /// route has no `authorize:` and which does not ask for SSE; a Pingora
@@ -168,8 +169,13 @@ impl Http1App for Front {
         Plan::Session((head.target, route))
     }
 
-    async fn serve_lean<'a>(&'a self, poll: LeanPoll<'a>, raw: &mut Raw<'_>) -> bool {
-        let mut client = h1::Exchange::new(raw.stream, raw.buf, raw.limits.max_head);
+    async fn serve_lean<'a>(
+        &'a self,
+        poll: LeanPoll<'a>,
+        raw: &mut Raw<'_>,
+        kept: &mut h1::Kept,
+    ) -> bool {
+        let mut client = h1::Exchange::new(raw.stream, raw.buf, raw.limits.max_head, kept);
         h1::serve(&self.poller, &mut client, poll.req, poll.route, poll.manner).await
     }
 

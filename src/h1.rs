@@ -24,7 +24,6 @@ use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
 use std::io::IoSlice;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -36,17 +35,33 @@ pub struct Exchange<'a> {
     pub buf: &'a mut BytesMut,
     /// Most bytes kept that way before the client counts as gone.
     pub max_buffered: usize,
-    /// Writes the poll's answer from the delivering task (plain TCP only).
+    /// What the connection keeps from one poll to the next.
+    kept: &'a mut Kept,
+    /// Writes this poll's answer from the delivering task (plain TCP only).
+    direct: Option<Arc<DirectWrite>>,
+}
+
+/// What the lean path keeps for a connection from one poll to the next:
+/// the writer of its answers from the delivering task (plain TCP), made
+/// for the first poll.
+#[derive(Default)]
+pub struct Kept {
     direct: Option<Arc<DirectWrite>>,
 }
 
 impl<'a> Exchange<'a> {
     /// The exchange of a request read from `stream` into `buf`.
-    pub fn new(stream: &'a mut Stream, buf: &'a mut BytesMut, max_buffered: usize) -> Self {
+    pub fn new(
+        stream: &'a mut Stream,
+        buf: &'a mut BytesMut,
+        max_buffered: usize,
+        kept: &'a mut Kept,
+    ) -> Self {
         Exchange {
             stream,
             buf,
             max_buffered,
+            kept,
             direct: None,
         }
     }
@@ -108,8 +123,14 @@ pub async fn serve(
     // two answers, and its unique id is the socket's fd.
     if client.stream.get_ssl_digest().is_none() {
         let fd = client.stream.id();
-        client.direct = Some(Arc::new(DirectWrite::new(fd, manner.clone())));
+        let direct = (client.kept.direct)
+            .get_or_insert_with(|| Arc::new(DirectWrite::new(fd)))
+            .clone();
+        direct.begin(manner.clone());
+        client.direct = Some(direct);
     }
+    // Once it returns, the poll is stopped: no answer is written for it
+    // from elsewhere (`Held::stop`).
     let waited = poller.wait(client, &req, route).await;
     let direct = client.direct.take();
     match waited {
@@ -141,24 +162,19 @@ pub async fn serve(
 }
 
 /// An [`Answerer`] writing to a plain TCP socket without blocking: what
-/// the socket does not take at once is left to the poll's task.
+/// the socket does not take at once is left to the poll's task. One per
+/// connection: the hub calls it for the poll being held, if at all, and
+/// never once that poll has stopped ([`Answerer::answer`]).
 struct DirectWrite {
     fd: RawFd,
-    /// [`OPEN`], [`WRITING`], [`SENT`] or [`CLOSED`].
-    state: AtomicU8,
-    manner: Manner,
-    /// The end of a sent answer that the socket did not take.
-    rest: Mutex<Vec<u8>>,
+    turn: Mutex<Turn>,
 }
 
-/// Nothing written yet; an answer may be.
-const OPEN: u8 = 0;
-/// The delivering task is writing to the socket.
-const WRITING: u8 = 1;
-/// An answer was written (see `rest`).
-const SENT: u8 = 2;
-/// The poll's task owns the socket again.
-const CLOSED: u8 = 3;
+/// The poll a [`DirectWrite`] answers now.
+struct Turn {
+    manner: Manner,
+    written: Settled,
+}
 
 /// What became of the direct write of a poll's answer.
 enum Settled {
@@ -169,41 +185,40 @@ enum Settled {
 }
 
 impl DirectWrite {
-    fn new(fd: RawFd, manner: Manner) -> DirectWrite {
+    fn new(fd: RawFd) -> DirectWrite {
         DirectWrite {
             fd,
-            state: AtomicU8::new(OPEN),
-            manner,
-            rest: Mutex::new(Vec::new()),
+            turn: Mutex::new(Turn {
+                manner: Manner {
+                    keepalive: false,
+                    cors: Vec::new(),
+                },
+                written: Settled::Unsent,
+            }),
         }
     }
 
-    /// Closes it and says what was written.
+    /// Makes it the writer of a new poll's answer, in `manner`.
+    fn begin(&self, manner: Manner) {
+        *self.turn.lock() = Turn {
+            manner,
+            written: Settled::Unsent,
+        };
+    }
+
+    /// What was written of the poll's answer (once the poll stopped).
     fn settle(&self) -> Settled {
-        if self.close() {
-            return Settled::Unsent;
-        }
-        let rest = std::mem::take(&mut *self.rest.lock());
-        if rest.is_empty() {
-            Settled::Sent
-        } else {
-            Settled::Partly(rest)
-        }
+        std::mem::replace(&mut self.turn.lock().written, Settled::Unsent)
     }
 }
 
 impl Answerer for DirectWrite {
     fn answer(&self, answer: &Arc<Answer>) -> bool {
-        if self
-            .state
-            .compare_exchange(OPEN, WRITING, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            return false;
-        }
-        let whole = whole_answer(answer, &self.manner);
-        // SAFETY: the poll's task keeps the socket open while the state is
-        // WRITING (`close` waits), and `whole` is a live buffer of that length.
+        let mut turn = self.turn.lock();
+        let whole = whole_answer(answer, &turn.manner);
+        // SAFETY: the poll's task keeps the socket open until its poll has
+        // stopped, which waits out this call (`Held::stop`); `whole` is a
+        // live buffer of that length.
         let sent = unsafe {
             libc::send(
                 self.fd,
@@ -214,27 +229,13 @@ impl Answerer for DirectWrite {
         };
         if sent <= 0 {
             // Full or failing: the poll's task writes it (and sees the error).
-            self.state.store(OPEN, Ordering::Release);
             return false;
         }
-        if (sent as usize) < whole.len() {
-            *self.rest.lock() = whole[sent as usize..].to_vec();
-        }
-        self.state.store(SENT, Ordering::Release);
+        turn.written = match whole.get(sent as usize..) {
+            Some(rest) if !rest.is_empty() => Settled::Partly(rest.to_vec()),
+            _ => Settled::Sent,
+        };
         true
-    }
-
-    fn close(&self) -> bool {
-        loop {
-            match self
-                .state
-                .compare_exchange(OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) | Err(CLOSED) => return true,
-                Err(WRITING) => std::hint::spin_loop(),
-                Err(_) => return false,
-            }
-        }
     }
 }
 

@@ -105,16 +105,41 @@ impl Held {
         let waiter = &self.registration.waiter;
         std::future::poll_fn(move |cx| {
             let mut slot = waiter.slot.lock();
-            match slot.wake.take() {
-                Some(wake) => TaskPoll::Ready(wake),
-                None => {
-                    if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                        slot.waker = Some(cx.waker().clone());
-                    }
-                    TaskPoll::Pending
+            if let Phase::Fired(_) = slot.phase {
+                if let Phase::Fired(wake) = std::mem::replace(&mut slot.phase, Phase::Done) {
+                    return TaskPoll::Ready(wake);
                 }
             }
+            if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                slot.waker = Some(cx.waker().clone());
+            }
+            TaskPoll::Pending
         })
+    }
+
+    /// Stops the poll's wake-up: once this returns, no answer is written
+    /// for it ([`Answerer::answer`]). Returns the wake-up that came first,
+    /// if one did and was not taken by [`Held::woken`]; one being handed
+    /// over (its answer being written, without blocking) is waited out.
+    /// Dropping a `Held` stops it too.
+    pub fn stop(&mut self) -> Option<Wake> {
+        let waiter = &self.registration.waiter;
+        loop {
+            let mut slot = waiter.slot.lock();
+            match std::mem::replace(&mut slot.phase, Phase::Done) {
+                Phase::Waiting | Phase::Done => return None,
+                Phase::Fired(wake) => return Some(wake),
+                Phase::Firing => slot.phase = Phase::Firing,
+            }
+            drop(slot);
+            std::hint::spin_loop();
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -123,11 +148,9 @@ impl Held {
 /// (which is still woken, to go on with its connection).
 pub trait Answerer: Send + Sync {
     /// Tries to write `answer` now, without waiting. True when it was taken
-    /// (wholly, or in part for the poll's task to finish).
+    /// (wholly, or in part for the poll's task to finish). Called at most
+    /// once per held poll, and never after its [`Held::stop`].
     fn answer(&self, answer: &Arc<Answer>) -> bool;
-    /// Stops any later [`Answerer::answer`], waiting out one in progress.
-    /// False when an answer was taken already.
-    fn close(&self) -> bool;
 }
 
 struct Waiter {
@@ -143,31 +166,45 @@ struct Waiter {
 /// Where [`Waiter::fire`] leaves the wake-up for [`Held::woken`].
 #[derive(Default)]
 struct WakeSlot {
-    /// Set by the first `fire`: a waiter on several channels fires once.
-    claimed: bool,
-    wake: Option<Wake>,
+    phase: Phase,
     /// The poll's task, once it waits.
     waker: Option<Waker>,
 }
 
+/// Where a held poll's wake-up is.
+#[derive(Default)]
+enum Phase {
+    /// Nothing came yet.
+    #[default]
+    Waiting,
+    /// The first `fire` (a waiter on several channels fires once) is
+    /// writing the answer.
+    Firing,
+    /// The wake-up, for the poll's task to take.
+    Fired(Wake),
+    /// Taken, or stopped.
+    Done,
+}
+
 impl Waiter {
     /// Wakes the poll (after writing its answer, when it has an
-    /// [`Answerer`]); false when another channel was faster.
+    /// [`Answerer`]); false when another channel was faster, or the poll
+    /// stopped.
     fn fire(&self, wake: Wake) -> bool {
         self.fired.store(true, Ordering::Relaxed);
         {
             let mut slot = self.slot.lock();
-            if slot.claimed {
+            if !matches!(slot.phase, Phase::Waiting) {
                 return false;
             }
-            slot.claimed = true;
+            slot.phase = Phase::Firing;
         }
         if let (Wake::Answer(answer), Some(answerer)) = (&wake, &self.answerer) {
             answerer.answer(answer);
         }
         let waker = {
             let mut slot = self.slot.lock();
-            slot.wake = Some(wake);
+            slot.phase = Phase::Fired(wake);
             slot.waker.take()
         };
         if let Some(waker) = waker {

@@ -348,3 +348,43 @@ async fn a_poll_at_the_newest_message_of_a_known_channel_is_held_at_once() {
     assert!(hub.hold_now(&names, &at, Format::Envelope, None).is_none());
     assert_eq!(broker.reads.load(Ordering::Relaxed), 1, "no broker call");
 }
+
+/// An answerer counting the answers it was asked to write.
+#[derive(Default)]
+struct Recording(AtomicUsize);
+
+impl Answerer for Recording {
+    fn answer(&self, _: &Arc<Answer>) -> bool {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_poll_gets_no_answer_written_and_a_fired_one_hands_its_wake_up_to_stop() {
+    let (hub, broker) = hub();
+    let names = vec!["room".to_string()];
+    let recording = Arc::new(Recording::default());
+    let answerer: Arc<dyn Answerer> = recording.clone();
+    let poll = |answerer: Option<Arc<dyn Answerer>>| {
+        hub.poll_answered_by(&names, None, First::Newest, Format::Envelope, answerer)
+    };
+    // Stopped (its timeout, say) before the message: nothing is written.
+    let mut stopped = held(poll(Some(answerer.clone())).await.unwrap());
+    assert!(stopped.stop().is_none());
+    // Fired before its task got to it: the answer was written, and stop
+    // hands over the wake-up instead of losing it.
+    let mut fired = held(poll(Some(answerer.clone())).await.unwrap());
+    publish(&broker, "room", "m1").await;
+    match fired.stop() {
+        Some(Wake::Answer(a)) => assert_eq!(a.messages.len(), 1),
+        other => panic!("expected the answer, got {other:?}"),
+    }
+    assert_eq!(recording.0.load(Ordering::SeqCst), 1, "one answer written");
+    // Stopped once is stopped for good.
+    assert!(fired.stop().is_none() && stopped.stop().is_none());
+    // Dropped unstopped, then a message: nothing written either.
+    drop(held(poll(Some(answerer)).await.unwrap()));
+    publish(&broker, "room", "m2").await;
+    assert_eq!(recording.0.load(Ordering::SeqCst), 1);
+}

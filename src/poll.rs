@@ -267,7 +267,7 @@ impl Poller {
             };
             let current = held.cursor.clone();
             let empty = || Arc::new(Answer::build(req.format, &current, false, &[]));
-            return match self.hold(client, answerer.as_deref(), held, deadline).await {
+            return match self.hold(client, held, deadline).await {
                 Ending::Woken(answer) => Waited::Reply(Reply::new(answer, Outcome::Message, true)),
                 Ending::Repoll => {
                     cursor = Some(current);
@@ -392,12 +392,11 @@ impl Poller {
     }
 
     /// Waits for the first event that ends a held poll (its timeout is
-    /// `deadline`). An answer that `answerer` took meanwhile wins over the
-    /// timeout and draining (the client has it, or part of it).
+    /// `deadline`). A wake-up that came meanwhile wins over the timeout and
+    /// draining (its answer may be with the client already, or in part).
     pub async fn hold(
         &self,
         client: &mut impl Client,
-        answerer: Option<&dyn Answerer>,
         mut held: Held,
         deadline: tokio::time::Instant,
     ) -> Ending {
@@ -413,11 +412,9 @@ impl Poller {
                 _ = client.gone() => Ending::Gone,
             }
         };
-        if let Some(answerer) = answerer {
-            let taken = !answerer.close();
-            if taken && matches!(ending, Ending::Timeout | Ending::Drain) {
-                // Its wake-up is on the way (sent right after the write).
-                ending = woken_by(held.woken().await);
+        if matches!(ending, Ending::Timeout | Ending::Drain) {
+            if let Some(wake) = held.stop() {
+                ending = woken_by(wake);
             }
         }
         metrics::HELD.dec();

@@ -187,7 +187,7 @@ impl Watcher {
                 continue; // changed while fetching: fetch again
             };
             metrics::HELD_WATCHERS.inc();
-            let ending = poller.hold(session, None, held, deadline).await;
+            let ending = poller.hold(session, held, deadline).await;
             metrics::HELD_WATCHERS.dec();
             match ending {
                 Ending::Woken(answer) => cursor = Some(answer.cursor.clone()),

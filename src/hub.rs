@@ -105,10 +105,9 @@ impl Held {
         let waiter = &self.registration.waiter;
         std::future::poll_fn(move |cx| {
             let mut slot = waiter.slot.lock();
-            if let Phase::Fired(_) = slot.phase {
-                if let Phase::Fired(wake) = std::mem::replace(&mut slot.phase, Phase::Done) {
-                    return TaskPoll::Ready(wake);
-                }
+            match std::mem::replace(&mut slot.phase, Phase::Done) {
+                Phase::Fired(wake) => return TaskPoll::Ready(wake),
+                other => slot.phase = other,
             }
             if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 slot.waker = Some(cx.waker().clone());

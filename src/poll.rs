@@ -241,29 +241,26 @@ impl Poller {
                 self.hub
                     .hold_now(&req.channels, c, req.format, answerer.as_ref())
             });
-            let held = match now {
-                Some(held) => held,
+            let polled = match now {
+                Some(held) => Ok(Poll::Held(held)),
                 None => {
-                    let poll = Box::pin(self.hub.poll_answered_by(
-                        &req.channels,
-                        cursor,
-                        route.first,
-                        req.format,
-                        answerer.clone(),
-                    ));
-                    match poll.await {
-                        Ok(Poll::Ready(answer)) => {
-                            let outcome = if answer.gap {
-                                Outcome::Gap
-                            } else {
-                                Outcome::Message
-                            };
-                            return Waited::Reply(Reply::new(answer, outcome, false));
-                        }
-                        Ok(Poll::Held(held)) => held,
-                        Err(e) => return Waited::Failed(e),
-                    }
+                    let hub = &self.hub;
+                    let (first, format, answerer) = (route.first, req.format, answerer.clone());
+                    let poll = hub.poll_answered_by(&req.channels, cursor, first, format, answerer);
+                    Box::pin(poll).await
                 }
+            };
+            let held = match polled {
+                Ok(Poll::Ready(answer)) => {
+                    let outcome = if answer.gap {
+                        Outcome::Gap
+                    } else {
+                        Outcome::Message
+                    };
+                    return Waited::Reply(Reply::new(answer, outcome, false));
+                }
+                Ok(Poll::Held(held)) => held,
+                Err(e) => return Waited::Failed(e),
             };
             let current = held.cursor.clone();
             let empty = || Arc::new(Answer::build(req.format, &current, false, &[]));

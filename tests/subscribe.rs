@@ -403,6 +403,76 @@ async fn bad_input_is_a_json_400_never_a_crash(backend: Backend) {
     assert_eq!(status, 200);
 }
 
+/// An answer's header field (the names are read in lower case).
+fn field<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Sends a long-poll on `s`, publishes on `channel` once it is held, and
+/// gives back the connection with the answer.
+async fn answered_by_a_publish(
+    pg: &Pollgate,
+    s: TcpStream,
+    req: String,
+    channel: &str,
+) -> (TcpStream, (String, Vec<(String, String)>, Vec<u8>)) {
+    let poll = tokio::task::spawn_blocking(move || {
+        let mut s = s;
+        let answer = raw_exchange(&mut s, &req);
+        (s, answer)
+    });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    pg.publish(channel, "text/plain", "m").await;
+    poll.await.unwrap()
+}
+
+async fn cors_headers_follow_each_poll_on_one_connection(backend: Backend) {
+    let origin = "https://app.example";
+    let config = format!("cors:\n  allow_origins: [\"{origin}\"]\n{ROUTES}");
+    let pg = Pollgate::start_on(backend, &config);
+    let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
+    let preflight = format!(
+        "OPTIONS /sub/c HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: GET\r\n\r\n"
+    );
+    let (status, h, _) = raw_exchange(&mut s, &preflight);
+    assert!(status.contains("204"), "{status}");
+    assert_eq!(field(&h, "access-control-allow-origin"), Some(origin));
+    assert!(field(&h, "access-control-allow-methods").is_some());
+    let poll = |cursor: &str, from: Option<&str>| {
+        let origin = from.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
+        format!("GET /sub/c?cursor={cursor} HTTP/1.1\r\nHost: x\r\n{origin}\r\n")
+    };
+    let mut id = pg.publish("c", "text/plain", "0").await;
+    // On one kept connection, each held poll's answer (written by the task
+    // that delivers the message) carries what its own Origin calls for.
+    for (from, allowed) in [
+        (Some(origin), true),
+        (None, false),
+        (Some("https://elsewhere.example"), false),
+        (Some(origin), true),
+    ] {
+        let (back, (status, h, _)) = answered_by_a_publish(&pg, s, poll(&id, from), "c").await;
+        s = back;
+        assert!(status.contains("200"), "{status}");
+        let expected = allowed.then_some(origin);
+        assert_eq!(
+            field(&h, "access-control-allow-origin"),
+            expected,
+            "{from:?}"
+        );
+        assert_eq!(field(&h, "vary"), allowed.then_some("Origin"), "{from:?}");
+        id = field(&h, "pollgate-cursor").unwrap().to_string();
+    }
+    // A timeout answer too.
+    let (status, h, _) = raw_exchange(&mut s, &poll(&format!("{id}&timeout=0.1"), Some(origin)));
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(field(&h, "access-control-allow-origin"), Some(origin));
+    assert_eq!(field(&h, "pollgate-cursor"), Some(id.as_str()));
+}
+
 on_both_brokers!(
     a_held_poll_is_answered_by_a_publish,
     a_timeout_answers_empty_with_the_cursor_unchanged_and_jitter,
@@ -420,4 +490,5 @@ on_both_brokers!(
     a_client_that_leaves_is_released_at_once,
     server_sent_events_stream_and_resume,
     bad_input_is_a_json_400_never_a_crash,
+    cors_headers_follow_each_poll_on_one_connection,
 );

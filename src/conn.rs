@@ -141,10 +141,10 @@ async fn read_head(
     drained: &mut Pin<&mut impl Future<Output = ()>>,
     between: bool,
 ) -> Result<usize, NoHead> {
-    let mut deadline = tokio::time::Instant::now() + idle;
-    if !buf.is_empty() {
-        deadline = tokio::time::Instant::now() + limits.header_timeout;
-    }
+    // The header timeout runs from the head's first byte.
+    let mut started = !buf.is_empty();
+    let wait = if started { limits.header_timeout } else { idle };
+    let mut deadline = tokio::time::Instant::now() + wait;
     let mut scanned = 0;
     loop {
         if let Some(end) = head_end(buf, scanned) {
@@ -156,6 +156,10 @@ async fn read_head(
         }
         if buf.len() > limits.max_head {
             return Err(NoHead::TooLarge);
+        }
+        if !started && !buf.is_empty() {
+            started = true;
+            deadline = tokio::time::Instant::now() + limits.header_timeout;
         }
         scanned = buf.len();
         if buf.capacity() - buf.len() < 256 {
@@ -173,9 +177,6 @@ async fn read_head(
         };
         if read == 0 {
             return Err(NoHead::Closed);
-        }
-        if scanned == 0 {
-            deadline = tokio::time::Instant::now() + limits.header_timeout;
         }
     }
 }

@@ -588,11 +588,12 @@ fn count_delivered(answer: &Answer, live: bool) {
     }
 }
 
-/// Up to 10% shorter, so that reconnects spread (in integers: this runs
-/// once per poll).
+/// Up to 10% shorter, so that reconnects spread (drawn in whole
+/// microseconds, without floats or 128-bit divisions: this runs once per
+/// poll).
 pub fn jitter(timeout: Duration) -> Duration {
-    let cut = timeout.as_nanos() / 10 * u128::from(fastrand::u16(..=1000)) / 1000;
-    timeout.saturating_sub(Duration::from_nanos(u64::try_from(cut).unwrap_or(u64::MAX)))
+    let tenth = u64::try_from((timeout / 10).as_micros()).unwrap_or(u64::MAX);
+    timeout.saturating_sub(Duration::from_micros(fastrand::u64(..=tenth)))
 }
 
 /// The refusal to count (unless the broker counted it) and the `error` of
@@ -690,5 +691,23 @@ impl<'a> SubscribeHead<'a> {
     /// Whether the client asks for a Server-Sent Events stream.
     pub fn wants_sse(&self) -> bool {
         self.accept.is_some_and(|a| a.contains("text/event-stream"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jitter;
+    use std::time::Duration;
+
+    #[test]
+    fn jitter_is_at_most_a_tenth_shorter_and_spreads() {
+        let t = Duration::from_secs(30);
+        let drawn: Vec<Duration> = (0..1000).map(|_| jitter(t)).collect();
+        assert!(drawn.iter().all(|d| *d <= t && *d >= t - t / 10));
+        let (min, max) = (drawn.iter().min().unwrap(), drawn.iter().max().unwrap());
+        assert!(*max - *min > t / 20, "spread {min:?}..{max:?}");
+        assert_eq!(jitter(Duration::ZERO), Duration::ZERO);
+        let huge = Duration::MAX;
+        assert!(jitter(huge) >= huge - huge / 10);
     }
 }

@@ -13,11 +13,11 @@
 //! admission and the hold ([`Poller::wait`]).
 
 use crate::answer::Answer;
-use crate::hub::Answerer;
 use crate::metrics::Outcome;
 use crate::poll::{self, BadRequest, Client, Poller, Request, Waited};
 use crate::respond;
 use crate::routes::SubscribeRoute;
+use crate::waiter::Answerer;
 use bytes::BytesMut;
 use parking_lot::Mutex;
 use pingora::protocols::Stream;

@@ -17,13 +17,13 @@ use crate::history::{History, Lookup};
 use crate::message::{Message, MessageId};
 use crate::metrics;
 use crate::shards::ShardedMap;
+use crate::waiter::{Answerer, Waiter, Wake};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::task::{Poll as TaskPoll, Waker};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OnceCell};
 
@@ -79,18 +79,7 @@ pub enum Poll {
     Held(Held),
 }
 
-/// Why a held poll wakes up.
-#[derive(Debug)]
-pub enum Wake {
-    /// A message arrived: write this answer.
-    Answer(Arc<Answer>),
-    /// The channel's history was replaced (the broker lost it): poll again.
-    Repoll,
-    /// The instance drains: answer now, and close (see [`Hub::release_all`]).
-    Drain,
-}
-
-/// A registered poll. Dropping it deregisters the waiter.
+/// A registered poll. Dropping it deregisters the waiter (and stops it).
 pub struct Held {
     /// The subscription's cursor while it waits (the timeout answer's cursor).
     pub cursor: Cursor,
@@ -102,18 +91,7 @@ impl Held {
     /// be redone, or the instance drains. Resolves once: await it again
     /// after that and it never does.
     pub fn woken(&mut self) -> impl Future<Output = Wake> + Send + '_ {
-        let waiter = &self.registration.waiter;
-        std::future::poll_fn(move |cx| {
-            let mut slot = waiter.slot.lock();
-            match std::mem::replace(&mut slot.phase, Phase::Done) {
-                Phase::Fired(wake) => return TaskPoll::Ready(wake),
-                other => slot.phase = other,
-            }
-            if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                slot.waker = Some(cx.waker().clone());
-            }
-            TaskPoll::Pending
-        })
+        self.registration.waiter.woken()
     }
 
     /// Stops the poll's wake-up: once this returns, no answer is written
@@ -122,94 +100,13 @@ impl Held {
     /// over (its answer being written, without blocking) is waited out.
     /// Dropping a `Held` stops it too.
     pub fn stop(&mut self) -> Option<Wake> {
-        let waiter = &self.registration.waiter;
-        loop {
-            let mut slot = waiter.slot.lock();
-            match std::mem::replace(&mut slot.phase, Phase::Done) {
-                Phase::Waiting | Phase::Done => return None,
-                Phase::Fired(wake) => return Some(wake),
-                Phase::Firing => slot.phase = Phase::Firing,
-            }
-            drop(slot);
-            std::hint::spin_loop();
-        }
+        self.registration.waiter.stop()
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// Writes an answer to a held poll's client straight from the task that
-/// delivers the message, instead of waking the poll's own task to write it
-/// (which is still woken, to go on with its connection).
-pub trait Answerer: Send + Sync {
-    /// Tries to write `answer` now, without waiting. True when it was taken
-    /// (wholly, or in part for the poll's task to finish). Called at most
-    /// once per held poll, and never after its [`Held::stop`].
-    fn answer(&self, answer: &Arc<Answer>) -> bool;
-}
-
-struct Waiter {
-    id: u64,
-    cursor: Cursor,
-    format: Format,
-    fired: AtomicBool,
-    /// The poll's wake-up, in the waiter itself (no channel of its own).
-    slot: Mutex<WakeSlot>,
-    answerer: Option<Arc<dyn Answerer>>,
-}
-
-/// Where [`Waiter::fire`] leaves the wake-up for [`Held::woken`].
-#[derive(Default)]
-struct WakeSlot {
-    phase: Phase,
-    /// The poll's task, once it waits.
-    waker: Option<Waker>,
-}
-
-/// Where a held poll's wake-up is.
-#[derive(Default)]
-enum Phase {
-    /// Nothing came yet.
-    #[default]
-    Waiting,
-    /// The first `fire` (a waiter on several channels fires once) is
-    /// writing the answer.
-    Firing,
-    /// The wake-up, for the poll's task to take.
-    Fired(Wake),
-    /// Taken, or stopped.
-    Done,
-}
-
-impl Waiter {
-    /// Wakes the poll (after writing its answer, when it has an
-    /// [`Answerer`]); false when another channel was faster, or the poll
-    /// stopped.
-    fn fire(&self, wake: Wake) -> bool {
-        self.fired.store(true, Ordering::Relaxed);
-        {
-            let mut slot = self.slot.lock();
-            if !matches!(slot.phase, Phase::Waiting) {
-                return false;
-            }
-            slot.phase = Phase::Firing;
-        }
-        if let (Wake::Answer(answer), Some(answerer)) = (&wake, &self.answerer) {
-            answerer.answer(answer);
-        }
-        let waker = {
-            let mut slot = self.slot.lock();
-            slot.phase = Phase::Fired(wake);
-            slot.waker.take()
-        };
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-        true
     }
 }
 
@@ -574,14 +471,8 @@ impl Hub {
         format: Format,
         answerer: Option<Arc<dyn Answerer>>,
     ) -> Option<Held> {
-        let waiter = Arc::new(Waiter {
-            id: self.next_waiter.fetch_add(1, Ordering::Relaxed),
-            cursor: cursor.clone(),
-            format,
-            fired: AtomicBool::new(false),
-            slot: Mutex::new(WakeSlot::default()),
-            answerer,
-        });
+        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        let waiter = Arc::new(Waiter::new(id, cursor.clone(), format, answerer));
         let mut registration = Registration {
             waiter: waiter.clone(),
             channels: Channels::with_capacity(channels.len()),

@@ -32,4 +32,5 @@ pub mod target;
 pub mod tls;
 pub mod units;
 pub mod upstream;
+pub mod waiter;
 pub mod watch;

@@ -1,0 +1,155 @@
+//! A held poll's waiter: where the hub leaves the poll's wake-up (a
+//! message, a redo, a drain), and the order between the task that
+//! delivers a message and the poll's own task (docs/architecture.md,
+//! "Fanning out a publish").
+//!
+//! The wake-up slot goes `Waiting` → `Firing` (the delivering task writes
+//! the answer through the poll's [`Answerer`], if it has one) → `Fired` →
+//! `Done` (taken by the poll's task). The poll's task may also stop a slot
+//! that is still `Waiting` ([`Waiter::stop`]): no answer is written for the
+//! poll after that, so its connection can go on to the next request, or
+//! close, without a write arriving from elsewhere.
+
+use crate::answer::{Answer, Format};
+use crate::cursor::Cursor;
+use parking_lot::Mutex;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+
+/// Why a held poll wakes up.
+#[derive(Debug)]
+pub enum Wake {
+    /// A message arrived: write this answer.
+    Answer(Arc<Answer>),
+    /// The channel's history was replaced (the broker lost it): poll again.
+    Repoll,
+    /// The instance drains: answer now, and close (see
+    /// [`Hub::release_all`](crate::hub::Hub::release_all)).
+    Drain,
+}
+
+/// Writes an answer to a held poll's client straight from the task that
+/// delivers the message, instead of waking the poll's own task to write it
+/// (which is still woken, to go on with its connection).
+pub trait Answerer: Send + Sync {
+    /// Tries to write `answer` now, without waiting. True when it was taken
+    /// (wholly, or in part for the poll's task to finish). Called at most
+    /// once per held poll, and never after it stopped ([`Waiter::stop`]).
+    fn answer(&self, answer: &Arc<Answer>) -> bool;
+}
+
+/// A held poll, as the channels it waits on know it.
+pub struct Waiter {
+    pub id: u64,
+    /// Where the poll is: the answer is built from it.
+    pub cursor: Cursor,
+    pub format: Format,
+    /// Set by the first [`Waiter::fire`] (read without the slot's lock).
+    pub fired: AtomicBool,
+    /// The poll's wake-up, in the waiter itself (no channel of its own).
+    slot: Mutex<WakeSlot>,
+    answerer: Option<Arc<dyn Answerer>>,
+}
+
+/// Where [`Waiter::fire`] leaves the wake-up for [`Waiter::woken`].
+#[derive(Default)]
+struct WakeSlot {
+    phase: Phase,
+    /// The poll's task, once it waits.
+    waker: Option<Waker>,
+}
+
+/// Where a held poll's wake-up is.
+#[derive(Default)]
+enum Phase {
+    /// Nothing came yet.
+    #[default]
+    Waiting,
+    /// The first `fire` (a waiter on several channels fires once) is
+    /// writing the answer.
+    Firing,
+    /// The wake-up, for the poll's task to take.
+    Fired(Wake),
+    /// Taken, or stopped.
+    Done,
+}
+
+impl Waiter {
+    /// The waiter of poll `id` at `cursor`, answered in `format` (and
+    /// written by `answerer` from the delivering task, when given).
+    pub fn new(
+        id: u64,
+        cursor: Cursor,
+        format: Format,
+        answerer: Option<Arc<dyn Answerer>>,
+    ) -> Waiter {
+        Waiter {
+            id,
+            cursor,
+            format,
+            fired: AtomicBool::new(false),
+            slot: Mutex::new(WakeSlot::default()),
+            answerer,
+        }
+    }
+
+    /// Wakes the poll (after writing its answer, when it has an
+    /// [`Answerer`]); false when another channel was faster, or the poll
+    /// stopped.
+    pub fn fire(&self, wake: Wake) -> bool {
+        self.fired.store(true, Ordering::Relaxed);
+        {
+            let mut slot = self.slot.lock();
+            if !matches!(slot.phase, Phase::Waiting) {
+                return false;
+            }
+            slot.phase = Phase::Firing;
+        }
+        if let (Wake::Answer(answer), Some(answerer)) = (&wake, &self.answerer) {
+            answerer.answer(answer);
+        }
+        let waker = {
+            let mut slot = self.slot.lock();
+            slot.phase = Phase::Fired(wake);
+            slot.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        true
+    }
+
+    /// Resolves with the wake-up, once (see [`crate::hub::Held::woken`]).
+    pub fn woken(&self) -> impl Future<Output = Wake> + Send + '_ {
+        std::future::poll_fn(move |cx| {
+            let mut slot = self.slot.lock();
+            match std::mem::replace(&mut slot.phase, Phase::Done) {
+                Phase::Fired(wake) => return Poll::Ready(wake),
+                other => slot.phase = other,
+            }
+            if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                slot.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    }
+
+    /// Stops the wake-up: once this returns, no answer is written for the
+    /// poll. Returns the wake-up that came first, if one did and was not
+    /// taken by [`Waiter::woken`]; one being handed over (its answer being
+    /// written, without blocking) is waited out.
+    pub fn stop(&self) -> Option<Wake> {
+        loop {
+            let mut slot = self.slot.lock();
+            match std::mem::replace(&mut slot.phase, Phase::Done) {
+                Phase::Waiting | Phase::Done => return None,
+                Phase::Fired(wake) => return Some(wake),
+                Phase::Firing => slot.phase = Phase::Firing,
+            }
+            drop(slot);
+            std::hint::spin_loop();
+        }
+    }
+}

@@ -14,9 +14,10 @@
 
 use crate::answer::Answer;
 use crate::metrics::Outcome;
-use crate::poll::{self, BadRequest, Client, Poller, Request, Waited};
+use crate::poll::{self, Client, Poller, Waited};
 use crate::respond;
 use crate::routes::SubscribeRoute;
+use crate::subscription::{BadRequest, Request};
 use crate::waiter::Answerer;
 use bytes::BytesMut;
 use parking_lot::Mutex;

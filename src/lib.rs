@@ -28,6 +28,7 @@ pub mod routes;
 pub mod secret;
 pub mod server;
 pub mod shards;
+pub mod subscription;
 pub mod target;
 pub mod tls;
 pub mod units;

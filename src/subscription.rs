@@ -1,0 +1,117 @@
+//! What a subscribe request asks for (docs/api.md, "Subscribing"): the
+//! one parse of its channels, cursor, timeout and format, from the head
+//! either HTTP path read ([`SubscribeHead`]); the error is a 400's detail.
+
+use crate::answer::Format;
+use crate::cursor::Cursor;
+use crate::routes::{Params, SubscribeRoute};
+use crate::target::{form_decode, Target};
+use compact_str::CompactString;
+use std::time::Duration;
+
+/// A bad request: its 400 detail.
+pub struct BadRequest(pub String);
+
+/// What a subscribe request says, read from its head by either HTTP path.
+pub struct SubscribeHead<'a> {
+    pub target: &'a Target,
+    pub last_event_id: Option<&'a str>,
+    pub if_none_match: Option<&'a str>,
+    pub accept: Option<&'a str>,
+}
+
+/// The subscription a request asks for.
+pub struct Request {
+    /// The channel names, rendered (one, as a rule).
+    pub channels: smallvec::SmallVec<[CompactString; 1]>,
+    /// Where to start from (None: the route's `first`).
+    pub cursor: Option<Cursor>,
+    /// How long the poll may be held (before jitter).
+    pub timeout: Duration,
+    pub format: Format,
+}
+
+impl<'a> SubscribeHead<'a> {
+    /// The facts of a request Pingora has read.
+    pub fn of(req: &'a pingora::http::RequestHeader, target: &'a Target) -> SubscribeHead<'a> {
+        SubscribeHead {
+            target,
+            last_event_id: header_str(req, "Last-Event-ID"),
+            if_none_match: header_str(req, "If-None-Match"),
+            accept: header_str(req, "Accept"),
+        }
+    }
+
+    /// The subscription this request asks for on `route` (whose path
+    /// captured `params`); the error is the detail of a 400 answer.
+    pub fn parse(&self, route: &SubscribeRoute, params: &Params) -> Result<Request, BadRequest> {
+        let target = self.target;
+        let mut channels = smallvec::SmallVec::with_capacity(route.channels.len());
+        for t in &route.channels {
+            let name = t.render(params).map_err(BadRequest)?;
+            if !channels.contains(&name) {
+                channels.push(name);
+            }
+        }
+        // One pass over the query; the first of each parameter counts.
+        let (mut cursor_q, mut timeout_q, mut format_q) = (None, None, None);
+        for (name, value) in target.query_pairs() {
+            let slot = match name {
+                "cursor" => &mut cursor_q,
+                "timeout" => &mut timeout_q,
+                "format" => &mut format_q,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(form_decode(value));
+            }
+        }
+        let cursor_text = cursor_q
+            .as_deref()
+            .or(self.last_event_id)
+            .or(self.if_none_match);
+        let cursor = match cursor_text {
+            Some(t) if !t.is_empty() => {
+                Some(Cursor::parse(t, channels.len()).map_err(|e| BadRequest(e.0))?)
+            }
+            _ => None,
+        };
+        let timeout = match timeout_q {
+            None => route.timeout,
+            Some(t) => {
+                let secs: f64 = t
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                    .ok_or_else(|| {
+                        BadRequest(format!("timeout '{t}' is not a number of seconds"))
+                    })?;
+                Duration::from_secs_f64(secs.min(route.timeout.as_secs_f64()))
+            }
+        };
+        let format = match format_q.as_deref() {
+            _ if self.wants_sse() => Format::Sse,
+            None if route.raw => Format::Raw,
+            None => Format::Envelope,
+            Some("raw") => Format::Raw,
+            Some("json") => Format::Envelope,
+            Some(other) => return Err(BadRequest(format!("format '{other}' is not json or raw"))),
+        };
+        Ok(Request {
+            channels,
+            cursor,
+            timeout,
+            format,
+        })
+    }
+
+    /// Whether the client asks for a Server-Sent Events stream.
+    pub fn wants_sse(&self) -> bool {
+        self.accept.is_some_and(|a| a.contains("text/event-stream"))
+    }
+}
+
+/// A request header's value as text (None when absent or not visible ASCII).
+pub fn header_str<'a>(req: &'a pingora::http::RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers.get(name).and_then(|v| v.to_str().ok())
+}

@@ -492,3 +492,62 @@ on_both_brokers!(
     bad_input_is_a_json_400_never_a_crash,
     cors_headers_follow_each_poll_on_one_connection,
 );
+
+/// Polls timing out while messages arrive: a poll's wake-up and its
+/// timeout race (pollgate runs two worker threads here), and an answer
+/// written straight from the delivering task must never land on the
+/// connection's next poll. Each client checks that ids only grow, that no
+/// message comes twice, and that nothing is left on its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_racing_publishes_never_answer_a_poll_twice() {
+    let pg = Pollgate::start(ROUTES);
+    let first = pg.publish("race", "text/plain", "0").await;
+    let port = pg.port;
+    let clients: Vec<_> = (0..100)
+        .map(|_| {
+            let first = first.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let (mut cursor, mut seen) = (first, Vec::<String>::new());
+                for _ in 0..60 {
+                    let req = format!(
+                        "GET /sub/race?cursor={cursor}&timeout=0.01 HTTP/1.1\r\nHost: x\r\n\r\n"
+                    );
+                    let (status, _, body) = raw_exchange(&mut s, &req);
+                    assert!(status.contains("200"), "{status}");
+                    let v: Value = serde_json::from_slice(&body).unwrap();
+                    for m in v["messages"].as_array().unwrap() {
+                        let id = m["id"].as_str().unwrap().to_string();
+                        assert!(!seen.contains(&id), "{id} came twice");
+                        seen.push(id);
+                    }
+                    cursor = v["cursor"].as_str().unwrap().to_string();
+                }
+                s.set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                let mut extra = [0u8; 64];
+                match s.read(&mut extra) {
+                    Ok(0) => {}
+                    Ok(n) => panic!("left on the connection: {:?}", &extra[..n]),
+                    Err(e) => assert!(
+                        matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ),
+                        "{e}"
+                    ),
+                }
+                seen.len()
+            })
+        })
+        .collect();
+    let publishing = async {
+        while !clients.iter().all(|c| c.is_finished()) {
+            pg.publish("race", "text/plain", "m").await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    publishing.await;
+    let delivered: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    assert!(delivered > 0, "messages reached the clients");
+}

@@ -56,6 +56,15 @@ async fn answer(mut h: Held) -> Arc<Answer> {
     }
 }
 
+/// A poll of `names` from their newest message, held.
+async fn held_newest(hub: &Hub, names: &[String]) -> Held {
+    held(
+        hub.poll(names, None, First::Newest, Format::Envelope)
+            .await
+            .unwrap(),
+    )
+}
+
 fn held(p: Poll) -> Held {
     match p {
         Poll::Held(h) => h,
@@ -69,11 +78,7 @@ async fn one_publish_wakes_every_waiter_with_one_shared_answer_and_no_broker_cal
     let names = vec!["room".to_string()];
     let mut waiters = Vec::new();
     for _ in 0..1000 {
-        waiters.push(held(
-            hub.poll(&names, None, First::Newest, Format::Envelope)
-                .await
-                .unwrap(),
-        ));
+        waiters.push(held_newest(&hub, &names).await);
     }
     assert_eq!(
         broker.reads.load(Ordering::Relaxed),
@@ -124,11 +129,7 @@ async fn one_publish_wakes_every_waiter_with_one_shared_answer_and_no_broker_cal
 async fn waiters_with_different_cursors_get_their_own_answers() {
     let (hub, broker) = hub();
     let names = vec!["a".to_string(), "b".to_string()];
-    let first = held(
-        hub.poll(&names, None, First::Newest, Format::Envelope)
-            .await
-            .unwrap(),
-    );
+    let first = held_newest(&hub, &names).await;
     let m = publish(&broker, "b", "1").await;
     let after = answer(first).await;
     assert_eq!(after.cursor.0[..], [MessageId::ZERO, m.id]);
@@ -142,11 +143,7 @@ async fn waiters_with_different_cursors_get_their_own_answers() {
         .await
         .unwrap(),
     );
-    let w2 = held(
-        hub.poll(&names[..1], None, First::Newest, Format::Envelope)
-            .await
-            .unwrap(),
-    );
+    let w2 = held_newest(&hub, &names[..1]).await;
     let n = publish(&broker, "a", "2").await;
     let (a1, a2) = (answer(w1).await, answer(w2).await);
     assert_eq!(a1.cursor.0[..], [n.id, m.id]);
@@ -283,11 +280,7 @@ async fn a_dropped_waiter_leaves_its_channels_and_idle_channels_are_swept() {
     let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(10, Duration::from_secs(60)));
     let hub = Hub::new(broker, 10, Duration::ZERO, 1000);
     let names = vec!["x".to_string(), "y".to_string()];
-    let w = held(
-        hub.poll(&names, None, First::Newest, Format::Envelope)
-            .await
-            .unwrap(),
-    );
+    let w = held_newest(&hub, &names).await;
     assert_eq!(hub.info("x").await.unwrap().subscribers, 1);
     hub.sweep();
     assert!(
@@ -305,16 +298,8 @@ async fn a_drain_releases_every_held_poll_once() {
     let (hub, _) = hub();
     let one = vec!["a".to_string()];
     let two = vec!["a".to_string(), "b".to_string()];
-    let first = held(
-        hub.poll(&one, None, First::Newest, Format::Envelope)
-            .await
-            .unwrap(),
-    );
-    let both = held(
-        hub.poll(&two, None, First::Newest, Format::Envelope)
-            .await
-            .unwrap(),
-    );
+    let first = held_newest(&hub, &one).await;
+    let both = held_newest(&hub, &two).await;
     assert_eq!(hub.info("a").await.unwrap().subscribers, 2);
     hub.release_all();
     for mut h in [first, both] {
@@ -328,11 +313,7 @@ async fn a_drain_releases_every_held_poll_once() {
 async fn a_poll_at_the_newest_message_of_a_known_channel_is_held_at_once() {
     let (hub, broker) = hub();
     let names = vec!["room".to_string()];
-    let first = held(
-        hub.poll(&names, None, First::Newest, Format::Envelope)
-            .await
-            .unwrap(),
-    );
+    let first = held_newest(&hub, &names).await;
     let at = first.cursor.clone();
     // Unknown channel: it must be loaded first.
     let other = vec!["other".to_string()];

@@ -404,7 +404,7 @@ async fn bad_input_is_a_json_400_never_a_crash(backend: Backend) {
 }
 
 /// An answer's header field (the names are read in lower case).
-fn field<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
         .iter()
         .find(|(k, _)| k == name)
@@ -439,8 +439,8 @@ async fn cors_headers_follow_each_poll_on_one_connection(backend: Backend) {
     );
     let (status, h, _) = raw_exchange(&mut s, &preflight);
     assert!(status.contains("204"), "{status}");
-    assert_eq!(field(&h, "access-control-allow-origin"), Some(origin));
-    assert!(field(&h, "access-control-allow-methods").is_some());
+    assert_eq!(header(&h, "access-control-allow-origin"), Some(origin));
+    assert!(header(&h, "access-control-allow-methods").is_some());
     let poll = |cursor: &str, from: Option<&str>| {
         let origin = from.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
         format!("GET /sub/c?cursor={cursor} HTTP/1.1\r\nHost: x\r\n{origin}\r\n")
@@ -459,18 +459,18 @@ async fn cors_headers_follow_each_poll_on_one_connection(backend: Backend) {
         assert!(status.contains("200"), "{status}");
         let expected = allowed.then_some(origin);
         assert_eq!(
-            field(&h, "access-control-allow-origin"),
+            header(&h, "access-control-allow-origin"),
             expected,
             "{from:?}"
         );
-        assert_eq!(field(&h, "vary"), allowed.then_some("Origin"), "{from:?}");
-        id = field(&h, "pollgate-cursor").unwrap().to_string();
+        assert_eq!(header(&h, "vary"), allowed.then_some("Origin"), "{from:?}");
+        id = header(&h, "pollgate-cursor").unwrap().to_string();
     }
     // A timeout answer too.
     let (status, h, _) = raw_exchange(&mut s, &poll(&format!("{id}&timeout=0.1"), Some(origin)));
     assert!(status.contains("200"), "{status}");
-    assert_eq!(field(&h, "access-control-allow-origin"), Some(origin));
-    assert_eq!(field(&h, "pollgate-cursor"), Some(id.as_str()));
+    assert_eq!(header(&h, "access-control-allow-origin"), Some(origin));
+    assert_eq!(header(&h, "pollgate-cursor"), Some(id.as_str()));
 }
 
 on_both_brokers!(

@@ -71,7 +71,7 @@ fn subscribe_head<'h>(head: &'h Head<'_>) -> SubscribeHead<'h> {
 impl Front {
     /// The route of this request when the front door holds it (a
     /// subscribe request, or a GET on a watch route).
-    fn held_route(&self, method: &str, target: &Target) -> Option<(Holds<'_>, Params)> {
+    fn held_route(&self, method: &str, target: &Target) -> Option<(Holds<'_>, Params<'_>)> {
         if method == "OPTIONS" {
             return None; // CORS preflight: the gateway answers it
         }
@@ -111,7 +111,7 @@ impl Front {
         mut session: ServerSession,
         target: Target,
         route: Holds<'_>,
-        params: Params,
+        params: Params<'_>,
     ) -> Option<ReusedHttpStream> {
         let _in_flight = self.life.enter();
         match session.read_request().await {
@@ -146,7 +146,7 @@ impl Front {
 
 impl Http1App for Front {
     type Lean<'a> = LeanPoll<'a>;
-    type Handoff<'a> = (Target, Option<(Holds<'a>, Params)>);
+    type Handoff<'a> = (Target, Option<(Holds<'a>, Params<'a>)>);
     type Kept = h1::Kept;
 
     /// The lean path takes a subscribe request whose head is bare, whose

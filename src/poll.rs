@@ -156,7 +156,7 @@ impl Poller {
         session: &mut Session,
         target: &Target,
         route: &SubscribeRoute,
-        params: &Params,
+        params: &Params<'_>,
     ) -> Result<()> {
         let req = match SubscribeHead::of(session.req_header(), target).parse(route, params) {
             Ok(r) => r,

@@ -34,7 +34,7 @@ impl Relay {
         &self,
         session: &mut Session,
         route: &ProxyRoute,
-        params: &Params,
+        params: &Params<'_>,
     ) -> Result<()> {
         let channel = match &route.publish {
             Some((template, _)) => match template.render(params) {

@@ -22,20 +22,25 @@ pub fn channel_problem(name: &str) -> Option<String> {
             name.len()
         ));
     }
-    name.chars().find(|c| !is_channel_char(*c)).map(|c| {
+    disallowed(name).map(|c| {
         format!("'{c}' is not allowed in a channel name (allowed: A-Z a-z 0-9 _ . : @ / -)")
     })
 }
 
-fn is_channel_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "_.:@/-".contains(c)
+/// The first character of `name` a channel name may not hold. Every
+/// allowed character is ASCII, so a byte test finds it.
+fn disallowed(name: &str) -> Option<char> {
+    let allowed =
+        |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'/' | b'-');
+    let at = name.bytes().position(|b| !allowed(b))?;
+    name[at..].chars().next()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
     Literal(String),
-    /// Shared with every match's [`Params`].
-    Param(Arc<str>),
+    /// Borrowed by every match's [`Params`].
+    Param(String),
 }
 
 /// A compiled route path.
@@ -45,20 +50,20 @@ pub struct PathTemplate {
     prefix: bool,
 }
 
-/// Path parameters captured by a match, in path order (a route has a few:
-/// a list is cheaper than a map, and two values of up to 24 bytes each are
-/// held without an allocation).
+/// Path parameters captured by a match, in path order, named by the
+/// route's own strings (a route has a few: a list is cheaper than a map,
+/// and two values of up to 24 bytes each are held without an allocation).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Params(SmallVec<[(Arc<str>, CompactString); 2]>);
+pub struct Params<'r>(SmallVec<[(&'r str, CompactString); 2]>);
 
-impl Params {
+impl<'r> Params<'r> {
     /// No parameters.
-    pub fn new() -> Params {
+    pub fn new() -> Params<'r> {
         Params::default()
     }
 
     /// Sets parameter `name` (replacing an earlier value).
-    pub fn insert(&mut self, name: Arc<str>, value: &str) {
+    pub fn insert(&mut self, name: &'r str, value: &str) {
         let value = CompactString::from(value);
         match self.0.iter_mut().find(|(n, _)| *n == name) {
             Some((_, v)) => *v = value,
@@ -68,10 +73,11 @@ impl Params {
 
     /// The value of parameter `name`, if captured.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(n, _)| &**n == name)
-            .map(|(_, v)| v.as_str())
+        self.value(name).map(CompactString::as_str)
+    }
+
+    fn value(&self, name: &str) -> Option<&CompactString> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 }
 
@@ -91,7 +97,7 @@ impl PathTemplate {
                 }
                 segments.push(match param_name(seg)? {
                     Some(name) => {
-                        let name: Arc<str> = name.into();
+                        let name = name.to_string();
                         if segments.contains(&Segment::Param(name.clone())) {
                             return Err(format!("'{path}' names {{{name}}} twice"));
                         }
@@ -107,14 +113,14 @@ impl PathTemplate {
     /// Names of the `{name}` segments.
     pub fn params(&self) -> impl Iterator<Item = &str> {
         self.segments.iter().filter_map(|s| match s {
-            Segment::Param(n) => Some(&**n),
+            Segment::Param(n) => Some(n.as_str()),
             Segment::Literal(_) => None,
         })
     }
 
     /// Matches the decoded segments of a request path (see
     /// [`Target`](crate::target::Target)). Returns the captures or None.
-    pub fn matches<'s>(&self, path: impl Iterator<Item = &'s str>) -> Option<Params> {
+    pub fn matches<'s>(&self, path: impl Iterator<Item = &'s str>) -> Option<Params<'_>> {
         let mut parts = path;
         let mut params = Params::new();
         for seg in &self.segments {
@@ -126,7 +132,7 @@ impl PathTemplate {
                     if part.is_empty() {
                         return None;
                     }
-                    params.insert(name.clone(), part);
+                    params.insert(name, part);
                 }
             }
         }
@@ -206,7 +212,7 @@ impl ChannelTemplate {
         }
         for p in &pieces {
             if let Piece::Text(t) = p {
-                if let Some(c) = t.chars().find(|c| !is_channel_char(*c)) {
+                if let Some(c) = disallowed(t) {
                     return Err(format!("'{text}': '{c}' is not allowed in a channel name"));
                 }
             }
@@ -217,6 +223,19 @@ impl ChannelTemplate {
     /// Renders the channel name for `params` (inline up to 24 bytes: a
     /// poll allocates nothing for it, as a rule); the error is a 400 detail.
     pub fn render(&self, params: &Params) -> Result<CompactString, String> {
+        let out = match self.pieces.as_slice() {
+            // The usual `{channel}`: the capture is the name.
+            [Piece::Param(n)] => params.value(n).cloned().unwrap_or_default(),
+            _ => self.concat(params),
+        };
+        match channel_problem(&out) {
+            None => Ok(out),
+            Some(why) => Err(format!("channel '{}': {why}", out.escape_default())),
+        }
+    }
+
+    /// The pieces written out one after the other.
+    fn concat(&self, params: &Params) -> CompactString {
         let piece = |p: &'_ Piece| match p {
             Piece::Text(t) => t.len(),
             Piece::Param(n) => params.get(n).map_or(0, str::len),
@@ -228,10 +247,7 @@ impl ChannelTemplate {
                 Piece::Param(n) => out.push_str(params.get(n).unwrap_or("")),
             }
         }
-        match channel_problem(&out) {
-            None => Ok(out),
-            Some(why) => Err(format!("channel '{}': {why}", out.escape_default())),
-        }
+        out
     }
 }
 
@@ -253,7 +269,9 @@ mod tests {
 
     #[test]
     fn paths_match_whole_segments_and_prefixes() {
-        let m = |t: &PathTemplate, path: &str| t.matches(Target::parse(path).unwrap().segments());
+        fn m<'t>(t: &'t PathTemplate, path: &str) -> Option<Params<'t>> {
+            t.matches(Target::parse(path).unwrap().segments())
+        }
         let t = PathTemplate::parse("/rooms/{room}/events").unwrap();
         assert_eq!(m(&t, "/rooms/1/events").unwrap().get("room").unwrap(), "1");
         assert_eq!(
@@ -284,14 +302,22 @@ mod tests {
     fn channel_templates_render_and_validate() {
         let t = ChannelTemplate::parse("room:{room}", ["room"]).unwrap();
         let mut p = Params::new();
-        p.insert("room".into(), "42");
+        p.insert("room", "42");
         assert_eq!(t.render(&p).unwrap(), "room:42");
-        p.insert("room".into(), "a b");
+        p.insert("room", "a b");
         assert!(t.render(&p).is_err());
+        let whole = ChannelTemplate::parse("{room}", ["room"]).unwrap();
+        assert!(whole.render(&p).is_err(), "a capture is checked as a name");
+        p.insert("room", "r:1");
+        assert_eq!(whole.render(&p).unwrap(), "r:1");
+        assert!(whole.render(&Params::new()).is_err(), "no capture, no name");
         assert!(ChannelTemplate::parse("room:{nope}", ["room"]).is_err());
         assert!(ChannelTemplate::parse("bad channel", ["room"]).is_err());
         assert!(ChannelTemplate::parse("room:{room", ["room"]).is_err());
         assert!(channel_problem(&"x".repeat(257)).is_some());
+        let why = channel_problem("caf\u{e9}").unwrap();
+        assert!(why.starts_with("'\u{e9}' is not allowed"), "{why}");
+        assert_eq!(channel_problem("a-Z_0.9:@/b"), None);
     }
 }
 
@@ -322,7 +348,7 @@ pub struct SubscribeRoute {
     pub raw: bool,
     pub authorize: Option<String>,
     /// The route's remembered authorization decisions, when it caches them.
-    pub authorize_cache: Option<std::sync::Arc<crate::authorize::AuthCache>>,
+    pub authorize_cache: Option<Arc<crate::authorize::AuthCache>>,
 }
 
 impl Action {
@@ -346,7 +372,7 @@ pub struct WatchRoute {
     /// Asked before holding, as for subscribe routes.
     pub authorize: Option<String>,
     /// The route's remembered authorization decisions, when it caches them.
-    pub authorize_cache: Option<std::sync::Arc<crate::authorize::AuthCache>>,
+    pub authorize_cache: Option<Arc<crate::authorize::AuthCache>>,
 }
 
 /// A reverse-proxy route, optionally publishing what passes through.
@@ -365,7 +391,7 @@ pub struct RouteTable {
 
 /// The result of matching a request.
 pub enum Match<'a> {
-    Found(&'a Route, Params),
+    Found(&'a Route, Params<'a>),
     /// Some route has this path but none this method; the allowed methods.
     MethodNotAllowed(Vec<String>),
     NotFound,
@@ -450,10 +476,7 @@ fn compile_authorize(
     (upstream, ttl, size): (&Option<String>, std::time::Duration, u64),
     config: &crate::config::Config,
     problems: &mut Vec<String>,
-) -> (
-    Option<String>,
-    Option<std::sync::Arc<crate::authorize::AuthCache>>,
-) {
+) -> (Option<String>, Option<Arc<crate::authorize::AuthCache>>) {
     if let Some(name) = upstream {
         if !config.upstreams.contains_key(name) {
             problems.push(format!(
@@ -465,7 +488,7 @@ fn compile_authorize(
         problems.push(format!("{at}.authorize_cache_size: must be at least 1"));
     }
     let cache = (upstream.is_some() && !ttl.is_zero())
-        .then(|| std::sync::Arc::new(crate::authorize::AuthCache::new(size, ttl)));
+        .then(|| Arc::new(crate::authorize::AuthCache::new(size, ttl)));
     (upstream.clone(), cache)
 }
 

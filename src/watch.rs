@@ -104,7 +104,7 @@ impl Watcher {
         &self,
         poller: &Poller,
         session: &mut Session,
-        (target, route, params): (&Target, &WatchRoute, &Params),
+        (target, route, params): (&Target, &WatchRoute, &Params<'_>),
     ) -> Result<()> {
         let mut channels = Vec::with_capacity(route.channels.len());
         for t in &route.channels {

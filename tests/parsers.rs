@@ -48,7 +48,7 @@ proptest! {
     ) {
         if let Ok(t) = ChannelTemplate::parse(&template, ["room"]) {
             let mut params = Params::new();
-            params.insert("room".into(), &value);
+            params.insert("room", &value);
             if let Ok(name) = t.render(&params) {
                 prop_assert!(channel_problem(&name).is_none());
             }

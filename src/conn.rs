@@ -114,16 +114,14 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     // Every line ends in '\n': look only after each one for the blank line
     // ("\n" or "\r\n") that ends the head.
     let start = from.saturating_sub(3);
-    let mut at = start;
-    while let Some(i) = buf[at..].iter().position(|&b| b == b'\n') {
-        let after = at + i + 1;
+    memchr::memchr_iter(b'\n', &buf[start..]).find_map(|i| {
+        let after = start + i + 1;
         match &buf[after..] {
-            [b'\n', ..] => return Some(after + 1),
-            [b'\r', b'\n', ..] => return Some(after + 2),
-            _ => at = after,
+            [b'\n', ..] => Some(after + 1),
+            [b'\r', b'\n', ..] => Some(after + 2),
+            _ => None,
         }
-    }
-    None
+    })
 }
 
 /// Reads until a whole request head is in `buf` (which may hold bytes of

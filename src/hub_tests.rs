@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::broker::memory::MemoryBroker;
+use crate::broker::Sink;
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::atomic::AtomicUsize;

@@ -108,6 +108,8 @@ pub struct Authorizer {
 }
 
 impl Authorizer {
+    /// An authorizer asking the routes' `authorize` upstreams among
+    /// `upstreams`.
     pub fn new(upstreams: Arc<Upstreams>) -> Authorizer {
         Authorizer { upstreams }
     }

@@ -93,6 +93,8 @@ fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
+/// `broker`: where messages and their histories live (`memory://` or
+/// `redis://`), and how much history each channel keeps.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
@@ -106,6 +108,7 @@ pub struct BrokerConfig {
     pub max_pending: usize,
 }
 
+/// `publish`: who may call the publish API on `admin_listen`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PublishConfig {
@@ -116,6 +119,7 @@ pub struct PublishConfig {
     pub allow_unauthenticated: bool,
 }
 
+/// `limits`: the bounds on held polls, bodies, heads and channels.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -136,12 +140,14 @@ pub struct Limits {
     pub max_active_channels: usize,
 }
 
+/// `cors`: the origins whose pages may subscribe from a browser.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Cors {
     pub allow_origins: Vec<String>,
 }
 
+/// One entry of `upstreams`: a backend's addresses and timeouts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
@@ -157,6 +163,8 @@ pub struct UpstreamConfig {
     pub read_timeout: Duration,
 }
 
+/// One entry of `routes`: a path, its methods, and what is done with a
+/// request that matches (subscribe, watch, or proxy and publish).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
@@ -176,6 +184,8 @@ pub struct RouteConfig {
     pub watch: Option<WatchConfig>,
 }
 
+/// A route's `watch`: a GET whose backend answer is shared by every
+/// client until the resource's channel announces a change.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WatchConfig {
@@ -192,6 +202,8 @@ pub struct WatchConfig {
     pub authorize_cache_size: u64,
 }
 
+/// A route's `subscribe`: the channels a request long-polls, for how
+/// long, from where, in which format, and who authorizes it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubscribeConfig {
@@ -211,6 +223,7 @@ pub struct SubscribeConfig {
     pub authorize_cache_size: u64,
 }
 
+/// A subscribe route's `first`: where a poll without a cursor starts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FirstConfig {
@@ -219,6 +232,7 @@ pub enum FirstConfig {
     Oldest,
 }
 
+/// A subscribe route's `format`: how answers carry their messages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FormatConfig {
@@ -227,6 +241,8 @@ pub enum FormatConfig {
     Raw,
 }
 
+/// A proxied route's `publish`: the channel a write the backend accepted
+/// is published to, and what of it is published.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublishThroughConfig {
@@ -235,6 +251,8 @@ pub struct PublishThroughConfig {
     pub body: BodySource,
 }
 
+/// What of a proxied write is published: the backend's answer (the
+/// default), the request's body, or nothing (a change notice).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BodySource {

@@ -87,9 +87,7 @@ impl AdminReply {
         let mut head = respond::status_head(self.status, self.content_type, self.body.len());
         head.extend_from_slice(b"Cache-Control: no-store\r\n");
         if let Some((name, value)) = self.extra {
-            for part in [name, ": ", value, "\r\n"] {
-                head.extend_from_slice(part.as_bytes());
-            }
+            respond::push_field(&mut head, name, value);
         }
         respond::assemble(&head, &[], &self.body, keepalive)
     }

@@ -6,8 +6,8 @@
 
 use crate::cursor::Cursor;
 use crate::message::Message;
+use crate::respond;
 use bytes::Bytes;
-use std::io::Write;
 use std::sync::{Arc, OnceLock};
 
 /// Most messages one envelope answer carries.
@@ -169,14 +169,10 @@ impl Answer {
             let mut head = Vec::with_capacity(160);
             let status = self.status();
             let reason = if status == 204 { "No Content" } else { "OK" };
-            let _ = write!(head, "HTTP/1.1 {status} {reason}\r\n");
             let content_type = self.content_type();
-            if !content_type.is_empty() {
-                let _ = write!(head, "Content-Type: {content_type}\r\n");
-            }
-            let _ = write!(head, "Content-Length: {}\r\n", self.body.len());
+            respond::push_status_head(&mut head, (status, reason), content_type, self.body.len());
             for (name, value) in self.fields() {
-                let _ = write!(head, "{name}: {value}\r\n");
+                respond::push_field(&mut head, name, &value);
             }
             head
         })

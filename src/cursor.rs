@@ -89,7 +89,7 @@ impl fmt::Display for Cursor {
             if i > 0 {
                 f.write_str(".")?;
             }
-            write!(f, "{id}")?;
+            fmt::Display::fmt(id, f)?;
         }
         Ok(())
     }

@@ -45,9 +45,23 @@ impl MessageId {
     }
 }
 
+impl MessageId {
+    /// Appends the id as text (`<ms>-<seq>`) to `out`, as `Display` writes
+    /// it, without the formatting machinery (this runs for every message).
+    pub fn push_text(&self, out: &mut Vec<u8>) {
+        let mut number = itoa::Buffer::new();
+        out.extend_from_slice(number.format(self.ms).as_bytes());
+        out.push(b'-');
+        out.extend_from_slice(number.format(self.seq).as_bytes());
+    }
+}
+
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
+        let mut number = itoa::Buffer::new();
+        f.write_str(number.format(self.ms))?;
+        f.write_str("-")?;
+        f.write_str(number.format(self.seq))
     }
 }
 
@@ -125,9 +139,10 @@ pub fn is_json_type(content_type: &str) -> bool {
 }
 
 fn encode_json(id: MessageId, channel: &str, content_type: &str, data: &[u8]) -> Bytes {
-    use std::io::Write;
     let mut out = Vec::with_capacity(data.len() + channel.len() + content_type.len() + 80);
-    let _ = write!(out, "{{\"id\":\"{id}\",\"channel\":");
+    out.extend_from_slice(b"{\"id\":\"");
+    id.push_text(&mut out);
+    out.extend_from_slice(b"\",\"channel\":");
     let _ = serde_json::to_writer(&mut out, channel);
     out.extend_from_slice(b",\"content_type\":");
     let _ = serde_json::to_writer(&mut out, content_type);
@@ -192,6 +207,9 @@ mod tests {
             }
         );
         assert_eq!(id.to_string(), "1732400000000-7");
+        let mut text = b"id ".to_vec();
+        id.push_text(&mut text);
+        assert_eq!(text, b"id 1732400000000-7");
         for bad in [
             "",
             "1",

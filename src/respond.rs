@@ -12,7 +12,6 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use pingora::Result;
-use std::io::Write;
 
 /// Something an answer can be written to.
 #[async_trait]
@@ -99,7 +98,7 @@ pub fn error_answer(
     let mut head = status_head(status, "application/json", body.len());
     head.extend_from_slice(b"Cache-Control: no-store\r\n");
     for (name, value) in extra {
-        let _ = write!(head, "{name}: {value}\r\n");
+        push_field(&mut head, name, value);
     }
     assemble(&head, fields, &body, keepalive)
 }
@@ -111,12 +110,40 @@ pub fn status_head(status: u16, content_type: &str, len: usize) -> Vec<u8> {
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Error");
     let mut head = Vec::with_capacity(256);
-    let _ = write!(head, "HTTP/1.1 {status} {reason}\r\n");
-    if !content_type.is_empty() {
-        let _ = write!(head, "Content-Type: {content_type}\r\n");
-    }
-    let _ = write!(head, "Content-Length: {len}\r\n");
+    push_status_head(&mut head, (status, reason), content_type, len);
     head
+}
+
+/// Appends the status line (`status` with its `reason`), then Content-Type
+/// (unless empty) and Content-Length, to `head`. Numbers are written with
+/// `itoa`: this runs for every answer a publish makes.
+pub fn push_status_head(
+    head: &mut Vec<u8>,
+    (status, reason): (u16, &str),
+    content_type: &str,
+    len: usize,
+) {
+    let mut number = itoa::Buffer::new();
+    for part in [
+        b"HTTP/1.1 ".as_slice(),
+        number.format(status).as_bytes(),
+        b" ",
+        reason.as_bytes(),
+        b"\r\n",
+    ] {
+        head.extend_from_slice(part);
+    }
+    if !content_type.is_empty() {
+        push_field(head, "Content-Type", content_type);
+    }
+    push_field(head, "Content-Length", number.format(len));
+}
+
+/// Appends the header line `name: value` to `head`.
+pub fn push_field(head: &mut Vec<u8>, name: &str, value: &str) {
+    for part in [name, ": ", value, "\r\n"] {
+        head.extend_from_slice(part.as_bytes());
+    }
 }
 
 /// The bytes of a whole answer: `head` (status line and header lines),
@@ -138,7 +165,7 @@ pub fn assemble(
         Vec::with_capacity(head.len() + fields_len + 40 + connection.len() + body.len());
     whole.extend_from_slice(head);
     for (name, value) in fields {
-        let _ = write!(whole, "{name}: {value}\r\n");
+        push_field(&mut whole, name, value);
     }
     whole.extend_from_slice(b"Date: ");
     whole.extend_from_slice(date.as_bytes());
@@ -146,4 +173,27 @@ pub fn assemble(
     whole.extend_from_slice(connection);
     whole.extend_from_slice(body);
     whole
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_are_status_line_type_length_then_fields() {
+        let mut head = status_head(404, "application/json", 12);
+        push_field(&mut head, "Allow", "GET");
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n\
+             Content-Length: 12\r\nAllow: GET\r\n"
+        );
+        let head = status_head(204, "", 0);
+        assert_eq!(head, b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n");
+        let whole = assemble(&head, &[("Vary", "Origin".into())], b"", false);
+        let whole = String::from_utf8(whole).unwrap();
+        assert!(whole
+            .starts_with("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nVary: Origin\r\nDate: "));
+        assert!(whole.ends_with("\r\nConnection: close\r\n\r\n"), "{whole}");
+    }
 }

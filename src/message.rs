@@ -43,9 +43,7 @@ impl MessageId {
             }
         }
     }
-}
 
-impl MessageId {
     /// Appends the id as text (`<ms>-<seq>`) to `out`, as `Display` writes
     /// it, without the formatting machinery (this runs for every message).
     pub fn push_text(&self, out: &mut Vec<u8>) {

@@ -1,6 +1,8 @@
 //! Whole answers: written on a Pingora session (long-polls held there) or
 //! inside Pingora's proxy (proxy routes), or encoded as the bytes of one
-//! HTTP/1.1 answer for the raw connection (`status_head`, `assemble`).
+//! HTTP/1.1 answer for the raw connection (`status_head`, `push_field`,
+//! `assemble`; an [`Answer`](crate::answer::Answer)'s shared head is
+//! written with the same `push_status_head` and `push_field`).
 //!
 //! Every answer has a Content-Length, so the connection stays reusable
 //! (Pingora's `respond_error*` would turn keep-alive off), and every error is

@@ -2,7 +2,7 @@
 //! connections ([`conn::serve`] reads and parses each head). Long-polls
 //! are served on the raw connection ([`h1`]) or held on a Pingora session;
 //! every other request goes to Pingora's proxy (the
-//! [`Gateway`](crate::gateway::Gateway)). HTTP/2 streams come through
+//! [`Gateway`]). HTTP/2 streams come through
 //! Pingora's HTTP/2 server ([`HttpServerApp`]).
 //!
 //! Why: a connection that enters Pingora's proxy carries its per-request

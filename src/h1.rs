@@ -9,7 +9,7 @@
 //!
 //! This is the path of nearly every long-poll (a GET without body,
 //! authorization or SSE); the rest go through [`Poller::serve`] on a
-//! Pingora session. Both share the parse ([`SubscribeHead::parse`]), the
+//! Pingora session. Both share the parse ([`SubscribeHead::parse`](crate::subscription::SubscribeHead::parse)), the
 //! admission and the hold ([`Poller::wait`]).
 
 use crate::answer::Answer;

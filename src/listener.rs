@@ -12,7 +12,7 @@
 //! it received instead of binding. Accepting stops when the instance drains
 //! (on the admin listener, at shutdown).
 //!
-//! Connections are unbuffered at L4 and written through [`Conn`], which
+//! Connections are unbuffered at L4 and written through `Conn`, which
 //! gathers an answer's writes into one segment (a vectored write goes
 //! straight out). HTTP/1 connections, client and admin, run the loop of
 //! [`conn::serve`]; HTTP/2 ones (ALPN `h2`, or the h2c preface) go

@@ -12,7 +12,7 @@
 //! query and credentials (`Authorization`, `Cookie`, and the headers an
 //! answer `Vary`s on), at the same position of the channels (woken by the
 //! same change, or back with its ETag right after), get one upstream GET,
-//! kept for at most [`SHARED_FOR`].
+//! kept for at most `SHARED_FOR`.
 
 use crate::answer::Format;
 use crate::cursor::Cursor;

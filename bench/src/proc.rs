@@ -75,7 +75,7 @@ pub fn rss_bytes(pids: &[u32]) -> u64 {
     kib * 1024
 }
 
-/// Open file descriptors of the trees of `pids` (entries of /proc/<pid>/fd).
+/// Open file descriptors of the trees of `pids` (entries of `/proc/<pid>/fd`).
 pub fn open_fds(pids: &[u32]) -> usize {
     pids.iter()
         .flat_map(|root| tree(*root))

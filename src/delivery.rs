@@ -3,7 +3,7 @@
 //! waiters sharing a cursor sharing one encoded [`Answer`]; a resync after
 //! a reconnect delivers what was missed. Announcements are handled in
 //! order on one task on the runtime of the held polls
-//! ([`Hub::run_deliveries`]), so a message wakes no other thread.
+//! ([`Hub::run_deliveries`]): no wake-up across runtimes per poll.
 
 use super::{Hub, Waiters};
 use crate::answer::{Answer, Format};

@@ -5,7 +5,7 @@
 //! order on one task on the runtime of the held polls
 //! ([`Hub::run_deliveries`]): no wake-up across runtimes per poll.
 
-use super::{Hub, Waiters};
+use super::{fire_all, Hub, Waiters};
 use crate::answer::{Answer, Format};
 use crate::broker::Sink;
 use crate::cursor::Cursor;
@@ -43,9 +43,7 @@ impl Hub {
                 *ch.ahead_check.lock() = None;
                 let waiters = std::mem::take(&mut st.waiters);
                 drop(st);
-                for (waiter, _) in waiters.values() {
-                    waiter.fire(Wake::Repoll);
-                }
+                fire_all(waiters, || Wake::Repoll);
                 return;
             }
             if !st.waiters.is_empty() {
@@ -107,9 +105,7 @@ impl Hub {
                     st.window = history;
                     let waiters = std::mem::take(&mut st.waiters);
                     drop(st);
-                    for (waiter, _) in waiters.values() {
-                        waiter.fire(Wake::Repoll);
-                    }
+                    fire_all(waiters, || Wake::Repoll);
                     return;
                 }
             }

@@ -9,8 +9,9 @@
 //!
 //! This is the path of nearly every long-poll (a GET without body,
 //! authorization or SSE); the rest go through [`Poller::serve`] on a
-//! Pingora session. Both share the parse ([`SubscribeHead::parse`](crate::subscription::SubscribeHead::parse)), the
-//! admission and the hold ([`Poller::wait`]).
+//! Pingora session. Both share the parse
+//! ([`SubscribeHead::parse`](crate::subscription::SubscribeHead::parse)),
+//! the admission and the hold ([`Poller::wait`]).
 
 use crate::answer::Answer;
 use crate::metrics::Outcome;
@@ -87,7 +88,7 @@ impl Client for Exchange<'_> {
 }
 
 /// What the lean path needs of a request besides its subscription.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Manner {
     /// The client keeps the connection open after the answer.
     pub keepalive: bool,
@@ -190,10 +191,7 @@ impl DirectWrite {
         DirectWrite {
             fd,
             turn: Mutex::new(Turn {
-                manner: Manner {
-                    keepalive: false,
-                    cors: Vec::new(),
-                },
+                manner: Manner::default(),
                 written: Settled::Unsent,
             }),
         }

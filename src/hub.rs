@@ -146,6 +146,14 @@ struct Channel {
 /// channel list.
 type Waiters = HashMap<u64, (Arc<Waiter>, usize), ahash::RandomState>;
 
+/// Wakes every one of `waiters` (taken from their channel, whose lock is
+/// no longer held) with what `wake` makes.
+fn fire_all(waiters: Waiters, wake: impl Fn() -> Wake) {
+    for (waiter, _) in waiters.into_values() {
+        waiter.fire(wake());
+    }
+}
+
 struct ChannelState {
     window: History,
     /// Messages announced before the window was loaded.
@@ -227,9 +235,7 @@ impl Hub {
     pub fn release_all(&self) {
         for ch in self.channels.values() {
             let waiters = std::mem::take(&mut ch.state.lock().waiters);
-            for (waiter, _) in waiters.into_values() {
-                waiter.fire(Wake::Drain);
-            }
+            fire_all(waiters, || Wake::Drain);
         }
     }
 

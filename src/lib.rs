@@ -30,6 +30,7 @@ pub mod server;
 pub mod shards;
 pub mod subscription;
 pub mod target;
+pub mod template;
 pub mod tls;
 pub mod units;
 pub mod upstream;

@@ -4,8 +4,9 @@
 
 use crate::answer::Format;
 use crate::cursor::Cursor;
-use crate::routes::{Params, SubscribeRoute};
+use crate::routes::SubscribeRoute;
 use crate::target::{form_decode, Target};
+use crate::template::Params;
 use compact_str::CompactString;
 use std::time::Duration;
 

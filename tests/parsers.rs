@@ -8,8 +8,8 @@
 use pollgate::config::{expand_env, Config};
 use pollgate::cursor::Cursor;
 use pollgate::message::MessageId;
-use pollgate::routes::{channel_problem, ChannelTemplate, Params, PathTemplate};
 use pollgate::target::Target;
+use pollgate::template::{channel_problem, ChannelTemplate, Params, PathTemplate};
 use proptest::prelude::*;
 
 proptest! {

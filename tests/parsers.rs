@@ -1,13 +1,16 @@
 //! Property tests of every parser that reads outside input: cursors, route
-//! and channel templates, channel names, config files, sizes and
-//! `${VAR}` expansion. Thousands of arbitrary inputs each: no panic, every
+//! and channel templates, channel names, subscribe requests, config files,
+//! sizes and `${VAR}` expansion. Thousands of arbitrary inputs each: no panic, every
 //! refusal an error value (a 400 or exit 2 for the user), and what is
 //! accepted is well-formed. (Request targets, request heads, Redis payloads
 //! and secret redaction have theirs beside their code.)
 
+use pollgate::answer::Format;
 use pollgate::config::{expand_env, Config};
 use pollgate::cursor::Cursor;
 use pollgate::message::MessageId;
+use pollgate::routes::{Action, Match, RouteTable};
+use pollgate::subscription::SubscribeHead;
 use pollgate::target::Target;
 use pollgate::template::{channel_problem, ChannelTemplate, Params, PathTemplate};
 use proptest::prelude::*;
@@ -98,5 +101,47 @@ proptest! {
     #[test]
     fn sizes_parse_or_are_refused(text in "\\PC{0,16}|[0-9]{1,25} ?[KMG]i?B?") {
         let _ = pollgate::units::size::parse(&text);
+    }
+
+    #[test]
+    fn subscribe_requests_parse_or_are_refused(
+        path in "/(sub|pair)/[a-zA-Z0-9%:._~-]{0,12}",
+        query in "(&?(cursor|timeout|format|x)=([0-9]{1,6}(\\.[0-9]{0,3})?|[0-9]e[0-9]{1,3}|-1|NaN|inf|raw|json|[0-9]{1,20}(%3A[0-9]{1,20})?(%2C[0-9]{1,3})?|[a-zA-Z0-9%+:,._~-]{0,14})){0,4}",
+        last_event_id in proptest::option::of("\\PC{0,20}|[0-9]{1,20}(:[0-9]{1,20})?(,[0-9]{1,20}(:[0-9]{1,20})?)?"),
+        accept in proptest::option::of("text/event-stream|\\PC{0,12}"),
+    ) {
+        let yaml = r#"
+routes:
+  - path: /sub/{channel}
+    subscribe: {channels: ["{channel}"], timeout: 30s}
+  - path: /pair/{id}
+    subscribe: {channels: ["a:{id}", "b:{id}"], timeout: 10s, format: raw}
+"#;
+        let config = Config::parse("f.yaml", yaml).unwrap();
+        let table = RouteTable::compile(&config).unwrap();
+        let Ok(target) = Target::parse(&format!("{path}?{query}")) else { return Ok(()) };
+        let Match::Found(route, params) = table.find("GET", &target) else { return Ok(()) };
+        let Action::Subscribe(route) = &route.action else { unreachable!() };
+        let head = SubscribeHead {
+            target: &target,
+            last_event_id: last_event_id.as_deref(),
+            if_none_match: None,
+            accept: accept.as_deref(),
+        };
+        match head.parse(route, &params) {
+            Ok(req) => {
+                prop_assert_eq!(req.channels.len(), route.channels.len());
+                for name in &req.channels {
+                    prop_assert_eq!(channel_problem(name), None);
+                }
+                prop_assert!(req.timeout <= route.timeout, "{:?} past the route's {:?}", req.timeout, route.timeout);
+                let sse = accept.as_deref().is_some_and(|a| a.contains("text/event-stream"));
+                prop_assert_eq!(req.format == Format::Sse, sse);
+                if let Some(c) = &req.cursor {
+                    prop_assert_eq!(c.0.len(), route.channels.len());
+                }
+            }
+            Err(e) => prop_assert!(!e.0.is_empty(), "a refusal says why"),
+        }
     }
 }

@@ -448,7 +448,10 @@ pub async fn serve<A: Http1App>(
         let head = match parse_head(&buf[..head_len]) {
             Ok(head) => head,
             Err((status, error, detail)) => {
-                Refusal::BadTarget.count();
+                match status {
+                    431 => Refusal::HeaderTooLarge.count(),
+                    _ => Refusal::BadTarget.count(),
+                }
                 refuse(&mut stream, status, error, &detail, limits).await;
                 return;
             }

@@ -9,6 +9,7 @@
 use crate::config::{Config, Cors};
 use crate::hub::Hub;
 use crate::lifecycle::{InFlight, Lifecycle};
+use crate::metrics::Refusal;
 use crate::poll::cors_headers;
 use crate::relay::Relay;
 use crate::respond;
@@ -137,11 +138,15 @@ impl ProxyHttp for Gateway {
         // The same parse of the same bytes as the front door's.
         let target = match std::str::from_utf8(req.raw_path()).map(Target::parse) {
             Ok(Ok(target)) => target,
+            // Only HTTP/2 requests get here with a bad target: HTTP/1
+            // heads were refused (and counted) by the front door.
             Ok(Err(e)) => {
+                Refusal::BadTarget.count();
                 respond::error(session, 400, "bad_request", &e.to_string(), &[]).await?;
                 return Ok(true);
             }
             Err(_) => {
+                Refusal::BadTarget.count();
                 let detail = "the request target is not UTF-8";
                 respond::error(session, 400, "bad_request", detail, &[]).await?;
                 return Ok(true);

@@ -295,29 +295,35 @@ impl ClientListener {
     }
 
     /// The listening socket of `endpoint`: the one inherited through a
-    /// graceful upgrade, or the one bound at start, registered in Pingora's
-    /// table for the next upgrade (by its number: it closes when this
-    /// instance drains, leaving the socket to the process it went to).
+    /// graceful upgrade, or the one bound at start, or (an upgrade to an
+    /// address the old instance did not have) one bound now. It is
+    /// registered in Pingora's table for the next upgrade (by its number:
+    /// it closes when this instance drains, leaving the socket to the
+    /// process it went to). An error means the address cannot be listened on.
     fn socket(
         endpoint: &mut Endpoint,
         fds: Option<&ListenFds>,
+        options: &ListenerConfig,
     ) -> io::Result<std::net::TcpListener> {
         let addr = &endpoint.addr;
-        if let Some(listener) = endpoint.bound.take() {
-            if let Some(fds) = fds {
-                fds.lock().add(addr.to_string(), listener.as_raw_fd());
+        let inherited = fds.and_then(|f| f.lock().get(addr).copied());
+        let listener = match (endpoint.bound.take(), inherited) {
+            (Some(listener), _) => listener,
+            (None, Some(fd)) => {
+                tracing::info!(%addr, "listening on an inherited socket");
+                // SAFETY: the fd was handed over for this address and is ours now.
+                let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+                listener.set_nonblocking(true)?;
+                return Ok(listener);
             }
-            return Ok(listener);
+            (None, None) => {
+                tracing::info!(%addr, "listening on an address new in this upgrade");
+                bind(addr, options)?
+            }
+        };
+        if let Some(fds) = fds {
+            fds.lock().add(addr.to_string(), listener.as_raw_fd());
         }
-        let fd = fds
-            .and_then(|f| f.lock().get(addr).copied())
-            .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::NotFound, "no socket was handed over for it")
-            })?;
-        tracing::info!(%addr, "listening on an inherited socket");
-        // SAFETY: the fd was handed over for this address and is ours now.
-        let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-        listener.set_nonblocking(true)?;
         Ok(listener)
     }
 }
@@ -478,8 +484,8 @@ impl Service for ClientListener {
         }
         let mut loops = Vec::new();
         for endpoint in &mut self.endpoints {
-            let socket =
-                Self::socket(endpoint, fds.as_ref()).and_then(tokio::net::TcpListener::from_std);
+            let socket = Self::socket(endpoint, fds.as_ref(), &self.options)
+                .and_then(tokio::net::TcpListener::from_std);
             match socket {
                 Ok(listener) => loops.push(tokio::spawn(acceptance.clone().run(
                     listener,
@@ -487,9 +493,9 @@ impl Service for ClientListener {
                     shutdown.clone(),
                 ))),
                 Err(e) => {
-                    // Only an upgrade whose predecessor listened elsewhere:
-                    // serving without this listener would look ready but
-                    // lose its clients.
+                    // Only an upgrade (the other addresses were bound at
+                    // start) to an address that is taken: serving without
+                    // this listener would look ready but lose its clients.
                     tracing::error!(addr = %endpoint.addr, error = %e, "cannot listen; exiting");
                     std::process::exit(2);
                 }

@@ -115,6 +115,8 @@ async fn raw_and_sse_and_proxied_routes_answer_over_h2() {
     // And a subscribe request with a bad target is refused there too.
     let (bad, _) = get(&mut client, "/sub/%zz", &[]).await;
     assert_eq!(answer(bad).await.0, 400);
+    let refused = "pollgate_refused_total{reason=\"bad_target\"}";
+    assert_eq!(pg.metric(refused).await, 1.0, "counted as on HTTP/1.1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

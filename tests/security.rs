@@ -233,6 +233,16 @@ async fn request_heads_are_bounded_in_size_and_time() {
     );
     let small = "GET /sub/x?timeout=0 HTTP/1.1\r\nHost: x\r\nX-Pad: ok\r\n\r\n";
     assert_eq!(raw(&pg, small).0, 200);
+    // More header lines than the parser has room for: a 431 as well.
+    let many = format!(
+        "GET /sub/x?timeout=0 HTTP/1.1\r\nHost: x\r\n{}\r\n",
+        "A: b\r\n".repeat(300)
+    );
+    let (status, v) = raw(&pg, &many);
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (431, Some("header_too_large"))
+    );
 
     // A head that drips in is cut at the header timeout.
     let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
@@ -250,7 +260,7 @@ async fn request_heads_are_bounded_in_size_and_time() {
     assert_eq!(
         pg.metric("pollgate_refused_total{reason=\"header_too_large\"}")
             .await,
-        1.0
+        2.0
     );
     assert_eq!(
         pg.metric("pollgate_refused_total{reason=\"header_timeout\"}")

@@ -2,8 +2,9 @@
 //! --upgrade` beside a running instance, then SIGQUIT to the old one, with
 //! two real processes on one Redis. Clients opening new connections all the
 //! while, on the plain, TLS and admin listeners, see no refusal; a poll held on the old process is answered with its
-//! cursor and misses nothing on the new one. Also the listener's own
-//! settings: the per-connection request limit.
+//! cursor and misses nothing on the new one; an address new in the upgrade
+//! is bound afresh. Also the listener's own settings: the per-connection
+//! request limit.
 
 mod support;
 
@@ -131,6 +132,46 @@ async fn sigquit_hands_the_sockets_to_the_new_process_and_nothing_is_refused_or_
             failures.len()
         );
     }
+    let _ = std::fs::remove_file(sock);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_to_a_new_admin_address_binds_it_and_keeps_the_handed_over_ones() {
+    let sock = std::env::temp_dir().join(format!("pollgate-moved-{}.sock", std::process::id()));
+    let mut old = Pollgate::start(&format!("upgrade_sock: \"{}\"\n{ROUTES}", sock.display()));
+    let moved = free_port();
+    let _new = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_pollgate"))
+            .args(["serve", "-c", old.config.to_str().unwrap(), "--upgrade"])
+            .args(["--admin-listen", &format!("127.0.0.1:{moved}")])
+            .args(["--log-level", "warn"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    old.signal("-QUIT");
+    let exit = old
+        .wait_exit(Duration::from_secs(15))
+        .expect("the old process exits");
+    assert!(exit.success(), "{exit}");
+    // The new admin address answers; the client listener came over.
+    let healthz = format!("http://127.0.0.1:{moved}/healthz");
+    let mut status = None;
+    for _ in 0..100 {
+        if let Ok(r) = client().get(&healthz).send().await {
+            status = Some(r.status().as_u16());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, Some(200), "the new admin address is served");
+    let (status, _, v) = get_json(&old.url("/sub/moved?timeout=0")).await;
+    assert_eq!(status, 200, "{v}");
+    // The old admin socket, handed over but not claimed, was closed (not
+    // left to queue connections nobody accepts).
+    let old_admin = std::net::TcpStream::connect(("127.0.0.1", old.admin_port));
+    assert!(old_admin.is_err(), "the old admin address still listens");
     let _ = std::fs::remove_file(sock);
 }
 

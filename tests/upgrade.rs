@@ -26,6 +26,19 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Starts `pollgate serve --upgrade` on `old`'s config (with `args` added),
+/// waiting for `old`'s sockets.
+fn upgrade(old: &Pollgate, args: &[&str]) -> KillOnDrop {
+    let child = Command::new(env!("CARGO_BIN_EXE_pollgate"))
+        .args(["serve", "-c", old.config.to_str().unwrap(), "--upgrade"])
+        .args(args)
+        .args(["--log-level", "warn"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    KillOnDrop(child)
+}
+
 /// Opens a new connection per request to `url` until `stop`; counts
 /// answers and failures: a refused or reset connection, or any status but
 /// 200 and a draining instance's 503 with `Retry-After` (which clients
@@ -90,14 +103,7 @@ async fn sigquit_hands_the_sockets_to_the_new_process_and_nothing_is_refused_or_
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The new process waits for the sockets; SIGQUIT hands them over.
-    let _new = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_pollgate"))
-            .args(["serve", "-c", old.config.to_str().unwrap(), "--upgrade"])
-            .args(["--log-level", "warn"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _new = upgrade(&old, &[]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     old.signal("-QUIT");
 
@@ -140,15 +146,8 @@ async fn an_upgrade_to_a_new_admin_address_binds_it_and_keeps_the_handed_over_on
     let sock = std::env::temp_dir().join(format!("pollgate-moved-{}.sock", std::process::id()));
     let mut old = Pollgate::start(&format!("upgrade_sock: \"{}\"\n{ROUTES}", sock.display()));
     let moved = free_port();
-    let _new = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_pollgate"))
-            .args(["serve", "-c", old.config.to_str().unwrap(), "--upgrade"])
-            .args(["--admin-listen", &format!("127.0.0.1:{moved}")])
-            .args(["--log-level", "warn"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let admin = format!("127.0.0.1:{moved}");
+    let _new = upgrade(&old, &["--admin-listen", &admin]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     old.signal("-QUIT");
     let exit = old

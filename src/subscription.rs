@@ -77,19 +77,7 @@ impl<'a> SubscribeHead<'a> {
             }
             _ => None,
         };
-        let timeout = match timeout_q {
-            None => route.timeout,
-            Some(t) => {
-                let secs: f64 = t
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| s.is_finite() && *s >= 0.0)
-                    .ok_or_else(|| {
-                        BadRequest(format!("timeout '{t}' is not a number of seconds"))
-                    })?;
-                Duration::from_secs_f64(secs.min(route.timeout.as_secs_f64()))
-            }
-        };
+        let timeout = hold_time(timeout_q.as_deref(), route.timeout)?;
         let format = match format_q.as_deref() {
             _ if self.wants_sse() => Format::Sse,
             None if route.raw => Format::Raw,
@@ -110,6 +98,27 @@ impl<'a> SubscribeHead<'a> {
     pub fn wants_sse(&self) -> bool {
         self.accept.is_some_and(|a| a.contains("text/event-stream"))
     }
+}
+
+/// How long a request may be held: the client's `timeout=` (seconds, a
+/// decimal number) capped by the route's `max`, or `max` without one. The
+/// error is a 400's detail.
+pub fn hold_time(asked: Option<&str>, max: Duration) -> Result<Duration, BadRequest> {
+    let Some(t) = asked else { return Ok(max) };
+    let secs: f64 = t
+        .parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+        .ok_or_else(|| BadRequest(format!("timeout '{t}' is not a number of seconds")))?;
+    Ok(Duration::from_secs_f64(secs.min(max.as_secs_f64())))
+}
+
+/// The first `timeout=` of a query, decoded (None when there is none).
+pub fn asked_timeout(target: &Target) -> Option<std::borrow::Cow<'_, str>> {
+    target
+        .query_pairs()
+        .find(|(name, _)| *name == "timeout")
+        .map(|(_, value)| form_decode(value))
 }
 
 /// A request header's value as text (None when absent or not visible ASCII).

@@ -21,6 +21,7 @@ use crate::metrics;
 use crate::poll::{self, Ending, Poller};
 use crate::respond;
 use crate::routes::WatchRoute;
+use crate::subscription::{asked_timeout, hold_time, BadRequest};
 use crate::target::Target;
 use crate::template::Params;
 use crate::upstream::{client_header, error_status, forwarded_copy, Peer, Pool, Upstreams};
@@ -117,6 +118,13 @@ impl Watcher {
                 }
             }
         }
+        // The query stays the upstream's; its `timeout=` also shortens the hold.
+        let hold = match hold_time(asked_timeout(target).as_deref(), route.timeout) {
+            Ok(hold) => hold,
+            Err(BadRequest(detail)) => {
+                return respond::error(session, 400, "bad_request", &detail, &[]).await;
+            }
+        };
         let Some(pool) = self.upstreams.get(&route.upstream).cloned() else {
             return respond::error(session, 500, "error", "route has no upstream", &[]).await;
         };
@@ -141,7 +149,7 @@ impl Watcher {
             .get("If-None-Match")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let deadline = tokio::time::Instant::now() + poll::jitter(route.timeout);
+        let deadline = tokio::time::Instant::now() + poll::jitter(hold);
         let mut cursor: Option<Cursor> = None;
         // The representation and the position of the channels it reflects.
         let mut current: Option<(Arc<Representation>, Cursor)> = None;

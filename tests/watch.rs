@@ -129,6 +129,34 @@ async fn an_unchanged_resource_stays_held_then_times_out_with_304() {
 }
 
 #[tokio::test]
+async fn a_client_timeout_shortens_the_hold_and_a_bad_one_is_refused() {
+    let legacy = Legacy::start(false).await;
+    legacy.set("8", r#"{"id":8}"#);
+    let pg = Pollgate::start(&config(&legacy, "30s"));
+    let etag = etag_of(&watch(&pg, "/orders/8", None, "Bearer a").await);
+    // Below the route's 30 s: held for about 0.5 s, then 304.
+    let started = std::time::Instant::now();
+    let answer = watch(&pg, "/orders/8?timeout=0.5", Some(&etag), "Bearer a").await;
+    assert_eq!(answer.status(), StatusCode::NOT_MODIFIED);
+    let held = started.elapsed();
+    assert!(
+        held >= Duration::from_millis(400) && held < Duration::from_secs(5),
+        "held {held:?}"
+    );
+    // No ETag and no hold: the representation at once.
+    let fresh = watch(&pg, "/orders/8?timeout=0", None, "Bearer a").await;
+    assert_eq!(fresh.status(), StatusCode::OK);
+    let bad = watch(&pg, "/orders/8?timeout=soon", Some(&etag), "Bearer a").await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let v: serde_json::Value = bad.json().await.unwrap();
+    assert_eq!(v["error"], "bad_request");
+    assert!(
+        v["detail"].as_str().unwrap().contains("timeout 'soon'"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
 async fn watchers_share_one_fetch_per_change_but_never_across_credentials() {
     let legacy = Legacy::start(true).await;
     legacy.set("1", r#"{"id":1}"#);

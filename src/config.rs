@@ -161,6 +161,10 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     #[serde(default = "default_read_timeout", with = "units::duration")]
     pub read_timeout: Duration,
+    /// How often each address is checked with a TCP connect (`0s`: never;
+    /// failed connections of requests still set an address aside).
+    #[serde(default = "default_health_check_interval", with = "units::duration")]
+    pub health_check_interval: Duration,
 }
 
 /// One entry of `routes`: a path, its methods, and what is done with a
@@ -265,6 +269,9 @@ pub enum BodySource {
 
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(2)
+}
+fn default_health_check_interval() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_read_timeout() -> Duration {
     Duration::from_secs(30)

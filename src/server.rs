@@ -138,7 +138,7 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
             authorizer: Authorizer::new(upstreams.clone()),
             write_timeout: config.limits.write_timeout,
         },
-        watcher: Watcher::new(hub.clone(), upstreams, config.limits.max_body),
+        watcher: Watcher::new(hub.clone(), upstreams.clone(), config.limits.max_body),
         life: life.clone(),
         limits: HeadLimits {
             max_head: config.limits.max_head as usize,
@@ -179,8 +179,13 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
         upgrade,
     )?;
 
-    let housekeeping =
-        background_service("pollgate housekeeping", Housekeeping { hub: hub.clone() });
+    let housekeeping = background_service(
+        "pollgate housekeeping",
+        Housekeeping {
+            hub: hub.clone(),
+            upstreams,
+        },
+    );
 
     server.add_service(listener);
     server.add_service(housekeeping);
@@ -205,14 +210,18 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
     Ok(())
 }
 
-/// Expires histories and forgets idle channels, once a second.
+/// Expires histories and forgets idle channels, once a second; checks the
+/// upstreams' addresses.
 struct Housekeeping {
     hub: Arc<Hub>,
+    upstreams: Arc<Upstreams>,
 }
 
 #[async_trait]
 impl BackgroundService for Housekeeping {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (upstreams, mut until) = (self.upstreams.clone(), shutdown.clone());
+        tokio::spawn(async move { upstreams.check_health(&mut until).await });
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {

@@ -12,9 +12,10 @@ use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
+use pingora::server::ShutdownWatch;
 use pingora::{Error, ErrorType, Result};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,10 @@ pub struct Pool {
     pub name: String,
     pub config: UpstreamConfig,
     next: AtomicUsize,
+    /// Per address: skipped until this time (ms since [`EPOCH`]).
     down_until: Vec<AtomicU64>,
+    /// Per address: whether its last health check failed.
+    unhealthy: Vec<AtomicBool>,
 }
 
 impl Pool {
@@ -51,6 +55,11 @@ impl Pool {
         Pool {
             name: name.to_string(),
             down_until: config.addrs.iter().map(|_| AtomicU64::new(0)).collect(),
+            unhealthy: config
+                .addrs
+                .iter()
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             config: config.clone(),
             next: AtomicUsize::new(0),
         }
@@ -68,11 +77,38 @@ impl Pool {
             .unwrap_or(start % n)
     }
 
-    /// Marks address `index` as failing for [`COOLDOWN`].
+    /// Marks address `index` as failing for [`COOLDOWN`] (or longer, when
+    /// its health check failed).
     pub fn mark_failed(&self, index: usize) {
         let until = now_ms() + COOLDOWN.as_millis() as u64;
-        self.down_until[index].store(until, Ordering::Relaxed);
+        self.down_until[index].fetch_max(until, Ordering::Relaxed);
         tracing::warn!(upstream = %self.name, addr = %self.config.addrs[index], "upstream address failed; skipping it for {COOLDOWN:?}");
+    }
+
+    /// Connects to every address once (TCP, within `connect_timeout`). One
+    /// that cannot be reached is skipped until a later check reaches it
+    /// (unless no address is left: [`Pool::pick`] then tries them all);
+    /// one that is reached is used again at once.
+    pub async fn check(&self) {
+        for (i, addr) in self.config.addrs.iter().enumerate() {
+            let connect = tokio::net::TcpStream::connect(addr.as_str());
+            let reached = matches!(
+                tokio::time::timeout(self.config.connect_timeout, connect).await,
+                Ok(Ok(_))
+            );
+            let was_unhealthy = self.unhealthy[i].swap(!reached, Ordering::Relaxed);
+            if reached {
+                self.down_until[i].store(0, Ordering::Relaxed);
+                if was_unhealthy {
+                    tracing::info!(upstream = %self.name, %addr, "upstream address passes its health check again");
+                }
+            } else {
+                self.down_until[i].store(u64::MAX, Ordering::Relaxed);
+                if !was_unhealthy {
+                    tracing::warn!(upstream = %self.name, %addr, "upstream address failed its health check; skipping it until one passes");
+                }
+            }
+        }
     }
 
     /// Number of addresses.
@@ -147,6 +183,30 @@ impl Upstreams {
     /// The pool named `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
         self.pools.get(name)
+    }
+
+    /// Checks every pool's addresses at start and then every
+    /// `health_check_interval` (pools with `0s` never), until `shutdown`.
+    pub async fn check_health(&self, shutdown: &mut ShutdownWatch) {
+        let mut checks: tokio::task::JoinSet<()> = self
+            .pools
+            .values()
+            .filter(|pool| !pool.config.health_check_interval.is_zero())
+            .map(|pool| {
+                let pool = pool.clone();
+                async move {
+                    loop {
+                        pool.check().await;
+                        tokio::time::sleep(pool.config.health_check_interval).await;
+                    }
+                }
+            })
+            .collect();
+        if checks.is_empty() {
+            return;
+        }
+        let _ = shutdown.changed().await;
+        checks.abort_all();
     }
 
     /// Sends `request` with `body` to `pool` and reads the whole answer (at

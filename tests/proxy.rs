@@ -430,20 +430,51 @@ async fn a_slow_upstream_is_504() {
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "gateway_timeout");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn round_robin_skips_an_address_that_is_down() {
-    let a = Backend::start().await;
-    let b = Backend::start().await;
-    let dead = format!("127.0.0.1:{}", free_port());
-    let pg = Pollgate::start(&config(&[a.addr(), dead, b.addr()], ""));
+/// Sends `n` GETs through `pg` (each must succeed) and counts which
+/// backend port answered each.
+async fn spread(pg: &Pollgate, n: usize) -> std::collections::HashMap<String, usize> {
     let mut served = std::collections::HashMap::new();
-    for _ in 0..12 {
+    for _ in 0..n {
         let r = client().get(pg.url("/who")).send().await.unwrap();
         assert_eq!(r.status(), 200, "a dead address is retried on the next one");
         let port = r.headers()["x-backend"].to_str().unwrap().to_string();
         *served.entry(port).or_insert(0) += 1;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    served
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_back_up_is_used_again_after_its_next_health_check() {
+    let a = Backend::start().await;
+    let late = free_port();
+    let addrs = [a.addr(), format!("127.0.0.1:{late}")];
+    let body = config(&addrs, "").replace(
+        "    read_timeout: 1s\n",
+        "    read_timeout: 1s\n    health_check_interval: 200ms\n",
+    );
+    let pg = Pollgate::start(&body);
+    // Down: every request is answered by the other address.
+    let served = spread(&pg, 6).await;
+    assert_eq!(served.keys().collect::<Vec<_>>(), [&a.port.to_string()]);
+    // Up again: back in the rotation within a check or two (a failed
+    // request alone would set it aside for 10 s).
+    let _b = Backend::start_on(late).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let served = spread(&pg, 10).await;
+    assert!(
+        served.get(&late.to_string()).is_some_and(|n| *n >= 3),
+        "the address back up takes its share: {served:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_skips_an_address_that_is_down() {
+    let a = Backend::start().await;
+    let b = Backend::start().await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let pg = Pollgate::start(&config(&[a.addr(), dead, b.addr()], ""));
+    let served = spread(&pg, 12).await;
     assert_eq!(served.len(), 2, "{served:?}");
     assert!(
         served.values().all(|n| *n >= 4),

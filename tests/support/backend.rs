@@ -55,7 +55,12 @@ impl Drop for Backend {
 impl Backend {
     /// Starts a backend on a free port.
     pub async fn start() -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Backend::start_on(0).await
+    }
+
+    /// Starts a backend on `port` of 127.0.0.1 (0: a free one).
+    pub async fn start_on(port: u16) -> Backend {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let record = seen.clone();

@@ -117,7 +117,7 @@ impl PathTemplate {
     }
 
     /// Matches the decoded segments of a request path (see
-    /// [`Target`]). Returns the captures or None.
+    /// [`Target`](crate::target::Target)). Returns the captures or None.
     pub fn matches<'s>(&self, path: impl Iterator<Item = &'s str>) -> Option<Params<'_>> {
         let mut parts = path;
         let mut params = Params::new();

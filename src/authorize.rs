@@ -1,18 +1,23 @@
 //! Subscriber authorization (docs/api.md, "Authorizing subscribers"):
 //! before a poll is held, the same path and query are sent as a GET to an
-//! upstream with the client's headers; a 2xx allows, anything else is the
-//! client's answer.
+//! upstream with the client's credentials; a 2xx allows, anything else is
+//! the client's answer.
 //!
-//! A route with `authorize_cache` remembers decisions in an [`AuthCache`]:
-//! bounded (least recently used go first), keyed on the credentials
-//! (`Authorization`, `Cookie`) and the whole path and query (tokens in the
-//! query are credentials too), and concurrent identical checks share one
-//! upstream call. The path is the one [`Target`] that also selected the
-//! channels.
+//! The credentials are the client headers a route names in
+//! `authorize_credentials` ([`Credentials`]; `Authorization` and `Cookie`
+//! by default), every field of each, HTTP/2 cookie crumbs joined into one
+//! `Cookie`. Exactly those go to the upstream (with `Host` and
+//! `X-Forwarded-*`), and exactly those key the route's [`AuthCache`]
+//! (bounded, least recently used go first) together with the whole path
+//! and query (tokens in the query are credentials too): nothing the
+//! upstream can decide on is missing from the key. Concurrent identical
+//! checks share one upstream call. The path is the one [`Target`] that
+//! also selected the channels.
 
 use crate::target::Target;
-use crate::upstream::{forwarded_copy, Peer, Upstreams};
+use crate::upstream::{add_forwarded, joined_cookie, Peer, Upstreams};
 use bytes::Bytes;
+use http::HeaderName;
 use pingora::http::RequestHeader;
 use pingora::{Error, ErrorType, Result};
 use std::sync::Arc;
@@ -27,6 +32,88 @@ const PASSED_ON: &[&str] = &[
     "location",
     "retry-after",
 ];
+
+/// Headers that cannot be credentials: framing, routing and hop-by-hop
+/// fields, which pollgate sets itself.
+const NOT_CREDENTIALS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
+/// A route's `authorize:`: the upstream asked, the credentials sent, and
+/// the decision cache when `authorize_cache` is set.
+#[derive(Debug, Clone)]
+pub struct Authorize {
+    pub upstream: String,
+    pub cache: Option<Arc<AuthCache>>,
+    pub credentials: Credentials,
+}
+
+/// The client headers that are credentials (`authorize_credentials`), in
+/// the order configured.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials(Arc<[HeaderName]>);
+
+/// A request's credentials: each configured header's fields in order
+/// (cookie crumbs joined into one field), by index into [`Credentials`].
+pub type Presented = Vec<(u8, Bytes)>;
+
+impl Credentials {
+    /// The credentials named by `names`, or why a name cannot be one.
+    pub fn parse(names: &[String]) -> std::result::Result<Credentials, String> {
+        if names.len() > 32 {
+            return Err("at most 32 headers".into());
+        }
+        let mut parsed: Vec<HeaderName> = Vec::with_capacity(names.len());
+        for name in names {
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("'{}' is not a header name", name.escape_default()))?;
+            if NOT_CREDENTIALS.contains(&header.as_str()) {
+                return Err(format!("'{name}' is set by pollgate, not a credential"));
+            }
+            if parsed.contains(&header) {
+                return Err(format!("'{name}' is listed twice"));
+            }
+            parsed.push(header);
+        }
+        Ok(Credentials(parsed.into()))
+    }
+
+    /// The header names, in the order configured.
+    pub fn names(&self) -> &[HeaderName] {
+        &self.0
+    }
+
+    /// What `client` presents: every field of each credential header, in
+    /// order, with `Cookie` fields joined by `; ` (RFC 9113 §8.2.3).
+    pub fn of(&self, client: &RequestHeader) -> Presented {
+        let mut presented = Presented::new();
+        for (i, name) in self.0.iter().enumerate() {
+            let i = i as u8;
+            if name == http::header::COOKIE {
+                if let Some(joined) = joined_cookie(&client.headers) {
+                    presented.push((i, joined));
+                }
+                continue;
+            }
+            for value in client.headers.get_all(name) {
+                presented.push((i, Bytes::copy_from_slice(value.as_bytes())));
+            }
+        }
+        presented
+    }
+}
 
 /// What the upstream decided.
 #[derive(Clone, Debug)]
@@ -43,12 +130,11 @@ pub struct Denial {
     pub body: Bytes,
 }
 
-/// Credentials and target of a check: `Authorization`, `Cookie`, and the
+/// Credentials and target of a check: the credentials presented and the
 /// path with the query (less pollgate's own parameters).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
-    authorization: Option<Vec<u8>>,
-    cookie: Option<Vec<u8>>,
+    credentials: Presented,
     target: String,
 }
 
@@ -81,8 +167,7 @@ impl AuthCache {
         }
     }
 
-    fn key(client: &RequestHeader, target: &Target) -> Key {
-        let header = |n: &str| client.headers.get(n).map(|v| v.as_bytes().to_vec());
+    fn key(credentials: Presented, target: &Target) -> Key {
         let mut key = target.path().to_string();
         let mut sep = '?';
         for pair in target.query().unwrap_or("").split('&') {
@@ -95,8 +180,7 @@ impl AuthCache {
             sep = '&';
         }
         Key {
-            authorization: header("Authorization"),
-            cookie: header("Cookie"),
+            credentials,
             target: key,
         }
     }
@@ -114,28 +198,31 @@ impl Authorizer {
         Authorizer { upstreams }
     }
 
-    /// Decides for the client request `client` to `target` (from
-    /// `peer`), asking `upstream`, or `cache` when the route has one.
-    /// Errors are upstream failures (never cached).
+    /// Decides for the client request `client` to `target` (from `peer`)
+    /// as the route's `authorize` says: asking its upstream, or its cache
+    /// when it has one. Errors are upstream failures (never cached).
     pub async fn check(
         &self,
         client: &RequestHeader,
         target: &Target,
         peer: &Peer,
-        upstream: &str,
-        cache: Option<&AuthCache>,
+        authorize: &Authorize,
     ) -> Result<Decision> {
-        // A GET to the same path and query, with the client's headers.
-        let request = forwarded_copy(client, http::Method::GET, &target.path_and_query(), peer)?;
-        let Some(cache) = cache else {
-            return self.ask(upstream, &request).await;
+        let presented = authorize.credentials.of(client);
+        let request = request(client, target, peer, &authorize.credentials, &presented)?;
+        let Some(cache) = &authorize.cache else {
+            return self.ask(&authorize.upstream, &request).await;
         };
         cache
             .decisions
-            .try_get_with(AuthCache::key(client, target), self.ask(upstream, &request))
+            .try_get_with(
+                AuthCache::key(presented, target),
+                self.ask(&authorize.upstream, &request),
+            )
             .await
             .map_err(|e| Error::because(e.etype().clone(), "authorization", e.to_string()))
     }
+
     async fn ask(&self, upstream: &str, request: &RequestHeader) -> Result<Decision> {
         let pool = self.upstreams.get(upstream).ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "unknown authorize upstream")
@@ -160,5 +247,67 @@ impl Authorizer {
             headers,
             body: answer.body,
         })))
+    }
+}
+
+/// The authorize call for `client`: a GET to the same path and query with
+/// exactly the `presented` credentials, `Host` and `X-Forwarded-*`.
+fn request(
+    client: &RequestHeader,
+    target: &Target,
+    peer: &Peer,
+    credentials: &Credentials,
+    presented: &Presented,
+) -> Result<RequestHeader> {
+    let path = target.path_and_query();
+    let mut request = RequestHeader::build(http::Method::GET, path.as_bytes(), None)?;
+    for (i, value) in presented {
+        let name = credentials.names()[usize::from(*i)].clone();
+        let value = http::HeaderValue::from_maybe_shared(value.clone())
+            .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad credential"))?;
+        request.append_header(name, value)?;
+    }
+    add_forwarded(&mut request, client, peer)?;
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(fields: &[(&str, &str)]) -> RequestHeader {
+        let mut h = RequestHeader::build("GET", b"/p", None).unwrap();
+        for (n, v) in fields {
+            h.append_header(n.to_string(), *v).unwrap();
+        }
+        h
+    }
+
+    #[test]
+    fn every_field_of_every_credential_counts() {
+        let creds = Credentials::parse(&["Cookie".into(), "X-Api-Key".into()]).unwrap();
+        let crumbs = client(&[("cookie", "a=1"), ("cookie", "session=V")]);
+        let first_only = client(&[("cookie", "a=1")]);
+        let joined = client(&[("cookie", "a=1; session=V")]);
+        assert_ne!(creds.of(&crumbs), creds.of(&first_only));
+        assert_eq!(creds.of(&crumbs), creds.of(&joined));
+        let key = client(&[("x-api-key", "good")]);
+        let other = client(&[("x-api-key", "bad")]);
+        assert_ne!(creds.of(&key), creds.of(&other));
+        assert_ne!(creds.of(&key), creds.of(&client(&[])));
+        // Not named: not a credential.
+        assert_eq!(
+            creds.of(&client(&[("authorization", "x")])),
+            Presented::new()
+        );
+    }
+
+    #[test]
+    fn framing_and_hop_by_hop_headers_are_not_credentials() {
+        for bad in ["Host", "connection", "Content-Length", "bad name", ""] {
+            assert!(Credentials::parse(&[bad.into()]).is_err(), "{bad}");
+        }
+        assert!(Credentials::parse(&["a".into(), "A".into()]).is_err());
+        assert!(Credentials::parse(&[]).is_ok());
     }
 }

@@ -204,6 +204,10 @@ pub struct WatchConfig {
     pub authorize_cache: Duration,
     #[serde(default = "default_authorize_cache_size")]
     pub authorize_cache_size: u64,
+    /// The client headers sent to the `authorize` upstream, the keys of its
+    /// cache, and what watchers must share to share a fetch.
+    #[serde(default = "default_credentials")]
+    pub authorize_credentials: Vec<String>,
 }
 
 /// A route's `subscribe`: the channels a request long-polls, for how
@@ -225,6 +229,10 @@ pub struct SubscribeConfig {
     /// Entries of the route's authorization cache (least recently used go first).
     #[serde(default = "default_authorize_cache_size")]
     pub authorize_cache_size: u64,
+    /// The client headers sent to the `authorize` upstream, and so the
+    /// headers its cache is keyed on.
+    #[serde(default = "default_credentials")]
+    pub authorize_credentials: Vec<String>,
 }
 
 /// A subscribe route's `first`: where a poll without a cursor starts.
@@ -278,6 +286,9 @@ fn default_read_timeout() -> Duration {
 }
 fn default_authorize_cache_size() -> u64 {
     10_000
+}
+fn default_credentials() -> Vec<String> {
+    vec!["Authorization".into(), "Cookie".into()]
 }
 fn default_hold() -> Duration {
     Duration::from_secs(30)

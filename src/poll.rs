@@ -7,7 +7,7 @@
 //! reading the idle connection), or draining.
 
 use crate::answer::{Answer, Format};
-use crate::authorize::{Authorizer, Decision};
+use crate::authorize::{Authorize, Authorizer, Decision};
 use crate::broker::BrokerError;
 use crate::config::Cors;
 use crate::hub::{Held, Hub, HubError, Poll};
@@ -181,9 +181,8 @@ impl Poller {
                     .await
             }
         };
-        if let Some(upstream) = &route.authorize {
-            let cache = route.authorize_cache.as_deref();
-            if !Box::pin(self.authorized(session, target, upstream, cache)).await? {
+        if let Some(authorize) = &route.authorize {
+            if !Box::pin(self.authorized(session, target, authorize)).await? {
                 return Ok(());
             }
         }
@@ -293,13 +292,12 @@ impl Poller {
         &self,
         session: &mut Session,
         target: &Target,
-        upstream: &str,
-        cache: Option<&crate::authorize::AuthCache>,
+        authorize: &Authorize,
     ) -> Result<bool> {
         let peer = crate::upstream::Peer::of(session);
         match self
             .authorizer
-            .check(session.req_header(), target, &peer, upstream, cache)
+            .check(session.req_header(), target, &peer, authorize)
             .await
         {
             Ok(Decision::Allow) => Ok(true),
@@ -329,7 +327,7 @@ impl Poller {
                 } else {
                     "bad_gateway"
                 };
-                let detail = format!("authorization upstream {upstream}: {e}");
+                let detail = format!("authorization upstream {}: {e}", authorize.upstream);
                 let cors = self.cors_headers(session);
                 self.write(respond::error(session, status, kind, &detail, &cors))
                     .await?;

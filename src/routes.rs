@@ -4,6 +4,7 @@
 //! [`RouteTable::find`] picks the first route whose template and method
 //! match a request.
 
+use crate::authorize::{AuthCache, Authorize, Credentials};
 use crate::target::Target;
 use crate::template::{ChannelTemplate, Params, PathTemplate};
 use std::sync::Arc;
@@ -33,9 +34,8 @@ pub struct SubscribeRoute {
     pub timeout: std::time::Duration,
     pub first: crate::hub::First,
     pub raw: bool,
-    pub authorize: Option<String>,
-    /// The route's remembered authorization decisions, when it caches them.
-    pub authorize_cache: Option<Arc<crate::authorize::AuthCache>>,
+    /// Who is asked before a poll is held, when someone is.
+    pub authorize: Option<Authorize>,
 }
 
 impl Action {
@@ -57,9 +57,10 @@ pub struct WatchRoute {
     pub channels: Vec<ChannelTemplate>,
     pub timeout: std::time::Duration,
     /// Asked before holding, as for subscribe routes.
-    pub authorize: Option<String>,
-    /// The route's remembered authorization decisions, when it caches them.
-    pub authorize_cache: Option<Arc<crate::authorize::AuthCache>>,
+    pub authorize: Option<Authorize>,
+    /// What watchers must present alike to share a fetch (besides
+    /// `Accept*` and the upstream's `Vary`): `authorize_credentials`.
+    pub credentials: Credentials,
 }
 
 /// A reverse-proxy route, optionally publishing what passes through.
@@ -155,15 +156,16 @@ fn compile_channels(
     channels
 }
 
-/// The `authorize` upstream of a subscribe or watch route (`at` is its
-/// key) and its decision cache (`authorize_cache` long, of
-/// `authorize_cache_size` entries; none when 0s).
+/// The `authorize` of a subscribe or watch route (`at` is its key): the
+/// upstream, its decision cache (`authorize_cache` long, of
+/// `authorize_cache_size` entries; none when 0s) and the credentials
+/// (`authorize_credentials`), which are also returned alone.
 fn compile_authorize(
     at: &str,
-    (upstream, ttl, size): (&Option<String>, std::time::Duration, u64),
+    (upstream, ttl, size, names): (&Option<String>, std::time::Duration, u64, &[String]),
     config: &crate::config::Config,
     problems: &mut Vec<String>,
-) -> (Option<String>, Option<Arc<crate::authorize::AuthCache>>) {
+) -> (Option<Authorize>, Credentials) {
     if let Some(name) = upstream {
         if !config.upstreams.contains_key(name) {
             problems.push(format!(
@@ -174,9 +176,16 @@ fn compile_authorize(
     if size == 0 {
         problems.push(format!("{at}.authorize_cache_size: must be at least 1"));
     }
-    let cache = (upstream.is_some() && !ttl.is_zero())
-        .then(|| Arc::new(crate::authorize::AuthCache::new(size, ttl)));
-    (upstream.clone(), cache)
+    let credentials = Credentials::parse(names).unwrap_or_else(|why| {
+        problems.push(format!("{at}.authorize_credentials: {why}"));
+        Credentials::default()
+    });
+    let authorize = upstream.as_ref().map(|upstream| Authorize {
+        upstream: upstream.clone(),
+        cache: (!ttl.is_zero()).then(|| Arc::new(AuthCache::new(size, ttl))),
+        credentials: credentials.clone(),
+    });
+    (authorize, credentials)
 }
 
 fn compile_route(
@@ -228,9 +237,14 @@ fn compile_route(
                 config.limits.max_channels,
                 &mut problems,
             );
-            let (authorize, authorize_cache) = compile_authorize(
+            let (authorize, _) = compile_authorize(
                 &format!("{key}.subscribe"),
-                (&s.authorize, s.authorize_cache, s.authorize_cache_size),
+                (
+                    &s.authorize,
+                    s.authorize_cache,
+                    s.authorize_cache_size,
+                    &s.authorize_credentials,
+                ),
                 config,
                 &mut problems,
             );
@@ -243,7 +257,6 @@ fn compile_route(
                 },
                 raw: s.format == FormatConfig::Raw,
                 authorize,
-                authorize_cache,
             }))
         }
         (None, Some(up)) if rc.watch.is_some() => {
@@ -267,9 +280,14 @@ fn compile_route(
                 config.limits.max_channels,
                 &mut problems,
             );
-            let (authorize, authorize_cache) = compile_authorize(
+            let (authorize, credentials) = compile_authorize(
                 &format!("{key}.watch"),
-                (&w.authorize, w.authorize_cache, w.authorize_cache_size),
+                (
+                    &w.authorize,
+                    w.authorize_cache,
+                    w.authorize_cache_size,
+                    &w.authorize_credentials,
+                ),
                 config,
                 &mut problems,
             );
@@ -278,7 +296,7 @@ fn compile_route(
                 channels,
                 timeout: w.timeout,
                 authorize,
-                authorize_cache,
+                credentials,
             }))
         }
         (None, Some(up)) => {

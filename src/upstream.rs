@@ -329,29 +329,77 @@ impl Peer {
     }
 }
 
-/// Adds `X-Forwarded-For` (appending to a received one), `-Proto` and
-/// `-Host` (the `client`'s Host) to a request going upstream.
+/// Makes `request`, going upstream for the `client`'s request, say where
+/// it came from, as a proxy does: `X-Forwarded-For` with every value the
+/// client sent, in order, and the peer appended; `X-Forwarded-Proto`;
+/// `X-Forwarded-Host` and a `Host` (the client's, or the authority of an
+/// HTTP/2 or absolute-form target); and its `Cookie` fields (HTTP/2 cookie
+/// crumbs) joined into one (RFC 9113 §8.2.3).
 pub fn add_forwarded(
     request: &mut RequestHeader,
     client: &RequestHeader,
     peer: &Peer,
 ) -> Result<()> {
+    let mut chain = Vec::new();
+    for prior in client.headers.get_all("X-Forwarded-For") {
+        if !chain.is_empty() {
+            chain.extend_from_slice(b", ");
+        }
+        chain.extend_from_slice(prior.as_bytes());
+    }
     if let Some(ip) = &peer.ip {
-        let value = match request
-            .headers
-            .get("X-Forwarded-For")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prior) => format!("{prior}, {ip}"),
-            None => ip.clone(),
-        };
-        request.insert_header("X-Forwarded-For", value)?;
+        if !chain.is_empty() {
+            chain.extend_from_slice(b", ");
+        }
+        chain.extend_from_slice(ip.as_bytes());
+    }
+    request.remove_header("X-Forwarded-For");
+    if !chain.is_empty() {
+        request.insert_header("X-Forwarded-For", header_value(chain)?)?;
     }
     request.insert_header("X-Forwarded-Proto", if peer.tls { "https" } else { "http" })?;
-    if let Some(host) = client.headers.get("Host").and_then(|h| h.to_str().ok()) {
-        request.insert_header("X-Forwarded-Host", host.to_string())?;
+    let host = client.headers.get(http::header::HOST).cloned().or_else(|| {
+        let authority = client.uri.authority()?.as_str();
+        http::HeaderValue::from_str(authority).ok()
+    });
+    if let Some(host) = host {
+        if request.headers.get(http::header::HOST).is_none() {
+            request.insert_header(http::header::HOST, host.clone())?;
+        }
+        request.insert_header("X-Forwarded-Host", host)?;
+    }
+    if request
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        let joined = joined_cookie(&request.headers);
+        request.remove_header(&http::header::COOKIE);
+        if let Some(joined) = joined {
+            request.insert_header(http::header::COOKIE, header_value(joined.to_vec())?)?;
+        }
     }
     Ok(())
+}
+
+/// Every `Cookie` field of `headers` as one value, the fields joined with
+/// `; ` (None without any).
+pub fn joined_cookie(headers: &http::HeaderMap) -> Option<Bytes> {
+    let mut fields = headers.get_all(http::header::COOKIE).iter();
+    let first = fields.next()?;
+    let mut joined = first.as_bytes().to_vec();
+    for more in fields {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(more.as_bytes());
+    }
+    Some(Bytes::from(joined))
+}
+
+fn header_value(bytes: Vec<u8>) -> Result<http::HeaderValue> {
+    http::HeaderValue::from_maybe_shared(Bytes::from(bytes))
+        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad header value"))
 }
 
 /// The client's request re-sent upstream as `method` to `path_and_query`:

@@ -9,8 +9,8 @@
 //! On timeout the client gets `304 Not Modified`.
 //!
 //! Fetches are shared: watchers whose requests match in upstream, path,
-//! query and credentials (`Authorization`, `Cookie`, and the headers an
-//! answer `Vary`s on), at the same position of the channels (woken by the
+//! query, credentials (the route's `authorize_credentials`), `Accept*` and
+//! the headers an answer `Vary`s on, at the same position of the channels (woken by the
 //! same change, or back with its ETag right after), get one upstream GET,
 //! kept for at most `SHARED_FOR`.
 
@@ -33,15 +33,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Request headers that make two watchers' answers differ, besides those
-/// an upstream answer names in `Vary`.
-const CREDENTIALS: [&str; 5] = [
-    "Authorization",
-    "Cookie",
-    "Accept",
-    "Accept-Encoding",
-    "Accept-Language",
-];
+/// Request headers that make two watchers' answers differ, besides the
+/// route's credentials and those an upstream answer names in `Vary`.
+const NEGOTIATED: [&str; 3] = ["Accept", "Accept-Encoding", "Accept-Language"];
 
 /// How long a fetch made after a change serves the watchers that change
 /// woke (and those coming back right after their answer), at most.
@@ -136,9 +130,8 @@ impl Watcher {
                     .await
             }
         };
-        if let Some(upstream) = &route.authorize {
-            let cache = route.authorize_cache.as_deref();
-            if !Box::pin(poller.authorized(session, target, upstream, cache)).await? {
+        if let Some(authorize) = &route.authorize {
+            if !Box::pin(poller.authorized(session, target, authorize)).await? {
                 return Ok(());
             }
         }
@@ -171,10 +164,7 @@ impl Watcher {
             cursor = Some(position.clone());
             let stale = current.as_ref().is_none_or(|(_, at)| *at != position);
             if stale {
-                match self
-                    .fetch(&pool, &route.upstream, &request, &position)
-                    .await
-                {
+                match self.fetch(&pool, route, &request, &position).await {
                     Ok(rep) => current = Some((rep, position)),
                     Err(e) => {
                         let kind = if e.status == 504 {
@@ -218,13 +208,19 @@ impl Watcher {
     async fn fetch(
         &self,
         pool: &Pool,
-        upstream: &str,
+        route: &WatchRoute,
         request: &RequestHeader,
         position: &Cursor,
     ) -> Fetched {
-        let resource = format!("{upstream}\n{}", request.uri);
+        let resource = format!("{}\n{}", route.upstream, request.uri);
         let vary = self.vary.get(&resource).await.unwrap_or_default();
-        let key = fetch_key(&resource, request, &vary, position);
+        let names = route.credentials.names().iter().map(|n| n.as_str());
+        let key = fetch_key(
+            &resource,
+            request,
+            names.chain(vary.iter().map(String::as_str)),
+            position,
+        );
         self.fetched
             .get_with(key, async {
                 let result = self
@@ -295,20 +291,17 @@ fn matches(if_none_match: Option<&str>, etag: &str) -> bool {
 }
 
 /// What a fetch is shared by: the `resource` (upstream, path and query),
-/// the request's credentials and the headers its answers `vary` on, and
-/// the position of the channels.
-fn fetch_key(
+/// every field of the request's headers `named` (the route's credentials
+/// and those its answers vary on) and of `Accept*`, and the position of
+/// the channels.
+fn fetch_key<'a>(
     resource: &str,
     request: &RequestHeader,
-    vary: &[String],
+    named: impl Iterator<Item = &'a str>,
     position: &Cursor,
 ) -> String {
     let mut key = format!("{resource}\n{position}");
-    let names = CREDENTIALS
-        .iter()
-        .copied()
-        .chain(vary.iter().map(String::as_str));
-    for name in names {
+    for name in NEGOTIATED.iter().copied().chain(named) {
         for value in request.headers.get_all(name) {
             key.push('\n');
             key.push_str(name);

@@ -4,8 +4,9 @@
 //! - `/slow` answers after 3 s;
 //! - `/publish-to/<a,b>` answers 200 with `Pollgate-Publish: <a,b>`;
 //! - a path containing `/events` is an authorization check: 200 when
-//!   `Authorization: Bearer good` or `access_token=good` in the query,
-//!   else 401 with `WWW-Authenticate`;
+//!   `Authorization: Bearer good`, `access_token=good` in the query, a
+//!   cookie `session=V` (in any `Cookie` field) or `X-Api-Key: good`, else
+//!   401 with `WWW-Authenticate`;
 //! - anything else echoes what it received as JSON (status 200, or 201 for
 //!   POST), with `X-Backend: <port>` on every answer.
 #![allow(dead_code)]
@@ -30,6 +31,15 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// Every value of header `name`, one per field received.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
     /// The first value of header `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -142,7 +152,17 @@ async fn handle(
         let query_token = path_and_query
             .split_once('?')
             .is_some_and(|(_, q)| q.split('&').any(|p| p == "access_token=good"));
-        if seen.header("Authorization") == Some("Bearer good") || query_token {
+        let session_cookie = seen
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("cookie"))
+            .flat_map(|(_, v)| v.split(';'))
+            .any(|c| c.trim() == "session=V");
+        if seen.header("Authorization") == Some("Bearer good")
+            || query_token
+            || session_cookie
+            || seen.header("X-Api-Key") == Some("good")
+        {
             (200, "text/plain", b"ok".to_vec())
         } else {
             builder = builder.header("WWW-Authenticate", "Bearer realm=\"chat\"");

@@ -4,7 +4,7 @@
 use crate::conn::{self, BodyError, Head, Http1App, Plan, Raw};
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
-use crate::message::is_json_type;
+use crate::message::{content_type_problem, is_json, is_json_type, OCTET_STREAM};
 use crate::metrics;
 use crate::respond::{self, error_json};
 use crate::target::Target;
@@ -288,11 +288,12 @@ impl Admin {
         content_type: Option<&str>,
         body: Bytes,
     ) -> AdminReply {
-        let content_type = content_type.unwrap_or("application/octet-stream");
-        if is_json_type(content_type)
-            && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
-        {
-            let detail = "Content-Type says JSON but the body is not valid JSON";
+        let content_type = content_type.unwrap_or(OCTET_STREAM);
+        if let Some(why) = content_type_problem(content_type) {
+            return AdminReply::error(400, "bad_content_type", &why);
+        }
+        if is_json_type(content_type) && !is_json(&body) {
+            let detail = "Content-Type says JSON but the body is not valid JSON (UTF-8)";
             return AdminReply::error(400, "bad_json", detail);
         }
         let broker = self.hub.broker();
@@ -324,6 +325,10 @@ impl Admin {
                 return AdminReply::error(400, "bad_channel", &format!("messages[{i}]: {why}"));
             }
             let content_type = m.content_type.unwrap_or_else(|| "application/json".into());
+            if let Some(why) = content_type_problem(&content_type) {
+                let detail = format!("messages[{i}]: {why}");
+                return AdminReply::error(400, "bad_content_type", &detail);
+            }
             let data = match (&m.data, is_json_type(&content_type)) {
                 (_, true) => serde_json::to_vec(&m.data).unwrap_or_default(),
                 (serde_json::Value::String(s), false) => s.clone().into_bytes(),

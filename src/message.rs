@@ -109,8 +109,19 @@ pub struct Message {
 }
 
 impl Message {
-    /// Builds a message and encodes its JSON form once.
+    /// Builds a message and encodes its JSON form once. A content type that
+    /// is not a valid media type (only a writer straight into Redis can
+    /// give one: every publish path refuses it) becomes
+    /// `application/octet-stream`, counted and logged once per channel, so
+    /// that no byte of it reaches a header line.
     pub fn new(id: MessageId, channel: Arc<str>, content_type: String, data: Bytes) -> Message {
+        let content_type = match content_type_problem(&content_type) {
+            None => content_type,
+            Some(why) => {
+                replaced_content_type(&channel, &why);
+                OCTET_STREAM.to_string()
+            }
+        };
         let json = encode_json(id, &channel, &content_type, &data);
         Message {
             id,
@@ -128,12 +139,59 @@ impl Message {
     }
 }
 
+/// The content type of a message published without one, and of one whose
+/// content type was not valid.
+pub const OCTET_STREAM: &str = "application/octet-stream";
+
+/// Why `content_type` cannot be a message's (None when it can): it must be
+/// a media type, `type/subtype` with optional parameters (RFC 9110 §8.3.1),
+/// without control bytes, at most 256 bytes.
+pub fn content_type_problem(content_type: &str) -> Option<String> {
+    let shown = || content_type.escape_default().to_string();
+    if content_type.len() > 256 {
+        return Some("a content type is at most 256 bytes".into());
+    }
+    if content_type
+        .bytes()
+        .any(|b| b.is_ascii_control() || b >= 0x80)
+    {
+        return Some(format!("'{}' has control or non-ASCII bytes", shown()));
+    }
+    match content_type.parse::<mime::Mime>() {
+        Ok(m) if m.subtype().as_str().is_empty() => Some(format!("'{}' has no subtype", shown())),
+        Ok(_) => None,
+        Err(e) => Some(format!("'{}' is not a media type: {e}", shown())),
+    }
+}
+
+/// Counts a content type replaced on arrival, and logs it the first time
+/// for `channel` (of the last 1024 channels that had one).
+fn replaced_content_type(channel: &Arc<str>, why: &str) {
+    static LOGGED: std::sync::LazyLock<parking_lot::Mutex<std::collections::HashSet<Arc<str>>>> =
+        std::sync::LazyLock::new(Default::default);
+    crate::metrics::BAD_CONTENT_TYPES.inc();
+    let mut logged = LOGGED.lock();
+    if logged.len() >= 1024 {
+        logged.clear();
+    }
+    if logged.insert(channel.clone()) {
+        tracing::warn!(%channel, "a message arrived with an invalid content type, served as {OCTET_STREAM}: {why}");
+    }
+}
+
 /// True when `content_type` names JSON (`application/json`, `*/*+json`).
 pub fn is_json_type(content_type: &str) -> bool {
     let essence = content_type.split(';').next().unwrap_or("").trim();
     let suffix = essence.len().checked_sub(5).and_then(|i| essence.get(i..));
     essence.eq_ignore_ascii_case("application/json")
         || suffix.is_some_and(|s| s.eq_ignore_ascii_case("+json"))
+}
+
+/// True when `data` is one JSON value, UTF-8 included (serde_json skips
+/// strings it ignores without checking their bytes).
+pub fn is_json(data: &[u8]) -> bool {
+    std::str::from_utf8(data).is_ok()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()
 }
 
 fn encode_json(id: MessageId, channel: &str, content_type: &str, data: &[u8]) -> Bytes {
@@ -145,8 +203,7 @@ fn encode_json(id: MessageId, channel: &str, content_type: &str, data: &[u8]) ->
     out.extend_from_slice(b",\"content_type\":");
     let _ = serde_json::to_writer(&mut out, content_type);
     out.extend_from_slice(b",\"data\":");
-    let json =
-        is_json_type(content_type) && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok();
+    let json = is_json_type(content_type) && is_json(data);
     match (json, std::str::from_utf8(data)) {
         // Valid JSON on one line goes as sent (a raw line break can only
         // be whitespace between tokens: inside a string it is invalid).
@@ -244,6 +301,43 @@ mod tests {
         assert!(is_json_type("Application/JSON; charset=utf-8"));
         assert!(is_json_type("application/vnd.api+JSON"));
         assert!(!is_json_type("json") && !is_json_type("text/plain"));
+    }
+
+    #[test]
+    fn json_that_is_not_utf8_is_base64() {
+        let v = json_of("application/json", b"{\"a\":\"\xff\xfe\"}");
+        assert_eq!(v["encoding"], "base64", "{v}");
+        assert!(!is_json(b"{\"a\":\"\xff\"}"));
+        assert!(is_json("{\"a\":\"é\"}".as_bytes()));
+    }
+
+    #[test]
+    fn content_types_are_media_types_or_octet_stream() {
+        for good in [
+            "text/plain",
+            "application/json; charset=utf-8",
+            "a/b+json;x=\"y z\"",
+        ] {
+            assert_eq!(content_type_problem(good), None, "{good}");
+        }
+        for bad in [
+            "text/plain\r\nSet-Cookie: session=stolen",
+            "text/plain\n",
+            "plain",
+            "",
+            "text/",
+            "text/plain; é=1",
+            "a/b\u{7f}",
+        ] {
+            assert!(content_type_problem(bad).is_some(), "{bad:?}");
+        }
+        let m = Message::new(
+            MessageId::ZERO,
+            "a".into(),
+            "text/plain\r\nSet-Cookie: x=1".into(),
+            Bytes::from_static(b"hi"),
+        );
+        assert_eq!(m.content_type, OCTET_STREAM);
     }
 
     #[test]

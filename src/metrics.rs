@@ -123,6 +123,16 @@ pub static PUBLISH_THROUGH: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .unwrap()
 });
 
+/// Messages that arrived (through Redis) with a content type that is not a
+/// media type, served as `application/octet-stream`.
+pub static BAD_CONTENT_TYPES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "pollgate_bad_content_types_total",
+        "Messages received with an invalid content type, served as application/octet-stream"
+    )
+    .unwrap()
+});
+
 /// Requests or connections refused to protect the instance, by reason.
 pub static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -253,6 +263,7 @@ pub fn init() {
         PUBLISH_THROUGH.with_label_values(&[r]);
     }
     LazyLock::force(&HELD_WATCHERS);
+    LazyLock::force(&BAD_CONTENT_TYPES);
     for o in ["ok", "error"] {
         WATCH_FETCHES.with_label_values(&[o]);
     }

@@ -8,6 +8,7 @@
 
 use crate::config::BodySource;
 use crate::hub::Hub;
+use crate::message::{content_type_problem, OCTET_STREAM};
 use crate::metrics;
 use crate::respond;
 use crate::routes::ProxyRoute;
@@ -60,6 +61,12 @@ impl Relay {
                 return respond::error(session, 413, "payload_too_large", &detail, &[]).await;
             }
         };
+        if let Some((_, BodySource::Request)) = &route.publish {
+            // Refused before the upstream sees the write it would publish.
+            if let Err(why) = content_type(&session.req_header().headers) {
+                return respond::error(session, 400, "bad_content_type", &why, &[]).await;
+            }
+        }
         let request = upstream_request(session, body.len())?;
         let answer = match self
             .upstreams
@@ -79,12 +86,12 @@ impl Relay {
         };
         let mut header = client_header(&answer.header)?;
         let ok = answer.header.status.is_success();
-        let mut targets: Vec<(String, Bytes, String)> = Vec::new();
+        let mut targets: Vec<(String, Bytes, ContentType)> = Vec::new();
         if let (Some(channel), Some((_, source))) = (channel, &route.publish) {
             let (data, ct) = match source {
                 BodySource::Response => (answer.body.clone(), content_type(&answer.header.headers)),
                 BodySource::Request => (body.clone(), content_type(&session.req_header().headers)),
-                BodySource::None => (Bytes::new(), "application/octet-stream".to_string()),
+                BodySource::None => (Bytes::new(), Ok(OCTET_STREAM.to_string())),
             };
             targets.push((channel.into(), data, ct));
         }
@@ -117,14 +124,15 @@ impl Relay {
     async fn publish(
         &self,
         header: &mut ResponseHeader,
-        targets: Vec<(String, Bytes, String)>,
+        targets: Vec<(String, Bytes, ContentType)>,
     ) -> Result<()> {
         let mut ids = Vec::new();
         let mut failures = Vec::new();
         for (channel, data, ct) in targets {
-            let result = match channel_problem(&channel) {
-                Some(why) => Err(format!("channel '{}': {why}", channel.escape_default())),
-                None => self
+            let result = match (channel_problem(&channel), ct) {
+                (Some(why), _) => Err(format!("channel '{}': {why}", channel.escape_default())),
+                (None, Err(why)) => Err(format!("bad_content_type: {why}")),
+                (None, Ok(ct)) => self
                     .hub
                     .broker()
                     .publish(&channel, ct, data)
@@ -206,10 +214,18 @@ fn upstream_request(session: &Session, body_len: usize) -> Result<RequestHeader>
     Ok(request)
 }
 
-fn content_type(headers: &http::HeaderMap) -> String {
-    headers
-        .get("Content-Type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/octet-stream")
-        .to_string()
+/// A message's content type, or why the one given cannot be.
+type ContentType = std::result::Result<String, String>;
+
+/// The content type of a body with `headers` as a message's (without
+/// one: `application/octet-stream`), or why it cannot be one.
+fn content_type(headers: &http::HeaderMap) -> ContentType {
+    let Some(value) = headers.get("Content-Type") else {
+        return Ok(OCTET_STREAM.to_string());
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    match content_type_problem(&text) {
+        None => Ok(text.into_owned()),
+        Some(why) => Err(why),
+    }
 }

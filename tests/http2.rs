@@ -5,14 +5,11 @@
 
 mod support;
 
-use bytes::Bytes;
-use h2::client::SendRequest;
 use serde_json::Value;
 use std::time::Duration;
 use support::backend::Backend;
 use support::h2c::*;
 use support::*;
-use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_held_polls_share_one_connection_and_all_get_the_message() {

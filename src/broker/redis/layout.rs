@@ -26,15 +26,17 @@ pub const PUBLISH_SCRIPT: &str = r#"
 -- ARGV[1] announce name, ARGV[2] history length, ARGV[3] TTL (ms),
 -- ARGV[4] content type, ARGV[5] data, ARGV[6] PUBLISH or SPUBLISH
 local keep = tonumber(ARGV[2])
+local ct = ARGV[4]
+if string.find(ct, '%c') then ct = 'application/octet-stream' end
 local len = redis.call('XLEN', KEYS[1])
 if len >= keep then
   local dropped = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', len - keep + 1)
   redis.call('SET', KEYS[2], dropped[#dropped][1])
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', keep, '*', 'ct', ARGV[4], 'd', ARGV[5])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', keep, '*', 'ct', ct, 'd', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call(ARGV[6], ARGV[1], id .. '\n' .. ARGV[4] .. '\n' .. ARGV[5])
+redis.call(ARGV[6], ARGV[1], id .. '\n' .. ct .. '\n' .. ARGV[5])
 return id
 "#;
 
@@ -217,7 +219,7 @@ mod tests {
         fn payloads_decode_or_are_refused(
             junk in proptest::collection::vec(any::<u8>(), 0..64),
             ms in any::<u64>(), seq in any::<u64>(),
-            ct in "[a-z/+.-]{0,20}", data in proptest::collection::vec(any::<u8>(), 0..64),
+            ct in "[a-z]{1,8}/[a-z+.-]{1,12}", data in proptest::collection::vec(any::<u8>(), 0..64),
         ) {
             let _ = decode_payload("c", &junk);
             let mut payload = format!("{ms}-{seq}\n{ct}\n").into_bytes();

@@ -16,13 +16,15 @@
 //! gathers an answer's writes into one segment (a vectored write goes
 //! straight out). HTTP/1 connections, client and admin, run the loop of
 //! [`conn::serve`]; HTTP/2 ones (ALPN `h2`, or the h2c preface) go
-//! through Pingora's HTTP/2 server, one task per stream.
+//! through Pingora's HTTP/2 server, one task per stream, and are closed
+//! when no first request arrives within `limits.header_timeout`.
 
 use crate::admin::Admin;
 use crate::config::ListenerConfig;
 use crate::conn::{self, Settings};
 use crate::front::Front;
 use crate::lifecycle::Lifecycle;
+use crate::metrics::Refusal;
 use crate::tls::Certificates;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
@@ -392,6 +394,9 @@ impl Acceptance {
                 return;
             }
         };
+        // An HTTP/2 connection's first request is due within
+        // `header_timeout` of its start (after the TLS handshake on TLS).
+        let mut started = tokio::time::Instant::now();
         // The transient steps are boxed: their state would otherwise be
         // part of every connection's task for as long as it lives.
         let h2c = match tls {
@@ -407,7 +412,10 @@ impl Acceptance {
             Some(acceptor) => {
                 let handshake = tokio::time::timeout(self.handshake, acceptor.tls_handshake(conn));
                 match Box::pin(handshake).await {
-                    Ok(Ok(tls)) => Box::new(tls),
+                    Ok(Ok(tls)) => {
+                        started = tokio::time::Instant::now();
+                        Box::new(tls)
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
                         return;
@@ -420,11 +428,79 @@ impl Acceptance {
             }
         };
         if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            self.front.process_new(stream, &shutdown).await;
+            let deadline = started + self.settings.limits.header_timeout;
+            serve_h2(self.front.clone(), stream, deadline, &shutdown).await;
         } else {
             let front = self.front.clone();
             conn::serve(front, stream, self.settings, &self.life, &shutdown).await;
         }
+    }
+}
+
+/// Serves an HTTP/2 connection with Pingora's HTTP/2 server, on the front
+/// door. Until its first request (its first complete `HEADERS`) has
+/// arrived, the connection lives until `deadline` at most: one that has
+/// not sent the whole preface, its `SETTINGS` and a request by then is
+/// dropped (closed without a `GOAWAY`) and counted as a `header_timeout`
+/// refusal. Once a request has arrived, the connection lasts as Pingora's
+/// HTTP/2 server keeps it (`listener.keepalive_timeout` with no stream
+/// open). Returns when the connection is done.
+async fn serve_h2(
+    front: Arc<Front>,
+    stream: Stream,
+    deadline: tokio::time::Instant,
+    shutdown: &ShutdownWatch,
+) {
+    let app = Arc::new(FirstRequest {
+        front,
+        arrived: tokio::sync::Notify::new(),
+    });
+    let serving = app.process_new(stream, shutdown);
+    let first = async {
+        let arrived = tokio::time::timeout_at(deadline, app.arrived.notified()).await;
+        if arrived.is_ok() {
+            // From now on the connection is Pingora's to keep or close.
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = serving => {}
+        _ = first => {
+            Refusal::HeaderTimeout.count();
+            tracing::debug!("HTTP/2 connection without a request within limits.header_timeout; closed");
+        }
+    }
+}
+
+/// The front door's HTTP/2 app for one connection, noting when its first
+/// stream arrives (see [`serve_h2`]).
+struct FirstRequest {
+    front: Arc<Front>,
+    /// Notified at each stream; its first permit ends the deadline.
+    arrived: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl HttpServerApp for FirstRequest {
+    /// Serves one HTTP/2 stream with the front door, once it has noted
+    /// that a request arrived; returns what the front door returns (None).
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: pingora::protocols::http::ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<pingora::apps::ReusedHttpStream> {
+        self.arrived.notify_one();
+        self.front.process_new_http(session, shutdown).await
+    }
+
+    /// The front door's options (h2c, the idle timeout).
+    fn server_options(&self) -> Option<&pingora::apps::HttpServerOptions> {
+        self.front.server_options()
+    }
+
+    /// The front door's HTTP/2 settings (`h2_max_concurrent_streams`).
+    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
+        self.front.h2_options()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Upstream pools and the buffered exchange used where pollgate must see a
 //! whole answer before the client does (publish-through, header-directed
-//! publish, subscriber authorization).
+//! publish, subscriber authorization, watch fetches). The exchange skips
+//! the upstream's 1xx answers and reads the final one.
 //!
 //! A [`Pool`] hands out its addresses round robin and skips one for
 //! [`COOLDOWN`] after it failed to connect (passive health). Plain proxy
@@ -12,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
+use pingora::protocols::http::client::HttpSession;
 use pingora::server::ShutdownWatch;
 use pingora::{Error, ErrorType, Result};
 use std::collections::HashMap;
@@ -245,7 +247,7 @@ impl Upstreams {
                     session.write_request_body(body.clone(), true).await?;
                 }
                 session.finish_request_body().await?;
-                session.read_response_header().await?;
+                read_final_header(&mut session).await?;
                 let mut answer = BytesMut::new();
                 while let Some(chunk) = session.read_response_body().await? {
                     answer.extend_from_slice(&chunk);
@@ -291,6 +293,29 @@ impl Upstreams {
         Err(last_error
             .unwrap_or_else(|| Error::explain(ErrorType::ConnectError, "no upstream address"))
             .into_up())
+    }
+}
+
+/// Reads the answer's header until it is the final one: 1xx answers
+/// (`100 Continue`, `103 Early Hints`) come before it and are skipped, as
+/// the buffered routes pass only the final answer to the client (reading
+/// the body after a 1xx header would panic inside Pingora's body reader).
+/// A `101` is an error: nothing here asked to switch protocols. Returns
+/// once the final header is read (the session's `response_header`).
+async fn read_final_header(session: &mut HttpSession) -> Result<()> {
+    loop {
+        session.read_response_header().await?;
+        let status = session.response_header().map(|h| h.status.as_u16());
+        match status {
+            Some(101) => {
+                return Error::e_explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "upstream answered 101 Switching Protocols unasked",
+                )
+            }
+            Some(100..=199) => continue,
+            _ => return Ok(()),
+        }
     }
 }
 

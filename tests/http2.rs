@@ -1,7 +1,9 @@
 //! HTTP/2 on the client listener (docs/api.md, "HTTP/2"): h2c with prior
 //! knowledge on `listen`; subscribe (JSON, raw, SSE) and proxied routes over
 //! it; many held polls on one connection; a stream reset by the client
-//! releases its poll at once; the concurrent-stream limit.
+//! releases its poll at once; the concurrent-stream limit; a connection
+//! that sends no request within `limits.header_timeout` is closed, an
+//! established one is not.
 
 mod support;
 
@@ -10,6 +12,8 @@ use std::time::Duration;
 use support::backend::Backend;
 use support::h2c::*;
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_held_polls_share_one_connection_and_all_get_the_message() {
@@ -146,4 +150,99 @@ async fn a_watch_route_holds_and_answers_over_h2() {
         .unwrap();
     assert_eq!((status, headers["etag"].to_str().unwrap()), (200, "\"v2\""));
     assert_eq!(body, br#"{"id":9,"v":2}"#);
+}
+
+/// The whole HTTP/2 client connection preface.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads (and drops) what `pg` sends on `tcp` until it closes the
+/// connection; returns how long that took, or None if it is still open
+/// after `limit`.
+async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    let reading = async {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = tcp.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(limit, reading).await.ok()?;
+    Some(started.elapsed())
+}
+
+/// A gateway with a 1 s `limits.header_timeout`.
+fn quick() -> Pollgate {
+    Pollgate::start(&format!("limits:\n  header_timeout: 1s\n{ROUTES}"))
+}
+
+const HEADER_TIMEOUTS: &str = "pollgate_refused_total{reason=\"header_timeout\"}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_h2_preface_is_closed_at_the_header_timeout() {
+    let pg = quick();
+    let mut tcp = TcpStream::connect(("127.0.0.1", pg.port)).await.unwrap();
+    tcp.write_all(b"PRI").await.unwrap();
+    let took = closed_within(&mut tcp, Duration::from_secs(6))
+        .await
+        .expect("the connection is closed");
+    assert!(took < Duration::from_millis(2500), "closed after {took:?}");
+    pg.wait_metric(HEADER_TIMEOUTS, 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_connection_without_a_request_is_closed_at_the_header_timeout() {
+    let pg = quick();
+    // The whole preface; then the preface and the client's SETTINGS (an
+    // empty frame), but no HEADERS.
+    let settings: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+    for (n, opening) in [PREFACE.to_vec(), [PREFACE, settings].concat()]
+        .into_iter()
+        .enumerate()
+    {
+        let mut tcp = TcpStream::connect(("127.0.0.1", pg.port)).await.unwrap();
+        tcp.write_all(&opening).await.unwrap();
+        let took = closed_within(&mut tcp, Duration::from_secs(6))
+            .await
+            .expect("the connection is closed");
+        assert!(took < Duration::from_millis(2500), "closed after {took:?}");
+        pg.wait_metric(HEADER_TIMEOUTS, n as f64 + 1.0).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_established_h2_connection_outlives_the_header_timeout() {
+    let pg = quick();
+    let mut client = connect(&pg).await;
+    // A poll held for longer than the header timeout is answered.
+    let (held, _) = get(&mut client, "/sub/outlive", &[]).await;
+    let held = tokio::spawn(answer(held));
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let id = pg.publish("outlive", "text/plain", "late").await;
+    let (status, headers, _) = held.await.unwrap();
+    assert_eq!(
+        (status, headers["pollgate-cursor"].to_str().unwrap()),
+        (200, id.as_str())
+    );
+    // Idle longer than the header timeout, the connection still serves.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (again, _) = get(&mut client, "/sub/outlive?timeout=0", &[]).await;
+    assert_eq!(answer(again).await.0, 200);
+    // And reqwest's h2c client is served as ever.
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2c
+        .get(pg.url("/sub/outlive?timeout=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (200, http::Version::HTTP_2)
+    );
+    assert_eq!(pg.metric(HEADER_TIMEOUTS).await, 0.0);
 }

@@ -1,7 +1,8 @@
 //! HTTPS on the client listener (docs/configuration.md, `tls`): HTTP/2 and
 //! HTTP/1.1 by ALPN, `X-Forwarded-Proto: https` to upstreams, a rotated
 //! certificate picked up by new handshakes (on its own and on SIGHUP) while
-//! open connections stay, and a handshake timeout. Certificates are made by
+//! open connections stay, a handshake timeout, and an HTTP/2 connection
+//! that sends no request within `limits.header_timeout` closed. Certificates are made by
 //! the test (rcgen); the client speaks real TLS (rustls).
 
 mod support;
@@ -202,4 +203,52 @@ fn an_unreadable_certificate_is_a_clear_error() {
     let (code, _, err) = run_cli(&["serve", "-c", f.to_str().unwrap()], &[]);
     assert_eq!(code, 2);
     assert!(err.contains("tls:"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_connection_silent_after_the_handshake_is_closed_at_the_header_timeout() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use tokio::io::AsyncReadExt;
+
+    let pki = pki();
+    let (pg, base, _, _) = start(&pki, "limits:\n  header_timeout: 1s\n");
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+
+    // Nothing sent after the handshake: closed (EOF or an error) soon
+    // after the header timeout.
+    let started = Instant::now();
+    let reading = async {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = tls.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(6), reading)
+        .await
+        .expect("the connection is closed");
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(2500), "closed after {took:?}");
+    pg.wait_metric("pollgate_refused_total{reason=\"header_timeout\"}", 1.0)
+        .await;
 }

@@ -88,6 +88,8 @@ pub struct Pollgate {
     pub config: PathBuf,
     /// The Redis server this gateway owns (see [`Pollgate::start_on`]).
     pub redis: Option<redis::RedisServer>,
+    /// The file its stderr goes to (see [`Pollgate::start_logged`]).
+    pub log: Option<PathBuf>,
 }
 
 /// Which broker a behavioural test runs against.
@@ -166,10 +168,36 @@ impl Pollgate {
 
     /// Like [`Pollgate::start`] with extra environment variables.
     pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Pollgate {
+        Self::start_inner(body, env, false)
+    }
+
+    /// Like [`Pollgate::start`], with the process's stderr written to a
+    /// file that [`Pollgate::logs`] reads (a panic is printed there).
+    pub fn start_logged(body: &str) -> Pollgate {
+        Self::start_inner(body, &[], true)
+    }
+
+    /// What the process wrote to stderr so far (empty unless started with
+    /// [`Pollgate::start_logged`]).
+    pub fn logs(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// Panics when the process's stderr shows a panic (a task of a request
+    /// that panicked).
+    pub fn assert_no_panic(&self) {
+        let logs = self.logs();
+        assert!(!logs.contains("panicked"), "pollgate panicked:\n{logs}");
+    }
+
+    fn start_inner(body: &str, env: &[(&str, &str)], logged: bool) -> Pollgate {
         // A port picked free can be taken before pollgate binds it: retry.
         let mut last = String::new();
         for _ in 0..5 {
-            match Self::try_start(body, env) {
+            match Self::try_start(body, env, logged) {
                 Ok(pg) => return pg,
                 Err(e) => last = e,
             }
@@ -177,7 +205,7 @@ impl Pollgate {
         panic!("pollgate did not start: {last}");
     }
 
-    fn try_start(body: &str, env: &[(&str, &str)]) -> Result<Pollgate, String> {
+    fn try_start(body: &str, env: &[(&str, &str)], logged: bool) -> Result<Pollgate, String> {
         let port = free_port();
         let admin_port = free_port();
         let threads = if body.contains("threads:") {
@@ -189,12 +217,17 @@ impl Pollgate {
             "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin_port}\"\n{threads}{body}"
         );
         let config = temp_file("pollgate.yaml", &yaml);
+        let log = logged.then(|| temp_file("pollgate.log", ""));
+        let stderr = match &log {
+            Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+            None => Stdio::inherit(),
+        };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pollgate"));
         cmd.args(["serve", "-c"])
             .arg(&config)
             .args(["--log-level", "warn"])
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -205,6 +238,7 @@ impl Pollgate {
             admin_port,
             config,
             redis: None,
+            log,
         };
         pg.wait_until_up()?;
         Ok(pg)
@@ -314,6 +348,9 @@ impl Drop for Pollgate {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_file(&self.config);
+        if let Some(log) = &self.log {
+            let _ = std::fs::remove_file(log);
+        }
     }
 }
 

@@ -182,3 +182,128 @@ async fn publish_command_prints_the_id() {
     assert_eq!(code, 1);
     assert!(err.contains("401"), "{err}");
 }
+
+#[test]
+fn check_and_serve_refuse_absurd_durations_naming_the_key() {
+    // Past a year, any key: refused at parsing, with the key's path.
+    for (yaml, key, value) in [
+        ("grace_period: 9999999999s\n", "grace_period", "9999999999s"),
+        (
+            "routes:\n  - path: /x\n    subscribe:\n      channels: [a]\n      timeout: 500000000y\n",
+            "routes[0].subscribe.timeout",
+            "500000000y",
+        ),
+        (
+            "upstreams:\n  app:\n    addrs: [\"127.0.0.1:1\"]\n    read_timeout: 400days\n",
+            "upstreams.app.read_timeout",
+            "400days",
+        ),
+    ] {
+        let f = temp_file("absurd.yaml", yaml);
+        let file = f.to_str().unwrap();
+        for cmd in ["check", "serve"] {
+            let (code, _, err) = run_cli(&[cmd, "-c", file], &[]);
+            assert_eq!(code, 2, "{cmd} {yaml}: {err}");
+            assert!(err.starts_with(&format!("{file}: {key}: ")), "{cmd}: {err}");
+            let why = format!("'{value}' is longer than 365d, the longest duration allowed");
+            assert!(err.contains(&why), "{cmd}: {err}");
+        }
+    }
+    // Tighter bounds: a hold of more than a day, a keep-alive idle time
+    // the kernel refuses; every problem is listed.
+    let f = temp_file(
+        "long.yaml",
+        r#"
+listener: {tcp_keepalive: 10h}
+upstreams:
+  app: {addrs: ["127.0.0.1:1"]}
+routes:
+  - path: /s
+    subscribe: {channels: [a], timeout: 2days}
+  - path: /w
+    upstream: app
+    watch: {channels: [b], timeout: 1day 1s}
+"#,
+    );
+    let file = f.to_str().unwrap();
+    for cmd in ["check", "serve"] {
+        let (code, _, err) = run_cli(&[cmd, "-c", file], &[]);
+        assert_eq!(code, 2, "{cmd}: {err}");
+        for needle in [
+            ": listener.tcp_keepalive: 36000s is longer than 32767s, the most allowed",
+            ": routes[0].subscribe.timeout: 2d is longer than 1d, the most allowed",
+            ": routes[1].watch.timeout: 86401s is longer than 1d, the most allowed",
+        ] {
+            assert!(
+                err.contains(&format!("{file}{needle}")),
+                "{cmd}: {needle} in {err}"
+            );
+        }
+    }
+}
+
+/// Every duration at the longest it may be: the gateway serves (polls,
+/// watch GETs, proxied requests) and drains without an overflowing
+/// deadline.
+#[tokio::test]
+async fn the_longest_accepted_durations_serve_and_drain() {
+    let legacy = support::legacy::Legacy::start(false).await;
+    legacy.set("1", r#"{"id":1}"#);
+    let year = "365d";
+    let mut pg = Pollgate::start(&format!(
+        r#"grace_period: {year}
+listener: {{tcp_keepalive: 32767s, keepalive_timeout: {year}}}
+broker: {{history_ttl: {year}}}
+limits: {{header_timeout: {year}, write_timeout: {year}}}
+upstreams:
+  shop:
+    addrs: ["127.0.0.1:{port}"]
+    connect_timeout: {year}
+    read_timeout: {year}
+    health_check_interval: {year}
+routes:
+  - path: "/sub/{{channel}}"
+    subscribe: {{channels: ["{{channel}}"], timeout: 1d, authorize_cache: {year}}}
+  - path: "/orders/{{id}}"
+    methods: [GET]
+    upstream: shop
+    watch: {{channels: ["order:{{id}}"], timeout: 1d, authorize_cache: {year}}}
+  - path: "/orders/{{id}}"
+    methods: [PUT]
+    upstream: shop
+    publish: {{channel: "order:{{id}}", body: none}}
+"#,
+        port = legacy.port
+    ));
+    let url = pg.url("/sub/long");
+    let held = tokio::spawn(async move { client().get(url).send().await.unwrap() });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    pg.publish("long", "text/plain", "after all").await;
+    let r = held.await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("after all"));
+
+    let first = client().get(pg.url("/orders/1")).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let etag = first.headers()["etag"].to_str().unwrap().to_string();
+    let url = pg.url("/orders/1");
+    let held = tokio::spawn(async move {
+        let r = client().get(url).header("If-None-Match", etag).send();
+        r.await.unwrap()
+    });
+    pg.wait_metric("pollgate_held_watchers", 1.0).await;
+    let put = client()
+        .put(pg.url("/orders/1"))
+        .body(r#"{"id":1,"v":2}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let r = held.await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), r#"{"id":1,"v":2}"#);
+
+    pg.signal("-TERM");
+    let status = pg.wait_exit(std::time::Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "drained and exited");
+}

@@ -10,7 +10,7 @@ pub use crate::secret::redact_url;
 use crate::units;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -400,10 +400,37 @@ impl Config {
             if tls.handshake_timeout.is_zero() {
                 bad("tls.handshake_timeout", "must be longer than 0s".into());
             }
-            if tls.listen == self.listen || tls.listen == self.admin_listen {
+        }
+        // Each listener needs an address of its own: two on one port would
+        // fail to bind, or with `listener.reuseport` share its connections.
+        for (key, addr, other_key, other) in [
+            (
+                "admin_listen",
+                Some(&self.admin_listen),
+                "listen",
+                &self.listen,
+            ),
+            (
+                "tls.listen",
+                self.tls.as_ref().map(|t| &t.listen),
+                "listen",
+                &self.listen,
+            ),
+            (
+                "tls.listen",
+                self.tls.as_ref().map(|t| &t.listen),
+                "admin_listen",
+                &self.admin_listen,
+            ),
+        ] {
+            if addr.is_some_and(|a| clash(a, other)) {
                 bad(
-                    "tls.listen",
-                    "must differ from listen and admin_listen".into(),
+                    key,
+                    format!(
+                        "'{}' takes the port of {other_key} ('{other}'); each listener needs an \
+                         address of its own",
+                        addr.map_or("", |a| a.as_str())
+                    ),
                 );
             }
         }
@@ -622,6 +649,20 @@ impl Config {
     }
 }
 
+/// Whether listening on `a` and on `b` would take the same socket: the
+/// same port (not 0), on the same IP or where one of them is a wildcard
+/// that covers the other (`0.0.0.0` covers IPv4, `[::]` both families).
+/// False when either is not an address.
+fn clash(a: &str, b: &str) -> bool {
+    let (Ok(a), Ok(b)) = (a.parse::<SocketAddr>(), b.parse::<SocketAddr>()) else {
+        return false;
+    };
+    let covers = |w: IpAddr, o: IpAddr| w.is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+}
+
 /// `d` as whole days (`365d`) or whole seconds (`32767s`) when it is one,
 /// else in humantime's form (which counts months of 30.44 days).
 fn whole(d: Duration) -> String {
@@ -764,6 +805,19 @@ mod tests {
             .unwrap()
             .validate("f.yaml")
             .is_ok());
+    }
+
+    #[test]
+    fn listeners_that_would_share_a_socket_clash() {
+        assert!(clash("127.0.0.1:8080", "127.0.0.1:8080"));
+        assert!(clash("0.0.0.0:8080", "127.0.0.1:8080"));
+        assert!(clash("127.0.0.1:8080", "[::]:8080"));
+        assert!(clash("[::1]:8080", "[::]:8080"));
+        assert!(!clash("0.0.0.0:8080", "[::1]:8080"));
+        assert!(!clash("127.0.0.1:8080", "127.0.0.2:8080"));
+        assert!(!clash("127.0.0.1:8080", "127.0.0.1:9090"));
+        assert!(!clash("127.0.0.1:0", "127.0.0.1:0"));
+        assert!(!clash("nowhere", "nowhere"));
     }
 
     #[test]

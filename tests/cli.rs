@@ -307,3 +307,49 @@ routes:
     let status = pg.wait_exit(std::time::Duration::from_secs(10));
     assert_eq!(status.and_then(|s| s.code()), Some(0), "drained and exited");
 }
+
+#[test]
+fn check_refuses_listeners_on_one_address() {
+    let (code, _, err) = run_cli(
+        &["check", "-c", "conf/pollgate.yaml"],
+        &[("POLLGATE_ADMIN_LISTEN", "127.0.0.1:8080")],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(
+            "conf/pollgate.yaml: admin_listen: '127.0.0.1:8080' takes the port of listen \
+             ('127.0.0.1:8080')"
+        ),
+        "{err}"
+    );
+    // A wildcard takes the port on every address of its family; tls.listen
+    // is checked against both.
+    let pki = support::pki::pki();
+    let (cert, key) = (temp_file("c.crt", ""), temp_file("c.key", ""));
+    support::pki::install(&pki, &cert, &key);
+    let tls = |addr: &str| {
+        format!(
+            "listen: \"127.0.0.1:8080\"\nadmin_listen: \"0.0.0.0:9090\"\n\
+             publish: {{token: t}}\n\
+             tls: {{listen: \"{addr}\", cert: \"{}\", key: \"{}\"}}\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    for (addr, other) in [
+        ("0.0.0.0:8080", "listen ('127.0.0.1:8080')"),
+        ("127.0.0.1:9090", "admin_listen ('0.0.0.0:9090')"),
+    ] {
+        let f = temp_file("tls-clash.yaml", &tls(addr));
+        let file = f.to_str().unwrap();
+        for cmd in ["check", "serve"] {
+            let (code, _, err) = run_cli(&[cmd, "-c", file], &[]);
+            assert_eq!(code, 2, "{cmd}: {err}");
+            let want = format!("{file}: tls.listen: '{addr}' takes the port of {other}");
+            assert!(err.contains(&want), "{cmd}: {want} in {err}");
+        }
+    }
+    let f = temp_file("tls-ok.yaml", &tls("127.0.0.1:8443"));
+    let (code, _, err) = run_cli(&["check", "-c", f.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+}

@@ -353,3 +353,54 @@ fn check_refuses_listeners_on_one_address() {
     let (code, _, err) = run_cli(&["check", "-c", f.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// Under a hard open-file limit too low for `limits.max_held`, `serve`
+/// says what it wanted and what it got (the limit read back), and serves.
+#[test]
+fn serve_reports_the_open_file_limit_it_could_not_reach() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let (port, admin) = (free_port(), free_port());
+    let f = temp_file(
+        "nofile.yaml",
+        &format!(
+            "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\n\
+             threads: 1\nlimits: {{max_held: 100000}}\n"
+        ),
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pollgate"));
+    cmd.args(["serve", "--log-level", "warn", "-c", f.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only setrlimit, a system call, runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| rlimit::setrlimit(rlimit::Resource::NOFILE, 1024, 1024));
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let found = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(line) if line.contains("cannot raise the open-file limit") => break Some(line),
+            Ok(line) => seen.push(line),
+            Err(_) => break None,
+        }
+    };
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = found.unwrap_or_else(|| panic!("no warning in {seen:#?}"));
+    for field in ["wanted=100256", "limit=1024", "the hard limit is 1024"] {
+        assert!(line.contains(field), "{field} in {line}");
+    }
+    assert!(alive, "it serves all the same");
+}

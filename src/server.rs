@@ -350,10 +350,17 @@ impl ShutdownSignalWatch for Signals {
                     break;
                 },
                 _ = hup.recv() => match &self.certificates {
-                    Some(certs) => match certs.reload() {
-                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                        Err(e) => tracing::warn!(error = %e, "SIGHUP: keeping the previous certificate"),
-                    },
+                    // In a task of its own: a read that blocks must not
+                    // keep this loop from the next signal.
+                    Some(certs) => {
+                        let certs = certs.clone();
+                        tokio::spawn(async move {
+                            match certs.reload().await {
+                                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                                Err(e) => tracing::warn!(error = %e, "SIGHUP: keeping the previous certificate"),
+                            }
+                        });
+                    }
                     None => tracing::info!("SIGHUP: no TLS listener, nothing to reload"),
                 },
             }

@@ -10,7 +10,7 @@ pub use crate::secret::redact_url;
 use crate::units;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -275,6 +275,12 @@ pub enum BodySource {
     None,
 }
 
+/// The longest hold of a subscribe or watch route (`timeout`): a day.
+pub const MAX_HOLD: Duration = Duration::from_secs(24 * 3600);
+/// The longest `listener.tcp_keepalive`: Linux's largest `TCP_KEEPIDLE`
+/// (32767 s), past which the kernel refuses the option.
+pub const MAX_TCP_KEEPALIVE: Duration = Duration::from_secs(32767);
+
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(2)
 }
@@ -405,10 +411,49 @@ impl Config {
             if tls.handshake_timeout.is_zero() {
                 bad("tls.handshake_timeout", "must be longer than 0s".into());
             }
-            if tls.listen == self.listen || tls.listen == self.admin_listen {
+        }
+        // Each listener needs an address of its own: two on one port would
+        // fail to bind, or with `listener.reuseport` share its connections.
+        for (key, addr, other_key, other) in [
+            (
+                "admin_listen",
+                Some(&self.admin_listen),
+                "listen",
+                &self.listen,
+            ),
+            (
+                "tls.listen",
+                self.tls.as_ref().map(|t| &t.listen),
+                "listen",
+                &self.listen,
+            ),
+            (
+                "tls.listen",
+                self.tls.as_ref().map(|t| &t.listen),
+                "admin_listen",
+                &self.admin_listen,
+            ),
+        ] {
+            if addr.is_some_and(|a| clash(a, other)) {
                 bad(
-                    "tls.listen",
-                    "must differ from listen and admin_listen".into(),
+                    key,
+                    format!(
+                        "'{}' takes the port of {other_key} ('{other}'); each listener needs an \
+                         address of its own",
+                        addr.map_or("", |a| a.as_str())
+                    ),
+                );
+            }
+        }
+        for (key, d, max) in self.durations() {
+            if d > max {
+                bad(
+                    &key,
+                    format!(
+                        "{} is longer than {}, the most allowed",
+                        whole(d),
+                        whole(max)
+                    ),
                 );
             }
         }
@@ -526,6 +571,64 @@ impl Config {
 }
 
 impl Config {
+    /// Every duration of the config: its key path, its value and the
+    /// longest it may be ([`MAX_HOLD`] for hold timeouts,
+    /// [`MAX_TCP_KEEPALIVE`], [`units::duration::MAX`] for the others).
+    pub fn durations(&self) -> Vec<(String, Duration, Duration)> {
+        let max = units::duration::MAX;
+        let mut all = vec![
+            ("grace_period".to_string(), self.grace_period, max),
+            (
+                "listener.tcp_keepalive".into(),
+                self.listener.tcp_keepalive,
+                MAX_TCP_KEEPALIVE,
+            ),
+            (
+                "listener.keepalive_timeout".into(),
+                self.listener.keepalive_timeout,
+                max,
+            ),
+            ("broker.history_ttl".into(), self.broker.history_ttl, max),
+            (
+                "limits.header_timeout".into(),
+                self.limits.header_timeout,
+                max,
+            ),
+            (
+                "limits.write_timeout".into(),
+                self.limits.write_timeout,
+                max,
+            ),
+        ];
+        if let Some(tls) = &self.tls {
+            all.push(("tls.handshake_timeout".into(), tls.handshake_timeout, max));
+        }
+        for (name, up) in &self.upstreams {
+            for (key, d) in [
+                ("connect_timeout", up.connect_timeout),
+                ("read_timeout", up.read_timeout),
+                ("health_check_interval", up.health_check_interval),
+            ] {
+                all.push((format!("upstreams.{name}.{key}"), d, max));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let held = [
+                r.subscribe
+                    .as_ref()
+                    .map(|s| ("subscribe", s.timeout, s.authorize_cache)),
+                r.watch
+                    .as_ref()
+                    .map(|w| ("watch", w.timeout, w.authorize_cache)),
+            ];
+            for (kind, timeout, cache) in held.into_iter().flatten() {
+                all.push((format!("routes[{i}].{kind}.timeout"), timeout, MAX_HOLD));
+                all.push((format!("routes[{i}].{kind}.authorize_cache"), cache, max));
+            }
+        }
+        all
+    }
+
     /// Why serving this config would leave the publish API open to the
     /// network: an empty token on an admin listener that is not loopback,
     /// without `publish.allow_unauthenticated`. None when it is safe.
@@ -554,6 +657,30 @@ impl Config {
             c.publish.token = "***".into();
         }
         c
+    }
+}
+
+/// Whether listening on `a` and on `b` would take the same socket: the
+/// same port (not 0), on the same IP or where one of them is a wildcard
+/// that covers the other (`0.0.0.0` covers IPv4, `[::]` both families).
+/// False when either is not an address.
+fn clash(a: &str, b: &str) -> bool {
+    let (Ok(a), Ok(b)) = (a.parse::<SocketAddr>(), b.parse::<SocketAddr>()) else {
+        return false;
+    };
+    let covers = |w: IpAddr, o: IpAddr| w.is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+}
+
+/// `d` as whole days (`365d`) or whole seconds (`32767s`) when it is one,
+/// else in humantime's form (which counts months of 30.44 days).
+fn whole(d: Duration) -> String {
+    match (d.as_secs(), d.subsec_nanos()) {
+        (s, 0) if s % 86_400 == 0 && s > 0 => format!("{}d", s / 86_400),
+        (s, 0) => format!("{s}s"),
+        _ => humantime::format_duration(d).to_string(),
     }
 }
 
@@ -689,6 +816,54 @@ mod tests {
             .unwrap()
             .validate("f.yaml")
             .is_ok());
+    }
+
+    #[test]
+    fn listeners_that_would_share_a_socket_clash() {
+        assert!(clash("127.0.0.1:8080", "127.0.0.1:8080"));
+        assert!(clash("0.0.0.0:8080", "127.0.0.1:8080"));
+        assert!(clash("127.0.0.1:8080", "[::]:8080"));
+        assert!(clash("[::1]:8080", "[::]:8080"));
+        assert!(!clash("0.0.0.0:8080", "[::1]:8080"));
+        assert!(!clash("127.0.0.1:8080", "127.0.0.2:8080"));
+        assert!(!clash("127.0.0.1:8080", "127.0.0.1:9090"));
+        assert!(!clash("127.0.0.1:0", "127.0.0.1:0"));
+        assert!(!clash("nowhere", "nowhere"));
+    }
+
+    #[test]
+    fn every_duration_key_is_bounded() {
+        // One of each block that holds durations: `durations()` must name
+        // every field read with `units::duration`.
+        let c = Config::parse(
+            "f.yaml",
+            "tls: {listen: \"127.0.0.1:8443\", cert: c, key: k}\n\
+             upstreams: {app: {addrs: [\"127.0.0.1:1\"]}}\n\
+             routes:\n\
+             - {path: /s, subscribe: {channels: [a]}}\n\
+             - {path: /w, upstream: app, watch: {channels: [a]}}\n",
+        )
+        .unwrap();
+        let fields = include_str!("config.rs")
+            .matches(concat!("with = \"units::", "duration\""))
+            .count();
+        let keys = c.durations();
+        assert_eq!(keys.len(), fields, "{keys:?}");
+        assert!(keys
+            .iter()
+            .all(|(_, d, max)| d <= max && *max <= units::duration::MAX));
+        let mut c = c;
+        c.grace_period = units::duration::MAX + Duration::from_secs(1);
+        c.routes[0].subscribe.as_mut().unwrap().timeout = MAX_HOLD + Duration::from_secs(1);
+        let e = c.validate("f.yaml").unwrap_err().to_string();
+        assert!(
+            e.contains("f.yaml: grace_period: 31536001s is longer than 365d, the most allowed"),
+            "{e}"
+        );
+        assert!(
+            e.contains("f.yaml: routes[0].subscribe.timeout: 86401s is longer than 1d"),
+            "{e}"
+        );
     }
 
     #[test]

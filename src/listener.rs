@@ -584,7 +584,7 @@ impl Service for ClientListener {
                 let mut tick = tokio::time::interval(CERT_CHECK);
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => { certs.reload_if_changed(); }
+                        _ = tick.tick() => { certs.reload_if_changed().await; }
                         _ = life.drained() => return,
                     }
                 }

@@ -55,22 +55,61 @@ pub fn broker(config: &Config) -> Result<Arc<dyn Broker>, String> {
     }
 }
 
-/// Raises the soft open-file limit to the hard one (every held poll is a
-/// socket) and warns when `max_held` cannot fit under it. Returns the limit.
-fn raise_open_file_limit(max_held: usize) -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+/// File descriptors kept for other than held polls (listeners, upstream
+/// and broker connections, files) when `limits.max_held` is compared with
+/// the open-file limit.
+const FD_HEADROOM: u64 = 256;
+
+/// The open-file limit after [`raise_open_file_limit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenFiles {
+    /// The soft limit in force afterwards, read back from the kernel (0
+    /// when it cannot be read).
+    pub limit: u64,
+    /// Why `limit` is below what was wanted (the hard limit is lower, or
+    /// the kernel refused); None when it reached it.
+    pub short: Option<String>,
+}
+
+/// Raises the soft open-file limit (`RLIMIT_NOFILE`) to `wanted`, or to
+/// the hard limit when that is lower; never lowers it. Returns the limit
+/// then in force, as read back, and why it fell short of `wanted`.
+pub fn raise_open_file_limit(wanted: u64) -> OpenFiles {
+    let set = rlimit::increase_nofile_limit(wanted);
+    let (limit, hard) = match rlimit::Resource::NOFILE.get() {
+        Ok(limits) => limits,
+        Err(e) => {
+            return OpenFiles {
+                limit: 0,
+                short: Some(format!("cannot read the limit: {e}")),
+            }
         }
+    };
+    let short = match set {
+        Err(e) => Some(format!("setrlimit failed: {e}")),
+        Ok(_) if limit < wanted => Some(format!("the hard limit is {hard}")),
+        Ok(_) => None,
+    };
+    OpenFiles { limit, short }
+}
+
+/// Raises the open-file limit as far as the hard limit allows, at least
+/// to what `max_held` polls need (every held poll is a socket), and warns
+/// when it falls short. Returns the limit in force, read back.
+fn open_file_limit(max_held: usize) -> u64 {
+    let needed = (max_held as u64).saturating_add(FD_HEADROOM);
+    let hard = rlimit::Resource::NOFILE.get().map_or(0, |(_, hard)| hard);
+    let wanted = hard.max(needed);
+    let files = raise_open_file_limit(wanted);
+    let limit = files.limit;
+    if let Some(why) = &files.short {
+        tracing::warn!(
+            wanted,
+            limit,
+            "cannot raise the open-file limit to {wanted}: {why}"
+        );
     }
-    let limit = lim.rlim_cur;
-    if (max_held as u64) + 256 > limit {
+    if needed > limit {
         tracing::warn!(
             limit,
             max_held,
@@ -85,7 +124,8 @@ fn raise_open_file_limit(max_held: usize) -> u64 {
 /// running instance at `config.upgrade_sock` instead of binding them.
 pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), String> {
     metrics::init();
-    raise_open_file_limit(config.limits.max_held);
+    let open_files = open_file_limit(config.limits.max_held);
+    tracing::debug!(open_files, "open-file limit");
     let certificates = match &config.tls {
         Some(tls) => Some(Certificates::load(&tls.cert, &tls.key)?),
         None => None,
@@ -310,10 +350,17 @@ impl ShutdownSignalWatch for Signals {
                     break;
                 },
                 _ = hup.recv() => match &self.certificates {
-                    Some(certs) => match certs.reload() {
-                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                        Err(e) => tracing::warn!(error = %e, "SIGHUP: keeping the previous certificate"),
-                    },
+                    // In a task of its own: a read that blocks must not
+                    // keep this loop from the next signal.
+                    Some(certs) => {
+                        let certs = certs.clone();
+                        tokio::spawn(async move {
+                            match certs.reload().await {
+                                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                                Err(e) => tracing::warn!(error = %e, "SIGHUP: keeping the previous certificate"),
+                            }
+                        });
+                    }
                     None => tracing::info!("SIGHUP: no TLS listener, nothing to reload"),
                 },
             }
@@ -324,5 +371,29 @@ impl ShutdownSignalWatch for Signals {
         let clean = self.life.wait_idle(self.grace).await;
         tracing::info!(clean, "drained; exiting");
         ShutdownSignal::GracefulTerminate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_file_limit_reported_is_the_one_in_force() {
+        let (_, hard) = rlimit::Resource::NOFILE.get().unwrap();
+        // Asking for no more than is in force changes nothing.
+        let now = raise_open_file_limit(1);
+        assert_eq!(now.short, None);
+        assert_eq!(now.limit, rlimit::Resource::NOFILE.get().unwrap().0);
+        // Past the hard limit: raised to it, not to what was asked, and
+        // said so.
+        if hard < u64::MAX {
+            let files = raise_open_file_limit(hard + 1);
+            assert_eq!(files.limit, hard);
+            assert_eq!(files.short, Some(format!("the hard limit is {hard}")));
+            assert_eq!(rlimit::Resource::NOFILE.get().unwrap(), (hard, hard));
+            // The hard limit itself is reached.
+            assert_eq!(raise_open_file_limit(hard).short, None);
+        }
     }
 }

@@ -6,10 +6,16 @@
 //! handshakes use the new pair; open connections keep the one they began
 //! with. A pair that cannot be read or does not match is refused with a log
 //! line, and the previous one stays in use.
+//!
+//! The files are read (and their metadata checked) on tokio's blocking
+//! pool, never on a worker of the runtime that holds the polls: a read
+//! that blocks, on a hung network mount say, stalls no poll. One read at a
+//! time: while one is under way, checks are skipped.
 
 use pingora::listeners::tls::Acceptor;
 use pingora::tls::sign::CertifiedKey;
 use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert, ServerConfig};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -21,6 +27,17 @@ pub struct Certificates {
     current: parking_lot::RwLock<Arc<CertifiedKey>>,
     /// Modification times and sizes of both files when last read.
     seen: parking_lot::Mutex<Stamp>,
+    /// Whether a read of the files is under way on the blocking pool.
+    reading: Arc<AtomicBool>,
+}
+
+/// Clears the `reading` flag when the read ends, even by a panic.
+struct Reading(Arc<AtomicBool>);
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 type Stamp = Option<[(SystemTime, u64); 2]>;
@@ -31,6 +48,11 @@ fn stamp(cert: &str, key: &str) -> Stamp {
         Some((m.modified().ok()?, m.len()))
     };
     Some([one(cert)?, one(key)?])
+}
+
+/// The files' stamp, then the pair read and checked.
+fn read_stamped(cert: &str, key: &str) -> (Stamp, Result<CertifiedKey, String>) {
+    (stamp(cert, key), read_pair(cert, key))
 }
 
 /// Reads and checks a certificate chain and its key.
@@ -55,31 +77,66 @@ impl Certificates {
             key: key.to_string(),
             current: parking_lot::RwLock::new(Arc::new(pair)),
             seen: parking_lot::Mutex::new(seen),
+            reading: Arc::new(AtomicBool::new(false)),
         }))
     }
 
-    /// Reads the pair again now. Ok(()) when the new pair is in use; on an
-    /// error the previous one stays.
-    pub fn reload(&self) -> Result<(), String> {
-        let seen = stamp(&self.cert, &self.key);
-        let pair = read_pair(&self.cert, &self.key)?;
+    /// Runs `read` on the two paths on tokio's blocking pool and returns
+    /// what it returns; None, without reading, while another read is under
+    /// way (or when the read could not run).
+    async fn read_files<T: Send + 'static>(&self, read: fn(&str, &str) -> T) -> Option<T> {
+        if self.reading.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let done = Reading(self.reading.clone());
+        let (cert, key) = (self.cert.clone(), self.key.clone());
+        tokio::task::spawn_blocking(move || {
+            let _done = done;
+            read(&cert, &key)
+        })
+        .await
+        .ok()
+    }
+
+    /// Puts `pair`, read when the files had stamp `seen`, in use.
+    fn install(&self, seen: Stamp, pair: CertifiedKey) {
         *self.current.write() = Arc::new(pair);
         *self.seen.lock() = seen;
+    }
+
+    /// Reads the pair again now, off the runtime. Ok(()) when the new pair
+    /// is in use; on an error (or while another read is under way) the
+    /// previous one stays.
+    pub async fn reload(&self) -> Result<(), String> {
+        let (seen, pair) = self
+            .read_files(read_stamped)
+            .await
+            .ok_or_else(|| format!("tls: {} / {} are still being read", self.cert, self.key))?;
+        self.install(seen, pair?);
         Ok(())
     }
 
-    /// Reloads when either file changed since it was last read. Returns
-    /// whether a reload was tried.
-    pub fn reload_if_changed(&self) -> bool {
-        let now = stamp(&self.cert, &self.key);
+    /// Reloads when either file changed since it was last read (both
+    /// checked and read off the runtime). Returns whether a reload was
+    /// tried.
+    pub async fn reload_if_changed(&self) -> bool {
+        let Some(now) = self.read_files(stamp).await else {
+            return false;
+        };
         if now.is_none() || now == *self.seen.lock() {
             return false;
         }
-        match self.reload() {
-            Ok(()) => tracing::info!(cert = %self.cert, "tls: certificate reloaded"),
+        let Some((seen, pair)) = self.read_files(read_stamped).await else {
+            return false;
+        };
+        match pair {
+            Ok(pair) => {
+                self.install(seen, pair);
+                tracing::info!(cert = %self.cert, "tls: certificate reloaded");
+            }
             Err(e) => {
                 // Keep serving the old pair; try again on the next change.
-                *self.seen.lock() = now;
+                *self.seen.lock() = seen;
                 tracing::warn!(error = %e, "tls: keeping the previous certificate");
             }
         }

@@ -8,17 +8,53 @@ use std::time::Duration;
 pub mod duration {
     use super::*;
 
+    /// The longest duration any key of the config may hold: 365 days.
+    /// Longer is refused at parsing (naming the key), so that no deadline
+    /// computed from a configured duration (`Instant + d`, tokio's timers,
+    /// Redis expiries) can overflow; keys with a tighter bound have it
+    /// checked in `Config::validate`.
+    pub const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(text.trim()).map_err(|e| {
+        let d = humantime::parse_duration(text.trim()).map_err(|e| {
             de::Error::custom(format!(
                 "invalid duration '{text}': {e} (write e.g. 30s, 1m 30s, 250ms)"
             ))
-        })
+        })?;
+        if d > MAX {
+            return Err(de::Error::custom(format!(
+                "'{text}' is longer than 365d, the longest duration allowed"
+            )));
+        }
+        Ok(d)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Parses `text` as a YAML duration.
+        fn parse(text: &str) -> Result<Duration, String> {
+            deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| e.to_string())
+        }
+
+        #[test]
+        fn durations_past_a_year_are_refused() {
+            assert_eq!(parse("30s"), Ok(Duration::from_secs(30)));
+            assert_eq!(parse("365d"), Ok(MAX));
+            for absurd in ["365d 1s", "9999999999s", "500000000y"] {
+                let e = parse(absurd).unwrap_err();
+                assert!(e.contains("longer than 365d"), "{absurd}: {e}");
+            }
+            // The longest accepted duration still fits a deadline.
+            assert!(std::time::Instant::now().checked_add(MAX).is_some());
+            assert!(tokio::time::Instant::now().checked_add(MAX).is_some());
+        }
     }
 }
 

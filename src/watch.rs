@@ -29,7 +29,6 @@ use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession as Session;
 use pingora::Result;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -255,12 +254,7 @@ impl Representation {
             .and_then(|v| v.to_str().ok())
             .filter(|_| header.status.is_success())
             .map(str::to_string);
-        let etag = given.unwrap_or_else(|| {
-            let mut h = std::hash::DefaultHasher::new();
-            header.status.as_u16().hash(&mut h);
-            body.hash(&mut h);
-            format!("\"pg-{:016x}\"", h.finish())
-        });
+        let etag = given.unwrap_or_else(|| hashed_etag(header.status.as_u16(), &body));
         let vary = header
             .headers
             .get_all("Vary")
@@ -277,6 +271,18 @@ impl Representation {
             vary,
         }
     }
+}
+
+/// The ETag of an answer that brings none (or is not 2xx): `"pg-"` and the
+/// 16 lowercase hex digits of XXH3-64 (seed 0) over the status code as
+/// three ASCII digits followed by the body's bytes, quoted. The same on
+/// every build and release, so instances of any version agree
+/// (docs/watch.md, "ETags").
+pub fn hashed_etag(status: u16, body: &[u8]) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+    h.update(itoa::Buffer::new().format(status).as_bytes());
+    h.update(body);
+    format!("\"pg-{:016x}\"", h.digest())
 }
 
 /// Whether an `If-None-Match` value names `etag` (weak or strong; `*` names
@@ -370,5 +376,30 @@ mod tests {
         let d = Representation::new(tagged, Bytes::from_static(b"two"));
         assert_eq!(d.etag, "\"v7\"");
         assert_eq!(d.vary, ["Accept-Language", "X-Tenant"]);
+    }
+
+    /// The hashed ETag is pinned: XXH3-64 of the status's three digits and
+    /// the body, as the reference implementation (libxxhash's
+    /// `XXH3_64bits`) computes it. A change of hash or of the bytes hashed
+    /// would make every watcher of a mixed-version fleet refetch.
+    #[test]
+    fn the_hashed_etag_is_xxh3_of_status_digits_then_body() {
+        let ok = ResponseHeader::build(200, None).unwrap();
+        let rep = Representation::new(ok, Bytes::from_static(b"one"));
+        assert_eq!(rep.etag, "\"pg-a8b5243c6d251fd1\"");
+        assert_eq!(
+            hashed_etag(200, br#"{"status":"shipped"}"#),
+            "\"pg-7cdb160b5bc02729\""
+        );
+        assert_eq!(hashed_etag(200, b""), "\"pg-ef1cd05ea96fe010\"");
+        assert_eq!(hashed_etag(404, b""), "\"pg-3846bf4c75bbab9c\"");
+        // Past 240 bytes XXH3 takes its long-input path.
+        let long = "0123456789".repeat(100);
+        assert_eq!(hashed_etag(200, long.as_bytes()), "\"pg-d35fad30e35d2107\"");
+        // A non-2xx answer is hashed even when it brings an ETag.
+        let mut missing = ResponseHeader::build(404, None).unwrap();
+        missing.insert_header("ETag", "\"v7\"").unwrap();
+        let rep = Representation::new(missing, Bytes::new());
+        assert_eq!(rep.etag, "\"pg-3846bf4c75bbab9c\"");
     }
 }

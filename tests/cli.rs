@@ -182,3 +182,225 @@ async fn publish_command_prints_the_id() {
     assert_eq!(code, 1);
     assert!(err.contains("401"), "{err}");
 }
+
+#[test]
+fn check_and_serve_refuse_absurd_durations_naming_the_key() {
+    // Past a year, any key: refused at parsing, with the key's path.
+    for (yaml, key, value) in [
+        ("grace_period: 9999999999s\n", "grace_period", "9999999999s"),
+        (
+            "routes:\n  - path: /x\n    subscribe:\n      channels: [a]\n      timeout: 500000000y\n",
+            "routes[0].subscribe.timeout",
+            "500000000y",
+        ),
+        (
+            "upstreams:\n  app:\n    addrs: [\"127.0.0.1:1\"]\n    read_timeout: 400days\n",
+            "upstreams.app.read_timeout",
+            "400days",
+        ),
+    ] {
+        let f = temp_file("absurd.yaml", yaml);
+        let file = f.to_str().unwrap();
+        for cmd in ["check", "serve"] {
+            let (code, _, err) = run_cli(&[cmd, "-c", file], &[]);
+            assert_eq!(code, 2, "{cmd} {yaml}: {err}");
+            assert!(err.starts_with(&format!("{file}: {key}: ")), "{cmd}: {err}");
+            let why = format!("'{value}' is longer than 365d, the longest duration allowed");
+            assert!(err.contains(&why), "{cmd}: {err}");
+        }
+    }
+    // Tighter bounds: a hold of more than a day, a keep-alive idle time
+    // the kernel refuses; every problem is listed.
+    let f = temp_file(
+        "long.yaml",
+        r#"
+listener: {tcp_keepalive: 10h}
+upstreams:
+  app: {addrs: ["127.0.0.1:1"]}
+routes:
+  - path: /s
+    subscribe: {channels: [a], timeout: 2days}
+  - path: /w
+    upstream: app
+    watch: {channels: [b], timeout: 1day 1s}
+"#,
+    );
+    let file = f.to_str().unwrap();
+    for cmd in ["check", "serve"] {
+        let (code, _, err) = run_cli(&[cmd, "-c", file], &[]);
+        assert_eq!(code, 2, "{cmd}: {err}");
+        for needle in [
+            ": listener.tcp_keepalive: 36000s is longer than 32767s, the most allowed",
+            ": routes[0].subscribe.timeout: 2d is longer than 1d, the most allowed",
+            ": routes[1].watch.timeout: 86401s is longer than 1d, the most allowed",
+        ] {
+            assert!(
+                err.contains(&format!("{file}{needle}")),
+                "{cmd}: {needle} in {err}"
+            );
+        }
+    }
+}
+
+/// Every duration at the longest it may be: the gateway serves (polls,
+/// watch GETs, proxied requests) and drains without an overflowing
+/// deadline.
+#[tokio::test]
+async fn the_longest_accepted_durations_serve_and_drain() {
+    let legacy = support::legacy::Legacy::start(false).await;
+    legacy.set("1", r#"{"id":1}"#);
+    let year = "365d";
+    let mut pg = Pollgate::start(&format!(
+        r#"grace_period: {year}
+listener: {{tcp_keepalive: 32767s, keepalive_timeout: {year}}}
+broker: {{history_ttl: {year}}}
+limits: {{header_timeout: {year}, write_timeout: {year}}}
+upstreams:
+  shop:
+    addrs: ["127.0.0.1:{port}"]
+    connect_timeout: {year}
+    read_timeout: {year}
+    health_check_interval: {year}
+routes:
+  - path: "/sub/{{channel}}"
+    subscribe: {{channels: ["{{channel}}"], timeout: 1d, authorize_cache: {year}}}
+  - path: "/orders/{{id}}"
+    methods: [GET]
+    upstream: shop
+    watch: {{channels: ["order:{{id}}"], timeout: 1d, authorize_cache: {year}}}
+  - path: "/orders/{{id}}"
+    methods: [PUT]
+    upstream: shop
+    publish: {{channel: "order:{{id}}", body: none}}
+"#,
+        port = legacy.port
+    ));
+    let url = pg.url("/sub/long");
+    let held = tokio::spawn(async move { client().get(url).send().await.unwrap() });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    pg.publish("long", "text/plain", "after all").await;
+    let r = held.await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("after all"));
+
+    let first = client().get(pg.url("/orders/1")).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let etag = first.headers()["etag"].to_str().unwrap().to_string();
+    let url = pg.url("/orders/1");
+    let held = tokio::spawn(async move {
+        let r = client().get(url).header("If-None-Match", etag).send();
+        r.await.unwrap()
+    });
+    pg.wait_metric("pollgate_held_watchers", 1.0).await;
+    let put = client()
+        .put(pg.url("/orders/1"))
+        .body(r#"{"id":1,"v":2}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let r = held.await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), r#"{"id":1,"v":2}"#);
+
+    pg.signal("-TERM");
+    let status = pg.wait_exit(std::time::Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "drained and exited");
+}
+
+#[test]
+fn check_refuses_listeners_on_one_address() {
+    let (code, _, err) = run_cli(
+        &["check", "-c", "conf/pollgate.yaml"],
+        &[("POLLGATE_ADMIN_LISTEN", "127.0.0.1:8080")],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(
+            "conf/pollgate.yaml: admin_listen: '127.0.0.1:8080' takes the port of listen \
+             ('127.0.0.1:8080')"
+        ),
+        "{err}"
+    );
+    // A wildcard takes the port on every address of its family; tls.listen
+    // is checked against both.
+    let pki = support::pki::pki();
+    let (cert, key) = (temp_file("c.crt", ""), temp_file("c.key", ""));
+    support::pki::install(&pki, &cert, &key);
+    let tls = |addr: &str| {
+        format!(
+            "listen: \"127.0.0.1:8080\"\nadmin_listen: \"0.0.0.0:9090\"\n\
+             publish: {{token: t}}\n\
+             tls: {{listen: \"{addr}\", cert: \"{}\", key: \"{}\"}}\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    for (addr, other) in [
+        ("0.0.0.0:8080", "listen ('127.0.0.1:8080')"),
+        ("127.0.0.1:9090", "admin_listen ('0.0.0.0:9090')"),
+    ] {
+        let f = temp_file("tls-clash.yaml", &tls(addr));
+        let file = f.to_str().unwrap();
+        for cmd in ["check", "serve"] {
+            let (code, _, err) = run_cli(&[cmd, "-c", file], &[]);
+            assert_eq!(code, 2, "{cmd}: {err}");
+            let want = format!("{file}: tls.listen: '{addr}' takes the port of {other}");
+            assert!(err.contains(&want), "{cmd}: {want} in {err}");
+        }
+    }
+    let f = temp_file("tls-ok.yaml", &tls("127.0.0.1:8443"));
+    let (code, _, err) = run_cli(&["check", "-c", f.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Under a hard open-file limit too low for `limits.max_held`, `serve`
+/// says what it wanted and what it got (the limit read back), and serves.
+#[test]
+fn serve_reports_the_open_file_limit_it_could_not_reach() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let (port, admin) = (free_port(), free_port());
+    let f = temp_file(
+        "nofile.yaml",
+        &format!(
+            "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\n\
+             threads: 1\nlimits: {{max_held: 100000}}\n"
+        ),
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pollgate"));
+    cmd.args(["serve", "--log-level", "warn", "-c", f.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only setrlimit, a system call, runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| rlimit::setrlimit(rlimit::Resource::NOFILE, 1024, 1024));
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let found = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(line) if line.contains("cannot raise the open-file limit") => break Some(line),
+            Ok(line) => seen.push(line),
+            Err(_) => break None,
+        }
+    };
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = found.unwrap_or_else(|| panic!("no warning in {seen:#?}"));
+    for field in ["wanted=100256", "limit=1024", "the hard limit is 1024"] {
+        assert!(line.contains(field), "{field} in {line}");
+    }
+    assert!(alive, "it serves all the same");
+}

@@ -252,3 +252,50 @@ async fn an_h2_connection_silent_after_the_handshake_is_closed_at_the_header_tim
     pg.wait_metric("pollgate_refused_total{reason=\"header_timeout\"}", 1.0)
         .await;
 }
+
+/// A certificate file whose read blocks (a FIFO with no writer, standing
+/// for a hung network mount) stalls no poll: with one worker thread, polls
+/// and publishes are served while the read waits; when the data comes,
+/// the new pair is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_read_that_blocks_stalls_no_poll() {
+    let first = pki();
+    let (pg, base, cert, key) = start(&first, "threads: 1\n");
+    std::fs::remove_file(&cert).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&cert)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // The next check (every 2 s) sees the change and opens the FIFO.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let within = Duration::from_secs(3);
+    let r = tokio::time::timeout(within, client().get(pg.url("/sub/fifo?timeout=0")).send())
+        .await
+        .expect("a poll is answered while the certificate is being read")
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let url = pg.url("/sub/fifo");
+    let held = tokio::spawn(async move { client().get(url).send().await.unwrap() });
+    tokio::time::timeout(within, pg.wait_metric("pollgate_held_requests", 1.0))
+        .await
+        .expect("a poll is held");
+    tokio::time::timeout(within, pg.publish("fifo", "text/plain", "still here"))
+        .await
+        .expect("a publish is served");
+    let answer = tokio::time::timeout(within, held).await.unwrap().unwrap();
+    assert!(answer.text().await.unwrap().contains("still here"));
+
+    // The files come: the new key, then the new certificate through the
+    // FIFO, which the pending read takes.
+    let second = pki();
+    std::fs::write(&key, &second.key_pem).unwrap();
+    let (fifo, pem) = (cert.clone(), second.cert_pem.clone());
+    let writer = std::thread::spawn(move || std::fs::write(fifo, pem).unwrap());
+    assert!(
+        served(&second, &base, Duration::from_secs(6)).await,
+        "the pair read from the FIFO was never served"
+    );
+    writer.join().unwrap();
+}

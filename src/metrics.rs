@@ -160,14 +160,12 @@ pub enum Refusal {
     BrokerBusy,
     /// The broker is unreachable (503).
     BrokerDown,
-    /// The instance is draining (503).
-    Draining,
     /// A request target that is refused (400).
     BadTarget,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 9] = [
+    const ALL: [Refusal; 8] = [
         Refusal::HeaderTooLarge,
         Refusal::HeaderTimeout,
         Refusal::WriteTimeout,
@@ -175,7 +173,6 @@ impl Refusal {
         Refusal::MaxActiveChannels,
         Refusal::BrokerBusy,
         Refusal::BrokerDown,
-        Refusal::Draining,
         Refusal::BadTarget,
     ];
 
@@ -188,7 +185,6 @@ impl Refusal {
             Refusal::MaxActiveChannels => "max_active_channels",
             Refusal::BrokerBusy => "broker_busy",
             Refusal::BrokerDown => "broker_down",
-            Refusal::Draining => "draining",
             Refusal::BadTarget => "bad_target",
         }
     }

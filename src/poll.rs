@@ -337,14 +337,10 @@ impl Poller {
     }
 
     /// Takes a held-poll slot, or says why a new poll is refused now
-    /// (draining, broker down, max_held).
+    /// (broker down, max_held). A draining instance admits polls: they get
+    /// what is already there, or their cursor at once (the drain answer),
+    /// never a refusal.
     pub fn admit(&self) -> Result<Slot<'_>, (Refusal, &'static str)> {
-        if self.life.is_draining() {
-            return Err((
-                Refusal::Draining,
-                "this instance is shutting down; reconnect",
-            ));
-        }
         if !self.hub.broker().is_up() {
             return Err((Refusal::BrokerDown, "the broker is unreachable"));
         }

@@ -41,28 +41,33 @@ fn upgrade(old: &Pollgate, args: &[&str]) -> KillOnDrop {
 
 /// Opens a new connection per request to `url` until `stop`; counts
 /// answers and failures: a refused or reset connection, or any status but
-/// 200 and a draining instance's 503 with `Retry-After` (which clients
-/// follow by asking again).
+/// 200 (a draining instance answers, it does not refuse).
 fn hammer(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
     let fresh = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    hammer_with(fresh, url, stop)
+    hammer_with(fresh, url, None, stop)
 }
 
-/// [`hammer`] with a client of one's own (which must not pool connections).
+/// [`hammer`] with a client of one's own (which must not pool
+/// connections), and a text every answer must hold when `expect` is set.
 fn hammer_with(
     fresh: reqwest::Client,
     url: String,
+    expect: Option<String>,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
     tokio::spawn(async move {
         let (mut ok, mut failures) = (0, Vec::new());
         while !stop.load(Ordering::Relaxed) {
             match fresh.get(&url).send().await {
-                Ok(r) if r.status() == 200 => ok += 1,
-                Ok(r) if r.status() == 503 && r.headers().contains_key("retry-after") => {}
+                Ok(r) if r.status() == 200 => match &expect {
+                    Some(want) if !r.text().await.is_ok_and(|t| t.contains(want.as_str())) => {
+                        failures.push(format!("an answer without {want}"))
+                    }
+                    _ => ok += 1,
+                },
                 Ok(r) => failures.push(format!("status {}", r.status())),
                 Err(e) => failures.push(format!("{e:?}")),
             }
@@ -95,11 +100,21 @@ async fn sigquit_hands_the_sockets_to_the_new_process_and_nothing_is_refused_or_
     let held = tokio::spawn(async move { get_json(&url).await });
     old.wait_metric("pollgate_held_requests", 1.0).await;
 
+    // Clients re-polling with a cursor whose next message is stored: every
+    // answer, from either process, must carry that message.
+    let seen = old.publish("busy", "text/plain", "seen").await;
+    let next = old.publish("busy", "text/plain", "next").await;
     let stop = Arc::new(AtomicBool::new(false));
-    let clients = hammer(old.url("/sub/busy?timeout=0"), stop.clone());
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let cursor_url = old.url(&format!("/sub/busy?cursor={seen}&timeout=5"));
+    let clients = hammer_with(fresh, cursor_url, Some(next), stop.clone());
+    let empty = hammer(old.url("/sub/idle?timeout=0"), stop.clone());
     let admins = hammer(old.admin("/healthz"), stop.clone());
-    let https = format!("https://localhost:{tls_port}/sub/busy?timeout=0");
-    let secure = hammer_with(trusting(&pki), https, stop.clone());
+    let https = format!("https://localhost:{tls_port}/sub/idle?timeout=0");
+    let secure = hammer_with(trusting(&pki), https, None, stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The new process waits for the sockets; SIGQUIT hands them over.
@@ -129,7 +144,13 @@ async fn sigquit_hands_the_sockets_to_the_new_process_and_nothing_is_refused_or_
     assert_eq!(ids(&v), [during]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
-    for (name, task) in [("client", clients), ("admin", admins), ("https", secure)] {
+    let hammers = [
+        ("client", clients),
+        ("empty", empty),
+        ("admin", admins),
+        ("https", secure),
+    ];
+    for (name, task) in hammers {
         let (ok, failures) = task.await.unwrap();
         assert!(ok > 20, "{name}: only {ok} requests went through");
         assert!(

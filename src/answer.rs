@@ -203,7 +203,7 @@ mod tests {
 
     #[test]
     fn envelope_moves_each_channel_position() {
-        let start = Cursor(smallvec::smallvec![MessageId::ZERO, MessageId::ZERO]);
+        let start = Cursor(smallvec::smallvec![MessageId::ZERO, MessageId::ZERO], None);
         let found = [(1, msg("b", 3, "1")), (0, msg("a", 4, "{\"x\":2}"))];
         let a = Answer::build(Format::Envelope, &start, false, &found);
         assert_eq!(a.cursor_text, "4-0.3-0");
@@ -216,7 +216,7 @@ mod tests {
 
     #[test]
     fn sse_events_carry_progressive_cursors() {
-        let start = Cursor(smallvec::smallvec![MessageId::ZERO]);
+        let start = Cursor(smallvec::smallvec![MessageId::ZERO], None);
         let found = [(0, msg("a", 1, "1")), (0, msg("a", 2, "2"))];
         let a = Answer::build(Format::Sse, &start, false, &found);
         let text = std::str::from_utf8(&a.body).unwrap();

@@ -1,24 +1,34 @@
 //! Cursors: the opaque position a client sends back to resume without loss.
 //!
 //! A cursor holds one message id per channel of the subscription, in the
-//! order of the route's channel list, written `<id>` or `<id>.<id>...`. For a
-//! single channel it is therefore just the last message id, which is also
-//! what SSE's `Last-Event-ID` and an `ETag` naturally carry.
+//! order of the route's channel list, and the epoch of the history those
+//! ids belong to: `<id>_<epoch>` or `<id>.<id>..._<epoch>`. The epoch
+//! names the broker's history (the memory broker's start, the Redis
+//! dataset's creation), so that a cursor from another history, the empty
+//! channel's `0-0` included, is answered with a gap instead of being read
+//! as a position in this one. A cursor without an epoch (issued before
+//! epochs existed) still parses; it is checked by its ids alone.
 
 use crate::message::MessageId;
 use smallvec::SmallVec;
 use std::fmt;
 
 /// Positions of a subscription, one per channel (held inline up to two:
-/// a cursor is copied several times per poll).
+/// a cursor is copied several times per poll), and the epoch of their
+/// history (None: a cursor issued before epochs, never by this version).
 #[derive(Debug, PartialEq, Eq, Hash)]
-pub struct Cursor(pub Positions);
+pub struct Cursor(pub Positions, pub Option<Epoch>);
+
+/// The history a cursor's positions belong to: a number that changes when
+/// the broker's history starts over (a memory broker's process start, a
+/// Redis dataset created anew).
+pub type Epoch = u64;
 
 /// A plain copy of the positions (smallvec's own `Clone` goes through its
 /// generic `extend`).
 impl Clone for Cursor {
     fn clone(&self) -> Cursor {
-        Cursor(Positions::from_slice(&self.0))
+        Cursor(Positions::from_slice(&self.0), self.1)
     }
 }
 
@@ -43,6 +53,18 @@ impl Cursor {
         if t.len() > 64 * channels.max(1) {
             return Err(CursorError("cursor is too long".into()));
         }
+        let (t, epoch) = match t.rsplit_once('_') {
+            Some((ids, epoch)) => match epoch.parse::<Epoch>() {
+                Ok(e) if !epoch.starts_with('+') => (ids, Some(e)),
+                _ => {
+                    let shown = shorten(text.trim());
+                    return Err(CursorError(format!(
+                        "'{shown}' is not a cursor pollgate issued"
+                    )));
+                }
+            },
+            None => (t, None),
+        };
         let mut ids = Positions::new();
         let mut rest = t;
         loop {
@@ -68,7 +90,7 @@ impl Cursor {
                 channels
             )));
         }
-        Ok(Cursor(ids))
+        Ok(Cursor(ids, epoch))
     }
 
     /// The same cursor with position `index` moved to `id`.
@@ -91,6 +113,10 @@ impl fmt::Display for Cursor {
             }
             fmt::Display::fmt(id, f)?;
         }
+        if let Some(epoch) = self.1 {
+            f.write_str("_")?;
+            f.write_str(itoa::Buffer::new().format(epoch))?;
+        }
         Ok(())
     }
 }
@@ -101,15 +127,22 @@ mod tests {
 
     #[test]
     fn round_trips_and_rejects() {
-        let c = Cursor::parse("\"1-2.3-4\"", 2).unwrap();
-        assert_eq!(c.to_string(), "1-2.3-4");
+        let c = Cursor::parse("\"1-2.3-4_77\"", 2).unwrap();
+        assert_eq!(c.to_string(), "1-2.3-4_77");
+        assert_eq!(c.1, Some(77));
+        // Issued before epochs: still a cursor, without one.
+        let legacy = Cursor::parse("1-2.3-4", 2).unwrap();
+        assert_eq!((legacy.to_string().as_str(), legacy.1), ("1-2.3-4", None));
+        for bad in ["1-2_", "1-2_x", "1-2_+5", "1-2_-5", "_5", "1-2_5_5"] {
+            assert!(Cursor::parse(bad, 1).is_err(), "{bad}");
+        }
         assert_eq!(Cursor::parse("W/\"5-0\"", 1).unwrap().to_string(), "5-0");
         assert!(Cursor::parse("1-2", 2).is_err());
         assert!(Cursor::parse("garbage", 1).is_err());
         assert!(Cursor::parse("", 1).is_err());
         assert_eq!(
             c.with(1, MessageId { ms: 9, seq: 0 }).to_string(),
-            "1-2.9-0"
+            "1-2.9-0_77"
         );
     }
 }

@@ -352,6 +352,9 @@ impl Hub {
         format: Format,
         answerer: Option<&Arc<dyn Answerer>>,
     ) -> Option<Held> {
+        if cursor.1 != Some(self.broker.epoch()) {
+            return None; // another history's, or issued before epochs
+        }
         let mut channels = Channels::with_capacity(names.len());
         for name in names {
             let ch = self.channels.get(name.as_ref())?;
@@ -374,12 +377,15 @@ impl Hub {
     ) -> Result<Poll, HubError> {
         let limit = format.limit();
         let mut cursor = cursor;
+        // A cursor of another history: every position is lost.
+        let mut other_history = false;
         loop {
             let mut channels = Channels::with_capacity(names.len());
             for name in names {
                 channels.push(self.channel(name.as_ref()).await?);
             }
-            let start = match &cursor {
+            let epoch = self.broker.epoch();
+            let mut start = match &cursor {
                 Some(c) => c.clone(),
                 None => Cursor(
                     channels
@@ -392,12 +398,22 @@ impl Hub {
                             }
                         })
                         .collect(),
+                    Some(epoch),
                 ),
             };
+            if start.1.is_some_and(|e| e != epoch) {
+                // Answered from each channel's floor: what is retained.
+                other_history = true;
+                for (i, ch) in channels.iter().enumerate() {
+                    start.0[i] = ch.state.lock().window.floor();
+                }
+            }
+            start.1 = Some(epoch);
             // Tried again (a message came meanwhile), a poll without cursor
             // goes on from this start: what came is for it.
             cursor = Some(start.clone());
             let (start, gap, found) = self.collect(&channels, start, limit).await?;
+            let gap = gap || other_history;
             if gap || !found.is_empty() {
                 return Ok(Poll::Ready(Arc::new(Answer::build(
                     format, &start, gap, &found,

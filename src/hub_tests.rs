@@ -31,6 +31,9 @@ impl Broker for Counting {
     fn set_sink(&self, sink: Arc<dyn Sink>) {
         self.inner.set_sink(sink)
     }
+    fn epoch(&self) -> crate::cursor::Epoch {
+        self.inner.epoch()
+    }
 }
 
 fn hub() -> (Arc<Hub>, Arc<Counting>) {
@@ -110,7 +113,7 @@ async fn one_publish_wakes_every_waiter_with_one_shared_answer_and_no_broker_cal
             .unwrap(),
         );
     }
-    let late = Cursor(smallvec::smallvec![MessageId::ZERO]);
+    let late = Cursor(smallvec::smallvec![MessageId::ZERO], Some(broker.epoch()));
     match hub
         .poll(&names, Some(late), First::Newest, Format::Envelope)
         .await
@@ -193,7 +196,7 @@ async fn an_id_going_backwards_wakes_waiters_with_a_gap() {
     let mut w = held(
         hub.poll(
             &names,
-            Some(Cursor(smallvec::smallvec![first.id])),
+            Some(Cursor(smallvec::smallvec![first.id], Some(broker.epoch()))),
             First::Newest,
             Format::Envelope,
         )
@@ -227,10 +230,13 @@ async fn cursors_ahead_of_the_channel_are_a_gap_without_a_read_per_poll() {
     let names = vec!["future".to_string()];
     let kept = publish(&broker, "future", "kept").await;
     let reads = broker.reads.load(Ordering::Relaxed);
-    let made_up = Cursor(smallvec::smallvec![MessageId {
-        ms: kept.id.ms + 10_000_000,
-        seq: 0,
-    }]);
+    let made_up = Cursor(
+        smallvec::smallvec![MessageId {
+            ms: kept.id.ms + 10_000_000,
+            seq: 0,
+        }],
+        Some(broker.epoch()),
+    );
     for _ in 0..50 {
         let a = ready(
             hub.poll(
@@ -369,4 +375,41 @@ async fn a_stopped_poll_gets_no_answer_written_and_a_fired_one_hands_its_wake_up
     drop(held(poll(Some(answerer)).await.unwrap()));
     publish(&broker, "room", "m2").await;
     assert_eq!(recording.0.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_cursor_of_another_history_is_a_gap_even_at_the_empty_channels_start() {
+    let (hub, broker) = hub();
+    let names = vec!["restarted".to_string()];
+    let before = broker.epoch() - 1;
+    // The empty channel's cursor from before a restart: a gap, not a hold.
+    let empty = Cursor(smallvec::smallvec![MessageId::ZERO], Some(before));
+    let a = ready(
+        hub.poll(&names, Some(empty), First::Newest, Format::Envelope)
+            .await
+            .unwrap(),
+    );
+    assert!(a.gap);
+    assert_eq!(a.cursor.to_string(), format!("0-0_{}", broker.epoch()));
+    // What this history retains comes with the gap, from its start.
+    let m = publish(&broker, "restarted", "after").await;
+    let old = Cursor(smallvec::smallvec![MessageId::ZERO], Some(before));
+    let a = ready(
+        hub.poll(&names, Some(old), First::Newest, Format::Envelope)
+            .await
+            .unwrap(),
+    );
+    assert!(a.gap);
+    assert_eq!(a.messages.len(), 1);
+    assert_eq!(a.messages[0].id, m.id);
+    // A cursor issued before epochs is read by its ids alone, and the
+    // answer carries the epoch.
+    let legacy = Cursor(smallvec::smallvec![MessageId::ZERO], None);
+    let a = ready(
+        hub.poll(&names, Some(legacy), First::Newest, Format::Envelope)
+            .await
+            .unwrap(),
+    );
+    assert!(!a.gap);
+    assert_eq!(a.cursor.1, Some(broker.epoch()));
 }

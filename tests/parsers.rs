@@ -22,11 +22,13 @@ proptest! {
     fn cursors_parse_what_was_issued_and_refuse_the_rest(
         text in "\\PC{0,80}",
         ids in proptest::collection::vec((any::<u64>(), any::<u64>()), 1..5),
+        epoch in proptest::option::of(any::<u64>()),
     ) {
         for n in 1..4 {
             let _ = Cursor::parse(&text, n);
         }
-        let issued = Cursor(ids.iter().map(|&(ms, seq)| MessageId { ms, seq }).collect());
+        let positions = ids.iter().map(|&(ms, seq)| MessageId { ms, seq }).collect();
+        let issued = Cursor(positions, epoch);
         let text = issued.to_string();
         prop_assert_eq!(Cursor::parse(&text, ids.len()).unwrap(), issued.clone());
         prop_assert_eq!(Cursor::parse(&format!("W/\"{text}\""), ids.len()).unwrap(), issued);

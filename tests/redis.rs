@@ -206,7 +206,7 @@ async fn an_empty_restart_answers_gap_not_silence() {
     // A new poll with the old cursor says the same.
     let (_, _, v) = get_json(&pg.url(&format!("/sub/flush?cursor={id}"))).await;
     assert_eq!(v["gap"], true);
-    assert_eq!(v["cursor"], "0-0");
+    assert_eq!(position(v["cursor"].as_str().unwrap()), "0-0");
 }
 
 #[tokio::test]
@@ -247,7 +247,7 @@ async fn keys_are_namespaced_hash_tagged_trimmed_and_expiring() {
         .map(str::to_string)
         .collect();
     keys.sort();
-    assert_eq!(keys, ["app1:{room:7}:f", "app1:{room:7}:h"]);
+    assert_eq!(keys, ["app1:epoch", "app1:{room:7}:f", "app1:{room:7}:h"]);
     assert_eq!(redis.cli(&["XLEN", "app1:{room:7}:h"]).trim(), "2");
     assert_eq!(redis.cli(&["GET", "app1:{room:7}:f"]).trim(), published[0]);
     let ttl: i64 = redis
@@ -403,7 +403,7 @@ async fn a_channel_begun_again_with_lower_ids_wakes_held_polls_with_a_gap() {
         (Some(true), "1")
     );
     assert_eq!(ids(&v), ["1-1"]);
-    assert_eq!(v["cursor"], "1-1");
+    assert_eq!(position(v["cursor"].as_str().unwrap()), "1-1");
 }
 
 #[tokio::test]

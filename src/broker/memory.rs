@@ -6,6 +6,7 @@
 //! one channel leave in id order.
 
 use super::{Broker, BrokerError, Sink};
+use crate::cursor::Epoch;
 use crate::history::History;
 use crate::message::{Message, MessageId};
 use crate::shards::ShardedMap;
@@ -13,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 struct Stream {
     name: Arc<str>,
@@ -28,6 +29,8 @@ pub struct MemoryBroker {
     sink: OnceLock<Arc<dyn Sink>>,
     history: usize,
     history_ttl: Duration,
+    /// This process's start (ms since the Unix epoch): its history's epoch.
+    epoch: Epoch,
 }
 
 impl MemoryBroker {
@@ -38,6 +41,9 @@ impl MemoryBroker {
             sink: OnceLock::new(),
             history,
             history_ttl,
+            epoch: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_millis() as Epoch),
         }
     }
 
@@ -48,6 +54,10 @@ impl MemoryBroker {
 
 #[async_trait]
 impl Broker for MemoryBroker {
+    fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
     async fn publish(
         &self,
         channel: &str,

@@ -8,6 +8,7 @@
 pub mod memory;
 pub mod redis;
 
+use crate::cursor::Epoch;
 use crate::history::History;
 use crate::message::Message;
 use async_trait::async_trait;
@@ -61,6 +62,11 @@ pub trait Broker: Send + Sync {
     /// Returns the channel's retained history (empty when the channel is
     /// unknown or expired).
     async fn history(&self, channel: &str) -> Result<History, BrokerError>;
+
+    /// The epoch of the history this broker serves now: cursors of another
+    /// epoch belong to a history that is gone (a memory broker that
+    /// restarted, a Redis that lost or flushed its data), and get a gap.
+    fn epoch(&self) -> Epoch;
 
     /// Sets the receiver of announcements. Called once, before serving.
     fn set_sink(&self, sink: Arc<dyn Sink>);

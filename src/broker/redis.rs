@@ -26,7 +26,7 @@ use layout::Layout;
 use parking_lot::{Mutex, RwLock};
 use redis::{PushInfo, PushKind};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -65,6 +65,8 @@ pub struct RedisBroker {
     control_rx: Mutex<Option<mpsc::UnboundedReceiver<Control>>>,
     /// Room for commands in flight (`broker.max_pending`).
     pending: Semaphore,
+    /// The dataset's epoch, read on every connection (0 before the first).
+    epoch: AtomicU64,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
@@ -103,6 +105,7 @@ impl RedisBroker {
             control,
             control_rx: Mutex::new(Some(control_rx)),
             pending: Semaphore::new(max_pending),
+            epoch: AtomicU64::new(0),
         })
     }
 
@@ -206,6 +209,21 @@ impl RedisBroker {
             tracing::warn!(error = %e, "redis resubscribe failed");
             return None;
         }
+        // Before anything is served or caught up on this connection: a
+        // Redis that lost its data has a new epoch, and the waiters that
+        // the catch-up wakes must see it.
+        match self.layout.epoch(&mut conn).await {
+            Ok(epoch) => {
+                let before = self.epoch.swap(epoch, Ordering::AcqRel);
+                if before != 0 && before != epoch {
+                    tracing::warn!("redis holds a new dataset (its epoch changed): cursors of the old one get a gap");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the redis dataset's epoch");
+                return None;
+            }
+        }
         self.set_up(Some(conn.clone()));
         if !reconnect {
             tracing::info!("connected to redis");
@@ -301,6 +319,10 @@ impl RedisBroker {
 
 #[async_trait]
 impl Broker for RedisBroker {
+    fn epoch(&self) -> crate::cursor::Epoch {
+        self.epoch.load(Ordering::Acquire)
+    }
+
     async fn publish(
         &self,
         channel: &str,

@@ -44,6 +44,12 @@ pub fn listens_on(pid: u32, port: u16) -> bool {
     })
 }
 
+/// The message ids of a cursor, without its epoch (`<ids>_<epoch>`): what
+/// tests compare with the ids a publish returned.
+pub fn position(cursor: &str) -> &str {
+    cursor.split('_').next().unwrap_or(cursor)
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

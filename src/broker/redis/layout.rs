@@ -55,6 +55,14 @@ end
 return {floor, entries}
 "#;
 
+/// Reads the namespace's dataset epoch, creating it when missing: a
+/// Redis that lost or flushed its data has none, and gets a new one.
+pub const EPOCH_SCRIPT: &str = r#"
+-- KEYS[1] epoch key; ARGV[1] a new epoch (now, in ms)
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"#;
+
 /// Key and name scheme of one namespace.
 pub struct Layout {
     namespace: String,
@@ -62,6 +70,7 @@ pub struct Layout {
     ttl_ms: u64,
     publish: Script,
     read: Script,
+    epoch: Script,
 }
 
 impl Layout {
@@ -72,6 +81,7 @@ impl Layout {
             ttl_ms: ttl.as_millis().max(1) as u64,
             publish: Script::new(PUBLISH_SCRIPT),
             read: Script::new(READ_SCRIPT),
+            epoch: Script::new(EPOCH_SCRIPT),
         }
     }
 
@@ -95,6 +105,23 @@ impl Layout {
             .strip_prefix(self.namespace.as_str())?
             .strip_prefix(":{")?;
         Some(inner.strip_suffix('}')?.to_string())
+    }
+
+    /// The namespace's dataset epoch (`NS:epoch`), created now when Redis
+    /// has none.
+    pub async fn epoch(&self, conn: &mut Conn) -> RedisResult<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        let epoch: String = self
+            .epoch
+            .key(format!("{}:epoch", self.namespace))
+            .arg(now)
+            .invoke_async(conn)
+            .await?;
+        epoch.parse().map_err(|_| {
+            (redis::ErrorKind::TypeError, "the epoch key holds no number").into()
+        })
     }
 
     /// Runs the publish script; returns the new id.

@@ -16,6 +16,28 @@ pub static HELD: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("pollgate_held_requests", "Long-polls currently held").unwrap()
 });
 
+/// A gauge held one higher for as long as the guard lives: [`GaugeGuard::up`]
+/// increments it and dropping the guard decrements it, however its holder
+/// ends (returned, dropped while suspended at an `.await` because the
+/// request's task was cancelled, or unwinding from a panic). One pointer,
+/// no allocation.
+#[must_use = "the gauge goes back down as soon as the guard is dropped"]
+pub struct GaugeGuard(&'static IntGauge);
+
+impl GaugeGuard {
+    /// Increments `gauge`; returns the guard that decrements it on drop.
+    pub fn up(gauge: &'static IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Watch requests currently held.
 pub static HELD_WATCHERS: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
@@ -279,6 +301,23 @@ pub fn render() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gauge_guard_holds_the_gauge_up_until_dropped() {
+        static GAUGE: LazyLock<IntGauge> =
+            LazyLock::new(|| IntGauge::new("guard_test", "a gauge of this test only").unwrap());
+        let first = GaugeGuard::up(&GAUGE);
+        let second = GaugeGuard::up(&GAUGE);
+        assert_eq!(GAUGE.get(), 2);
+        drop(first);
+        assert_eq!(GAUGE.get(), 1);
+        drop(second);
+        assert_eq!(GAUGE.get(), 0);
+        assert_eq!(
+            std::mem::size_of::<GaugeGuard>(),
+            std::mem::size_of::<usize>()
+        );
+    }
 
     #[test]
     fn each_outcome_counts_on_its_own_label() {

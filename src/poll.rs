@@ -372,7 +372,8 @@ impl Poller {
         mut held: Held,
         deadline: tokio::time::Instant,
     ) -> Ending {
-        metrics::HELD.inc();
+        // Down again when this future ends, or is dropped while it waits.
+        let _held = metrics::GaugeGuard::up(&metrics::HELD);
         // A drain wakes the held polls through the hub, but for one
         // registered after the hub released them (`Hub::release_all`).
         let mut ending = if self.life.is_draining() {
@@ -389,7 +390,6 @@ impl Poller {
                 ending = woken_by(wake);
             }
         }
-        metrics::HELD.dec();
         ending
     }
 
@@ -457,7 +457,7 @@ impl Poller {
                     break;
                 }
             };
-            metrics::HELD.inc();
+            let held_gauge = metrics::GaugeGuard::up(&metrics::HELD);
             let ending = loop {
                 if self.life.is_draining() {
                     break Ending::Drain; // as in `Poller::hold`
@@ -479,7 +479,7 @@ impl Poller {
                     break Ending::Gone;
                 }
             };
-            metrics::HELD.dec();
+            drop(held_gauge);
             match ending {
                 Ending::Woken(answer) => {
                     self.write(session.write_response_body(answer.body.clone(), false))
@@ -586,8 +586,56 @@ pub fn hub_refusal(e: &HubError) -> (Option<Refusal>, &'static str) {
 
 #[cfg(test)]
 mod tests {
-    use super::jitter;
-    use std::time::Duration;
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::hub::First;
+    use crate::upstream::Upstreams;
+
+    /// A client that never leaves.
+    struct Staying;
+
+    impl Client for Staying {
+        async fn gone(&mut self) {
+            std::future::pending::<()>().await
+        }
+    }
+
+    fn poller() -> Poller {
+        let broker = Arc::new(MemoryBroker::new(100, Duration::from_secs(60)));
+        Poller {
+            hub: Hub::new(broker, 100, Duration::from_secs(30), 1000),
+            life: Arc::new(Lifecycle::default()),
+            held: HeldSlots::new(10),
+            cors: Cors::default(),
+            authorizer: Authorizer::new(Arc::new(Upstreams::new(&Default::default()))),
+            write_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// A poll's task cancelled while it is held (its future dropped at the
+    /// `.await` inside `Poller::hold`) takes itself off
+    /// `pollgate_held_requests`. (The only test of this process that holds
+    /// a poll, so the gauge moves for it alone.)
+    #[tokio::test]
+    async fn a_hold_dropped_while_waiting_is_no_longer_counted_as_held() {
+        let poller = poller();
+        let names = vec!["gauge".to_string()];
+        let polled = poller
+            .hub
+            .poll(&names, None, First::Newest, Format::Envelope);
+        let Ok(Poll::Held(held)) = polled.await else {
+            panic!("an empty channel holds");
+        };
+        let before = metrics::HELD.get();
+        let mut client = Staying;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut hold = Box::pin(poller.hold(&mut client, held, deadline));
+        let waited = tokio::time::timeout(Duration::from_millis(20), hold.as_mut()).await;
+        assert!(waited.is_err(), "still held");
+        assert_eq!(metrics::HELD.get(), before + 1, "counted while held");
+        drop(hold);
+        assert_eq!(metrics::HELD.get(), before, "the dropped hold still counts");
+    }
 
     #[test]
     fn jitter_is_at_most_a_tenth_shorter_and_spreads() {

@@ -184,9 +184,10 @@ impl Watcher {
             let Some(held) = held else {
                 continue; // changed while fetching: fetch again
             };
-            metrics::HELD_WATCHERS.inc();
+            // Down again after the hold, or if this future is dropped in it.
+            let watching = metrics::GaugeGuard::up(&metrics::HELD_WATCHERS);
             let ending = poller.hold(session, held, deadline).await;
-            metrics::HELD_WATCHERS.dec();
+            drop(watching);
             match ending {
                 Ending::Woken(answer) => cursor = Some(answer.cursor.clone()),
                 Ending::Repoll => {}

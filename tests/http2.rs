@@ -1,7 +1,9 @@
 //! HTTP/2 on the client listener (docs/api.md, "HTTP/2"): h2c with prior
 //! knowledge on `listen`; subscribe (JSON, raw, SSE) and proxied routes over
 //! it; many held polls on one connection; a stream reset by the client
-//! releases its poll at once; the concurrent-stream limit; a connection
+//! releases its poll at once, and every kind of held request (poll, SSE,
+//! watch) abandoned by a reset or a closed connection is taken off the
+//! held gauges; the concurrent-stream limit; a connection
 //! that sends no request within `limits.header_timeout` is closed, an
 //! established one is not.
 
@@ -98,6 +100,65 @@ async fn a_stream_reset_by_the_client_releases_its_poll_at_once() {
     // The other stream of the same connection is still held, and answered.
     pg.publish("reset", "text/plain", "still here").await;
     assert_eq!(answer(keep).await.0, 200);
+}
+
+/// An HTTP/2 connection (prior knowledge) to `pg` whose socket is closed
+/// when the returned task is aborted.
+async fn connect_abortable(
+    pg: &Pollgate,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = TcpStream::connect(("127.0.0.1", pg.port)).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (client, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_gauges_come_back_to_zero_when_held_streams_are_abandoned() {
+    const HELD: &str = "pollgate_held_requests";
+    const WATCHERS: &str = "pollgate_held_watchers";
+    let legacy = support::legacy::Legacy::start(true).await;
+    legacy.set("5", r#"{"id":5}"#);
+    let pg = Pollgate::start(&format!(
+        "upstreams:\n  shop:\n    addrs: [\"127.0.0.1:{}\"]\n{}\n  - path: \"/orders/{{id}}\"\n    \
+         upstream: shop\n    watch:\n      channels: [\"order:{{id}}\"]\n",
+        legacy.port,
+        ROUTES.trim_end()
+    ));
+    let sse = [("accept", "text/event-stream")];
+    let unchanged = [("if-none-match", "\"v1\"")];
+    // A poll, an SSE stream and a watch, each reset by the client.
+    let (mut client, _connection) = connect_abortable(&pg).await;
+    let (_a, mut poll) = get(&mut client, "/sub/abandoned", &[]).await;
+    let (_b, mut stream) = get(&mut client, "/sub/abandoned", &sse).await;
+    let (_c, mut watch) = get(&mut client, "/orders/5", &unchanged).await;
+    pg.wait_metric(HELD, 3.0).await;
+    pg.wait_metric(WATCHERS, 1.0).await;
+    for s in [&mut poll, &mut stream, &mut watch] {
+        s.send_reset(h2::Reason::CANCEL);
+    }
+    pg.wait_metric(HELD, 0.0).await;
+    pg.wait_metric(WATCHERS, 0.0).await;
+    // The same three held on a connection that the client closes.
+    let (mut client, connection) = connect_abortable(&pg).await;
+    let _held = [
+        get(&mut client, "/sub/abandoned", &[]).await,
+        get(&mut client, "/sub/abandoned", &sse).await,
+        get(&mut client, "/orders/5", &unchanged).await,
+    ];
+    pg.wait_metric(HELD, 3.0).await;
+    pg.wait_metric(WATCHERS, 1.0).await;
+    connection.abort();
+    pg.wait_metric(HELD, 0.0).await;
+    pg.wait_metric(WATCHERS, 0.0).await;
+    // Nothing was answered: every one of them counts as disconnected.
+    let disconnected = "pollgate_subscribe_requests_total{outcome=\"disconnected\"}";
+    assert_eq!(pg.metric(disconnected).await, 4.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,7 @@ async fn a_publish_on_one_instance_answers_polls_held_on_the_others() {
     for p in polls {
         let (status, _, v) = p.await.unwrap();
         assert_eq!(status, 200);
+        assert_eq!(v["gap"], false);
         assert_eq!(ids(&v), vec![id.clone()]);
         assert_eq!(v["messages"][0]["data"]["n"], 1);
     }
@@ -100,6 +101,7 @@ async fn a_cursor_resumes_on_another_instance_and_after_a_restart() {
     let b = gw[1].publish("resume", "text/plain", "b").await;
     let c = gw[0].publish("resume", "text/plain", "c").await;
     let (_, _, v) = get_json(&gw[1].url(&format!("/sub/resume?cursor={a}"))).await;
+    assert_eq!(v["gap"], false);
     assert_eq!(ids(&v), [b.clone(), c.clone()]);
     // A new instance that never saw the channel resumes from Redis.
     gw[1].kill();
@@ -111,7 +113,9 @@ async fn a_cursor_resumes_on_another_instance_and_after_a_restart() {
     let held = tokio::spawn(async move { get_json(&url).await });
     fresh.wait_metric("pollgate_held_requests", 1.0).await;
     let d = gw[0].publish("resume", "text/plain", "d").await;
-    assert_eq!(ids(&held.await.unwrap().2), [d]);
+    let (_, _, v) = held.await.unwrap();
+    assert_eq!(v["gap"], false);
+    assert_eq!(ids(&v), [d]);
 }
 
 #[tokio::test]
@@ -163,6 +167,7 @@ async fn a_redis_outage_loses_nothing_for_clients_holding_a_cursor() {
     assert_eq!(ids(&v), vec![after.clone()]);
     // The history survived: a client at the old cursor gets everything.
     let (_, _, v) = get_json(&pg.url(&format!("/sub/out?cursor={before}"))).await;
+    assert_eq!(v["gap"], false);
     assert_eq!(ids(&v), [after]);
 }
 
@@ -183,6 +188,7 @@ async fn messages_published_while_an_instance_is_disconnected_are_caught_up() {
     let id = redis.publish_raw("pollgate", "cu", "text/plain", "during");
     let (status, _, v) = held.await.unwrap();
     assert_eq!(status, 200);
+    assert_eq!(v["gap"], false, "caught up, nothing missed");
     assert_eq!(ids(&v), [id]);
     assert_eq!(v["messages"][0]["data"], "during");
 }
@@ -223,6 +229,7 @@ async fn a_backend_can_publish_straight_into_redis() {
         "{\"from\":\"redis-cli\"}",
     );
     let (_, _, v) = held.await.unwrap();
+    assert_eq!(v["gap"], false);
     assert_eq!(ids(&v), vec![id.clone()]);
     assert_eq!(v["messages"][0]["data"]["from"], "redis-cli");
     let (_, _, info) = get_json(&pg.admin("/v1/channels/direct")).await;
@@ -281,6 +288,7 @@ async fn a_redis_cluster_serves_channels_on_every_slot() {
     for (p, id) in polls.into_iter().zip(want) {
         let (status, _, v) = p.await.unwrap();
         assert_eq!(status, 200);
+        assert_eq!(v["gap"], false);
         assert_eq!(ids(&v), [id]);
     }
     for node in &cluster.nodes {
@@ -366,6 +374,7 @@ async fn a_failed_catch_up_is_retried_and_never_skips_what_was_missed() {
         "the missed message first"
     );
     let (_, _, v) = get_json(&pg.url(&format!("/sub/cu2?cursor={missed}"))).await;
+    assert_eq!(v["gap"], false);
     assert_eq!(ids(&v), [live], "then the live one");
 }
 

@@ -130,6 +130,7 @@ async fn sigquit_hands_the_sockets_to_the_new_process_and_nothing_is_refused_or_
     assert_eq!(status, 200);
     assert_eq!(position(v["cursor"].as_str().unwrap()), before.as_str());
     assert_eq!(v["messages"].as_array().unwrap().len(), 0);
+    assert_eq!(v["gap"], false);
     assert_eq!(headers["connection"], "close");
     let exit = old
         .wait_exit(Duration::from_secs(15))
@@ -141,6 +142,7 @@ async fn sigquit_hands_the_sockets_to_the_new_process_and_nothing_is_refused_or_
     let during = old.publish("up", "text/plain", "after").await;
     let (status, _, v) = get_json(&old.url(&format!("/sub/up?cursor={before}"))).await;
     assert_eq!(status, 200);
+    assert_eq!(v["gap"], false, "the new process resumes the old cursor");
     assert_eq!(ids(&v), [during]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);

@@ -384,3 +384,32 @@ async fn an_authorize_upstream_is_asked_before_a_watcher_is_served() {
     assert_eq!(allowed.status(), 200);
     assert_eq!(etag_of(&allowed), "\"v1\"");
 }
+
+/// A watch GET and an SSE stream held on HTTP/1.1 (both on a Pingora
+/// session), whose clients close their connections, are taken off
+/// `pollgate_held_watchers` and `pollgate_held_requests`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_and_sse_streams_whose_clients_leave_are_no_longer_counted_as_held() {
+    use tokio::io::AsyncWriteExt;
+    let legacy = Legacy::start(true).await;
+    legacy.set("8", r#"{"id":8}"#);
+    let sse_route =
+        "  - path: \"/events/{channel}\"\n    subscribe:\n      channels: [\"{channel}\"]\n";
+    let pg = Pollgate::start(&format!("{}{sse_route}", config(&legacy, "30s")));
+    let mut clients = Vec::new();
+    for head in [
+        "GET /orders/8 HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"v1\"\r\n\r\n",
+        "GET /events/left HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", pg.port))
+            .await
+            .unwrap();
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        clients.push(tcp);
+    }
+    pg.wait_metric("pollgate_held_requests", 2.0).await;
+    pg.wait_metric("pollgate_held_watchers", 1.0).await;
+    drop(clients);
+    pg.wait_metric("pollgate_held_requests", 0.0).await;
+    pg.wait_metric("pollgate_held_watchers", 0.0).await;
+}

@@ -493,6 +493,8 @@ async fn run(args: Arc<Args>) -> serde_json::Value {
         "errors": errors,
         "seconds": active,
         "deliveries_per_sec": if active > 0.0 { delivered as f64 / active.max(wall) } else { 0.0 },
+        // One publish→receive sample per delivery.
+        "latency_samples": latencies.len(),
         "latency_ms": {
             "p50": percentile(&latencies, 0.5) as f64 / 1000.0,
             "p90": percentile(&latencies, 0.9) as f64 / 1000.0,

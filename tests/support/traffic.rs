@@ -6,19 +6,24 @@
 //! - Subscribers: one per channel and instance, each following its channel
 //!   from cursor `0-0` with long-polls (JSON envelope) and moving on to the
 //!   next live instance, cursor in hand, on a connection error or a non-200.
-//! - [`Tally`]: published, delivered, lost, duplicates, gaps announced and
-//!   client-visible errors. A message is *lost* for a subscriber when it was
-//!   published, never received, and no gap announced by that subscriber
-//!   covers it. A gap covers the messages between the last one received
-//!   before it and the first one received after it, among those published
-//!   before the gap was seen.
+//! - [`Tally`]: published, delivered, lost, duplicates, out of order, gaps
+//!   announced and client-visible errors. A message is *lost* for a
+//!   subscriber when it was published, never received, and no gap announced
+//!   by that subscriber covers it. A gap covers the messages between the
+//!   last one received before it and the first one received after it, among
+//!   those published before the gap was seen. A message is a *duplicate*
+//!   when the subscriber had received it (its sequence number or its id)
+//!   already, and *out of order* when it comes after one published after it
+//!   (a higher id, or a higher sequence number of a publish answered 200).
+//! - [`Tally::assert_exact`]: no loss, no duplicate, nothing out of order,
+//!   and gaps exactly where the scenario causes them.
 #![allow(dead_code)]
 
 use super::fleet::Directory;
 use serde_json::Value;
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -44,13 +49,24 @@ struct Published {
     sending: AtomicU64,
 }
 
+/// A message id (`<ms>-<seq>`) as a pair that orders as ids do.
+type Id = (u64, u64);
+
+fn parse_id(id: &str) -> Option<Id> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
 /// What a subscriber saw, in order.
 #[derive(Clone, Copy, Debug)]
 enum Event {
-    Message(u64),
-    /// A gap, seen while messages up to `published_below` had been sent.
+    /// Message `seq` of the channel's publisher, stored as `id`.
+    Message { seq: u64, id: Id },
+    /// A gap, seen while messages up to `published_below` had been sent;
+    /// `after_fault` once [`Traffic::fault`] was called.
     Gap {
         published_below: u64,
+        after_fault: bool,
     },
 }
 
@@ -59,6 +75,8 @@ enum Event {
 struct Followed {
     events: Vec<Event>,
     errors: u64,
+    /// Messages without a `seq` in their data or a readable id.
+    unreadable: u64,
 }
 
 struct Subscriber {
@@ -76,6 +94,18 @@ pub struct Traffic {
     stop_publishing: watch::Sender<bool>,
     /// Per channel, the last sequence number published; set at the end.
     last: watch::Sender<Option<Vec<Option<u64>>>>,
+    /// Set by [`Traffic::fault`].
+    faulted: Arc<AtomicBool>,
+}
+
+/// Where a scenario's subscribers are to be told `gap: true`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gaps {
+    /// Nowhere: every gap is spurious.
+    None,
+    /// Every subscriber, once, after [`Traffic::fault`] (the history is
+    /// gone): one before it, or a second one, is spurious.
+    OncePerSubscriberAfterFault,
 }
 
 fn channel_name(c: usize) -> String {
@@ -87,6 +117,7 @@ impl Traffic {
     pub fn start(directory: &Directory) -> Traffic {
         let (stop_publishing, stop) = watch::channel(false);
         let (last, last_rx) = watch::channel(None);
+        let faulted = Arc::new(AtomicBool::new(false));
         let published: Vec<Arc<Published>> = (0..CHANNELS).map(|_| Arc::default()).collect();
         let mut subscribers = Vec::new();
         for home in 0..directory.len() {
@@ -99,6 +130,7 @@ impl Traffic {
                     record.clone(),
                     seen.clone(),
                     last_rx.clone(),
+                    faulted.clone(),
                 ));
                 subscribers.push(Subscriber {
                     name: format!(
@@ -122,7 +154,14 @@ impl Traffic {
             subscribers,
             stop_publishing,
             last,
+            faulted,
         }
+    }
+
+    /// Marks the moment the scenario's fault begins: gaps seen from now on
+    /// are told apart from those seen before (see [`Gaps`]).
+    pub fn fault(&self) {
+        self.faulted.store(true, Ordering::Relaxed);
     }
 
     /// Waits until every channel has had [`FLOW`] more publishes answered 200.
@@ -255,6 +294,7 @@ async fn follow(
     publisher: Arc<Published>,
     seen: Arc<Mutex<Followed>>,
     mut last: watch::Receiver<Option<Vec<Option<u64>>>>,
+    faulted: Arc<AtomicBool>,
 ) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(8))
@@ -299,13 +339,18 @@ async fn follow(
         if v["gap"] == true {
             s.events.push(Event::Gap {
                 published_below: publisher.sending.load(Ordering::Relaxed) + 1,
+                after_fault: faulted.load(Ordering::Relaxed),
             });
         }
         for m in v["messages"].as_array().into_iter().flatten() {
-            if let Some(seq) = m["data"]["seq"].as_u64() {
-                s.events.push(Event::Message(seq));
-                newest = newest.max(Some(seq));
-            }
+            let seq = m["data"]["seq"].as_u64();
+            let id = m["id"].as_str().and_then(parse_id);
+            let (Some(seq), Some(id)) = (seq, id) else {
+                s.unreadable += 1;
+                continue;
+            };
+            s.events.push(Event::Message { seq, id });
+            newest = newest.max(Some(seq));
         }
     }
 }
@@ -321,7 +366,11 @@ pub struct Tally {
     pub lost: usize,
     /// Messages a subscriber received again.
     pub duplicates: usize,
-    /// Messages received after a newer one (not counting duplicates).
+    /// Messages received after one published after them (not counting
+    /// duplicates): a lower id than one received before, or a lower
+    /// sequence number than a message received before, both publishes
+    /// answered 200 (one publish at a time per channel: the second was sent
+    /// once the first was stored).
     pub reordered: usize,
     /// Messages received although their publish was not answered 200 (a
     /// publish that timed out can still be stored).
@@ -331,47 +380,87 @@ pub struct Tally {
     pub subscribers: usize,
     /// Subscribers that saw at least one gap.
     pub subscribers_with_gap: usize,
+    /// Gaps seen before [`Traffic::fault`].
+    pub gaps_before_fault: usize,
+    /// Subscribers that saw more than one gap.
+    pub subscribers_with_gaps: usize,
     /// Polls refused, failed or unreadable.
     pub subscribe_errors: u64,
+    /// Messages received without the publishers' `seq` or a readable id.
+    pub unreadable: u64,
     /// Publishes not answered 200.
     pub publish_errors: u64,
     /// The first lost messages, by subscriber.
     pub lost_detail: Vec<String>,
+    /// The first duplicates and messages out of order, by subscriber.
+    pub order_detail: Vec<String>,
 }
 
 impl Tally {
     fn add(&mut self, name: &str, seen: &Followed, published: &BTreeSet<u64>) {
         self.subscribe_errors += seen.errors;
+        self.unreadable += seen.unreadable;
         let mut received = HashSet::new();
+        let mut ids = HashSet::new();
         let mut newest: Option<u64> = None;
+        let mut newest_id: Option<Id> = None;
+        let mut newest_confirmed: Option<u64> = None;
+        let mut gaps = 0;
+        let mut odd: Vec<String> = Vec::new();
         // Gaps as (last received before, published below at the time),
         // closed by the first message after them.
         let mut open: Option<(Option<u64>, u64)> = None;
         let mut covered: Vec<(Option<u64>, u64)> = Vec::new();
         for e in &seen.events {
             match *e {
-                Event::Gap { published_below } => {
+                Event::Gap {
+                    published_below,
+                    after_fault,
+                } => {
                     self.gaps += 1;
+                    gaps += 1;
+                    if !after_fault {
+                        self.gaps_before_fault += 1;
+                    }
                     open.get_or_insert((newest, published_below));
                 }
-                Event::Message(seq) => {
+                Event::Message { seq, id } => {
                     if let Some((after, below)) = open.take() {
                         covered.push((after, below.min(seq)));
                     }
-                    if !received.insert(seq) {
+                    // A duplicate by its sequence number or by its id; both
+                    // sets take it (`|`, not `||`).
+                    if !received.insert(seq) | !ids.insert(id) {
                         self.duplicates += 1;
+                        odd.push(format!("{seq} again"));
                         continue;
                     }
-                    if newest.is_some_and(|n| seq < n) {
+                    let confirmed = published.contains(&seq);
+                    if newest_id.is_some_and(|n| id < n)
+                        || (confirmed && newest_confirmed.is_some_and(|n| seq < n))
+                    {
                         self.reordered += 1;
+                        odd.push(format!("{seq} after {newest:?}"));
                     }
                     newest = newest.max(Some(seq));
+                    newest_id = newest_id.max(Some(id));
+                    if confirmed {
+                        newest_confirmed = newest_confirmed.max(Some(seq));
+                    }
                 }
             }
         }
         covered.extend(open);
         if !covered.is_empty() {
             self.subscribers_with_gap += 1;
+        }
+        if gaps > 1 {
+            self.subscribers_with_gaps += 1;
+        }
+        if !odd.is_empty() {
+            let first: Vec<String> = odd.into_iter().take(12).collect();
+            self.order_detail
+                .push(format!("{name} received {}", first.join(", ")));
         }
         self.delivered += received.len();
         self.unconfirmed += received.iter().filter(|s| !published.contains(s)).count();
@@ -399,8 +488,9 @@ impl fmt::Display for Tally {
         write!(
             f,
             "published {}, delivered {}, lost {}, duplicates {}, reordered {}, \
-             unconfirmed {}, gaps {} (seen by {} of {} subscribers), \
-             client-visible errors: {} polls, {} publishes",
+             unconfirmed {}, gaps {} (seen by {} of {} subscribers, {} before \
+             the fault, {} subscribers with more than one), \
+             unreadable {}, client-visible errors: {} polls, {} publishes",
             self.published,
             self.delivered,
             self.lost,
@@ -410,12 +500,40 @@ impl fmt::Display for Tally {
             self.gaps,
             self.subscribers_with_gap,
             self.subscribers,
+            self.gaps_before_fault,
+            self.subscribers_with_gaps,
+            self.unreadable,
             self.subscribe_errors,
             self.publish_errors
         )?;
-        for d in &self.lost_detail {
+        for d in self.lost_detail.iter().chain(&self.order_detail) {
             write!(f, "\n  {d}")?;
         }
         Ok(())
+    }
+}
+
+impl Tally {
+    /// Asserts that the clients saw exactly what was published: something
+    /// was published and delivered; nothing lost (beyond the gaps
+    /// announced), received twice or out of order; and `gap: true` exactly
+    /// as `gaps` says.
+    pub fn assert_exact(&self, gaps: Gaps) {
+        assert!(self.published > 0 && self.delivered > 0, "{self}");
+        assert_eq!(self.lost, 0, "lost: {self}");
+        assert_eq!(self.duplicates, 0, "duplicates: {self}");
+        assert_eq!(self.reordered, 0, "out of order: {self}");
+        assert_eq!(self.unreadable, 0, "messages not of this traffic: {self}");
+        match gaps {
+            Gaps::None => assert_eq!(self.gaps, 0, "a gap where none was: {self}"),
+            Gaps::OncePerSubscriberAfterFault => {
+                assert_eq!(
+                    self.subscribers_with_gap, self.subscribers,
+                    "every subscriber must be told: {self}"
+                );
+                assert_eq!(self.gaps_before_fault, 0, "a gap before the fault: {self}");
+                assert_eq!(self.gaps, self.subscribers, "one gap each: {self}");
+            }
+        }
     }
 }

@@ -31,7 +31,10 @@ async fn many_held_polls_share_one_connection_and_all_get_the_message() {
     for p in polls {
         let (status, headers, body) = p.await.unwrap();
         assert_eq!(status, 200);
-        assert_eq!(position(headers["pollgate-cursor"].to_str().unwrap()), id.as_str());
+        assert_eq!(
+            position(headers["pollgate-cursor"].to_str().unwrap()),
+            id.as_str()
+        );
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["messages"][0]["data"]["n"], 1);
     }
@@ -284,7 +287,10 @@ async fn an_established_h2_connection_outlives_the_header_timeout() {
     let id = pg.publish("outlive", "text/plain", "late").await;
     let (status, headers, _) = held.await.unwrap();
     assert_eq!(
-        (status, position(headers["pollgate-cursor"].to_str().unwrap())),
+        (
+            status,
+            position(headers["pollgate-cursor"].to_str().unwrap())
+        ),
         (200, id.as_str())
     );
     // Idle longer than the header timeout, the connection still serves.

@@ -107,7 +107,11 @@ async fn a_poll_that_arrives_during_the_drain_is_answered_not_refused() {
     let v = ask(&mut behind, &first);
     assert_eq!(ids(&v), [second.as_str()], "its message: {v}");
     let v = ask(&mut current, &second);
-    assert_eq!(position(v["cursor"].as_str().unwrap()), second.as_str(), "the drain answer: {v}");
+    assert_eq!(
+        position(v["cursor"].as_str().unwrap()),
+        second.as_str(),
+        "the drain answer: {v}"
+    );
     assert_eq!(v["messages"].as_array().unwrap().len(), 0);
     let status = pg.wait_exit(Duration::from_secs(5)).expect("exits");
     assert!(status.success(), "{status:?}");

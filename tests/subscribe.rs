@@ -24,7 +24,10 @@ async fn a_held_poll_is_answered_by_a_publish(backend: Backend) {
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(status, 200);
     assert_eq!(headers["cache-control"], "no-store");
-    assert_eq!(position(headers["pollgate-cursor"].to_str().unwrap()), id.as_str());
+    assert_eq!(
+        position(headers["pollgate-cursor"].to_str().unwrap()),
+        id.as_str()
+    );
     assert_eq!(position(body["cursor"].as_str().unwrap()), id.as_str());
     assert_eq!(body["gap"], false);
     assert_eq!(body["messages"][0]["id"], id.as_str());
@@ -57,7 +60,10 @@ async fn a_timeout_answers_empty_with_the_cursor_unchanged_and_jitter(backend: B
     );
     assert_eq!(body["messages"], serde_json::json!([]));
     assert_eq!(position(body["cursor"].as_str().unwrap()), id.as_str());
-    assert_eq!(position(headers["pollgate-cursor"].to_str().unwrap()), id.as_str());
+    assert_eq!(
+        position(headers["pollgate-cursor"].to_str().unwrap()),
+        id.as_str()
+    );
     // ?timeout= cannot exceed the route's 10s; 0 answers at once.
     let (_, _, body) = get_json(&pg.url(&format!("/sub/t?cursor={id}&timeout=0"))).await;
     assert_eq!(position(body["cursor"].as_str().unwrap()), id.as_str());
@@ -143,7 +149,10 @@ async fn a_cursor_older_than_history_or_unknown_is_a_gap(backend: Backend) {
     assert_eq!(v["gap"], true);
     assert_eq!(headers["pollgate-gap"], "1");
     assert_eq!(ids(&v), published[2..], "what is retained");
-    assert_eq!(position(v["cursor"].as_str().unwrap()), published[4].as_str());
+    assert_eq!(
+        position(v["cursor"].as_str().unwrap()),
+        published[4].as_str()
+    );
     // An id this channel never had (e.g. after a flush) is a gap too.
     let (_, _, v) = get_json(&pg.url("/sub/g?cursor=99999999999999-0")).await;
     assert_eq!(v["gap"], true);
@@ -195,8 +204,14 @@ async fn raw_mode_answers_one_message_with_its_own_bytes(backend: Backend) {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "image/svg+xml");
-    assert_eq!(position(r.headers()["pollgate-cursor"].to_str().unwrap()), a.as_str());
-    assert!(r.headers()["etag"].to_str().unwrap().starts_with(&format!("\"{a}_")));
+    assert_eq!(
+        position(r.headers()["pollgate-cursor"].to_str().unwrap()),
+        a.as_str()
+    );
+    assert!(r.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .starts_with(&format!("\"{a}_")));
     assert_eq!(r.text().await.unwrap(), "<svg/>");
     // ETag round trip through If-None-Match, like a legacy client does.
     let r = client()
@@ -213,7 +228,10 @@ async fn raw_mode_answers_one_message_with_its_own_bytes(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    assert_eq!(position(r.headers()["pollgate-cursor"].to_str().unwrap()), b.as_str());
+    assert_eq!(
+        position(r.headers()["pollgate-cursor"].to_str().unwrap()),
+        b.as_str()
+    );
 }
 
 async fn non_utf8_bodies_are_base64_in_the_envelope(backend: Backend) {
@@ -309,7 +327,10 @@ async fn an_answer_larger_than_the_socket_takes_is_written_whole(backend: Backen
         body == big.as_bytes(),
         "the bytes arrive whole and in order"
     );
-    let cursor = headers.iter().find(|(k, _)| k == "pollgate-cursor").unwrap();
+    let cursor = headers
+        .iter()
+        .find(|(k, _)| k == "pollgate-cursor")
+        .unwrap();
     assert_eq!(position(&cursor.1), id);
     let next = pg.publish("big", "text/plain", "small").await;
     let req = format!("GET /sub/big?format=raw&cursor={id} HTTP/1.1\r\nHost: x\r\n\r\n");

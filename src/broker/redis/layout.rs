@@ -119,9 +119,9 @@ impl Layout {
             .arg(now)
             .invoke_async(conn)
             .await?;
-        epoch.parse().map_err(|_| {
-            (redis::ErrorKind::TypeError, "the epoch key holds no number").into()
-        })
+        epoch
+            .parse()
+            .map_err(|_| (redis::ErrorKind::TypeError, "the epoch key holds no number").into())
     }
 
     /// Runs the publish script; returns the new id.

@@ -164,10 +164,14 @@ pub enum Refusal {
     Draining,
     /// A request target that is refused (400).
     BadTarget,
+    /// A client already holds `limits.max_held_per_client` requests (429).
+    MaxHeldPerClient,
+    /// A client is over `limits.polls_per_client` new requests a second (429).
+    PollsPerClient,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 9] = [
+    const ALL: [Refusal; 11] = [
         Refusal::HeaderTooLarge,
         Refusal::HeaderTimeout,
         Refusal::WriteTimeout,
@@ -177,6 +181,8 @@ impl Refusal {
         Refusal::BrokerDown,
         Refusal::Draining,
         Refusal::BadTarget,
+        Refusal::MaxHeldPerClient,
+        Refusal::PollsPerClient,
     ];
 
     fn label(self) -> &'static str {
@@ -190,6 +196,8 @@ impl Refusal {
             Refusal::BrokerDown => "broker_down",
             Refusal::Draining => "draining",
             Refusal::BadTarget => "bad_target",
+            Refusal::MaxHeldPerClient => "max_held_per_client",
+            Refusal::PollsPerClient => "polls_per_client",
         }
     }
 

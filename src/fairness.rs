@@ -154,6 +154,7 @@ pub struct Clients {
 /// Why a client is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OverLimit {
+    /// Which limit: `MaxHeldPerClient` or `PollsPerClient`.
     pub refusal: Refusal,
     /// Seconds to wait before trying again (`Retry-After`).
     pub retry_after: u64,

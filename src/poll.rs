@@ -96,7 +96,9 @@ pub struct Admitted<'a> {
 /// Why a new poll or watch request is refused now ([`Poller::admit`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Refused {
+    /// The reason counted in `pollgate_refused_total`.
     pub refusal: Refusal,
+    /// The `detail` of the JSON answer.
     pub detail: &'static str,
     /// Seconds in `Retry-After`.
     pub retry_after: u64,

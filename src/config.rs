@@ -37,6 +37,9 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub publish: PublishConfig,
     pub limits: Limits,
+    /// CIDRs (or single addresses) of the load balancers whose
+    /// `X-Forwarded-For` names the client, for the per-client limits.
+    pub trusted_proxies: Vec<String>,
     pub cors: Cors,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
@@ -138,6 +141,12 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Channels this instance keeps active (503 past it).
     pub max_active_channels: usize,
+    /// Requests held at once per client address: polls, SSE streams, watch
+    /// requests (429 past it; 0: no limit).
+    pub max_held_per_client: usize,
+    /// New subscribe and watch requests per second per client address, a
+    /// token bucket (429 past it; 0: no limit).
+    pub polls_per_client: u32,
 }
 
 /// `cors`: the origins whose pages may subscribe from a browser.
@@ -313,6 +322,7 @@ impl Default for Config {
             broker: BrokerConfig::default(),
             publish: PublishConfig::default(),
             limits: Limits::default(),
+            trusted_proxies: Vec::new(),
             cors: Cors::default(),
             upstreams: BTreeMap::new(),
             routes: Vec::new(),
@@ -342,6 +352,10 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             max_active_channels: 100_000,
+            // Off: see docs/security.md, "Fairness per client" (NAT, and
+            // load balancers not yet named in trusted_proxies).
+            max_held_per_client: 0,
+            polls_per_client: 0,
         }
     }
 }
@@ -524,6 +538,16 @@ impl Config {
         }
         if self.limits.max_active_channels == 0 {
             bad("limits.max_active_channels", "must be at least 1".into());
+        }
+        for (i, p) in self.trusted_proxies.iter().enumerate() {
+            if crate::fairness::parse_cidr(p).is_none() {
+                bad(
+                    &format!("trusted_proxies[{i}]"),
+                    format!(
+                        "'{p}' is not a CIDR like 10.0.0.0/8 or 2001:db8::/32, nor an IP address"
+                    ),
+                );
+            }
         }
         if self.broker.max_pending == 0 {
             bad("broker.max_pending", "must be at least 1".into());
@@ -862,6 +886,40 @@ mod tests {
         );
         assert!(
             e.contains("f.yaml: routes[0].subscribe.timeout: 86401s is longer than 1d"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn per_client_limits_and_trusted_proxies_are_read_and_checked() {
+        let c = Config::parse(
+            "f.yaml",
+            "limits: {max_held_per_client: 10, polls_per_client: 5}\n\
+             trusted_proxies: [\"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.1\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_held_per_client, 10);
+        assert_eq!(c.limits.polls_per_client, 5);
+        assert!(c.validate("f.yaml").is_ok());
+        let d = Config::default();
+        assert_eq!(
+            (d.limits.max_held_per_client, d.limits.polls_per_client),
+            (0, 0)
+        );
+        assert!(d.trusted_proxies.is_empty());
+        let c = Config::parse(
+            "f.yaml",
+            "trusted_proxies: [\"10.0.0.0/8\", \"10.0.0.0/33\", lb]\n",
+        )
+        .unwrap();
+        let e = c.validate("f.yaml").unwrap_err();
+        assert_eq!(e.0.len(), 2, "{e}");
+        assert!(
+            e.0[0].starts_with("f.yaml: trusted_proxies[1]: '10.0.0.0/33' is not a CIDR"),
+            "{e}"
+        );
+        assert!(
+            e.0[1].starts_with("f.yaml: trusted_proxies[2]: 'lb'"),
             "{e}"
         );
     }

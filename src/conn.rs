@@ -19,6 +19,7 @@ use pingora::apps::ReusedHttpStream;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
+use smallvec::SmallVec;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -199,6 +200,8 @@ pub struct Head<'a> {
     pub origin: Option<&'a str>,
     pub content_type: Option<&'a str>,
     pub authorization: Option<&'a [u8]>,
+    /// The values of every `X-Forwarded-For` field, in order.
+    pub forwarded_for: SmallVec<[&'a [u8]; 2]>,
 }
 
 impl Head<'_> {
@@ -271,6 +274,7 @@ pub fn parse_head(head: &[u8]) -> Result<Head<'_>, (u16, &'static str, String)> 
         origin: None,
         content_type: None,
         authorization: None,
+        forwarded_for: SmallVec::new(),
     };
     let mut hosts = 0;
     let mut lengths = 0;
@@ -313,6 +317,8 @@ pub fn parse_head(head: &[u8]) -> Result<Head<'_>, (u16, &'static str, String)> 
             parsed.content_type = parsed.content_type.or(text(h.value));
         } else if name.eq_ignore_ascii_case("authorization") {
             parsed.authorization = parsed.authorization.or(Some(h.value));
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            parsed.forwarded_for.push(h.value);
         }
     }
     // Several Host or Content-Length headers are Pingora's to refuse.

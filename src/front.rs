@@ -27,6 +27,7 @@ use pingora::protocols::http::v2::server::H2Options;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// The app behind the client listener.
@@ -57,6 +58,9 @@ pub struct LeanPoll<'a> {
     req: Result<Request, BadRequest>,
     route: &'a SubscribeRoute,
     manner: h1::Manner,
+    /// The client its `X-Forwarded-For` names, should the peer be a
+    /// trusted proxy (read only when that can matter).
+    forwarded: Option<IpAddr>,
 }
 
 /// The facts a subscribe request is parsed from.
@@ -158,7 +162,15 @@ impl Http1App for Front {
         if let Some((Holds::Subscribe(sub), params)) = &route {
             let facts = subscribe_head(&head);
             if head.bare() && sub.authorize.is_none() && !facts.wants_sse() {
+                let clients = &self.poller.clients;
+                let forwarded = if clients.reads_forwarded() {
+                    let fields = head.forwarded_for.iter().copied();
+                    clients.trusted.forwarded(fields)
+                } else {
+                    None
+                };
                 return Plan::Lean(LeanPoll {
+                    forwarded,
                     req: facts.parse(sub, params),
                     route: sub,
                     manner: h1::Manner {
@@ -178,7 +190,16 @@ impl Http1App for Front {
         kept: &mut h1::Kept,
     ) -> bool {
         let mut client = h1::Exchange::new(raw.stream, raw.buf, raw.limits.max_head, kept);
-        h1::serve(&self.poller, &mut client, poll.req, poll.route, poll.manner).await
+        let (req, route, manner) = (poll.req, poll.route, poll.manner);
+        h1::serve(
+            &self.poller,
+            &mut client,
+            req,
+            route,
+            manner,
+            poll.forwarded,
+        )
+        .await
     }
 
     async fn serve_session<'a>(

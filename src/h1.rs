@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
 use std::io::IoSlice;
+use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -97,13 +98,17 @@ pub struct Manner {
 }
 
 /// Serves one long-poll parsed as `req` (or refused with its 400 detail)
-/// on `route`. Returns whether the connection can serve another request.
+/// on `route`; `forwarded` is the client its `X-Forwarded-For` names, read
+/// only when a per-client limit is on and a proxy is trusted
+/// ([`crate::fairness::TrustedProxies::forwarded`]). Returns whether the
+/// connection can serve another request.
 pub async fn serve(
     poller: &Poller,
     client: &mut Exchange<'_>,
     req: Result<Request, BadRequest>,
     route: &SubscribeRoute,
     manner: Manner,
+    forwarded: Option<IpAddr>,
 ) -> bool {
     let req = match req {
         Ok(req) => req,
@@ -113,11 +118,15 @@ pub async fn serve(
             return write_error(poller, client, 400, error, &manner, &[]).await;
         }
     };
-    let _slot = match poller.admit() {
-        Ok(slot) => slot,
-        Err((refusal, why)) => {
-            poll::count_refused(Some(refusal));
-            return unavailable(poller, client, "unavailable", why, manner).await;
+    let admitted = poller.admit(|| poller.clients.of_stream(client.stream, forwarded));
+    let _admitted = match admitted {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            poll::count_refused(Some(refused.refusal));
+            let retry = refused.retry_after();
+            let error = (refused.error(), refused.detail);
+            let extra = [("Retry-After", retry.as_str())];
+            return write_error(poller, client, refused.status(), error, &manner, &extra).await;
         }
     };
     // On plain TCP (a TLS session's state is the task's), the answer can

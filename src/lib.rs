@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod cursor;
+pub mod fairness;
 pub mod front;
 pub mod gateway;
 pub mod h1;

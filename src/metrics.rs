@@ -184,10 +184,14 @@ pub enum Refusal {
     BrokerDown,
     /// A request target that is refused (400).
     BadTarget,
+    /// A client already holds `limits.max_held_per_client` requests (429).
+    MaxHeldPerClient,
+    /// A client is over `limits.polls_per_client` new requests a second (429).
+    PollsPerClient,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 8] = [
+    const ALL: [Refusal; 10] = [
         Refusal::HeaderTooLarge,
         Refusal::HeaderTimeout,
         Refusal::WriteTimeout,
@@ -196,6 +200,8 @@ impl Refusal {
         Refusal::BrokerBusy,
         Refusal::BrokerDown,
         Refusal::BadTarget,
+        Refusal::MaxHeldPerClient,
+        Refusal::PollsPerClient,
     ];
 
     fn label(self) -> &'static str {
@@ -208,6 +214,8 @@ impl Refusal {
             Refusal::BrokerBusy => "broker_busy",
             Refusal::BrokerDown => "broker_down",
             Refusal::BadTarget => "bad_target",
+            Refusal::MaxHeldPerClient => "max_held_per_client",
+            Refusal::PollsPerClient => "polls_per_client",
         }
     }
 

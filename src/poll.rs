@@ -10,6 +10,7 @@ use crate::answer::{Answer, Format};
 use crate::authorize::{Authorize, Authorizer, Decision};
 use crate::broker::BrokerError;
 use crate::config::Cors;
+use crate::fairness::{ClientSlot, Clients, OverLimit};
 use crate::hub::{Held, Hub, HubError, Poll};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{self, Outcome, Refusal};
@@ -23,6 +24,7 @@ use bytes::Bytes;
 use pingora::protocols::http::ServerSession as Session;
 use pingora::{Error, ErrorType, Result};
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +39,9 @@ pub struct Poller {
     pub hub: Arc<Hub>,
     pub life: Arc<Lifecycle>,
     pub held: HeldSlots,
+    /// The per-client limits (`limits.max_held_per_client`,
+    /// `limits.polls_per_client`), shared with housekeeping.
+    pub clients: Arc<Clients>,
     pub cors: Cors,
     pub authorizer: Authorizer,
     /// Longest a client may accept no bytes of an answer.
@@ -78,6 +83,73 @@ impl HeldSlots {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.0.taken.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What an admitted request holds until it is answered: a slot of
+/// `limits.max_held`, and one of its client's `max_held_per_client`.
+pub struct Admitted<'a> {
+    _slot: Slot<'a>,
+    _client: ClientSlot<'a>,
+}
+
+/// Why a new poll or watch request is refused now ([`Poller::admit`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Refused {
+    /// The reason counted in `pollgate_refused_total`.
+    pub refusal: Refusal,
+    /// The `detail` of the JSON answer.
+    pub detail: &'static str,
+    /// Seconds in `Retry-After`.
+    pub retry_after: u64,
+}
+
+impl Refused {
+    fn unavailable(refusal: Refusal, detail: &'static str) -> Refused {
+        Refused {
+            refusal,
+            detail,
+            retry_after: 1,
+        }
+    }
+
+    /// The status to answer with: 429 over a per-client limit, else 503.
+    pub fn status(&self) -> u16 {
+        match self.refusal {
+            Refusal::MaxHeldPerClient | Refusal::PollsPerClient => 429,
+            _ => 503,
+        }
+    }
+
+    /// The `error` of the JSON answer: `too_many_held`, `too_many_polls`,
+    /// or `unavailable`.
+    pub fn error(&self) -> &'static str {
+        match self.refusal {
+            Refusal::MaxHeldPerClient => "too_many_held",
+            Refusal::PollsPerClient => "too_many_polls",
+            _ => "unavailable",
+        }
+    }
+
+    /// The `Retry-After` value, in whole seconds.
+    pub fn retry_after(&self) -> String {
+        self.retry_after.to_string()
+    }
+}
+
+impl From<OverLimit> for Refused {
+    fn from(over: OverLimit) -> Refused {
+        let detail = match over.refusal {
+            Refusal::PollsPerClient => {
+                "too many new polls from this client address (limits.polls_per_client)"
+            }
+            _ => "too many requests held for this client address (limits.max_held_per_client)",
+        };
+        Refused {
+            refusal: over.refusal,
+            detail,
+            retry_after: over.retry_after,
+        }
     }
 }
 
@@ -173,13 +245,9 @@ impl Poller {
                 .await;
             }
         };
-        let _slot = match self.admit() {
-            Ok(slot) => slot,
-            Err((refusal, why)) => {
-                return self
-                    .refuse(session, Some(refusal), "unavailable", why)
-                    .await
-            }
+        let _admitted = match self.admit(|| self.clients.of_session(session)) {
+            Ok(admitted) => admitted,
+            Err(refused) => return self.refuse_admission(session, refused).await,
         };
         if let Some(authorize) = &route.authorize {
             if !Box::pin(self.authorized(session, target, authorize)).await? {
@@ -280,6 +348,23 @@ impl Poller {
             .await
     }
 
+    /// Answers a request [`Poller::admit`] refused (503, or 429 over a
+    /// per-client limit; with Retry-After), counting it.
+    pub async fn refuse_admission(&self, session: &mut Session, refused: Refused) -> Result<()> {
+        count_refused(Some(refused.refusal));
+        let mut extra = self.cors_headers(session);
+        extra.push(("Retry-After", refused.retry_after()));
+        let (status, error) = (refused.status(), refused.error());
+        self.write(respond::error(
+            session,
+            status,
+            error,
+            refused.detail,
+            &extra,
+        ))
+        .await
+    }
+
     /// Answers a poll the hub could not serve (503).
     pub async fn hub_failed(&self, session: &mut Session, e: HubError) -> Result<()> {
         let (refusal, error) = hub_refusal(&e);
@@ -336,18 +421,36 @@ impl Poller {
         }
     }
 
-    /// Takes a held-poll slot, or says why a new poll is refused now
-    /// (broker down, max_held). A draining instance admits polls: they get
-    /// what is already there, or their cursor at once (the drain answer),
-    /// never a refusal.
-    pub fn admit(&self) -> Result<Slot<'_>, (Refusal, &'static str)> {
+    /// Admits a new poll, SSE stream or watch request: takes a slot of
+    /// its client (found by `client` only when a per-client limit is on;
+    /// None: no per-client limit applies) and a held-poll slot. Returns
+    /// them, or why the request is refused now (broker down, the client's
+    /// `max_held_per_client` or `polls_per_client`, `max_held`). A
+    /// draining instance admits requests: they get what is already there,
+    /// or their cursor at once (the drain answer), never a refusal.
+    pub fn admit(
+        &self,
+        client: impl FnOnce() -> Option<IpAddr>,
+    ) -> std::result::Result<Admitted<'_>, Refused> {
         if !self.hub.broker().is_up() {
-            return Err((Refusal::BrokerDown, "the broker is unreachable"));
+            return Err(Refused::unavailable(
+                Refusal::BrokerDown,
+                "the broker is unreachable",
+            ));
         }
-        self.held.take().ok_or((
+        // One branch when no per-client limit is on.
+        let client_slot = match self.clients.enabled().then(client).flatten() {
+            Some(ip) => self.clients.admit(ip)?,
+            None => ClientSlot::none(),
+        };
+        let slot = self.held.take().ok_or(Refused::unavailable(
             Refusal::MaxHeld,
             "too many held polls on this instance (limits.max_held)",
-        ))
+        ))?;
+        Ok(Admitted {
+            _slot: slot,
+            _client: client_slot,
+        })
     }
 
     /// Runs a write to the client, giving up (and counting it) when the
@@ -606,6 +709,7 @@ mod tests {
             hub: Hub::new(broker, 100, Duration::from_secs(30), 1000),
             life: Arc::new(Lifecycle::default()),
             held: HeldSlots::new(10),
+            clients: Arc::new(crate::fairness::Clients::unlimited()),
             cors: Cors::default(),
             authorizer: Authorizer::new(Arc::new(Upstreams::new(&Default::default()))),
             write_timeout: Duration::from_secs(5),

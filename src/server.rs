@@ -10,6 +10,7 @@ use crate::broker::redis::RedisBroker;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::conn::HeadLimits;
+use crate::fairness::{Clients, TrustedProxies};
 use crate::front::Front;
 use crate::gateway::Gateway;
 use crate::hub::Hub;
@@ -139,6 +140,11 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
         config.limits.max_active_channels,
     );
     let life = Arc::new(Lifecycle::default());
+    let clients = Arc::new(Clients::new(
+        config.limits.max_held_per_client,
+        config.limits.polls_per_client,
+        TrustedProxies::new(&config.trusted_proxies),
+    ));
 
     let conf = ServerConf {
         threads: config.threads,
@@ -174,6 +180,7 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
             hub: hub.clone(),
             life: life.clone(),
             held: HeldSlots::new(config.limits.max_held),
+            clients: clients.clone(),
             cors: config.cors.clone(),
             authorizer: Authorizer::new(upstreams.clone()),
             write_timeout: config.limits.write_timeout,
@@ -224,6 +231,7 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
         Housekeeping {
             hub: hub.clone(),
             upstreams,
+            clients,
         },
     );
 
@@ -250,11 +258,12 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
     Ok(())
 }
 
-/// Expires histories and forgets idle channels, once a second; checks the
-/// upstreams' addresses.
+/// Expires histories, forgets idle channels and the rates of idle
+/// clients, once a second; checks the upstreams' addresses.
 struct Housekeeping {
     hub: Arc<Hub>,
     upstreams: Arc<Upstreams>,
+    clients: Arc<Clients>,
 }
 
 #[async_trait]
@@ -268,6 +277,7 @@ impl BackgroundService for Housekeeping {
                 _ = tick.tick() => {
                     self.hub.broker().maintain();
                     self.hub.sweep();
+                    self.clients.housekeep();
                     metrics::BROKER_UP.set(self.hub.broker().is_up() as i64);
                 }
                 _ = shutdown.changed() => return,

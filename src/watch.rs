@@ -121,13 +121,9 @@ impl Watcher {
         let Some(pool) = self.upstreams.get(&route.upstream).cloned() else {
             return respond::error(session, 500, "error", "route has no upstream", &[]).await;
         };
-        let _slot = match poller.admit() {
-            Ok(slot) => slot,
-            Err((refusal, why)) => {
-                return poller
-                    .refuse(session, Some(refusal), "unavailable", why)
-                    .await
-            }
+        let _admitted = match poller.admit(|| poller.clients.of_session(session)) {
+            Ok(admitted) => admitted,
+            Err(refused) => return poller.refuse_admission(session, refused).await,
         };
         if let Some(authorize) = &route.authorize {
             if !Box::pin(poller.authorized(session, target, authorize)).await? {

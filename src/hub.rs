@@ -188,6 +188,9 @@ pub struct Hub {
     /// Runs once between a poll's lookup and its registration (tests).
     #[cfg(test)]
     before_register: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Test hook: runs after a poll's waiter joined its first channel.
+    #[cfg(test)]
+    between_channels: Mutex<Option<WaiterHook>>,
 }
 
 /// Information about one channel (the publish API's channel info).
@@ -220,6 +223,8 @@ impl Hub {
             deliveries: OnceLock::new(),
             #[cfg(test)]
             before_register: Mutex::new(None),
+            #[cfg(test)]
+            between_channels: Mutex::new(None),
         });
         broker.set_sink(Arc::new(HubSink(Arc::downgrade(&hub))));
         hub
@@ -502,14 +507,28 @@ impl Hub {
             channels: Channels::with_capacity(channels.len()),
         };
         for (i, ch) in channels.into_iter().enumerate() {
-            {
+            let moved = {
                 let mut st = ch.state.lock();
-                if st.removed || st.window.last_id() != cursor.0[i] {
+                let moved = st.removed || st.window.last_id() != cursor.0[i];
+                if !moved {
+                    st.waiters.insert(waiter.id, (waiter.clone(), i));
+                }
+                moved
+            };
+            if moved {
+                // A delivery may have taken the waiter from a channel
+                // registered before: then its wake-up is the answer (and
+                // may be on the wire already), not a poll started over.
+                if waiter.withdraw() {
                     return None; // `registration` drops and deregisters
                 }
-                st.waiters.insert(waiter.id, (waiter.clone(), i));
+                break;
             }
             registration.channels.push(ch);
+            #[cfg(test)]
+            if let Some(hook) = self.between_channels.lock().take() {
+                hook(&waiter);
+            }
         }
         Some(Held {
             cursor,
@@ -558,6 +577,10 @@ impl Hub {
         );
     }
 }
+
+/// A test hook given a poll's waiter.
+#[cfg(test)]
+type WaiterHook = Box<dyn FnOnce(&Arc<Waiter>) + Send>;
 
 #[path = "delivery.rs"]
 mod delivery;

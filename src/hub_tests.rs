@@ -413,3 +413,78 @@ async fn a_cursor_of_another_history_is_a_gap_even_at_the_empty_channels_start()
     assert!(!a.gap);
     assert_eq!(a.cursor.1, Some(broker.epoch()));
 }
+
+/// Counts the answers written straight from the delivering task.
+#[derive(Default)]
+struct Written(AtomicUsize);
+
+impl crate::waiter::Answerer for Written {
+    fn answer(&self, _: &Arc<Answer>) -> bool {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+}
+
+#[tokio::test]
+async fn a_registration_that_fails_part_way_is_answered_exactly_once() {
+    use crate::waiter::{Answerer, Waiter, Wake};
+    let (hub, _broker) = hub();
+    let names = vec!["pa".to_string(), "pb".to_string()];
+    for n in &names {
+        let _ = hub.channel(n).await.unwrap();
+    }
+    // A delivery took the waiter off its first channel, and fires it only
+    // once the registration failed on the second (which moved): nothing
+    // may be written for it then, the poll answers by itself.
+    let written = Arc::new(Written::default());
+    let answerer: Arc<dyn Answerer> = written.clone();
+    let taken: Arc<Mutex<Option<Arc<Waiter>>>> = Arc::default();
+    let (h, t) = (hub.clone(), taken.clone());
+    *hub.between_channels.lock() = Some(Box::new(move |w: &Arc<Waiter>| {
+        *t.lock() = Some(w.clone());
+        h.deliver(msg(5, "pb"));
+    }));
+    let poll = hub.poll_answered_by(
+        &names,
+        None,
+        First::Newest,
+        Format::Envelope,
+        Some(answerer.clone()),
+    );
+    let a = ready(poll.await.unwrap());
+    assert_eq!(a.messages[0].id.ms, 5);
+    let late = taken.lock().take().unwrap();
+    assert!(
+        !late.fire(Wake::Answer(a)),
+        "a withdrawn waiter fires no more"
+    );
+    assert_eq!(written.0.load(Ordering::SeqCst), 0, "no second answer");
+
+    // The delivery fired it first: its answer is the poll's, not one more.
+    let h = hub.clone();
+    *hub.between_channels.lock() = Some(Box::new(move |_: &Arc<Waiter>| {
+        h.deliver(msg(7, "pa"));
+        h.deliver(msg(8, "pb"));
+    }));
+    let cursor = Cursor(
+        smallvec::smallvec![MessageId::ZERO, MessageId { ms: 5, seq: 0 }],
+        Some(_broker.epoch()),
+    );
+    let poll = hub.poll_answered_by(
+        &names,
+        Some(cursor),
+        First::Newest,
+        Format::Envelope,
+        Some(answerer),
+    );
+    let mut held = held(poll.await.unwrap());
+    assert_eq!(
+        written.0.load(Ordering::SeqCst),
+        1,
+        "written once, by the delivery"
+    );
+    match held.woken().await {
+        Wake::Answer(a) => assert_eq!(a.messages[0].id.ms, 7),
+        other => panic!("expected the delivered answer, got {other:?}"),
+    }
+}

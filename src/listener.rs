@@ -544,9 +544,15 @@ impl Service for ClientListener {
         // waiters without a wake-up across runtimes.
         let hub = &self.front.poller.hub;
         tokio::spawn(hub.clone().run_deliveries());
+        // The connection lives as long as the process, not until Pingora's
+        // shutdown: a draining instance answers every request that still
+        // reaches it (one whose TLS handshake or head was under way) until
+        // it exits, and nothing waits for this task.
         let connection = hub.clone();
-        let until = shutdown.clone();
-        tokio::spawn(async move { connection.broker().run(until).await });
+        tokio::spawn(async move {
+            let (_forever, until) = tokio::sync::watch::channel(false);
+            connection.broker().run(until).await
+        });
         let inherited = self.endpoints.iter().any(|e| e.bound.is_none());
         if inherited {
             // Taking over from a running instance, which keeps serving for

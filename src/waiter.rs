@@ -3,12 +3,12 @@
 //! delivers a message and the poll's own task (docs/architecture.md,
 //! "Fanning out a publish").
 //!
-//! The wake-up slot goes `Waiting` → `Firing` (the delivering task writes
-//! the answer through the poll's [`Answerer`], if it has one) → `Fired` →
-//! `Done` (taken by the poll's task). The poll's task may also stop a slot
-//! that is still `Waiting` ([`Waiter::stop`]): no answer is written for the
-//! poll after that, so its connection can go on to the next request, or
-//! close, without a write arriving from elsewhere.
+//! The wake-up slot goes `Waiting` → `Fired` (the delivering task writes
+//! the answer through the poll's [`Answerer`], if it has one, under the
+//! slot's lock) → `Done` (taken by the poll's task). The poll's task may
+//! also stop a slot that is still `Waiting` ([`Waiter::stop`]): no answer
+//! is written for the poll after that, so its connection can go on to the
+//! next request, or close, without a write arriving from elsewhere.
 
 use crate::answer::{Answer, Format};
 use crate::cursor::Cursor;
@@ -67,10 +67,8 @@ enum Phase {
     /// Nothing came yet.
     #[default]
     Waiting,
-    /// The first `fire` (a waiter on several channels fires once) is
-    /// writing the answer.
-    Firing,
-    /// The wake-up, for the poll's task to take.
+    /// The wake-up of the first `fire` (a waiter on several channels fires
+    /// once), for the poll's task to take.
     Fired(Wake),
     /// Taken, or stopped.
     Done,
@@ -100,18 +98,16 @@ impl Waiter {
     /// stopped.
     pub fn fire(&self, wake: Wake) -> bool {
         self.fired.store(true, Ordering::Relaxed);
-        {
+        let waker = {
             let mut slot = self.slot.lock();
             if !matches!(slot.phase, Phase::Waiting) {
                 return false;
             }
-            slot.phase = Phase::Firing;
-        }
-        if let (Wake::Answer(answer), Some(answerer)) = (&wake, &self.answerer) {
-            answerer.answer(answer);
-        }
-        let waker = {
-            let mut slot = self.slot.lock();
+            // Under the lock: `stop` waits out this write (one write that
+            // does not block) on the lock itself, instead of spinning.
+            if let (Wake::Answer(answer), Some(answerer)) = (&wake, &self.answerer) {
+                answerer.answer(answer);
+            }
             slot.phase = Phase::Fired(wake);
             slot.waker.take()
         };
@@ -139,17 +135,26 @@ impl Waiter {
     /// Stops the wake-up: once this returns, no answer is written for the
     /// poll. Returns the wake-up that came first, if one did and was not
     /// taken by [`Waiter::woken`]; one being handed over (its answer being
-    /// written, without blocking) is waited out.
+    /// written, without blocking) is waited out on the slot's lock.
     pub fn stop(&self) -> Option<Wake> {
-        loop {
-            let mut slot = self.slot.lock();
-            match std::mem::replace(&mut slot.phase, Phase::Done) {
-                Phase::Waiting | Phase::Done => return None,
-                Phase::Fired(wake) => return Some(wake),
-                Phase::Firing => slot.phase = Phase::Firing,
-            }
-            drop(slot);
-            std::hint::spin_loop();
+        match std::mem::replace(&mut self.slot.lock().phase, Phase::Done) {
+            Phase::Waiting | Phase::Done => None,
+            Phase::Fired(wake) => Some(wake),
         }
+    }
+
+    /// Withdraws the waiter of a registration that failed part-way (a
+    /// channel moved past the cursor). True when nothing came: it is
+    /// stopped, and no answer will be written for it. False when a
+    /// delivery on a channel registered before fired it first: that
+    /// wake-up (its answer perhaps written already) is the poll's, left
+    /// for [`Waiter::woken`].
+    pub fn withdraw(&self) -> bool {
+        let mut slot = self.slot.lock();
+        if matches!(slot.phase, Phase::Fired(_)) {
+            return false;
+        }
+        slot.phase = Phase::Done;
+        true
     }
 }

@@ -68,7 +68,11 @@ fn hammer_with(
                     }
                     _ => ok += 1,
                 },
-                Ok(r) => failures.push(format!("status {}", r.status())),
+                Ok(r) => {
+                    let status = r.status();
+                    let body = r.text().await.unwrap_or_default();
+                    failures.push(format!("status {status}: {body}"))
+                }
                 Err(e) => failures.push(format!("{e:?}")),
             }
         }

@@ -1,0 +1,90 @@
+//! Concurrency on two worker threads (docs/architecture.md, "Fanning out a
+//! publish"): polls on two channels held on the lean HTTP/1.1 path, while
+//! messages are published to both as fast as the publish API takes them.
+//! Every request gets exactly one answer: no message twice, none out of
+//! order, none lost, and no byte on the connection that was not asked for.
+
+mod support;
+
+use serde_json::Value;
+use std::io::Read;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+use support::*;
+
+const CLIENTS: usize = 8;
+const MESSAGES: usize = 400;
+
+/// Polls `/multi/x/y` on one kept-alive connection until it has `want`
+/// messages; returns them per channel, in the order received.
+fn poll_until(port: u16, want: usize) -> (Vec<u64>, Vec<u64>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let mut cursor = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.len() + b.len() < want {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {want}",
+            a.len() + b.len()
+        );
+        let request =
+            format!("GET /multi/x/y?timeout=5&cursor={cursor} HTTP/1.1\r\nHost: t\r\n\r\n");
+        let (status, _, body) = raw_exchange(&mut s, &request);
+        assert!(status.contains("200"), "{status}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["gap"], false, "{v}");
+        for m in v["messages"].as_array().unwrap() {
+            let n: u64 = m["data"].as_str().unwrap().parse().unwrap();
+            match m["channel"].as_str().unwrap() {
+                "a:x" => a.push(n),
+                _ => b.push(n),
+            }
+        }
+        cursor = v["cursor"].as_str().unwrap().to_string();
+    }
+    // Nothing more on the wire than what was asked for.
+    s.set_nonblocking(true).unwrap();
+    let mut stray = [0u8; 64];
+    std::thread::sleep(Duration::from_millis(50));
+    match s.read(&mut stray) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("bytes nobody asked for: {other:?}"),
+    }
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_channel_lean_polls_get_exactly_one_answer_each_under_concurrent_publishes() {
+    let pg = Pollgate::start(&format!("threads: 2\n{ROUTES}"));
+    let port = pg.port;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| std::thread::spawn(move || poll_until(port, MESSAGES)))
+        .collect();
+    pg.wait_metric("pollgate_held_requests", CLIENTS as f64)
+        .await;
+    // Two publishers, one per channel, so both move at once.
+    let publishers: Vec<_> = ["a:x", "b:y"]
+        .into_iter()
+        .map(|channel| {
+            let url = pg.admin(&format!("/v1/publish/{channel}"));
+            tokio::spawn(async move {
+                let http = client();
+                for n in 0..MESSAGES / 2 {
+                    let r = http.post(&url).body(n.to_string()).send().await.unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let expected: Vec<u64> = (0..(MESSAGES / 2) as u64).collect();
+    for c in clients {
+        let (a, b) = c.join().unwrap();
+        assert_eq!(a, expected, "channel a: each once, in order");
+        assert_eq!(b, expected, "channel b: each once, in order");
+    }
+}

@@ -304,7 +304,7 @@ impl Pollgate {
 
     /// Polls `metric` until it equals `want` (or panics after 5 s).
     pub async fn wait_metric(&self, prefix: &str, want: f64) {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let got = self.metric(prefix).await;
             if got == want {

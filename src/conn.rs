@@ -50,6 +50,9 @@ pub struct Settings {
     pub keepalive_secs: u64,
     /// Most requests per connection; 0 for no limit.
     pub request_limit: u32,
+    /// An HTTP/1.1 request without `Host` is a 400 (RFC 9112 §3.2): on the
+    /// client listeners, whose requests go on to backends.
+    pub require_host: bool,
 }
 
 /// What an app does with a request whose head was read.
@@ -231,6 +234,30 @@ fn lists(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
+/// The one length that every `Content-Length` field names (a field may
+/// list the same value several times, RFC 9110 §8.6), or the refusal of
+/// lengths that are malformed or disagree.
+fn one_length(fields: &[&[u8]]) -> Result<Option<u64>, String> {
+    let mut length = None;
+    for value in fields.iter().flat_map(|f| f.split(|&b| b == b',')) {
+        let n = content_length(value.trim_ascii())
+            .ok_or_else(|| "a Content-Length that is not a number".to_string())?;
+        if length.is_some_and(|l| l != n) {
+            return Err("Content-Length fields that disagree".into());
+        }
+        length = Some(n);
+    }
+    Ok(length)
+}
+
+/// Whether a `Host` value is an authority a backend can take: host and
+/// optional port, no user information, nothing else.
+fn valid_host(value: &[u8]) -> bool {
+    !value.is_empty()
+        && !value.contains(&b'@')
+        && http::uri::Authority::try_from(value).is_ok_and(|a| a.as_str().len() == value.len())
+}
+
 /// A `Content-Length` value: 1 to 19 digits (no sign, no spaces).
 fn content_length(value: &[u8]) -> Option<u64> {
     if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
@@ -241,7 +268,10 @@ fn content_length(value: &[u8]) -> Option<u64> {
 
 /// The [`Head`] of a whole request head, by the same parser (httparse)
 /// Pingora uses. The error is the refusal to answer with.
-pub fn parse_head(head: &[u8]) -> Result<Head<'_>, (u16, &'static str, String)> {
+pub fn parse_head(
+    head: &[u8],
+    require_host: bool,
+) -> Result<Head<'_>, (u16, &'static str, String)> {
     // Uninitialized: zeroing room for MAX_HEADERS headers would cost more
     // than parsing the few a long-poll has.
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -276,12 +306,19 @@ pub fn parse_head(head: &[u8]) -> Result<Head<'_>, (u16, &'static str, String)> 
         authorization: None,
         forwarded_for: SmallVec::new(),
     };
+    let bad = |detail: &str| Err((400, "bad_request", detail.to_string()));
     let mut hosts = 0;
-    let mut lengths = 0;
+    let mut lengths: SmallVec<[&[u8]; 1]> = SmallVec::new();
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("host") {
             hosts += 1;
+            if hosts > 1 {
+                return bad("several Host headers");
+            }
+            if !valid_host(h.value) {
+                return bad("the Host header is not a host and port");
+            }
             if let Some(authority) = parsed.target.authority() {
                 // An absolute-form target names the host itself: it must
                 // agree with the Host header (as Pingora requires too).
@@ -297,9 +334,7 @@ pub fn parse_head(head: &[u8]) -> Result<Head<'_>, (u16, &'static str, String)> 
                 parsed.keepalive = true;
             }
         } else if name.eq_ignore_ascii_case("content-length") {
-            lengths += 1;
-            parsed.content_length = content_length(h.value);
-            parsed.framed &= parsed.content_length.is_some();
+            lengths.push(h.value);
         } else if name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("upgrade")
             || name.eq_ignore_ascii_case("expect")
@@ -321,8 +356,16 @@ pub fn parse_head(head: &[u8]) -> Result<Head<'_>, (u16, &'static str, String)> 
             parsed.forwarded_for.push(h.value);
         }
     }
-    // Several Host or Content-Length headers are Pingora's to refuse.
-    parsed.framed &= hosts <= 1 && lengths <= 1;
+    if hosts == 0 && http11 && require_host {
+        return bad("an HTTP/1.1 request needs a Host header");
+    }
+    parsed.content_length = match one_length(&lengths) {
+        Ok(length) => length,
+        Err(detail) => return bad(&detail),
+    };
+    // Several Content-Length fields of one value go through Pingora, and
+    // reach a backend as one.
+    parsed.framed &= lengths.len() <= 1;
     Ok(parsed)
 }
 
@@ -451,7 +494,7 @@ pub async fn serve<A: Http1App>(
             };
         served += 1;
         let last = request_limit > 0 && served >= request_limit;
-        let head = match parse_head(&buf[..head_len]) {
+        let head = match parse_head(&buf[..head_len], settings.require_host) {
             Ok(head) => head,
             Err((status, error, detail)) => {
                 match status {
@@ -524,19 +567,24 @@ mod tests {
 
     #[test]
     fn parses_method_and_target_or_refuses() {
-        let head =
-            parse_head(b"GET http://h/sub/a?cursor=1-0 HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+        let head = parse_head(
+            b"GET http://h/sub/a?cursor=1-0 HTTP/1.1\r\nHost: h\r\n\r\n",
+            false,
+        )
+        .unwrap();
         assert_eq!((head.method, head.target.path()), ("GET", "/sub/a"));
         assert!(head.keepalive && head.bare());
         let other_host = b"GET http://h/sub/a HTTP/1.1\r\nHost: elsewhere\r\n\r\n";
-        assert_eq!(parse_head(other_host).unwrap_err().0, 400);
+        assert_eq!(parse_head(other_host, false).unwrap_err().0, 400);
         assert_eq!(
-            parse_head(b"GET /a/../b HTTP/1.1\r\n\r\n").unwrap_err().0,
+            parse_head(b"GET /a/../b HTTP/1.1\r\n\r\n", false)
+                .unwrap_err()
+                .0,
             400
         );
-        assert_eq!(parse_head(b"garbage\r\n\r\n").unwrap_err().0, 400);
+        assert_eq!(parse_head(b"garbage\r\n\r\n", false).unwrap_err().0, 400);
         let many = format!("GET / HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(300));
-        assert_eq!(parse_head(many.as_bytes()).unwrap_err().0, 431);
+        assert_eq!(parse_head(many.as_bytes(), false).unwrap_err().0, 431);
     }
 
     #[test]
@@ -544,17 +592,26 @@ mod tests {
         let head = parse_head(
             b"GET /sub/a HTTP/1.1\r\nLast-Event-ID: 3-0\r\nlast-event-id: 4-0\r\n\
               Origin: https://x\r\nAccept: text/event-stream\r\nConnection: Close\r\n\r\n",
+            false,
         )
         .unwrap();
         assert_eq!(head.last_event_id, Some("3-0"), "the first of two");
         assert_eq!(head.origin, Some("https://x"));
         assert_eq!(head.accept, Some("text/event-stream"));
         assert!(!head.keepalive);
-        let old = parse_head(b"GET / HTTP/1.0\r\nConnection: keep-alive, x\r\n\r\n").unwrap();
+        let old = parse_head(
+            b"GET / HTTP/1.0\r\nConnection: keep-alive, x\r\n\r\n",
+            false,
+        )
+        .unwrap();
         assert!(old.keepalive);
-        assert!(!parse_head(b"GET / HTTP/1.0\r\n\r\n").unwrap().keepalive);
+        assert!(
+            !parse_head(b"GET / HTTP/1.0\r\n\r\n", false)
+                .unwrap()
+                .keepalive
+        );
         // Not visible ASCII: as if absent.
-        let odd = parse_head(b"GET / HTTP/1.1\r\nIf-None-Match: \xff\r\n\r\n").unwrap();
+        let odd = parse_head(b"GET / HTTP/1.1\r\nIf-None-Match: \xff\r\n\r\n", false).unwrap();
         assert_eq!(odd.if_none_match, None);
     }
 
@@ -563,30 +620,63 @@ mod tests {
         let head = parse_head(
             b"POST /v1/publish/a HTTP/1.1\r\nContent-Length: 12\r\n\
               Content-Type: application/json\r\nAuthorization: Bearer t\r\n\r\n",
+            false,
         )
         .unwrap();
         assert!(head.framed && !head.bare());
         assert_eq!(head.content_length, Some(12));
         assert_eq!(head.content_type, Some("application/json"));
         assert_eq!(head.authorization, Some(&b"Bearer t"[..]));
-        assert!(parse_head(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
-            .unwrap()
-            .bare());
+        assert!(
+            parse_head(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", false)
+                .unwrap()
+                .bare()
+        );
         // Anything else that makes more than a head is left to Pingora.
         for extra in [
             "Transfer-Encoding: chunked",
             "Upgrade: websocket",
             "Expect: 100-continue",
-            "Host: a\r\nHost: b",
             "Content-Length: 5\r\nContent-Length: 5",
-            "Content-Length: +5",
-            "Content-Length: 99999999999999999999",
-            "Content-Length:",
         ] {
             let text = format!("POST / HTTP/1.1\r\n{extra}\r\n\r\n");
-            let head = parse_head(text.as_bytes()).unwrap();
+            let head = parse_head(text.as_bytes(), false).unwrap();
             assert!(!head.framed && !head.bare(), "{extra}");
         }
+        // One length, however many times it is said.
+        let twice = parse_head(b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n", false);
+        assert_eq!(twice.unwrap().content_length, Some(5));
+    }
+
+    #[test]
+    fn heads_a_backend_would_choke_on_are_refused_with_a_reason() {
+        for (extra, why) in [
+            ("Host: a\r\nHost: b", "several Host"),
+            ("Host: a@b", "not a host"),
+            ("Host: a b", "not a host"),
+            ("Host: ", "not a host"),
+            (
+                "Host: a\r\nContent-Length: 5\r\nContent-Length: 6",
+                "disagree",
+            ),
+            ("Host: a\r\nContent-Length: 5, 6", "disagree"),
+            ("Host: a\r\nContent-Length: +5", "not a number"),
+            (
+                "Host: a\r\nContent-Length: 99999999999999999999",
+                "not a number",
+            ),
+            ("Host: a\r\nContent-Length:", "not a number"),
+            ("X: y", "needs a Host"),
+        ] {
+            let text = format!("POST / HTTP/1.1\r\n{extra}\r\n\r\n");
+            let (status, _, detail) = parse_head(text.as_bytes(), true).unwrap_err();
+            assert_eq!(status, 400, "{extra}");
+            assert!(detail.contains(why), "{extra}: {detail}");
+        }
+        // HTTP/1.0 may leave Host out; the admin listener does not ask.
+        assert!(parse_head(b"GET / HTTP/1.0\r\n\r\n", true).is_ok());
+        assert!(parse_head(b"GET / HTTP/1.1\r\n\r\n", false).is_ok());
+        assert!(parse_head(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", true).is_ok());
     }
 
     proptest! {
@@ -595,7 +685,7 @@ mod tests {
         /// whole scan however the bytes were split into reads.
         #[test]
         fn head_parsing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300), split in 0usize..300) {
-            let _ = parse_head(&bytes);
+            let _ = parse_head(&bytes, true);
             let split = split.min(bytes.len());
             let whole = head_end(&bytes, 0);
             let incremental = head_end(&bytes[..split], 0).or_else(|| head_end(&bytes, split));

@@ -224,6 +224,7 @@ impl Front {
             limits: self.limits,
             keepalive_secs: self.keepalive_secs,
             request_limit,
+            require_host: true,
         }
     }
 }

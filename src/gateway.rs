@@ -15,7 +15,7 @@ use crate::relay::Relay;
 use crate::respond;
 use crate::routes::{Action, Match, RouteTable};
 use crate::target::Target;
-use crate::upstream::{add_forwarded, observe, Peer, Pool, Upstreams};
+use crate::upstream::{add_forwarded, observe, strip_hop_by_hop, Peer, Pool, Upstreams};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -235,7 +235,35 @@ impl ProxyHttp for Gateway {
         request: &mut RequestHeader,
         _ctx: &mut Ctx,
     ) -> Result<()> {
-        add_forwarded(request, session.req_header(), &Peer::of(session))
+        let client = session.req_header();
+        // Origin-form, whatever form the client's target had.
+        let origin_form = client.uri.path_and_query().map_or("/", |p| p.as_str());
+        if client.uri.authority().is_some() {
+            let uri = http::Uri::try_from(origin_form)
+                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "request target", e))?;
+            request.set_uri(uri);
+        }
+        // An Upgrade (WebSocket) is the one hop-by-hop exchange Pingora
+        // carries through itself.
+        let upgrade = client.headers.contains_key(http::header::UPGRADE)
+            && crate::upstream::connection_named(&client.headers).contains(&http::header::UPGRADE);
+        if !upgrade {
+            strip_hop_by_hop(request);
+        }
+        // Several Content-Length fields of one value (checked by the front
+        // door): one field.
+        let lengths = request.headers.get_all(http::header::CONTENT_LENGTH);
+        if lengths.iter().count() > 1 || lengths.iter().any(|v| v.as_bytes().contains(&b',')) {
+            let one = lengths
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .next()
+                .map(|v| v.trim_ascii().to_vec())
+                .unwrap_or_default();
+            request.remove_header(&http::header::CONTENT_LENGTH);
+            request.insert_header(http::header::CONTENT_LENGTH, one)?;
+        }
+        add_forwarded(request, client, &Peer::of(session))
     }
 
     async fn request_body_filter(
@@ -261,6 +289,10 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        // What the upstream's `Connection` names is for its hop only.
+        for name in crate::upstream::connection_named(&response.headers) {
+            response.remove_header(&name);
+        }
         if let (Some(pool), Some(started)) = (&ctx.pool, ctx.upstream_started) {
             observe(&pool.name, Some(response.status.as_u16()), started);
             ctx.observed = true;

@@ -387,6 +387,7 @@ impl Acceptance {
                 // As a client connection, without a request limit.
                 let settings = Settings {
                     request_limit: 0,
+                    require_host: false,
                     ..self.settings
                 };
                 let conn = Box::new(Conn::new(tcp));

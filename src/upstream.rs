@@ -24,11 +24,14 @@ use std::time::{Duration, Instant};
 /// How long an address that failed to connect is skipped.
 pub const COOLDOWN: Duration = Duration::from_secs(10);
 
-/// Headers that belong to one hop and are not forwarded.
+/// Headers that belong to one hop and are not forwarded (RFC 9110 §7.6.1;
+/// `Proxy-Authorization` is this hop's credentials).
 const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
     "te",
     "trailer",
     "transfer-encoding",
@@ -332,6 +335,28 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// The headers `headers` names in its `Connection` fields: hop-by-hop too,
+/// whatever their names (RFC 9110 §7.6.1).
+pub fn connection_named(headers: &http::HeaderMap) -> Vec<http::HeaderName> {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|t| http::HeaderName::from_bytes(t.trim_ascii()).ok())
+        .collect()
+}
+
+/// Removes from `request` every hop-by-hop header, those its `Connection`
+/// names included.
+pub fn strip_hop_by_hop(request: &mut RequestHeader) {
+    for name in connection_named(&request.headers) {
+        request.remove_header(&name);
+    }
+    for name in HOP_BY_HOP {
+        request.remove_header(*name);
+    }
+}
+
 /// The client's connection as `X-Forwarded-For` and `-Proto` describe it.
 #[derive(Clone, Debug, Default)]
 pub struct Peer {
@@ -427,8 +452,9 @@ fn header_value(bytes: Vec<u8>) -> Result<http::HeaderValue> {
         .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad header value"))
 }
 
-/// The client's request re-sent upstream as `method` to `path_and_query`:
-/// same headers, without hop-by-hop ones, framing (`Content-Length`,
+/// The client's request re-sent upstream as `method` to `path_and_query`
+/// (origin-form): same headers, without hop-by-hop ones (those the
+/// client's `Connection` names included), framing (`Content-Length`,
 /// `Expect`, which the caller sets) and with `X-Forwarded-*`.
 pub fn forwarded_copy(
     client: &RequestHeader,
@@ -437,9 +463,10 @@ pub fn forwarded_copy(
     peer: &Peer,
 ) -> Result<RequestHeader> {
     let mut request = RequestHeader::build(method, path_and_query.as_bytes(), None)?;
+    let named = connection_named(&client.headers);
     for (name, value) in client.headers.iter() {
         let n = name.as_str();
-        if is_hop_by_hop(n) || n == "content-length" || n == "expect" {
+        if is_hop_by_hop(n) || n == "content-length" || n == "expect" || named.contains(name) {
             continue;
         }
         request.append_header(name.clone(), value.clone())?;
@@ -449,12 +476,14 @@ pub fn forwarded_copy(
 }
 
 /// The upstream's answer header as sent to the client (without hop-by-hop
-/// headers and framing, which pollgate sets).
+/// headers, those its `Connection` names included, and framing, which
+/// pollgate sets).
 pub fn client_header(upstream: &ResponseHeader) -> Result<ResponseHeader> {
     let mut h = ResponseHeader::build(upstream.status, Some(upstream.headers.len()))?;
+    let named = connection_named(&upstream.headers);
     for (name, value) in upstream.headers.iter() {
         let n = name.as_str();
-        if is_hop_by_hop(n) || n == "content-length" {
+        if is_hop_by_hop(n) || n == "content-length" || named.contains(name) {
             continue;
         }
         h.append_header(name.clone(), value.clone())?;

@@ -4,6 +4,11 @@
 //! not contend. A publish assigns the id, appends to the history and hands the
 //! message to the sink while holding its channel's lock, so announcements of
 //! one channel leave in id order.
+//!
+//! At most `limits.max_channels_kept` channels are kept: a new one past it
+//! evicts the least recently published one without held polls here (see
+//! "Memory of channels" in docs/architecture.md), whose newest id stays
+//! behind as a floor so that its old cursors get a gap.
 
 use super::{Broker, BrokerError, Sink};
 use crate::cursor::Epoch;

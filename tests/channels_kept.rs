@@ -63,23 +63,32 @@ async fn publishing_past_the_limit_evicts_the_oldest_and_its_cursors_get_a_gap()
     assert_eq!((v["gap"].as_bool(), ids(&v).len()), (Some(false), 1));
     // room:0 is gone: its history is empty, and every cursor that missed
     // something gets a gap, `0-0` of this epoch included; the cursor at its
-    // newest message missed nothing.
+    // newest message missed nothing. (Its floor is its newest id, unless
+    // its slot in the table of floors is shared with a channel evicted
+    // later, by chance: then that one's, and every older cursor a gap.)
     let (status, _, info) = get_json(&pg.admin("/v1/channels/room:0")).await;
     assert_eq!((status, info["history"].as_u64()), (200, Some(0)));
+    let floor = info["last_id"].as_str().unwrap().to_string();
+    let id = |s: &str| {
+        let (ms, seq) = s.split_once('-').unwrap();
+        (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+    };
+    assert!(id(&floor) >= id(&newest), "{floor} {newest}");
+    let shared = floor != newest;
     for (cursor, gap) in [
         (format!("0-0_{epoch}"), true),
         (format!("{first}_{epoch}"), true),
-        (format!("{newest}_{epoch}"), false),
+        (format!("{newest}_{epoch}"), shared),
     ] {
         let (status, _, v) =
             get_json(&pg.url(&format!("/sub/room:0?cursor={cursor}&timeout=0"))).await;
         assert_eq!(status, 200, "{cursor}");
         assert_eq!(v["gap"].as_bool(), Some(gap), "{cursor}: {v}");
-        assert_eq!(position(v["cursor"].as_str().unwrap()), newest, "{cursor}");
+        assert_eq!(position(v["cursor"].as_str().unwrap()), floor, "{cursor}");
     }
     // Published again, it goes on after its old ids.
     let again = pg.publish("room:0", "text/plain", "c").await;
-    let (_, _, v) = get_json(&pg.url(&format!("/sub/room:0?cursor={newest}_{epoch}"))).await;
+    let (_, _, v) = get_json(&pg.url(&format!("/sub/room:0?cursor={floor}_{epoch}"))).await;
     assert_eq!((ids(&v), v["gap"].as_bool()), (vec![again], Some(false)));
     assert!(pg.metric("pollgate_channels_kept ").await <= 4.0);
 }
@@ -147,7 +156,7 @@ async fn with_every_kept_channel_held_a_new_channel_is_refused_with_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_through_to_distinct_rooms_keeps_memory_bounded() {
     let backend = Backend::start().await;
-    let pg = Pollgate::start(&config(50, Some(&backend.addr())));
+    let pg = Pollgate::start(&config(20, Some(&backend.addr())));
     let rss = || {
         let status = std::fs::read_to_string(format!("/proc/{}/status", pg.pid())).unwrap();
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -160,7 +169,7 @@ async fn publish_through_to_distinct_rooms_keeps_memory_bounded() {
     };
     let body = "x".repeat(60_000);
     // Warm up (the first few allocations of every path), then measure.
-    for room in 0..50 {
+    for room in 0..20 {
         let r = client()
             .post(pg.url(&format!("/rooms/w{room}/messages")))
             .header("Content-Type", "text/plain")
@@ -171,7 +180,7 @@ async fn publish_through_to_distinct_rooms_keeps_memory_bounded() {
         assert!(r.status().is_success());
     }
     let before = rss();
-    for room in 0..1000 {
+    for room in 0..600 {
         let r = client()
             .post(pg.url(&format!("/rooms/{room}/messages")))
             .header("Content-Type", "text/plain")
@@ -184,12 +193,12 @@ async fn publish_through_to_distinct_rooms_keeps_memory_bounded() {
         assert!(!r.headers().contains_key("pollgate-publish-error"));
     }
     let grown = rss().saturating_sub(before);
-    // 1 000 rooms of 60 KB kept would be 60 MB: 50 of them are 3 MB.
-    assert!(grown < 25, "RSS grew by {grown} MiB");
-    assert_eq!(pg.metric("pollgate_channels_kept ").await, 50.0);
-    assert_eq!(pg.metric("pollgate_channels_evicted_total").await, 1000.0);
+    // 600 rooms of 60 KB kept would be 36 MB: 20 of them are 1.2 MB.
+    assert!(grown < 20, "RSS grew by {grown} MiB");
+    assert_eq!(pg.metric("pollgate_channels_kept ").await, 20.0);
+    assert_eq!(pg.metric("pollgate_channels_evicted_total").await, 600.0);
     // The newest room is there, whole.
-    let (_, _, v) = get_json(&pg.url("/oldest/room:999?timeout=0")).await;
+    let (_, _, v) = get_json(&pg.url("/oldest/room:599?timeout=0")).await;
     assert_eq!(
         v["messages"][0]["data"].as_str().map(str::len),
         Some(60_000)

@@ -1,6 +1,7 @@
 //! The admin listener: the publish API (docs/api.md, "Publishing"), channel info, `/metrics`,
 //! `/healthz` and `/readyz` (docs/api.md, "Admin endpoints").
 
+use crate::broker::BrokerError;
 use crate::conn::{self, BodyError, Head, Http1App, Plan, Raw};
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
@@ -307,7 +308,7 @@ impl Admin {
                 let id = m.id.to_string();
                 AdminReply::json(200, &Published { id, channel })
             }
-            Err(e) => AdminReply::error(503, "broker_unavailable", &e.to_string()),
+            Err(e) => publish_refused(&e, &e.to_string()),
         }
     }
 
@@ -359,7 +360,7 @@ impl Admin {
                 }
                 Err(e) => {
                     let detail = format!("{e}; published {} of the batch: {:?}", ids.len(), ids);
-                    return AdminReply::error(503, "broker_unavailable", &detail);
+                    return publish_refused(&e, &detail);
                 }
             }
         }
@@ -384,6 +385,17 @@ impl Admin {
             Err(e) => AdminReply::error(503, "broker_unavailable", &e.to_string()),
         }
     }
+}
+
+/// The 503 answer to a publish the broker refused with `e`:
+/// `too_many_channels` when it keeps its most channels, each with held
+/// polls (`limits.max_channels_kept`), else `broker_unavailable`.
+fn publish_refused(e: &BrokerError, detail: &str) -> AdminReply {
+    let error = match e {
+        BrokerError::TooManyChannels(_) => "too_many_channels",
+        _ => "broker_unavailable",
+    };
+    AdminReply::error(503, error, detail)
 }
 
 /// Lets the hub's delivery task, which runs on this runtime, answer the

@@ -141,6 +141,11 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Channels this instance keeps active (503 past it).
     pub max_active_channels: usize,
+    /// Channels whose history the memory broker keeps (those created by
+    /// publishing included): past it, the least recently published one
+    /// without held polls is evicted; a publish to a new channel when every
+    /// kept one has held polls gets a 503.
+    pub max_channels_kept: usize,
     /// Requests held at once per client address: polls, SSE streams, watch
     /// requests (429 past it; 0: no limit).
     pub max_held_per_client: usize,
@@ -352,6 +357,9 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             max_active_channels: 100_000,
+            // With the default history (100) and small messages (1 KiB),
+            // at most about 1 GiB of histories: see docs/configuration.md.
+            max_channels_kept: 10_000,
             // Off: see docs/security.md, "Fairness per client" (NAT, and
             // load balancers not yet named in trusted_proxies).
             max_held_per_client: 0,
@@ -538,6 +546,9 @@ impl Config {
         }
         if self.limits.max_active_channels == 0 {
             bad("limits.max_active_channels", "must be at least 1".into());
+        }
+        if self.limits.max_channels_kept == 0 {
+            bad("limits.max_channels_kept", "must be at least 1".into());
         }
         for (i, p) in self.trusted_proxies.iter().enumerate() {
             if crate::fairness::parse_cidr(p).is_none() {

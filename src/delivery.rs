@@ -176,4 +176,8 @@ impl Sink for HubSink {
             hub.announce(Announcement::Resync(channel.to_string(), history));
         }
     }
+
+    fn is_held(&self, channel: &str) -> bool {
+        self.0.upgrade().is_some_and(|hub| hub.holds(channel))
+    }
 }

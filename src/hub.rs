@@ -536,6 +536,13 @@ impl Hub {
         })
     }
 
+    /// Returns true while a poll is held on `name` here (its channel has
+    /// waiters).
+    pub fn holds(&self, name: &str) -> bool {
+        self.lookup_channel(name)
+            .is_some_and(|ch| !ch.state.lock().waiters.is_empty())
+    }
+
     /// Channels active on this instance now.
     pub fn active_channels(&self) -> usize {
         self.active.load(Ordering::Acquire)

@@ -38,7 +38,7 @@ impl Broker for Counting {
 
 fn hub() -> (Arc<Hub>, Arc<Counting>) {
     let broker = Arc::new(Counting {
-        inner: MemoryBroker::new(100, Duration::from_secs(60)),
+        inner: MemoryBroker::new(100, Duration::from_secs(60), 1000),
         reads: AtomicUsize::new(0),
     });
     (
@@ -260,7 +260,7 @@ async fn cursors_ahead_of_the_channel_are_a_gap_without_a_read_per_poll() {
 
 #[tokio::test]
 async fn active_channels_are_capped() {
-    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(10, Duration::from_secs(60)));
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(10, Duration::from_secs(60), 1000));
     let hub = Hub::new(broker, 10, Duration::ZERO, 2);
     let poll = |name: &str| {
         let names = vec![name.to_string()];
@@ -284,7 +284,7 @@ async fn active_channels_are_capped() {
 
 #[tokio::test]
 async fn a_dropped_waiter_leaves_its_channels_and_idle_channels_are_swept() {
-    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(10, Duration::from_secs(60)));
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(10, Duration::from_secs(60), 1000));
     let hub = Hub::new(broker, 10, Duration::ZERO, 1000);
     let names = vec!["x".to_string(), "y".to_string()];
     let w = held_newest(&hub, &names).await;

@@ -100,6 +100,26 @@ pub static CHANNELS_ACTIVE: LazyLock<IntGauge> = LazyLock::new(|| {
     .unwrap()
 });
 
+/// Channels whose history the memory broker keeps (at most
+/// `limits.max_channels_kept`; always 0 with Redis, which keeps them).
+pub static CHANNELS_KEPT: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "pollgate_channels_kept",
+        "Channels whose history this instance keeps in memory (memory broker)"
+    )
+    .unwrap()
+});
+
+/// Channels whose history was dropped to make room for a new one
+/// (`limits.max_channels_kept`).
+pub static CHANNELS_EVICTED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "pollgate_channels_evicted_total",
+        "Channels without held polls whose history was dropped, least recently published first, to keep limits.max_channels_kept"
+    )
+    .unwrap()
+});
+
 /// 1 while the broker is reachable.
 pub static BROKER_UP: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("pollgate_broker_up", "1 while the broker is reachable").unwrap()
@@ -178,6 +198,9 @@ pub enum Refusal {
     MaxHeld,
     /// `limits.max_active_channels` channels are already active (503).
     MaxActiveChannels,
+    /// A publish to a new channel while `limits.max_channels_kept` channels
+    /// are kept and every one has held polls (503).
+    MaxChannelsKept,
     /// `broker.max_pending` commands are already in flight (503).
     BrokerBusy,
     /// The broker is unreachable (503).
@@ -191,12 +214,13 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    const ALL: [Refusal; 10] = [
+    const ALL: [Refusal; 11] = [
         Refusal::HeaderTooLarge,
         Refusal::HeaderTimeout,
         Refusal::WriteTimeout,
         Refusal::MaxHeld,
         Refusal::MaxActiveChannels,
+        Refusal::MaxChannelsKept,
         Refusal::BrokerBusy,
         Refusal::BrokerDown,
         Refusal::BadTarget,
@@ -211,6 +235,7 @@ impl Refusal {
             Refusal::WriteTimeout => "write_timeout",
             Refusal::MaxHeld => "max_held",
             Refusal::MaxActiveChannels => "max_active_channels",
+            Refusal::MaxChannelsKept => "max_channels_kept",
             Refusal::BrokerBusy => "broker_busy",
             Refusal::BrokerDown => "broker_down",
             Refusal::BadTarget => "bad_target",
@@ -281,6 +306,8 @@ pub fn init() {
     LazyLock::force(&DELIVERED);
     LazyLock::force(&DELIVERY_LATENCY);
     LazyLock::force(&CHANNELS_ACTIVE);
+    LazyLock::force(&CHANNELS_KEPT);
+    LazyLock::force(&CHANNELS_EVICTED);
     LazyLock::force(&BROKER_UP);
     LazyLock::force(&BROKER_RECONNECTS);
     LazyLock::force(&UPSTREAM_REQUESTS);

@@ -684,6 +684,8 @@ pub fn hub_refusal(e: &HubError) -> (Option<Refusal>, &'static str) {
         HubError::Broker(BrokerError::Unavailable(_)) => {
             (Some(Refusal::BrokerDown), "broker_unavailable")
         }
+        // Only a publish gets it (and the broker counted it).
+        HubError::Broker(BrokerError::TooManyChannels(_)) => (None, "too_many_channels"),
     }
 }
 
@@ -704,7 +706,7 @@ mod tests {
     }
 
     fn poller() -> Poller {
-        let broker = Arc::new(MemoryBroker::new(100, Duration::from_secs(60)));
+        let broker = Arc::new(MemoryBroker::new(100, Duration::from_secs(60), 1000));
         Poller {
             hub: Hub::new(broker, 100, Duration::from_secs(30), 1000),
             life: Arc::new(Lifecycle::default()),

@@ -6,6 +6,7 @@
 //! `Pollgate-Publish-Error`) added. Plain proxy routes do not come here:
 //! they stream through Pingora.
 
+use crate::broker::BrokerError;
 use crate::config::BodySource;
 use crate::hub::Hub;
 use crate::message::{content_type_problem, OCTET_STREAM};
@@ -132,12 +133,16 @@ impl Relay {
             let result = match (channel_problem(&channel), ct) {
                 (Some(why), _) => Err(format!("channel '{}': {why}", channel.escape_default())),
                 (None, Err(why)) => Err(format!("bad_content_type: {why}")),
-                (None, Ok(ct)) => self
-                    .hub
-                    .broker()
-                    .publish(&channel, ct, data)
-                    .await
-                    .map_err(|e| e.to_string()),
+                (None, Ok(ct)) => {
+                    self.hub
+                        .broker()
+                        .publish(&channel, ct, data)
+                        .await
+                        .map_err(|e| match e {
+                            BrokerError::TooManyChannels(_) => format!("too_many_channels: {e}"),
+                            e => e.to_string(),
+                        })
+                }
             };
             match result {
                 Ok(m) => {

@@ -44,7 +44,11 @@ pub fn broker(config: &Config) -> Result<Arc<dyn Broker>, String> {
     let url = &config.broker.url;
     let b = &config.broker;
     if url.starts_with("memory://") {
-        Ok(Arc::new(MemoryBroker::new(b.history, b.history_ttl)))
+        Ok(Arc::new(MemoryBroker::new(
+            b.history,
+            b.history_ttl,
+            config.limits.max_channels_kept,
+        )))
     } else {
         Ok(Arc::new(RedisBroker::new(
             url,

@@ -53,6 +53,15 @@ impl<V: Clone> ShardedMap<V> {
         v
     }
 
+    /// Removes `key` when its value passes `remove`. Returns whether it did.
+    pub fn remove_if(&self, key: &str, remove: impl FnOnce(&V) -> bool) -> bool {
+        let mut map = self.shard(key).write();
+        match map.get(key) {
+            Some(v) if remove(v) => map.remove(key).is_some(),
+            _ => false,
+        }
+    }
+
     /// Every value, shard by shard (each shard read-locked in turn).
     pub fn values(&self) -> Vec<V> {
         let mut all = Vec::new();

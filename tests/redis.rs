@@ -46,6 +46,32 @@ async fn a_publish_on_one_instance_answers_polls_held_on_the_others() {
         .await;
 }
 
+/// Publishing keeps nothing on an instance on Redis: the histories are in
+/// Redis, and a publish creates no channel in the hub (only a poll does),
+/// so `limits.max_channels_kept` (the memory broker's) never evicts there.
+#[tokio::test]
+async fn publishing_to_many_channels_keeps_no_channel_on_the_instance() {
+    let redis = RedisServer::start();
+    let gw = gateways(&redis.url(), 1, "limits:\n  max_channels_kept: 2\n");
+    let pg = &gw[0];
+    let first = pg.publish("many:0", "text/plain", "x").await;
+    for i in 1..20 {
+        pg.publish(&format!("many:{i}"), "text/plain", "x").await;
+    }
+    assert_eq!(pg.metric("pollgate_channels_active").await, 0.0);
+    assert_eq!(pg.metric("pollgate_channels_kept ").await, 0.0);
+    assert_eq!(pg.metric("pollgate_channels_evicted_total").await, 0.0);
+    let (_, _, info) = get_json(&pg.admin("/v1/channels/many:0")).await;
+    assert_eq!(
+        (info["history"].as_u64(), info["last_id"].as_str()),
+        (Some(1), Some(first.as_str()))
+    );
+    // A poll is what makes a channel active here.
+    let (_, _, v) = get_json(&pg.url("/oldest/many:0?timeout=0")).await;
+    assert_eq!(ids(&v), [first]);
+    assert_eq!(pg.metric("pollgate_channels_active").await, 1.0);
+}
+
 #[tokio::test]
 async fn twenty_channels_published_round_robin_arrive_complete_and_in_order_everywhere() {
     let redis = RedisServer::start();

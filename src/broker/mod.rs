@@ -22,6 +22,10 @@ pub enum BrokerError {
     Unavailable(String),
     /// Too many commands are already waiting for the broker: retry later (503).
     Busy(String),
+    /// A publish to a new channel while the broker already keeps its most
+    /// channels (`limits.max_channels_kept`, the number carried) and every
+    /// one of them has held polls: retry later (503).
+    TooManyChannels(usize),
 }
 
 impl std::fmt::Display for BrokerError {
@@ -29,6 +33,10 @@ impl std::fmt::Display for BrokerError {
         match self {
             BrokerError::Unavailable(why) => write!(f, "broker unavailable: {why}"),
             BrokerError::Busy(why) => write!(f, "broker busy: {why}"),
+            BrokerError::TooManyChannels(max) => write!(
+                f,
+                "this instance already keeps {max} channels, each with held polls (limits.max_channels_kept)"
+            ),
         }
     }
 }
@@ -44,6 +52,12 @@ pub trait Sink: Send + Sync {
     /// so that messages announced while disconnected are caught up (or a
     /// lost history is noticed).
     fn resync(&self, channel: &str, history: History);
+
+    /// Returns true while this instance holds polls on `channel`: a broker
+    /// that must drop a channel to make room never drops such a one.
+    fn is_held(&self, _channel: &str) -> bool {
+        false
+    }
 }
 
 /// Storage and announcement of messages.

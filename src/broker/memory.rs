@@ -3,7 +3,9 @@
 //! Channels live in a sharded map so that publishes to different channels do
 //! not contend. A publish assigns the id, appends to the history and hands the
 //! message to the sink while holding its channel's lock, so announcements of
-//! one channel leave in id order.
+//! one channel leave in id order. Before that, it waits for room in the
+//! sink's bounded queue ([`Sink::room`]): publishers faster than delivery
+//! are slowed down, and no message is dropped.
 
 use super::{Broker, BrokerError, Sink};
 use crate::cursor::Epoch;
@@ -71,13 +73,20 @@ impl Broker for MemoryBroker {
                 last_publish: Instant::now(),
             }))
         });
+        // Room in the hub's delivery queue first, outside the lock: a
+        // publish faster than delivery waits here, so nothing queues
+        // without bound and nothing is refused.
+        let room = match self.sink.get() {
+            Some(sink) => Some(sink.room().await),
+            None => None,
+        };
         let mut s = stream.lock();
         let id = s.history.last_id().next_after();
         let message = Arc::new(Message::new(id, s.name.clone(), content_type, data));
         s.history.push(message.clone());
         s.last_publish = Instant::now();
-        if let Some(sink) = self.sink.get() {
-            sink.deliver(message.clone());
+        if let Some(room) = room {
+            room.deliver(message.clone());
         }
         Ok(message)
     }

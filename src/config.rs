@@ -109,6 +109,10 @@ pub struct BrokerConfig {
     /// Redis commands in flight per instance; past it, callers wait (up to
     /// the broker's response timeout) and then get a 503.
     pub max_pending: usize,
+    /// Announcements waiting for the hub's delivery task, at most; past it
+    /// the Redis broker reconnects and catches up, and a memory publish
+    /// waits for room.
+    pub delivery_queue: usize,
 }
 
 /// `publish`: who may call the publish API on `admin_listen`.
@@ -343,6 +347,7 @@ impl Default for BrokerConfig {
             history: 100,
             history_ttl: Duration::from_secs(3600),
             max_pending: 10_000,
+            delivery_queue: crate::hub::DELIVERY_QUEUE,
         }
     }
 }
@@ -562,6 +567,9 @@ impl Config {
         }
         if self.broker.max_pending == 0 {
             bad("broker.max_pending", "must be at least 1".into());
+        }
+        if self.broker.delivery_queue == 0 {
+            bad("broker.delivery_queue", "must be at least 1".into());
         }
         if let Some(why) = self.open_admin() {
             bad("publish.token", why);

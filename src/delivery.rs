@@ -7,11 +7,13 @@
 
 use super::{fire_all, Hub, Waiters};
 use crate::answer::{Answer, Format};
-use crate::broker::Sink;
+use crate::broker::{Room, Sink};
 use crate::cursor::Cursor;
 use crate::history::{History, Lookup};
 use crate::message::{Message, MessageId};
+use crate::metrics;
 use crate::waiter::Wake;
+use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
@@ -127,14 +129,22 @@ impl Hub {
     /// from now on (until the hub is dropped). Run on the runtime of the
     /// held polls, it wakes them (and writes their answers) without a
     /// wake-up across threads per poll.
+    ///
+    /// The queue in front of it holds at most `broker.delivery_queue`
+    /// announcements (the hub's `delivery_queue`). When it is full, a
+    /// message from the Redis broker is refused ([`Sink::deliver`]), and
+    /// the broker reconnects and catches up; a memory publish waits for
+    /// room ([`Sink::room`]); a catch-up waits for room too. Returns when
+    /// the hub is dropped.
     pub async fn run_deliveries(self: Arc<Self>) {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(self.delivery_queue);
         if self.deliveries.set(tx).is_err() {
             return; // already running
         }
         let hub = Arc::downgrade(&self);
         drop(self);
         while let Some(announcement) = rx.recv().await {
+            metrics::DELIVERY_QUEUE.set(rx.len() as i64);
             let Some(hub) = hub.upgrade() else { return };
             hub.handle(announcement);
         }
@@ -147,33 +157,105 @@ impl Hub {
         }
     }
 
-    /// Handles an announcement: on [`Hub::run_deliveries`]'s task when it
-    /// runs, else here.
-    fn announce(&self, announcement: Announcement) {
+    /// Queues an announcement for [`Hub::run_deliveries`]'s task without
+    /// waiting (or handles it here, before that task runs). Returns false
+    /// when the queue is full: the announcement was dropped, and counted.
+    fn offer(&self, announcement: Announcement) -> bool {
+        use mpsc::error::TrySendError;
+        let Some(tx) = self.deliveries.get() else {
+            self.handle(announcement);
+            return true;
+        };
+        match tx.try_send(announcement) {
+            Ok(()) => {
+                queued(tx);
+                true
+            }
+            Err(TrySendError::Full(_)) => {
+                metrics::DELIVERY_OVERFLOWS.inc();
+                false
+            }
+            Err(TrySendError::Closed(announcement)) => {
+                self.handle(announcement);
+                true
+            }
+        }
+    }
+
+    /// Queues an announcement, waiting for room (or handles it here,
+    /// before [`Hub::run_deliveries`] runs).
+    async fn announce(&self, announcement: Announcement) {
         let announcement = match self.deliveries.get() {
-            Some(tx) => match tx.send(announcement) {
-                Ok(()) => return,
+            Some(tx) => match tx.send(announcement).await {
+                Ok(()) => return queued(tx),
                 Err(mpsc::error::SendError(a)) => a,
             },
             None => announcement,
         };
         self.handle(announcement);
     }
+
+    /// Waits for room for one announcement; returns it.
+    async fn room(self: Arc<Self>) -> Box<dyn Room> {
+        if let Some(tx) = self.deliveries.get() {
+            if let Ok(permit) = tx.clone().reserve_owned().await {
+                return Box::new(Queued(permit));
+            }
+        }
+        Box::new(Inline(Arc::downgrade(&self)))
+    }
+}
+
+/// Notes the queue's length after an announcement went in.
+fn queued(tx: &mpsc::Sender<Announcement>) {
+    metrics::DELIVERY_QUEUE.set((tx.max_capacity() - tx.capacity()) as i64);
+}
+
+/// Room taken in the delivery queue.
+struct Queued(mpsc::OwnedPermit<Announcement>);
+
+impl Room for Queued {
+    fn deliver(self: Box<Self>, message: Arc<Message>) {
+        let tx = self.0.send(Announcement::Message(message));
+        queued(&tx);
+    }
+}
+
+/// Room before the delivery task runs (or after it ended): the message is
+/// handled by the caller.
+struct Inline(Weak<Hub>);
+
+impl Room for Inline {
+    fn deliver(self: Box<Self>, message: Arc<Message>) {
+        if let Some(hub) = self.0.upgrade() {
+            hub.handle(Announcement::Message(message));
+        }
+    }
 }
 
 /// The hub as the broker's sink; weak so that the two do not keep each other.
 pub(super) struct HubSink(pub(super) Weak<Hub>);
 
+#[async_trait]
 impl Sink for HubSink {
-    fn deliver(&self, message: Arc<Message>) {
-        if let Some(hub) = self.0.upgrade() {
-            hub.announce(Announcement::Message(message));
+    fn deliver(&self, message: Arc<Message>) -> bool {
+        match self.0.upgrade() {
+            Some(hub) => hub.offer(Announcement::Message(message)),
+            None => true,
         }
     }
 
-    fn resync(&self, channel: &str, history: History) {
+    async fn room(&self) -> Box<dyn Room> {
+        match self.0.upgrade() {
+            Some(hub) => hub.room().await,
+            None => Box::new(Inline(Weak::new())),
+        }
+    }
+
+    async fn resync(&self, channel: &str, history: History) {
         if let Some(hub) = self.0.upgrade() {
-            hub.announce(Announcement::Resync(channel.to_string(), history));
+            hub.announce(Announcement::Resync(channel.to_string(), history))
+                .await;
         }
     }
 

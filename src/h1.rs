@@ -24,11 +24,12 @@ use bytes::BytesMut;
 use parking_lot::Mutex;
 use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
+use socket2::SockRef;
 use std::io::IoSlice;
 use std::net::IpAddr;
-use std::os::fd::RawFd;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
 
 /// The connection of a poll held on the lean path.
 pub struct Exchange<'a> {
@@ -131,12 +132,12 @@ pub async fn serve(
     };
     // On plain TCP (a TLS session's state is the task's), the answer can
     // leave from the delivering task: `Conn` has nothing gathered between
-    // two answers, and its unique id is the socket's fd.
-    if client.stream.get_ssl_digest().is_none() {
-        let fd = client.stream.id();
-        let direct = (client.kept.direct)
-            .get_or_insert_with(|| Arc::new(DirectWrite::new(fd)))
-            .clone();
+    // two answers, and shares its socket with the writer.
+    let direct = match &mut client.kept.direct {
+        Some(direct) => Some(direct.clone()),
+        none => direct_for(client.stream).inspect(|direct| *none = Some(direct.clone())),
+    };
+    if let Some(direct) = direct {
         direct.begin(manner.clone());
         client.direct = Some(direct);
     }
@@ -176,8 +177,13 @@ pub async fn serve(
 /// the socket does not take at once is left to the poll's task. One per
 /// connection: the hub calls it for the poll being held, if at all, and
 /// never once that poll has stopped ([`Answerer::answer`]).
+///
+/// It holds the socket itself (shared with the connection's `Conn`), not
+/// a descriptor number: even a write that came late (after the connection
+/// ended) could only reach that connection's socket, never another
+/// connection that was given the same number.
 struct DirectWrite {
-    fd: RawFd,
+    socket: Arc<TcpStream>,
     turn: Mutex<Turn>,
 }
 
@@ -195,10 +201,16 @@ enum Settled {
     Partly(Vec<u8>),
 }
 
+/// The direct writer of a plain TCP connection's answers; None on any
+/// other stream.
+fn direct_for(stream: &Stream) -> Option<Arc<DirectWrite>> {
+    crate::listener::socket_of(stream).map(|socket| Arc::new(DirectWrite::new(socket)))
+}
+
 impl DirectWrite {
-    fn new(fd: RawFd) -> DirectWrite {
+    fn new(socket: Arc<TcpStream>) -> DirectWrite {
         DirectWrite {
-            fd,
+            socket,
             turn: Mutex::new(Turn {
                 manner: Manner::default(),
                 written: Settled::Unsent,
@@ -224,22 +236,17 @@ impl Answerer for DirectWrite {
     fn answer(&self, answer: &Arc<Answer>) -> bool {
         let mut turn = self.turn.lock();
         let whole = whole_answer(answer, &turn.manner);
-        // SAFETY: the poll's task keeps the socket open until its poll has
-        // stopped, which waits out this call (`Held::stop`); `whole` is a
-        // live buffer of that length.
-        let sent = unsafe {
-            libc::send(
-                self.fd,
-                whole.as_ptr().cast(),
-                whole.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if sent <= 0 {
+        // Through the socket's readiness: a socket known full is not tried,
+        // and one found full is marked so for the poll's task. The socket is
+        // non-blocking; MSG_NOSIGNAL: a closed peer is an error, no SIGPIPE.
+        let socket = &*self.socket;
+        let send = || SockRef::from(socket).send_with_flags(&whole, libc::MSG_NOSIGNAL);
+        let sent = match socket.try_io(Interest::WRITABLE, send) {
+            Ok(sent) if sent > 0 => sent,
             // Full or failing: the poll's task writes it (and sees the error).
-            return false;
-        }
-        turn.written = match whole.get(sent as usize..) {
+            _ => return false,
+        };
+        turn.written = match whole.get(sent..) {
             Some(rest) if !rest.is_empty() => Settled::Partly(rest.to_vec()),
             _ => Settled::Sent,
         };
@@ -316,4 +323,65 @@ async fn write_whole(poller: &Poller, client: &mut Exchange<'_>, whole: &[u8]) -
             .or_else(|e| Error::e_because(ErrorType::WriteError, "writing an answer", e))
     };
     poller.write(flush).await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::answer::Format;
+    use crate::cursor::Cursor;
+    use crate::message::{Message, MessageId};
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+
+    fn an_answer() -> Arc<Answer> {
+        let first = MessageId::ZERO.next_after();
+        let message = Arc::new(Message::new(
+            first,
+            "news".into(),
+            "text/plain".into(),
+            bytes::Bytes::from_static(b"late"),
+        ));
+        let at = Cursor(smallvec::smallvec![MessageId::ZERO], Some(1));
+        Arc::new(Answer::build(Format::Envelope, &at, false, &[(0, message)]))
+    }
+
+    /// A direct write that comes after its connection closed, when the
+    /// descriptor's number went to a newly accepted connection, must not
+    /// reach that other client.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_direct_write_reaches_no_other_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answer = an_answer();
+        for round in 0..20 {
+            let _first = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (accepted, _) = listener.accept().await.unwrap();
+            let stream = crate::listener::plain_stream(accepted);
+            let fd = stream.id();
+            let direct = direct_for(&stream).expect("a plain TCP connection");
+            let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+            // The connection ends: its poll no longer owns the descriptor,
+            // whose number the next accept may take.
+            drop(stream);
+            let (mut other, _) = listener.accept().await.unwrap();
+            let reused = other.as_raw_fd() == fd;
+            direct.begin(Manner {
+                keepalive: true,
+                cors: Vec::new(),
+            });
+            direct.answer(&answer);
+            drop(direct);
+            let mut buf = [0u8; 256];
+            for end in [&mut second, &mut other] {
+                let read = tokio::time::timeout(Duration::from_millis(50), end.read(&mut buf));
+                if let Ok(Ok(n)) = read.await {
+                    panic!(
+                        "round {round}: another connection (fd {fd} reused: {reused}) received {:?}",
+                        String::from_utf8_lossy(&buf[..n])
+                    );
+                }
+            }
+        }
+    }
 }

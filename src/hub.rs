@@ -43,6 +43,12 @@ pub enum First {
 /// broker read per channel per this period.
 const AHEAD_CHECK_REUSE: Duration = Duration::from_secs(1);
 
+/// Announcements waiting for the delivery task, at most, by default
+/// (`broker.delivery_queue`): as many as the Redis broker's own queue of
+/// pushes, so that an instance holds at most twice that between Redis and
+/// its waiters.
+pub const DELIVERY_QUEUE: usize = 8192;
+
 /// Why the hub could not serve a poll (a 503 for the client).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HubError {
@@ -184,7 +190,9 @@ pub struct Hub {
     next_waiter: AtomicU64,
     /// Where the broker's announcements go once [`Hub::run_deliveries`]
     /// runs (before that, they are handled on the broker's task).
-    deliveries: OnceLock<mpsc::UnboundedSender<Announcement>>,
+    deliveries: OnceLock<mpsc::Sender<Announcement>>,
+    /// Most announcements waiting in `deliveries` (`broker.delivery_queue`).
+    delivery_queue: usize,
     /// Runs once between a poll's lookup and its registration (tests).
     #[cfg(test)]
     before_register: Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -204,13 +212,15 @@ pub struct ChannelInfo {
 impl Hub {
     /// A hub over `broker`, keeping windows of `history` messages,
     /// forgetting a channel `linger` after its last waiter left, and holding
-    /// at most `max_channels` channels. The hub registers itself as the
-    /// broker's sink.
+    /// at most `max_channels` channels, with at most `delivery_queue`
+    /// announcements waiting for its delivery task. The hub registers
+    /// itself as the broker's sink. Returns the hub, shared.
     pub fn new(
         broker: Arc<dyn Broker>,
         history: usize,
         linger: Duration,
         max_channels: usize,
+        delivery_queue: usize,
     ) -> Arc<Hub> {
         let hub = Arc::new(Hub {
             channels: ShardedMap::default(),
@@ -221,6 +231,7 @@ impl Hub {
             linger,
             next_waiter: AtomicU64::new(1),
             deliveries: OnceLock::new(),
+            delivery_queue,
             #[cfg(test)]
             before_register: Mutex::new(None),
             #[cfg(test)]

@@ -42,7 +42,13 @@ fn hub() -> (Arc<Hub>, Arc<Counting>) {
         reads: AtomicUsize::new(0),
     });
     (
-        Hub::new(broker.clone(), 100, Duration::from_secs(30), 1000),
+        Hub::new(
+            broker.clone(),
+            100,
+            Duration::from_secs(30),
+            1000,
+            DELIVERY_QUEUE,
+        ),
         broker,
     )
 }
@@ -261,7 +267,7 @@ async fn cursors_ahead_of_the_channel_are_a_gap_without_a_read_per_poll() {
 #[tokio::test]
 async fn active_channels_are_capped() {
     let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(10, Duration::from_secs(60), 1000));
-    let hub = Hub::new(broker, 10, Duration::ZERO, 2);
+    let hub = Hub::new(broker, 10, Duration::ZERO, 2, DELIVERY_QUEUE);
     let poll = |name: &str| {
         let names = vec![name.to_string()];
         let hub = hub.clone();
@@ -285,7 +291,7 @@ async fn active_channels_are_capped() {
 #[tokio::test]
 async fn a_dropped_waiter_leaves_its_channels_and_idle_channels_are_swept() {
     let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(10, Duration::from_secs(60), 1000));
-    let hub = Hub::new(broker, 10, Duration::ZERO, 1000);
+    let hub = Hub::new(broker, 10, Duration::ZERO, 1000, DELIVERY_QUEUE);
     let names = vec!["x".to_string(), "y".to_string()];
     let w = held_newest(&hub, &names).await;
     assert_eq!(hub.info("x").await.unwrap().subscribers, 1);
@@ -486,5 +492,94 @@ async fn a_registration_that_fails_part_way_is_answered_exactly_once() {
     match held.woken().await {
         Wake::Answer(a) => assert_eq!(a.messages[0].id.ms, 7),
         other => panic!("expected the delivered answer, got {other:?}"),
+    }
+}
+
+/// Trust, round 2: on the memory broker a publish waits for room in the
+/// bounded delivery queue. Publishers far faster than delivery never
+/// queue past the bound, and a subscriber gets every message, each
+/// publisher's in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_publishes_wait_for_room_in_the_bounded_delivery_queue() {
+    const BOUND: usize = 2;
+    const PUBLISHERS: usize = 4;
+    const EACH: usize = 200;
+    let broker = Arc::new(MemoryBroker::new(1000, Duration::from_secs(60), 1000));
+    let hub = Hub::new(broker.clone(), 1000, Duration::from_secs(30), 1000, BOUND);
+    tokio::spawn(hub.clone().run_deliveries());
+    while hub.deliveries.get().is_none() {
+        tokio::task::yield_now().await;
+    }
+    let names = vec!["burst".to_string()];
+    let mut held = held_newest(&hub, &names).await;
+    let subscriber = tokio::spawn({
+        let hub = hub.clone();
+        async move {
+            let mut got = Vec::new();
+            while got.len() < PUBLISHERS * EACH {
+                let answer = match held.woken().await {
+                    Wake::Answer(answer) => answer,
+                    other => panic!("unexpected {other:?}"),
+                };
+                let mut answer = Some(answer);
+                while let Some(a) = answer.take() {
+                    got.extend(a.messages.iter().map(|m| m.data.clone()));
+                    match hub
+                        .poll(
+                            &names,
+                            Some(a.cursor.clone()),
+                            First::Newest,
+                            Format::Envelope,
+                        )
+                        .await
+                        .unwrap()
+                    {
+                        Poll::Ready(next) => answer = Some(next),
+                        Poll::Held(h) => held = h,
+                    }
+                }
+            }
+            got
+        }
+    });
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let broker = broker.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut most = 0;
+            for i in 0..EACH {
+                let data = Bytes::from(format!("{p}:{i}"));
+                broker
+                    .publish("burst", "text/plain".into(), data)
+                    .await
+                    .unwrap();
+                most = most.max(metrics::DELIVERY_QUEUE.get());
+            }
+            most
+        }));
+    }
+    for p in publishers {
+        let most = p.await.unwrap();
+        assert!(
+            most <= BOUND as i64,
+            "the delivery queue reached {most}, over {BOUND}"
+        );
+    }
+    let got = tokio::time::timeout(Duration::from_secs(10), subscriber)
+        .await
+        .expect("every message delivered")
+        .unwrap();
+    assert_eq!(got.len(), PUBLISHERS * EACH, "each message once");
+    for p in 0..PUBLISHERS {
+        let mine: Vec<_> = got
+            .iter()
+            .filter(|d| d.starts_with(format!("{p}:").as_bytes()))
+            .collect();
+        let want: Vec<_> = (0..EACH).map(|i| Bytes::from(format!("{p}:{i}"))).collect();
+        assert_eq!(
+            mine,
+            want.iter().collect::<Vec<_>>(),
+            "publisher {p}, in order"
+        );
     }
 }

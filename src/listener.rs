@@ -36,13 +36,14 @@ use pingora::protocols::{
 use pingora::protocols::{Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType};
 use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service;
+use socket2::SockRef;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// The first bytes of the HTTP/2 connection preface.
@@ -57,20 +58,98 @@ const CERT_CHECK: Duration = Duration::from_secs(2);
 const MAX_GATHER: usize = 16 * 1024;
 
 /// A TCP connection as Pingora sees it, without buffers.
+///
+/// The socket is shared ([`socket_of`]): the lean path's direct write
+/// holds it too, so the descriptor stays open, and its number cannot go to
+/// another connection, until the last holder drops it. Reads and writes
+/// therefore go through the socket's readiness (`poll_*_ready`, `try_io`)
+/// rather than `&mut` methods, the way tokio's own `TcpStream` does them.
 #[derive(Debug)]
 struct Conn {
-    tcp: TcpStream,
+    tcp: Arc<TcpStream>,
     digest: Arc<SocketDigest>,
     pending: Vec<u8>,
 }
 
+/// A plain TCP client connection's socket, shared with whoever writes to
+/// it from outside the connection's task; None for any other stream (TLS,
+/// HTTP/2 sessions). Returns a handle that keeps the socket open.
+pub fn socket_of(stream: &Stream) -> Option<Arc<TcpStream>> {
+    let io: &dyn pingora::protocols::IO = &**stream;
+    io.as_any()
+        .downcast_ref::<Conn>()
+        .map(|conn| conn.tcp.clone())
+}
+
+/// A plain TCP connection as a Pingora stream (tests of what is written on it).
+#[cfg(test)]
+pub(crate) fn plain_stream(tcp: TcpStream) -> Stream {
+    Box::new(Conn::new(tcp))
+}
+
+/// Clears the read readiness that `tcp` last reported, without a syscall.
+fn clear_readable(tcp: &TcpStream) {
+    let _ = tcp.try_io(Interest::READABLE, || {
+        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+    });
+}
+
+/// Writes `buf` to `tcp` once it is writable.
+fn poll_write_tcp(tcp: &TcpStream, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    loop {
+        std::task::ready!(tcp.poll_write_ready(cx))?;
+        match tcp.try_write(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            done => return Poll::Ready(done),
+        }
+    }
+}
+
+/// Writes `bufs` to `tcp`, in one syscall, once it is writable.
+fn poll_write_vectored_tcp(
+    tcp: &TcpStream,
+    cx: &mut Context<'_>,
+    bufs: &[io::IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
+    loop {
+        std::task::ready!(tcp.poll_write_ready(cx))?;
+        match tcp.try_write_vectored(bufs) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            done => return Poll::Ready(done),
+        }
+    }
+}
+
 impl AsyncRead for Conn {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
+        let tcp = &*self.tcp;
+        loop {
+            std::task::ready!(tcp.poll_read_ready(cx))?;
+            // SAFETY: `recv` only writes initialized bytes into the unfilled
+            // part, and says how many; only those are marked filled.
+            let unfilled = unsafe { buf.unfilled_mut() };
+            let len = unfilled.len();
+            match tcp.try_io(Interest::READABLE, || SockRef::from(tcp).recv(unfilled)) {
+                Ok(n) => {
+                    // SAFETY: `recv` initialized these `n` bytes.
+                    unsafe { buf.assume_init(n) };
+                    buf.advance(n);
+                    // A short read emptied the socket (epoll): the next read
+                    // waits for the next event instead of trying first, as
+                    // tokio's own `TcpStream` does.
+                    if n > 0 && n < len {
+                        clear_readable(tcp);
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
     }
 }
 
@@ -88,7 +167,7 @@ impl AsyncWrite for Conn {
                 return Poll::Pending;
             }
             if buf.len() > MAX_GATHER {
-                return Pin::new(&mut self.tcp).poll_write(cx, buf);
+                return poll_write_tcp(&self.tcp, cx, buf);
             }
         }
         self.pending.extend_from_slice(buf);
@@ -103,14 +182,14 @@ impl AsyncWrite for Conn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         if self.pending.is_empty() {
-            return Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+            return poll_write_vectored_tcp(&self.tcp, cx, bufs);
         }
         let len = bufs.iter().map(|b| b.len()).sum();
         if self.pending.len() + len > MAX_GATHER && self.as_mut().poll_drain(cx)?.is_pending() {
             return Poll::Pending;
         }
         if self.pending.is_empty() {
-            return Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+            return poll_write_vectored_tcp(&self.tcp, cx, bufs);
         }
         for buf in bufs {
             self.pending.extend_from_slice(buf);
@@ -121,13 +200,13 @@ impl AsyncWrite for Conn {
         if self.as_mut().poll_drain(cx)?.is_pending() {
             return Poll::Pending;
         }
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        Poll::Ready(Ok(()))
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.as_mut().poll_drain(cx)?.is_pending() {
             return Poll::Pending;
         }
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        Poll::Ready(SockRef::from(&*self.tcp).shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -135,7 +214,7 @@ impl Conn {
     fn new(tcp: TcpStream) -> Conn {
         let digest = Arc::new(SocketDigest::from_raw_fd(tcp.as_raw_fd()));
         Conn {
-            tcp,
+            tcp: Arc::new(tcp),
             digest,
             pending: Vec::new(),
         }
@@ -145,7 +224,7 @@ impl Conn {
     fn poll_drain(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.pending.is_empty() {
             let this = &mut *self;
-            let n = match Pin::new(&mut this.tcp).poll_write(cx, &this.pending) {
+            let n = match poll_write_tcp(&this.tcp, cx, &this.pending) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => n,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -161,7 +240,7 @@ impl Conn {
 #[async_trait]
 impl Shutdown for Conn {
     async fn shutdown(&mut self) {
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.tcp).await;
+        let _ = SockRef::from(&*self.tcp).shutdown(std::net::Shutdown::Write);
     }
 }
 

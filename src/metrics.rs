@@ -11,6 +11,24 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Announcements waiting for the hub's delivery task.
+pub static DELIVERY_QUEUE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "pollgate_delivery_queue",
+        "Announcements waiting for the hub's delivery task (at most broker.delivery_queue)"
+    )
+    .unwrap()
+});
+
+/// Announcements refused because the hub's delivery queue was full.
+pub static DELIVERY_OVERFLOWS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "pollgate_delivery_queue_overflows_total",
+        "Announcements refused because the hub's delivery queue was full (the Redis broker then reconnects and catches up)"
+    )
+    .unwrap()
+});
+
 /// Long-polls currently held.
 pub static HELD: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("pollgate_held_requests", "Long-polls currently held").unwrap()
@@ -310,6 +328,8 @@ pub fn init() {
     LazyLock::force(&CHANNELS_EVICTED);
     LazyLock::force(&BROKER_UP);
     LazyLock::force(&BROKER_RECONNECTS);
+    LazyLock::force(&DELIVERY_QUEUE);
+    LazyLock::force(&DELIVERY_OVERFLOWS);
     LazyLock::force(&UPSTREAM_REQUESTS);
     LazyLock::force(&UPSTREAM_LATENCY);
     for r in ["ok", "failed"] {

@@ -708,7 +708,13 @@ mod tests {
     fn poller() -> Poller {
         let broker = Arc::new(MemoryBroker::new(100, Duration::from_secs(60), 1000));
         Poller {
-            hub: Hub::new(broker, 100, Duration::from_secs(30), 1000),
+            hub: Hub::new(
+                broker,
+                100,
+                Duration::from_secs(30),
+                1000,
+                crate::hub::DELIVERY_QUEUE,
+            ),
             life: Arc::new(Lifecycle::default()),
             held: HeldSlots::new(10),
             clients: Arc::new(crate::fairness::Clients::unlimited()),

@@ -142,6 +142,7 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
         config.broker.history,
         CHANNEL_LINGER,
         config.limits.max_active_channels,
+        config.broker.delivery_queue,
     );
     let life = Arc::new(Lifecycle::default());
     let clients = Arc::new(Clients::new(

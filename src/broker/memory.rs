@@ -9,6 +9,10 @@
 //! evicts the least recently published one without held polls here (see
 //! "Memory of channels" in docs/architecture.md), whose newest id stays
 //! behind as a floor so that its old cursors get a gap.
+//!
+//! A publish first waits for room in the sink's bounded queue
+//! ([`Sink::room`]): publishers faster than delivery are slowed down, and
+//! no message is dropped.
 
 use super::{Broker, BrokerError, Sink};
 use crate::cursor::Epoch;
@@ -198,6 +202,13 @@ impl Broker for MemoryBroker {
             Some(s) => s,
             None => self.stream_or_create(channel)?,
         };
+        // Room in the hub's delivery queue first, outside the lock: a
+        // publish faster than delivery waits here, so nothing queues
+        // without bound and nothing is refused.
+        let room = match self.sink.get() {
+            Some(sink) => Some(sink.room().await),
+            None => None,
+        };
         let mut s = stream.lock();
         while s.gone {
             // Dropped meanwhile: published to the one that replaces it.
@@ -210,8 +221,8 @@ impl Broker for MemoryBroker {
         s.history.push(message.clone());
         s.last_publish = Instant::now();
         s.publishes += 1;
-        if let Some(sink) = self.sink.get() {
-            sink.deliver(message.clone());
+        if let Some(room) = room {
+            room.deliver(message.clone());
         }
         Ok(message)
     }
@@ -296,9 +307,22 @@ mod tests {
     /// A sink that says every channel in its list is held.
     struct Holding(Mutex<Vec<String>>);
 
+    /// Room that takes a message and does nothing with it.
+    struct Nowhere;
+
+    impl crate::broker::Room for Nowhere {
+        fn deliver(self: Box<Self>, _: Arc<Message>) {}
+    }
+
+    #[async_trait]
     impl Sink for Holding {
-        fn deliver(&self, _: Arc<Message>) {}
-        fn resync(&self, _: &str, _: History) {}
+        fn deliver(&self, _: Arc<Message>) -> bool {
+            true
+        }
+        async fn room(&self) -> Box<dyn crate::broker::Room> {
+            Box::new(Nowhere)
+        }
+        async fn resync(&self, _: &str, _: History) {}
         fn is_held(&self, channel: &str) -> bool {
             self.0.lock().iter().any(|c| c == channel)
         }

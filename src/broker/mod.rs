@@ -44,20 +44,40 @@ impl std::fmt::Display for BrokerError {
 impl std::error::Error for BrokerError {}
 
 /// Receives every message the broker announces, in publish order per channel.
+///
+/// The sink (the hub) has a bounded queue. A broker that cannot wait (the
+/// Redis broker's connection) hands messages over with [`Sink::deliver`]
+/// and, when it is refused, recovers them with [`Sink::resync`]; one that
+/// can (the memory broker's publish) takes [`Sink::room`] first.
+#[async_trait]
 pub trait Sink: Send + Sync {
-    /// Called once per announced message. Must not block.
-    fn deliver(&self, message: Arc<Message>);
+    /// Hands over one announced message, without waiting. Returns false
+    /// when the sink has no room for it: the message was not taken, and
+    /// the broker must hand over no later message of this connection;
+    /// it catches up instead, with [`Sink::resync`] of every channel.
+    fn deliver(&self, message: Arc<Message>) -> bool;
+
+    /// Waits for room for one announcement; returns it, to be filled (once
+    /// the message exists) with [`Room::deliver`], which is never refused.
+    async fn room(&self) -> Box<dyn Room>;
 
     /// Called after the broker reconnected, with the channel's stored history,
-    /// so that messages announced while disconnected are caught up (or a
-    /// lost history is noticed).
-    fn resync(&self, channel: &str, history: History);
+    /// so that messages announced while disconnected (or refused by
+    /// [`Sink::deliver`]) are caught up, or a lost history is noticed.
+    /// Waits for room in the sink; returns once the history was taken.
+    async fn resync(&self, channel: &str, history: History);
 
     /// Returns true while this instance holds polls on `channel`: a broker
     /// that must drop a channel to make room never drops such a one.
     fn is_held(&self, _channel: &str) -> bool {
         false
     }
+}
+
+/// Room for one announcement in a [`Sink`], taken by [`Sink::room`].
+pub trait Room: Send {
+    /// Announces `message` in this room; never refused.
+    fn deliver(self: Box<Self>, message: Arc<Message>);
 }
 
 /// Storage and announcement of messages.

@@ -37,6 +37,9 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Announcements waiting for the broker task, per connection.
 const PUSH_QUEUE: usize = 8192;
+/// An overflow this soon after the previous one reconnects after the
+/// backoff, not at once: no reconnection loop under a lasting overload.
+const OVERFLOW_AGAIN: Duration = Duration::from_secs(1);
 /// Longest wait for room among `broker.max_pending` commands.
 const PENDING_WAIT: Duration = Duration::from_secs(2);
 
@@ -49,6 +52,10 @@ enum Control {
 /// Why the connection task left its serving loop.
 enum Left {
     Lost,
+    /// Announcements came faster than they were handled: reconnect at
+    /// once (Redis is fine; but after the backoff when the previous
+    /// overflow was less than [`OVERFLOW_AGAIN`] ago) and catch up.
+    Overflowed,
     Shutdown,
 }
 
@@ -139,23 +146,26 @@ impl RedisBroker {
         *self.conn.write() = conn;
     }
 
-    /// Hands an announcement to the sink.
-    fn on_push(&self, push: PushInfo) {
+    /// Hands an announcement to the sink. Returns false when the sink had
+    /// no room for it: the caller drops the connection and catches up.
+    fn on_push(&self, push: PushInfo) -> bool {
         let [redis::Value::BulkString(name), redis::Value::BulkString(payload)] =
             push.data.as_slice()
         else {
-            return;
+            return true;
         };
         let Some(channel) = self.layout.channel_of(name) else {
-            return;
+            return true;
         };
         match layout::decode_payload(&channel, payload) {
-            Some(m) => {
-                if let Some(sink) = self.sink.get() {
-                    sink.deliver(Arc::new(m));
-                }
+            Some(m) => match self.sink.get() {
+                Some(sink) => sink.deliver(Arc::new(m)),
+                None => true,
+            },
+            None => {
+                tracing::warn!(%channel, "ignoring a malformed announcement");
+                true
             }
-            None => tracing::warn!(%channel, "ignoring a malformed announcement"),
         }
     }
 
@@ -184,7 +194,7 @@ impl RedisBroker {
                 tracing::warn!(%channel, error = %e, "catch-up failed; reconnecting");
                 e
             })?;
-            sink.resync(channel, h);
+            sink.resync(channel, h).await;
         }
         Ok(())
     }
@@ -256,9 +266,16 @@ impl RedisBroker {
                 push = pushes.recv() => match push {
                     _ if queue.overflowed() => {
                         tracing::warn!("announcements arrive faster than they are handled; reconnecting to catch up");
-                        return Left::Lost;
+                        return Left::Overflowed;
                     }
-                    Some(p) if matches!(p.kind, PushKind::Message | PushKind::SMessage) => self.on_push(p),
+                    Some(p) if matches!(p.kind, PushKind::Message | PushKind::SMessage) => {
+                        if !self.on_push(p) {
+                            // This push and every later one of this
+                            // connection are recovered from the streams.
+                            tracing::warn!("the hub's delivery queue is full (broker.delivery_queue); reconnecting to catch up");
+                            return Left::Overflowed;
+                        }
+                    }
                     Some(p) if p.kind == PushKind::Disconnection => return Left::Lost,
                     Some(_) => {}
                     None => return Left::Lost,
@@ -384,6 +401,7 @@ impl Broker for RedisBroker {
         let mut watched = HashSet::new();
         let mut backoff = MIN_BACKOFF;
         let mut connected_before = false;
+        let mut overflowed: Option<tokio::time::Instant> = None;
         loop {
             let (queue, mut pushes) = PushQueue::new(PUSH_QUEUE);
             if let Some(conn) = self.open(&queue, &watched, connected_before).await {
@@ -400,10 +418,18 @@ impl Broker for RedisBroker {
                     )
                     .await;
                 self.set_up(None);
-                if let Left::Shutdown = left {
-                    return;
+                match left {
+                    Left::Shutdown => return,
+                    Left::Overflowed => {
+                        let now = tokio::time::Instant::now();
+                        let again = overflowed.is_some_and(|t| now - t < OVERFLOW_AGAIN);
+                        overflowed = Some(now);
+                        if !again {
+                            continue;
+                        }
+                    }
+                    Left::Lost => tracing::warn!("lost the redis connection; reconnecting"),
                 }
-                tracing::warn!("lost the redis connection; reconnecting");
             }
             if !self
                 .wait_offline(backoff, &mut control, &mut watched, &mut shutdown)

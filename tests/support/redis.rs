@@ -26,7 +26,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 /// The ```lua block of docs/redis.md, as a backend would copy it.
-fn documented_script() -> String {
+pub fn documented_script() -> String {
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/redis.md")).unwrap();
     let start = doc.find("```lua\n").expect("docs/redis.md has a lua block") + 7;

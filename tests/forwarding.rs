@@ -6,9 +6,6 @@
 
 mod support;
 
-use serde_json::Value;
-use std::net::TcpStream;
-use std::time::Duration;
 use support::backend::Backend;
 use support::*;
 
@@ -42,15 +39,6 @@ routes:
     )
 }
 
-/// One raw request on a fresh connection: status and JSON body.
-fn raw(pg: &Pollgate, request: &str) -> (u16, Value) {
-    let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let (status, _, body) = raw_exchange(&mut s, request);
-    let code = status.split(' ').nth(1).unwrap().parse().unwrap();
-    (code, serde_json::from_slice(&body).unwrap_or(Value::Null))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_hop_by_hop_header_reaches_a_backend_on_any_route_kind() {
     let backend = Backend::start().await;
@@ -65,7 +53,7 @@ async fn no_hop_by_hop_header_reaches_a_backend_on_any_route_kind() {
     ];
     for request in &requests {
         let before = backend.seen().len();
-        let (status, v) = raw(&pg, request);
+        let (status, v) = pg.raw(request);
         assert!(status < 300, "{status} {v} for {request}");
         let seen = backend.seen();
         assert_eq!(seen.len(), before + 1, "one backend request for {request}");
@@ -84,18 +72,14 @@ async fn no_hop_by_hop_header_reaches_a_backend_on_any_route_kind() {
 async fn targets_go_in_origin_form_with_one_content_length() {
     let backend = Backend::start().await;
     let pg = Pollgate::start(&routes(&backend));
-    let (status, _) = raw(
-        &pg,
-        "GET http://evil.example:81/x?y=1 HTTP/1.1\r\nHost: evil.example:81\r\n\r\n",
-    );
+    let (status, _) =
+        pg.raw("GET http://evil.example:81/x?y=1 HTTP/1.1\r\nHost: evil.example:81\r\n\r\n");
     assert_eq!(status, 200);
     let got = backend.seen().pop().unwrap();
     assert_eq!(got.path_and_query, "/x?y=1");
     assert_eq!(got.header("host"), Some("evil.example:81"));
-    let (status, _) = raw(
-        &pg,
-        "POST /plain HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi",
-    );
+    let (status, _) = pg
+        .raw("POST /plain HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi");
     assert_eq!(status, 201);
     let got = backend.seen().pop().unwrap();
     assert_eq!(got.all("content-length"), ["2"]);
@@ -114,7 +98,7 @@ async fn heads_a_backend_would_choke_on_get_the_json_refusal() {
         "POST /plain HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi",
         "POST /plain HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\nhi",
     ] {
-        let (status, v) = raw(&pg, head);
+        let (status, v) = pg.raw(head);
         assert_eq!(
             (status, v["error"].as_str()),
             (400, Some("bad_request")),

@@ -44,15 +44,6 @@ routes:
     )
 }
 
-/// One raw request on a fresh connection; the answer's status code and JSON.
-fn raw(pg: &Pollgate, request: &str) -> (u16, Value) {
-    let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let (status, _, body) = raw_exchange(&mut s, request);
-    let code = status.split(' ').nth(1).unwrap().parse().unwrap();
-    (code, serde_json::from_slice(&body).unwrap_or(Value::Null))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_in_the_query_is_a_credential_of_its_own() {
     let backend = Backend::start().await;
@@ -103,17 +94,14 @@ async fn the_authorized_path_is_the_subscribed_path() {
     // Absolute-form: the path of the URL, never a 500.
     let absolute =
         "GET http://gw.example/rooms/2/events?timeout=0 HTTP/1.1\r\nHost: gw.example\r\n";
-    let (status, _) = raw(
-        &pg,
-        &format!("{absolute}Authorization: Bearer good\r\n\r\n"),
-    );
+    let (status, _) = pg.raw(&format!("{absolute}Authorization: Bearer good\r\n\r\n"));
     assert_eq!(status, 200);
     let seen = backend.seen().last().unwrap().path_and_query.clone();
     assert_eq!(seen, "/rooms/2/events?timeout=0");
-    let (status, _) = raw(&pg, &format!("{absolute}\r\n"));
+    let (status, _) = pg.raw(&format!("{absolute}\r\n"));
     assert_eq!(status, 401, "and authorized like any other");
     let elsewhere = "GET http://elsewhere/rooms/2/events HTTP/1.1\r\nHost: gw.example\r\n\r\n";
-    assert_eq!(raw(&pg, elsewhere).0, 400, "its authority must be the Host");
+    assert_eq!(pg.raw(elsewhere).0, 400, "its authority must be the Host");
 
     // Dot segments and bad escapes are refused, on every kind of route.
     let before = backend.seen().len();
@@ -125,7 +113,7 @@ async fn the_authorized_path_is_the_subscribed_path() {
         "/x/../etc/passwd",
         "*",
     ] {
-        let (status, v) = raw(&pg, &format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n"));
+        let (status, v) = pg.raw(&format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n"));
         assert_eq!(
             (status, v["error"].as_str()),
             (400, Some("bad_request")),
@@ -229,13 +217,13 @@ async fn request_heads_are_bounded_in_size_and_time() {
         head(format!("X-Pad: {}\r\n", "a".repeat(3000))),
         head("A: b\r\n".repeat(300)),
     ] {
-        let (status, v) = raw(&pg, &large);
+        let (status, v) = pg.raw(&large);
         assert_eq!(
             (status, v["error"].as_str()),
             (431, Some("header_too_large"))
         );
     }
-    assert_eq!(raw(&pg, &head("X-Pad: ok\r\n".into())).0, 200);
+    assert_eq!(pg.raw(&head("X-Pad: ok\r\n".into())).0, 200);
 
     // A head that drips in is cut at the header timeout.
     let mut s = TcpStream::connect(("127.0.0.1", pg.port)).unwrap();

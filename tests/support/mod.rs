@@ -315,6 +315,19 @@ impl Pollgate {
         }
     }
 
+    /// One raw HTTP/1.x request on a fresh connection to the client
+    /// listener: the answer's status code and JSON body (Null if none).
+    pub fn raw(&self, request: &str) -> (u16, serde_json::Value) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (status, _, body) = raw_exchange(&mut s, request);
+        let code = status.split(' ').nth(1).unwrap().parse().unwrap();
+        (
+            code,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()

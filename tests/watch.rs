@@ -413,3 +413,44 @@ async fn watchers_and_sse_streams_whose_clients_leave_are_no_longer_counted_as_h
     pg.wait_metric("pollgate_held_requests", 0.0).await;
     pg.wait_metric("pollgate_held_watchers", 0.0).await;
 }
+
+#[tokio::test]
+async fn watchers_share_a_fetch_only_with_every_credential_the_route_names() {
+    let legacy = Legacy::start(true).await;
+    legacy.set("3", r#"{"id":3}"#);
+    let keyed = config(&legacy, "30s").replace(
+        "      timeout: 30s\n",
+        "      timeout: 30s\n      authorize_credentials: [X-Api-Key]\n",
+    );
+    let pg = Pollgate::start(&keyed);
+    let etag = etag_of(&watch(&pg, "/orders/3", None, "Bearer same").await);
+    let mut held = Vec::new();
+    for i in 0..20 {
+        let (url, etag) = (pg.url("/orders/3"), etag.clone());
+        let key = if i % 2 == 0 { "tenant-a" } else { "tenant-b" };
+        held.push(tokio::spawn(async move {
+            let r = client()
+                .get(url)
+                .header("If-None-Match", etag)
+                .header("Authorization", "Bearer same")
+                .header("X-Api-Key", key)
+                .send()
+                .await
+                .unwrap();
+            r.status()
+        }));
+    }
+    pg.wait_metric("pollgate_held_watchers", 20.0).await;
+    let before = legacy.gets();
+    legacy.set("3", r#"{"id":3,"v":2}"#);
+    pg.publish("order:3", "text/plain", "").await;
+    for h in held {
+        let status = tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.as_u16(), 200);
+    }
+    // One GET per X-Api-Key: never one shared across keys.
+    assert_eq!(legacy.gets() - before, 2);
+}

@@ -290,9 +290,23 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        // What the upstream's `Connection` names is for its hop only.
+        // What the upstream's `Connection` names, and the hop-by-hop
+        // headers, are for its hop only; but the framing (Pingora frames the
+        // client's hop from it) and a 101's upgrade.
         for name in crate::upstream::connection_named(&response.headers) {
             response.remove_header(&name);
+        }
+        if response.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            for name in [
+                "keep-alive",
+                "proxy-connection",
+                "proxy-authenticate",
+                "trailer",
+                "upgrade",
+                "te",
+            ] {
+                response.remove_header(name);
+            }
         }
         if let (Some(pool), Some(started)) = (&ctx.pool, ctx.upstream_started) {
             observe(&pool.name, Some(response.status.as_u16()), started);

@@ -17,7 +17,7 @@ use crate::target::Target;
 use bytes::{Bytes, BytesMut};
 use pingora::apps::ReusedHttpStream;
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::Stream;
+use pingora::protocols::{self as proto, Stream};
 use pingora::server::ShutdownWatch;
 use smallvec::SmallVec;
 use std::future::Future;
@@ -197,6 +197,9 @@ pub struct Head<'a> {
     pub framed: bool,
     /// The body's length, when the head declares one.
     pub content_length: Option<u64>,
+    /// Where the request ends is known from its head (its `Content-Length`,
+    /// or no body): no `Transfer-Encoding`, no `Upgrade`.
+    pub delimited: bool,
     pub last_event_id: Option<&'a str>,
     pub if_none_match: Option<&'a str>,
     pub accept: Option<&'a str>,
@@ -298,6 +301,7 @@ pub fn parse_head(
         keepalive: http11,
         framed: true,
         content_length: None,
+        delimited: true,
         last_event_id: None,
         if_none_match: None,
         accept: None,
@@ -337,8 +341,10 @@ pub fn parse_head(
             lengths.push(h.value);
         } else if name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("upgrade")
-            || name.eq_ignore_ascii_case("expect")
         {
+            parsed.framed = false;
+            parsed.delimited = false;
+        } else if name.eq_ignore_ascii_case("expect") {
             parsed.framed = false;
         } else if name.eq_ignore_ascii_case("last-event-id") {
             parsed.last_event_id = parsed.last_event_id.or(text(h.value));
@@ -505,6 +511,9 @@ pub async fn serve<A: Http1App>(
                 return;
             }
         };
+        // A request whose end the head tells: a Pingora session gets its
+        // bytes and no more (see `Gate`).
+        let length = head.delimited.then(|| head.content_length.unwrap_or(0));
         let handoff = match app.plan(head, last) {
             Plan::Lean(work) => {
                 let _in_flight = life.enter();
@@ -525,12 +534,31 @@ pub async fn serve<A: Http1App>(
             }
             Plan::Session(handoff) => handoff,
         };
-        let mut session = ServerSession::new_http1(stream);
+        // What Pingora's parser refuses (with a bare 400) is refused here
+        // with the JSON one.
+        if let Err(detail) = pingora_refusal(&buf[..head_len]).await {
+            Refusal::BadTarget.count();
+            refuse(&mut stream, 400, "bad_request", &detail, limits).await;
+            return;
+        }
+        let (prefix, gate) = match length {
+            Some(length) => {
+                let here =
+                    (buf.len() - head_len).min(usize::try_from(length).unwrap_or(usize::MAX));
+                let prefix = buf.split_to(head_len + here);
+                (
+                    prefix,
+                    Gate::new(stream, Some(length - here as u64), limits.max_head),
+                )
+            }
+            None => (buf.split(), Gate::new(stream, None, limits.max_head)),
+        };
+        let mut session = ServerSession::new_http1(Box::new(gate));
         session.set_keepalive(keepalive);
         if request_limit > 0 {
             session.set_keepalive_reuses_remaining(Some(request_limit - served));
         }
-        session.set_pipelined_prefix(buf.split());
+        session.set_pipelined_prefix(prefix);
         let reused = app.serve_session(session, handoff, shutdown).await;
         let Some((next, settings)) = reused.map(|r| r.consume()) else {
             return;
@@ -546,8 +574,217 @@ pub async fn serve<A: Http1App>(
         let ServerSession::H1(h1) = session else {
             return;
         };
-        stream = h1.into_inner();
+        let Ok(gate) = h1.into_inner().into_any().downcast::<Gate>() else {
+            return;
+        };
+        // The bytes read while the session served (a pipelined request)
+        // come after those the session was not given.
+        match gate.release() {
+            Some((inner, kept)) => {
+                buf.extend_from_slice(&kept);
+                stream = inner;
+            }
+            None => return,
+        }
     }
+}
+
+/// Why Pingora's HTTP/1 parser would refuse the request head `head` (it
+/// answers such a head with a 400 without a body), or Ok when it takes it.
+/// Run on the heads served on a Pingora session only: the lean path never
+/// hands a head to Pingora.
+async fn pingora_refusal(head: &[u8]) -> Result<(), String> {
+    let probe: Stream = Box::new(std::io::Cursor::new(head.to_vec()));
+    let mut session = ServerSession::new_http1(probe);
+    match session.read_request().await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("malformed request head".into()),
+        Err(e) => Err(match e.context.as_ref().map(ToString::to_string) {
+            // The context of a parse error quotes the head itself.
+            Some(why) if !why.starts_with("buf:") => why,
+            _ => "malformed request head".into(),
+        }),
+    }
+}
+
+/// A client connection as a Pingora session reads it: once the session has
+/// read the request it was given (`allowed`, the bytes of its body not yet
+/// read), what the client sends next (a pipelined request) is kept aside,
+/// for the next request of [`serve`], instead of reaching the session (which
+/// would take it for more of this request's body, or drop the connection).
+/// A close is passed on, so that a session holding a poll sees the client
+/// leave. `allowed: None` when the request's end is not known from its head
+/// (a chunked body, an upgrade): everything is passed on, and the connection
+/// is not kept after the answer (see [`keepalive`]).
+#[derive(Debug)]
+struct Gate {
+    inner: Stream,
+    allowed: Option<u64>,
+    kept: BytesMut,
+    /// Most bytes kept aside: past it, the client counts as gone.
+    max_kept: usize,
+}
+
+impl Gate {
+    fn new(inner: Stream, allowed: Option<u64>, max_kept: usize) -> Gate {
+        Gate {
+            inner,
+            allowed,
+            kept: BytesMut::new(),
+            max_kept,
+        }
+    }
+
+    /// The connection and the bytes kept aside, when the session read all
+    /// of its request (otherwise the connection cannot serve another).
+    fn release(self) -> Option<(Stream, BytesMut)> {
+        matches!(self.allowed, Some(0)).then_some((self.inner, self.kept))
+    }
+}
+
+impl tokio::io::AsyncRead for Gate {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match this.allowed {
+            None => Pin::new(&mut this.inner).poll_read(cx, buf),
+            Some(allowed) if allowed > 0 => {
+                // At most the rest of this request's body.
+                let room = buf
+                    .remaining()
+                    .min(usize::try_from(allowed).unwrap_or(usize::MAX));
+                let mut part = tokio::io::ReadBuf::new(buf.initialize_unfilled_to(room));
+                let read = Pin::new(&mut this.inner).poll_read(cx, &mut part);
+                let n = part.filled().len();
+                if let Poll::Ready(Ok(())) = read {
+                    buf.advance(n);
+                    this.allowed = Some(allowed - n as u64);
+                }
+                read
+            }
+            Some(_) => loop {
+                // The request is read: keep what comes, report only a close.
+                if this.kept.len() > this.max_kept {
+                    let e = std::io::Error::other("more than limits.max_head after a request");
+                    return Poll::Ready(Err(e));
+                }
+                this.kept.reserve(1024);
+                let spare = this.kept.spare_capacity_mut();
+                let mut part = tokio::io::ReadBuf::uninit(spare);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut part) {
+                    Poll::Ready(Ok(())) => {
+                        let n = part.filled().len();
+                        if n == 0 {
+                            return Poll::Ready(Ok(()));
+                        }
+                        // SAFETY: `n` bytes of the spare capacity were
+                        // initialized by the read.
+                        unsafe { this.kept.set_len(this.kept.len() + n) };
+                    }
+                    other => return other,
+                }
+            },
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Gate {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait::async_trait]
+impl proto::Shutdown for Gate {
+    async fn shutdown(&mut self) {
+        proto::Shutdown::shutdown(&mut *self.inner).await
+    }
+}
+
+impl proto::UniqueID for Gate {
+    fn id(&self) -> proto::UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl proto::Ssl for Gate {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+#[async_trait::async_trait]
+impl proto::Peek for Gate {}
+
+impl proto::GetTimingDigest for Gate {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+}
+
+impl proto::GetProxyDigest for Gate {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl proto::GetSocketDigest for Gate {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+}
+
+/// The keep-alive to set on `session` before answering its request:
+/// `secs`, or None (the answer says `Connection: close` and the connection
+/// closes after it) while the instance drains, when the client does not
+/// keep its connection (HTTP/1.0 without `Connection: keep-alive`, or
+/// `Connection: close`, as Pingora read the head), or when the request's
+/// end was not known from its head (a chunked body, an upgrade: see
+/// `Gate`). HTTP/2 has no keep-alive of its own: None there.
+pub fn keepalive(session: &ServerSession, secs: u64, draining: bool) -> Option<u64> {
+    if draining || session.is_http2() || session.get_keepalive().is_none() {
+        return None;
+    }
+    let headers = &session.req_header().headers;
+    let undelimited = headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers.contains_key(http::header::UPGRADE);
+    (!undelimited).then_some(secs)
 }
 
 #[cfg(test)]

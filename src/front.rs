@@ -16,6 +16,7 @@ use crate::gateway::Gateway;
 use crate::h1;
 use crate::lifecycle::Lifecycle;
 use crate::poll::{cors_headers, Poller};
+use crate::respond;
 use crate::routes::{Action, Match, RouteTable, SubscribeRoute, WatchRoute};
 use crate::subscription::{BadRequest, Request, SubscribeHead};
 use crate::target::Target;
@@ -99,6 +100,10 @@ impl Front {
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         let req = session.req_header();
+        if req.method == http::Method::CONNECT {
+            // Pingora's proxy refuses it with a bare 405: the JSON one.
+            return refuse_connect(session).await;
+        }
         let target = std::str::from_utf8(req.raw_path())
             .ok()
             .and_then(|raw| Target::parse(raw).ok());
@@ -124,7 +129,7 @@ impl Front {
             _ => return None,
         }
         let draining = self.life.is_draining();
-        session.set_keepalive((!draining).then_some(self.keepalive_secs));
+        session.set_keepalive(conn::keepalive(&session, self.keepalive_secs, draining));
         let served = match route {
             Holds::Subscribe(route) => {
                 self.poller
@@ -147,6 +152,22 @@ impl Front {
             _ => None,
         }
     }
+}
+
+/// Answers a CONNECT (HTTP/2; on HTTP/1 its authority-form target is
+/// refused by the front door) with the JSON 405: pollgate is no tunnel.
+/// Returns None: the stream is done.
+async fn refuse_connect(mut session: ServerSession) -> Option<ReusedHttpStream> {
+    let detail = "CONNECT is not proxied";
+    let allow = [(
+        "Allow",
+        "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS".to_string(),
+    )];
+    if session.read_request().await.is_ok() {
+        let _ = respond::error(&mut session, 405, "method_not_allowed", detail, &allow).await;
+        let _ = session.finish_body().await;
+    }
+    None
 }
 
 impl Http1App for Front {

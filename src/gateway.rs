@@ -131,8 +131,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let draining = self.life.is_draining();
-        session.set_keepalive((!draining).then_some(self.keepalive_secs));
+        let keepalive =
+            crate::conn::keepalive(session, self.keepalive_secs, self.life.is_draining());
+        session.set_keepalive(keepalive);
         let req = session.req_header();
         let method = req.method.as_str().to_string();
         // The same parse of the same bytes as the front door's.
@@ -289,13 +290,46 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        // What the upstream's `Connection` names is for its hop only.
+        // What the upstream's `Connection` names, and the hop-by-hop
+        // headers, are for its hop only; but the framing (Pingora frames the
+        // client's hop from it) and a 101's upgrade.
         for name in crate::upstream::connection_named(&response.headers) {
             response.remove_header(&name);
+        }
+        if response.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            for name in [
+                "keep-alive",
+                "proxy-connection",
+                "proxy-authenticate",
+                "trailer",
+                "upgrade",
+                "te",
+            ] {
+                response.remove_header(name);
+            }
         }
         if let (Some(pool), Some(started)) = (&ctx.pool, ctx.upstream_started) {
             observe(&pool.name, Some(response.status.as_u16()), started);
             ctx.observed = true;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        // An HTTP/1.0 client knows no chunked coding (RFC 9112 §6.1): an
+        // answer without a length ends with the connection.
+        let old = session.req_header().version == http::Version::HTTP_10;
+        if old
+            && !session.is_http2()
+            && response.headers.get(http::header::CONTENT_LENGTH).is_none()
+        {
+            response.remove_header(&http::header::TRANSFER_ENCODING);
+            session.set_keepalive(None);
         }
         Ok(())
     }

@@ -530,7 +530,11 @@ impl Poller {
         let mut h = pingora::http::ResponseHeader::build_no_case(200, Some(6))?;
         h.insert_header("Content-Type", "text/event-stream")?;
         h.insert_header("Cache-Control", "no-store")?;
-        h.insert_header("Transfer-Encoding", "chunked")?;
+        // Chunked on HTTP/1.1; an HTTP/1.0 client knows no chunked coding
+        // (RFC 9112 §6.1): its stream ends with the connection.
+        if session.req_header().version != http::Version::HTTP_10 || session.is_http2() {
+            h.insert_header("Transfer-Encoding", "chunked")?;
+        }
         for (k, v) in self.cors_headers(session) {
             h.insert_header(k, v)?;
         }

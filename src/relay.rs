@@ -65,7 +65,8 @@ impl Relay {
         if let Some((_, BodySource::Request)) = &route.publish {
             // Refused before the upstream sees the write it would publish.
             if let Err(why) = content_type(&session.req_header().headers) {
-                return respond::error(session, 400, "bad_content_type", &why, &[]).await;
+                let why = why.trim_start_matches("bad_content_type: ");
+                return respond::error(session, 400, "bad_content_type", why, &[]).await;
             }
         }
         let request = upstream_request(session, body.len())?;
@@ -87,10 +88,26 @@ impl Relay {
         };
         let mut header = client_header(&answer.header)?;
         let ok = answer.header.status.is_success();
+        // The message is the bytes the upstream meant: a gzip answer (sent
+        // although identity was asked for) is decoded; another coding is
+        // not published.
+        let (answer_body, meant) =
+            match decoded(&answer.header.headers, &answer.body, self.max_body) {
+                Decoded::Identity => (answer.body.clone(), Ok(())),
+                Decoded::Gzip(plain) => {
+                    header.remove_header(&http::header::CONTENT_ENCODING);
+                    (plain, Ok(()))
+                }
+                Decoded::Not(why) => (answer.body.clone(), Err(why)),
+            };
+        let answer_type = || match &meant {
+            Ok(()) => content_type(&answer.header.headers),
+            Err(why) => Err(why.clone()),
+        };
         let mut targets: Vec<(String, Bytes, ContentType)> = Vec::new();
         if let (Some(channel), Some((_, source))) = (channel, &route.publish) {
             let (data, ct) = match source {
-                BodySource::Response => (answer.body.clone(), content_type(&answer.header.headers)),
+                BodySource::Response => (answer_body.clone(), answer_type()),
                 BodySource::Request => (body.clone(), content_type(&session.req_header().headers)),
                 BodySource::None => (Bytes::new(), Ok(OCTET_STREAM.to_string())),
             };
@@ -105,20 +122,27 @@ impl Relay {
                     .map(str::trim)
                     .filter(|c| !c.is_empty())
                 {
-                    targets.push((
-                        ch.to_string(),
-                        answer.body.clone(),
-                        content_type(&answer.header.headers),
-                    ));
+                    targets.push((ch.to_string(), answer_body.clone(), answer_type()));
                 }
             }
         }
         if ok && !targets.is_empty() {
             self.publish(&mut header, targets).await?;
         }
-        let len = answer.body.len();
-        header.insert_header("Content-Length", len.to_string())?;
-        respond::send(session, header, answer.body).await
+        let mut out = answer_body;
+        if meant.is_ok() && !out.is_empty() {
+            let wanted = session
+                .req_header()
+                .headers
+                .get_all(http::header::ACCEPT_ENCODING);
+            if let Some(gzipped) = gzip_for(wanted, &out) {
+                header.insert_header(http::header::CONTENT_ENCODING, "gzip")?;
+                header.append_header(http::header::VARY, "Accept-Encoding")?;
+                out = gzipped;
+            }
+        }
+        header.insert_header("Content-Length", out.len().to_string())?;
+        respond::send(session, header, out).await
     }
 
     /// Publishes each target, adding the ids or the failure to `header`.
@@ -132,7 +156,7 @@ impl Relay {
         for (channel, data, ct) in targets {
             let result = match (channel_problem(&channel), ct) {
                 (Some(why), _) => Err(format!("channel '{}': {why}", channel.escape_default())),
-                (None, Err(why)) => Err(format!("bad_content_type: {why}")),
+                (None, Err(why)) => Err(why),
                 (None, Ok(ct)) => {
                     self.hub
                         .broker()
@@ -208,6 +232,9 @@ fn upstream_request(session: &Session, body_len: usize) -> Result<RequestHeader>
     let client = session.req_header();
     let path = client.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut request = forwarded_copy(client, client.method.clone(), path, &Peer::of(session))?;
+    // The answer may become a message: asked for as the bytes themselves.
+    request.remove_header(&http::header::ACCEPT_ENCODING);
+    request.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
     if body_len > 0
         || !matches!(
             client.method.as_str(),
@@ -219,7 +246,8 @@ fn upstream_request(session: &Session, body_len: usize) -> Result<RequestHeader>
     Ok(request)
 }
 
-/// A message's content type, or why the one given cannot be.
+/// A message's content type, or why the body is not published (the text
+/// of `Pollgate-Publish-Error`).
 type ContentType = std::result::Result<String, String>;
 
 /// The content type of a body with `headers` as a message's (without
@@ -231,6 +259,152 @@ fn content_type(headers: &http::HeaderMap) -> ContentType {
     let text = String::from_utf8_lossy(value.as_bytes());
     match content_type_problem(&text) {
         None => Ok(text.into_owned()),
-        Some(why) => Err(why),
+        Some(why) => Err(format!("bad_content_type: {why}")),
+    }
+}
+
+/// An upstream answer's body as the upstream meant it.
+enum Decoded {
+    /// No content coding: the body as it came.
+    Identity,
+    /// A gzip body, decoded.
+    Gzip(Bytes),
+    /// A coding pollgate does not decode, or a gzip body that does not
+    /// decode (within `limits.max_body`): why it is not published.
+    Not(String),
+}
+
+/// The body `body` of an answer with `headers`, decoded from its
+/// `Content-Encoding` (gzip, the one an upstream is likely to send although
+/// asked for identity); at most `max` bytes once decoded.
+fn decoded(headers: &http::HeaderMap, body: &[u8], max: u64) -> Decoded {
+    use std::io::Read;
+    let codings: Vec<String> = headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| String::from_utf8_lossy(c.trim_ascii()).to_ascii_lowercase())
+        .filter(|c| !c.is_empty() && c != "identity")
+        .collect();
+    match codings.as_slice() {
+        [] => Decoded::Identity,
+        [gzip] if gzip == "gzip" || gzip == "x-gzip" => {
+            let mut plain = Vec::new();
+            let read = flate2::read::MultiGzDecoder::new(body)
+                .take(max + 1)
+                .read_to_end(&mut plain);
+            match read {
+                Ok(n) if n as u64 <= max => Decoded::Gzip(Bytes::from(plain)),
+                Ok(_) => Decoded::Not(
+                    "encoded_answer: the upstream's gzip answer is larger than limits.max_body once decoded"
+                        .into(),
+                ),
+                Err(e) => Decoded::Not(format!(
+                    "encoded_answer: the upstream's gzip answer does not decode ({e})"
+                )),
+            }
+        }
+        _ => Decoded::Not(format!(
+            "encoded_answer: the upstream answered in the content coding '{}', which is not decoded",
+            codings.join(", ").escape_default()
+        )),
+    }
+}
+
+/// The weight a client's `Accept-Encoding` fields give `coding` (RFC 9110
+/// §12.5.3): its own entry's, else `*`'s; None when neither is listed.
+fn weight<'a>(fields: impl Iterator<Item = &'a http::HeaderValue>, coding: &str) -> Option<f32> {
+    let mut star = None;
+    for entry in fields.flat_map(|v| v.as_bytes().split(|&b| b == b',')) {
+        let mut parts = entry.split(|&b| b == b';');
+        let name = parts.next().unwrap_or_default().trim_ascii();
+        let q = parts
+            .filter_map(|p| p.trim_ascii().strip_prefix(b"q="))
+            .filter_map(|q| std::str::from_utf8(q).ok()?.trim().parse::<f32>().ok())
+            .next()
+            .unwrap_or(1.0);
+        if name.eq_ignore_ascii_case(coding.as_bytes()) {
+            return Some(q);
+        }
+        if name == b"*" {
+            star = Some(q);
+        }
+    }
+    star
+}
+
+/// `body` gzipped, when the client's `Accept-Encoding` fields (`wanted`)
+/// refuse identity (`identity;q=0`, or `*;q=0` without identity) and
+/// accept gzip; None otherwise: the answer goes as it is (identity, also
+/// when the client accepts nothing pollgate can make).
+fn gzip_for(wanted: http::header::GetAll<'_, http::HeaderValue>, body: &[u8]) -> Option<Bytes> {
+    use std::io::Write;
+    let refuses_identity = weight(wanted.iter(), "identity") == Some(0.0);
+    let accepts_gzip = weight(wanted.iter(), "gzip").is_some_and(|q| q > 0.0);
+    if !(refuses_identity && accepts_gzip) {
+        return None;
+    }
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(body).ok()?;
+    encoder.finish().ok().map(Bytes::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(values: &[&'static str]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for v in values {
+            h.append(
+                http::header::ACCEPT_ENCODING,
+                http::HeaderValue::from_static(v),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn identity_unless_the_client_refuses_it_and_takes_gzip() {
+        let get = |h: &http::HeaderMap| gzip_for(h.get_all(http::header::ACCEPT_ENCODING), b"hi");
+        assert!(get(&fields(&[])).is_none());
+        assert!(get(&fields(&["gzip, br"])).is_none());
+        assert!(get(&fields(&["identity;q=0"])).is_none(), "no gzip either");
+        let gz = get(&fields(&["gzip", "identity;q=0"])).unwrap();
+        assert!(matches!(decoded(&gzip_headers(), &gz, 10), Decoded::Gzip(b) if b == "hi"));
+        assert!(get(&fields(&["*;q=0, gzip"])).is_some());
+        assert!(get(&fields(&["*;q=0, identity"])).is_none());
+    }
+
+    fn gzip_headers() -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::CONTENT_ENCODING,
+            http::HeaderValue::from_static("gzip"),
+        );
+        h
+    }
+
+    #[test]
+    fn only_gzip_is_decoded_and_within_max_body() {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut encoder, &[b'a'; 100]).unwrap();
+        let gz = encoder.finish().unwrap();
+        assert!(matches!(decoded(&gzip_headers(), &gz, 100), Decoded::Gzip(b) if b.len() == 100));
+        assert!(matches!(decoded(&gzip_headers(), &gz, 99), Decoded::Not(_)));
+        assert!(matches!(
+            decoded(&gzip_headers(), b"not gzip", 99),
+            Decoded::Not(_)
+        ));
+        let mut br = http::HeaderMap::new();
+        br.insert(
+            http::header::CONTENT_ENCODING,
+            http::HeaderValue::from_static("br"),
+        );
+        assert!(matches!(decoded(&br, b"x", 9), Decoded::Not(why) if why.contains("br")));
+        assert!(matches!(
+            decoded(&http::HeaderMap::new(), b"x", 9),
+            Decoded::Identity
+        ));
     }
 }

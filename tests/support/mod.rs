@@ -10,6 +10,7 @@ pub mod h2c;
 pub mod legacy;
 pub mod pki;
 pub mod proxy;
+pub mod rawbackend;
 pub mod redis;
 pub mod traffic;
 

@@ -7,6 +7,8 @@ use std::path::Path;
 /// A certificate authority and a `localhost` certificate it signed.
 pub struct Pki {
     pub ca_pem: String,
+    /// The authority's certificate, DER.
+    pub ca_der: Vec<u8>,
     pub cert_pem: String,
     pub key_pem: String,
 }
@@ -21,6 +23,7 @@ pub fn pki() -> Pki {
     let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
     Pki {
         ca_pem: ca_cert.pem(),
+        ca_der: ca_cert.der().to_vec(),
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
     }

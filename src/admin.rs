@@ -451,6 +451,11 @@ impl Http1App for Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // A chunked body's end is not known from the head: the connection
+        // is not reused after it, and the answer says so (`conn::keepalive`).
+        if conn::keepalive(session, 1, self.life.is_draining()).is_none() {
+            session.set_keepalive(None);
+        }
         let req = session.req_header();
         let target = std::str::from_utf8(req.raw_path())
             .map_err(|_| "the request target is not UTF-8".to_string())

@@ -467,8 +467,9 @@ impl Poller {
     }
 
     /// Waits for the first event that ends a held poll (its timeout is
-    /// `deadline`). A wake-up that came meanwhile wins over the timeout and
-    /// draining (its answer may be with the client already, or in part).
+    /// `deadline`). A wake-up that came meanwhile wins over the timeout,
+    /// draining and the client leaving (its answer may be with the client
+    /// already, or in part).
     pub async fn hold(
         &self,
         client: &mut impl Client,
@@ -483,12 +484,16 @@ impl Poller {
             Ending::Drain
         } else {
             tokio::select! {
+                biased;
                 woken = held.woken() => woken_by(woken),
                 _ = tokio::time::sleep_until(deadline) => Ending::Timeout,
                 _ = client.gone() => Ending::Gone,
             }
         };
-        if matches!(ending, Ending::Timeout | Ending::Drain) {
+        // A wake-up that came meanwhile wins: its answer may be on the
+        // wire already (written by the delivering task), and a client that
+        // read it and closed at once was answered, not gone.
+        if !matches!(ending, Ending::Woken(_) | Ending::Repoll) {
             if let Some(wake) = held.stop() {
                 ending = woken_by(wake);
             }

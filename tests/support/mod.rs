@@ -11,6 +11,7 @@ pub mod legacy;
 pub mod pki;
 pub mod proxy;
 pub mod redis;
+pub mod sentinel;
 pub mod traffic;
 
 use std::io::{Read, Write};

@@ -90,7 +90,6 @@ impl SentinelTarget {
                 username,
                 password,
                 protocol: ProtocolVersion::RESP3,
-                ..Default::default()
             }),
         };
         Ok(SentinelTarget {

@@ -467,11 +467,8 @@ impl Hub {
                     let h = self.ahead_check(ch).await?;
                     self.catch_up_window(ch, &h);
                     match h.lookup(start.0[i], limit) {
-                        // Unknown to the broker too: a gap, resumed from its
-                        // newest message. Everything older than the cursor
-                        // was the client's already: a write a failover lost
-                        // (or a cursor never issued) is past what is retained.
-                        Lookup::Ahead => (Lookup::Gap(Vec::new()), h.last_id()),
+                        // Unknown to the broker too: a gap, from what is retained.
+                        Lookup::Ahead => (h.lookup(h.floor(), limit).into_gap(), h.floor()),
                         other => (other, h.floor()),
                     }
                 }

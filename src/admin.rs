@@ -389,10 +389,12 @@ impl Admin {
 
 /// The 503 answer to a publish the broker refused with `e`:
 /// `too_many_channels` when it keeps its most channels, each with held
-/// polls (`limits.max_channels_kept`), else `broker_unavailable`.
+/// polls (`limits.max_channels_kept`), `not_replicated` when fewer Redis
+/// replicas than `publish.replicas` confirmed it, else `broker_unavailable`.
 fn publish_refused(e: &BrokerError, detail: &str) -> AdminReply {
     let error = match e {
         BrokerError::TooManyChannels(_) => "too_many_channels",
+        BrokerError::NotReplicated(_) => "not_replicated",
         _ => "broker_unavailable",
     };
     AdminReply::error(503, error, detail)

@@ -102,6 +102,9 @@ fn default_handshake_timeout() -> Duration {
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     pub url: String,
+    /// The sentinels' own password (`redis+sentinel://`); a secret.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub sentinel_password: String,
     pub namespace: String,
     pub history: usize,
     #[serde(with = "units::duration")]
@@ -115,8 +118,9 @@ pub struct BrokerConfig {
     pub delivery_queue: usize,
 }
 
-/// `publish`: who may call the publish API on `admin_listen`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `publish`: who may call the publish API on `admin_listen`, and how
+/// many Redis replicas must have a message before it is acknowledged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PublishConfig {
     /// Bearer token of the publish API; empty means no authentication.
@@ -124,6 +128,24 @@ pub struct PublishConfig {
     /// Allows an empty token on an admin listener that is not loopback.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub allow_unauthenticated: bool,
+    /// Redis replicas that must have a message (`WAIT`) before its
+    /// publish answers 200; 0: the master alone.
+    pub replicas: usize,
+    /// How long a publish waits for `replicas`, then answers 503
+    /// `not_replicated`.
+    #[serde(with = "units::duration")]
+    pub replica_timeout: Duration,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        PublishConfig {
+            token: String::new(),
+            allow_unauthenticated: false,
+            replicas: 0,
+            replica_timeout: Duration::from_secs(1),
+        }
+    }
 }
 
 /// `limits`: the bounds on held polls, bodies, heads and channels.
@@ -343,6 +365,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
             url: "memory://".into(),
+            sentinel_password: String::new(),
             namespace: "pollgate".into(),
             history: 100,
             history_ttl: Duration::from_secs(3600),
@@ -504,12 +527,21 @@ impl Config {
         }
         let scheme = self.broker.url.split("://").next().unwrap_or("");
         if !self.broker.url.contains("://")
-            || !["memory", "redis", "rediss", "redis+cluster"].contains(&scheme)
+            || ![
+                "memory",
+                "redis",
+                "rediss",
+                "redis+cluster",
+                "redis+sentinel",
+                "rediss+sentinel",
+            ]
+            .contains(&scheme)
         {
             bad(
                 "broker.url",
                 format!(
-                    "'{}' is not memory://, redis://, rediss:// or redis+cluster:// URL",
+                    "'{}' is not a memory://, redis://, rediss://, redis+cluster:// or \
+                     redis+sentinel:// URL",
                     redact_url(&self.broker.url)
                 ),
             );
@@ -522,6 +554,23 @@ impl Config {
                     e.trim_start_matches("broker.url: ").to_string(),
                 );
             }
+        }
+        if self.publish.replicas > 0 && !scheme.starts_with("redis") {
+            bad(
+                "publish.replicas",
+                "needs a Redis broker (broker.url: redis://, redis+sentinel:// or \
+                 redis+cluster://): the memory broker has no replicas"
+                    .into(),
+            );
+        }
+        if self.publish.replica_timeout.is_zero() {
+            bad("publish.replica_timeout", "must be longer than 0s".into());
+        }
+        if !self.broker.sentinel_password.is_empty() && !scheme.ends_with("+sentinel") {
+            bad(
+                "broker.sentinel_password",
+                "is only for a redis+sentinel:// broker.url".into(),
+            );
         }
         if self.broker.history == 0 {
             bad("broker.history", "must be at least 1".into());
@@ -633,6 +682,11 @@ impl Config {
             ),
             ("broker.history_ttl".into(), self.broker.history_ttl, max),
             (
+                "publish.replica_timeout".into(),
+                self.publish.replica_timeout,
+                max,
+            ),
+            (
                 "limits.header_timeout".into(),
                 self.limits.header_timeout,
                 max,
@@ -691,11 +745,15 @@ impl Config {
         ))
     }
 
-    /// The config with every secret (the broker URL's password, the publish
-    /// token) replaced by `***`, fit to print.
+    /// The config with every secret (the broker URL's password, the
+    /// sentinels' password, the publish token) replaced by `***`, fit to
+    /// print.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         c.broker.url = redact_url(&c.broker.url);
+        if !c.broker.sentinel_password.is_empty() {
+            c.broker.sentinel_password = "***".into();
+        }
         if !c.publish.token.is_empty() {
             c.publish.token = "***".into();
         }
@@ -790,6 +848,11 @@ mod tests {
         let mut c = Config::default();
         c.broker.url = "redis://:hunter2@h/0".into();
         c.publish.token = "s3cret".into();
+        c.broker.sentinel_password = "sentinel-pw".into();
+        let shown = serde_yaml::to_string(&c.redacted()).unwrap();
+        assert!(shown.contains("sentinel_password: '***'"), "{shown}");
+        assert!(!shown.contains("sentinel-pw"), "{shown}");
+        c.broker.sentinel_password.clear();
         let shown = serde_yaml::to_string(&c.redacted()).unwrap();
         assert!(
             !shown.contains("hunter2") && !shown.contains("s3cret"),

@@ -137,7 +137,8 @@ impl History {
         }
         match self.messages.binary_search_by(|m| m.id.cmp(&position)) {
             Ok(i) => Lookup::Newer(take(i + 1)),
-            // Older than the floor, or between ids: never a position we gave out.
+            // Older than the floor, or between ids: never a position we
+            // gave out, or a write a Redis failover lost.
             Err(_) => Lookup::Gap(take(0)),
         }
     }

@@ -695,6 +695,8 @@ pub fn hub_refusal(e: &HubError) -> (Option<Refusal>, &'static str) {
         }
         // Only a publish gets it (and the broker counted it).
         HubError::Broker(BrokerError::TooManyChannels(_)) => (None, "too_many_channels"),
+        // Only a publish gets it.
+        HubError::Broker(BrokerError::NotReplicated(_)) => (None, "not_replicated"),
     }
 }
 

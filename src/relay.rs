@@ -164,6 +164,7 @@ impl Relay {
                         .await
                         .map_err(|e| match e {
                             BrokerError::TooManyChannels(_) => format!("too_many_channels: {e}"),
+                            BrokerError::NotReplicated(why) => format!("not_replicated: {why}"),
                             e => e.to_string(),
                         })
                 }

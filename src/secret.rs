@@ -1,5 +1,6 @@
-//! Secrets and how they are shown: never in clear. Redis passwords and the
-//! publish token print as `***` in logs, in `pollgate check` and in errors.
+//! Secrets and how they are shown: never in clear. Redis passwords (the
+//! broker URL's, and `broker.sentinel_password`) and the publish token
+//! print as `***` in logs, in `pollgate check` and in errors.
 
 /// `url` with the password of its user-info (`redis://user:pw@host`, or a
 /// lone `redis://pw@host`) replaced by `***`; URLs without one unchanged.

@@ -50,13 +50,18 @@ pub fn broker(config: &Config) -> Result<Arc<dyn Broker>, String> {
             config.limits.max_channels_kept,
         )))
     } else {
-        Ok(Arc::new(RedisBroker::new(
+        let broker = RedisBroker::new(
             url,
+            &b.sentinel_password,
             &b.namespace,
             b.history,
             b.history_ttl,
             b.max_pending,
-        )?))
+        )?;
+        let p = &config.publish;
+        Ok(Arc::new(
+            broker.with_replicas(p.replicas, p.replica_timeout),
+        ))
     }
 }
 

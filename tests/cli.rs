@@ -64,6 +64,35 @@ routes:
 }
 
 #[test]
+fn replicas_need_redis_and_the_sentinel_password_is_never_printed() {
+    let f = temp_file("replicas.yaml", "publish:\n  replicas: 1\n");
+    let (code, _, err) = run_cli(&["check", "-c", f.to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("publish.replicas"), "{err}");
+    let f = temp_file(
+        "sentinel.yaml",
+        "broker:\n  url: \"redis+sentinel://:data-pw@127.0.0.1:26379,127.0.0.1:26380/mymaster/0\"\n  \
+         sentinel_password: \"sentinel-pw\"\npublish:\n  replicas: 1\n",
+    );
+    let (code, out, err) = run_cli(&["check", "-c", f.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.contains("data-pw") && !out.contains("sentinel-pw") && out.contains("***"),
+        "{out}"
+    );
+    let f = temp_file(
+        "nomaster.yaml",
+        "broker:\n  url: \"redis+sentinel://:data-pw@127.0.0.1:26379\"\n",
+    );
+    let (code, _, err) = run_cli(&["check", "-c", f.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("broker.url") && err.contains("master") && !err.contains("data-pw"),
+        "{err}"
+    );
+}
+
+#[test]
 fn check_reports_bad_units_and_unset_variables() {
     let f = temp_file("units.yaml", "limits:\n  max_body: 2 parsecs\n");
     let (code, _, err) = run_cli(&["check", "-c", f.to_str().unwrap()], &[]);

@@ -6,8 +6,10 @@
 //! subscriber received every message answered 200 by a publish (but for
 //! those a gap announced to it covers), none twice, in the order they were
 //! published, and `gap: true` only where the scenario loses history.
-//! The harness is tests/support/{fleet,traffic,proxy}.rs; what is covered
-//! and how to run it is in docs/reliability.md.
+//! Scenarios (f) run the same traffic on two instances behind Sentinel
+//! (tests/support/sentinel.rs). The harness is
+//! tests/support/{fleet,traffic,proxy,sentinel}.rs; what is covered and how
+//! to run it is in docs/reliability.md.
 
 mod support;
 
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 use support::fleet::Fleet;
 use support::proxy::Proxy;
 use support::redis::RedisServer;
+use support::sentinel::SentinelRedis;
 use support::traffic::{Gaps, Traffic, CHANNELS, INTERVAL};
 use support::Pollgate;
 
@@ -120,6 +123,71 @@ async fn e_a_failed_catch_up_read_after_a_reconnect_loses_nothing() {
         .finish("(e) instance 0's Redis connection cut, then its catch-up read stalled")
         .await;
     tally.assert_exact(Gaps::None);
+}
+
+/// Two instances behind Sentinel, publishing with `publish.replicas: 1`,
+/// with traffic flowing.
+async fn sentinel_fleet() -> (SentinelRedis, Fleet, Traffic) {
+    let redis = tokio::task::block_in_place(SentinelRedis::start);
+    let urls = vec![redis.url(); 2];
+    let fleet = Fleet::start_on(&urls, "publish:\n  replicas: 1\n");
+    let traffic = Traffic::start(&fleet.directory);
+    traffic.flowing().await;
+    (redis, fleet, traffic)
+}
+
+/// The master SIGKILLed: the sentinels promote the replica, the instances
+/// follow, and every publish answered 200 (its message on the replica,
+/// `WAIT 1`) is delivered. The killed server comes back empty and becomes
+/// the new master's replica, after which publishes are acknowledged again.
+/// A message stored and announced on the old master but not replicated
+/// (its publish not answered 200) may reach some subscribers before the
+/// kill: those are told `gap: true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_sentinel_master_killed_loses_no_acknowledged_publish() {
+    let (mut redis, fleet, traffic) = sentinel_fleet().await;
+
+    let started = Instant::now();
+    traffic.fault();
+    tokio::task::block_in_place(|| redis.kill_master());
+    println!("failed over in {:?}", started.elapsed());
+    traffic.flowing().await;
+    println!(
+        "publishing works again {:?} after the kill",
+        started.elapsed()
+    );
+
+    let tally = traffic
+        .finish("(f) Sentinel: the master SIGKILLed, publish.replicas: 1")
+        .await;
+    drop(fleet);
+    tally.assert_exact(Gaps::AfterFault);
+}
+
+/// `SENTINEL FAILOVER`: the replica is promoted, the old master demoted
+/// (the sentinels close its clients); the instances follow. Publishes
+/// the old master took after the promotion cannot be replicated, so they
+/// are answered 503 not_replicated; subscribers that received one are
+/// told `gap: true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_sentinel_failover_loses_no_acknowledged_publish() {
+    let (redis, fleet, traffic) = sentinel_fleet().await;
+
+    let started = Instant::now();
+    traffic.fault();
+    tokio::task::block_in_place(|| redis.failover());
+    println!("failed over in {:?}", started.elapsed());
+    traffic.flowing().await;
+    println!(
+        "publishing works again {:?} after SENTINEL FAILOVER",
+        started.elapsed()
+    );
+
+    let tally = traffic
+        .finish("(f) Sentinel: SENTINEL FAILOVER, publish.replicas: 1")
+        .await;
+    drop(fleet);
+    tally.assert_exact(Gaps::AfterFault);
 }
 
 /// Returns between two rounds of publishes, once the `n` polls held on `pg`

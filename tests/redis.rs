@@ -560,3 +560,54 @@ async fn a_burst_past_the_delivery_queue_catches_up_in_order_without_loss() {
     assert!(pg.metric("pollgate_broker_reconnects_total").await >= 1.0);
     pg.assert_no_panic();
 }
+
+/// `publish.replicas: 1`: with its replica up, a publish (single and batch)
+/// answers 200; with the replica stopped, `WAIT` times out and the publish
+/// answers `503 not_replicated` after about `publish.replica_timeout`.
+#[tokio::test]
+async fn publishes_wait_for_replicas_or_answer_not_replicated() {
+    let master = RedisServer::start();
+    let port = master.port.to_string();
+    let replica = RedisServer::spawn(
+        free_port(),
+        &["--appendonly", "no", "--replicaof", "127.0.0.1", &port],
+        "waitreplica",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !replica
+        .cli(&["INFO", "replication"])
+        .contains("master_link_status:up")
+    {
+        assert!(std::time::Instant::now() < deadline, "replica never synced");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let extra = "publish:\n  replicas: 1\n  replica_timeout: 300ms\n";
+    let pg = &gateways(&master.url(), 1, extra)[0];
+    let id = pg.publish("w", "text/plain", "kept").await;
+    assert!(id.contains('-'));
+    let batch = client()
+        .post(pg.admin("/v1/publish"))
+        .json(&serde_json::json!({"messages": [{"channel": "w", "data": {"n": 1}}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(batch.status(), 200);
+
+    replica.signal("-STOP");
+    let started = std::time::Instant::now();
+    let r = client()
+        .post(pg.admin("/v1/publish/w"))
+        .body("maybe")
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    replica.signal("-CONT");
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "not_replicated", "{v}");
+    assert!(took >= Duration::from_millis(250), "WAIT waited: {took:?}");
+    // The message may still exist: it was stored on the master.
+    let h = master.cli(&["XLEN", "pollgate:{w}:h"]);
+    assert_eq!(h.trim(), "3", "{h}");
+}

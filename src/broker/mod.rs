@@ -26,6 +26,10 @@ pub enum BrokerError {
     /// channels (`limits.max_channels_kept`, the number carried) and every
     /// one of them has held polls: retry later (503).
     TooManyChannels(usize),
+    /// The message was stored and announced, but fewer Redis replicas than
+    /// `publish.replicas` confirmed it in time (503 `not_replicated`): a
+    /// failover may lose it, or it may still be delivered.
+    NotReplicated(String),
 }
 
 impl std::fmt::Display for BrokerError {
@@ -33,6 +37,7 @@ impl std::fmt::Display for BrokerError {
         match self {
             BrokerError::Unavailable(why) => write!(f, "broker unavailable: {why}"),
             BrokerError::Busy(why) => write!(f, "broker busy: {why}"),
+            BrokerError::NotReplicated(why) => write!(f, "not replicated: {why}"),
             BrokerError::TooManyChannels(max) => write!(
                 f,
                 "this instance already keeps {max} channels, each with held polls (limits.max_channels_kept)"

@@ -1,5 +1,6 @@
-//! The Redis broker behind `redis://`, `rediss://` and `redis+cluster://`:
-//! any number of pollgate instances share one set of channels.
+//! The Redis broker behind `redis://`, `rediss://`, `redis+cluster://` and
+//! `redis+sentinel://`: any number of pollgate instances share one set of
+//! channels.
 //!
 //! Each channel's history is a Redis Stream (the stream id is the message
 //! id), trimmed to `history` entries and expiring `history_ttl` after the
@@ -9,11 +10,14 @@
 //! commands and the subscriptions of the channels it has waiters on, and
 //! hands every announcement to the hub. When the connection drops, the
 //! broker reports itself down, reconnects with backoff, resubscribes and
-//! catches every watched channel up from its stream. The key layout and
-//! payload are documented in `docs/redis.md`.
+//! catches every watched channel up from its stream. Behind Sentinel, a
+//! `+switch-master` announcement or a `READONLY` answer makes it reconnect
+//! to the master the sentinels name now. The key layout and payload are
+//! documented in `docs/redis.md`.
 
 mod conn;
 mod layout;
+mod sentinel;
 
 use super::{Broker, BrokerError, Sink};
 use crate::history::History;
@@ -29,7 +33,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 
 pub use layout::{PUBLISH_SCRIPT, READ_SCRIPT};
 
@@ -56,6 +60,9 @@ enum Left {
     /// once (Redis is fine; but after the backoff when the previous
     /// overflow was less than [`OVERFLOW_AGAIN`] ago) and catch up.
     Overflowed,
+    /// The sentinels named a new master, or the server answered READONLY:
+    /// reconnect at once to the master named now.
+    Switched,
     Shutdown,
 }
 
@@ -74,6 +81,22 @@ pub struct RedisBroker {
     pending: Semaphore,
     /// The dataset's epoch, read on every connection (0 before the first).
     epoch: AtomicU64,
+    /// Woken when the master may have changed (Sentinel only): a
+    /// `+switch-master` announcement, or a write answered READONLY.
+    switched: Arc<Notify>,
+    /// Replicas that must have a message before its publish answers
+    /// (`publish.replicas`), and how long to wait for them.
+    replicas: usize,
+    replica_timeout: Duration,
+}
+
+/// A spawned task, aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
@@ -82,11 +105,12 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 
 /// Checks a Redis broker URL without connecting; the error says what is wrong.
 pub fn check_url(url: &str) -> Result<(), String> {
-    Target::parse(url).map(|_| ())
+    Target::parse(url, "").map(|_| ())
 }
 
 impl RedisBroker {
-    /// A broker for `url` (not connected until [`Broker::run`]), keeping
+    /// A broker for `url` (not connected until [`Broker::run`]; the
+    /// sentinels' own password is `sentinel_password`), keeping
     /// `history` messages per channel for `history_ttl`, under `namespace`,
     /// with at most `max_pending` commands in flight.
     ///
@@ -95,12 +119,13 @@ impl RedisBroker {
     /// `limits.max_active_channels` bounds.
     pub fn new(
         url: &str,
+        sentinel_password: &str,
         namespace: &str,
         history: usize,
         history_ttl: Duration,
         max_pending: usize,
     ) -> Result<RedisBroker, String> {
-        let target = Target::parse(url)?;
+        let target = Target::parse(url, sentinel_password)?;
         let (control, control_rx) = mpsc::unbounded_channel();
         Ok(RedisBroker {
             target,
@@ -113,7 +138,29 @@ impl RedisBroker {
             control_rx: Mutex::new(Some(control_rx)),
             pending: Semaphore::new(max_pending),
             epoch: AtomicU64::new(0),
+            switched: Arc::new(Notify::new()),
+            replicas: 0,
+            replica_timeout: Duration::from_secs(1),
         })
+    }
+
+    /// A failed command as a broker error; behind Sentinel, a READONLY
+    /// answer (the server was demoted) also makes the connection task ask
+    /// the sentinels for the master again.
+    fn failed(&self, e: redis::RedisError) -> BrokerError {
+        if e.kind() == redis::ErrorKind::ReadOnly && self.target.sentinel().is_some() {
+            tracing::warn!("redis answered READONLY: asking the sentinels for the master again");
+            self.switched.notify_one();
+        }
+        unavailable(e)
+    }
+
+    /// Publishes answer only once `replicas` Redis replicas have the
+    /// message (`WAIT`, at most `timeout`); returns the broker.
+    pub fn with_replicas(mut self, replicas: usize, timeout: Duration) -> RedisBroker {
+        self.replicas = replicas;
+        self.replica_timeout = timeout;
+        self
     }
 
     fn connection(&self) -> Result<Conn, BrokerError> {
@@ -208,7 +255,9 @@ impl RedisBroker {
         watched: &HashSet<String>,
         reconnect: bool,
     ) -> Option<Conn> {
-        let mut conn = match self.target.connect(queue.clone()).await {
+        let response_timeout =
+            conn::RESPONSE_TIMEOUT.max(self.replica_timeout + Duration::from_secs(1));
+        let mut conn = match self.target.connect(queue.clone(), response_timeout).await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot connect to redis");
@@ -301,12 +350,17 @@ impl RedisBroker {
                     }
                     None => return Left::Shutdown,
                 },
+                _ = self.switched.notified(), if self.target.sentinel().is_some() => {
+                    return Left::Switched;
+                }
                 _ = shutdown.changed() => return Left::Shutdown,
             }
         }
     }
 
-    /// Waits out a backoff while recording (and refusing) watch requests.
+    /// Waits out a backoff while recording (and refusing) watch requests;
+    /// cut short when the sentinels name a new master. Returns false on
+    /// shutdown.
     async fn wait_offline(
         &self,
         backoff: Duration,
@@ -318,6 +372,7 @@ impl RedisBroker {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return true,
+                _ = self.switched.notified(), if self.target.sentinel().is_some() => return true,
                 c = control.recv() => match c {
                     Some(Control::Watch(channel, ack)) => {
                         watched.insert(channel);
@@ -352,7 +407,22 @@ impl Broker for RedisBroker {
             .layout
             .publish(&mut conn, channel, &content_type, &data)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.failed(e))?;
+        if self.replicas > 0 {
+            let ms = self.replica_timeout.as_millis().max(1) as u64;
+            let key = self.layout.announce(channel);
+            let acked = conn
+                .wait_replicas(&key, self.replicas, ms)
+                .await
+                .map_err(|e| self.failed(e))?;
+            if acked < self.replicas as i64 {
+                return Err(BrokerError::NotReplicated(format!(
+                    "message {id} reached {acked} of the {} redis replicas asked for \
+                     (publish.replicas) within {} ms; it may still exist",
+                    self.replicas, ms
+                )));
+            }
+        }
         Ok(Arc::new(Message::new(
             id,
             channel.into(),
@@ -398,6 +468,12 @@ impl Broker for RedisBroker {
         let Some(mut control) = self.control_rx.lock().take() else {
             return;
         };
+        // Behind Sentinel, its announcements of a new master are watched
+        // for as long as the broker runs.
+        let _watch = self
+            .target
+            .sentinel()
+            .map(|t| AbortOnDrop(tokio::spawn(t.clone().watch(self.switched.clone()))));
         let mut watched = HashSet::new();
         let mut backoff = MIN_BACKOFF;
         let mut connected_before = false;
@@ -427,6 +503,12 @@ impl Broker for RedisBroker {
                         if !again {
                             continue;
                         }
+                    }
+                    Left::Switched => {
+                        tracing::warn!(
+                            "the redis master changed; reconnecting to the one the sentinels name"
+                        );
+                        continue;
                     }
                     Left::Lost => tracing::warn!("lost the redis connection; reconnecting"),
                 }

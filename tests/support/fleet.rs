@@ -1,4 +1,5 @@
-//! A fleet for fault tests: several pollgate instances on one redis-server,
+//! A fleet for fault tests: several pollgate instances on one Redis (a
+//! redis-server it owns, or any broker URL: Sentinel, Cluster),
 //! and the [`Directory`] through which clients find them (what a load
 //! balancer knows: the ports of the live instances). Instances can be
 //! SIGKILLed or restarted with SIGTERM, and Redis killed and restarted; the
@@ -53,7 +54,8 @@ impl Directory {
 
 /// Instances on one Redis; everything is killed when dropped.
 pub struct Fleet {
-    pub redis: RedisServer,
+    /// The redis-server the fleet owns, when it owns one.
+    pub redis: Option<RedisServer>,
     instances: Vec<Option<Pollgate>>,
     configs: Vec<String>,
     pub directory: Directory,
@@ -61,9 +63,9 @@ pub struct Fleet {
 
 /// The instances' configuration: a history long enough that no subscriber
 /// falls out of it during a test, and a short drain.
-fn config(broker_url: &str) -> String {
+fn config(broker_url: &str, extra: &str) -> String {
     with_broker(
-        &format!("grace_period: 2s\nbroker:\n  history: 1000\n{ROUTES}"),
+        &format!("grace_period: 2s\nbroker:\n  history: 1000\n{extra}{ROUTES}"),
         broker_url,
     )
 }
@@ -84,7 +86,15 @@ impl Fleet {
     /// One instance per broker URL (each reaches `redis`, directly or
     /// through a proxy), ready.
     pub fn start_via(redis: RedisServer, broker_urls: Vec<String>) -> Fleet {
-        let configs: Vec<String> = broker_urls.iter().map(|u| config(u)).collect();
+        let mut fleet = Self::start_on(&broker_urls, "");
+        fleet.redis = Some(redis);
+        fleet
+    }
+
+    /// One instance per broker URL, with `extra` top-level YAML (e.g. a
+    /// `publish:` block), ready; the fleet owns no Redis.
+    pub fn start_on(broker_urls: &[String], extra: &str) -> Fleet {
+        let configs: Vec<String> = broker_urls.iter().map(|u| config(u, extra)).collect();
         let instances: Vec<Option<Pollgate>> =
             configs.iter().map(|c| Some(start_ready(c))).collect();
         let directory = Directory::default();
@@ -92,7 +102,7 @@ impl Fleet {
             directory.set(i, pg.as_ref());
         }
         Fleet {
-            redis,
+            redis: None,
             instances,
             configs,
             directory,
@@ -131,9 +141,13 @@ impl Fleet {
     /// SIGKILLs redis-server, leaves it down for `outage`, starts it again
     /// (same port, same files) and waits until every instance is ready.
     pub async fn redis_outage(&mut self, outage: Duration) {
-        block_in_place(|| self.redis.kill());
+        let redis = self
+            .redis
+            .as_mut()
+            .expect("the fleet owns its redis-server");
+        block_in_place(|| redis.kill());
         tokio::time::sleep(outage).await;
-        block_in_place(|| self.redis.restart());
+        block_in_place(|| redis.restart());
         self.wait_ready().await;
     }
 

@@ -12,6 +12,7 @@ pub mod pki;
 pub mod proxy;
 pub mod rawbackend;
 pub mod redis;
+pub mod sentinel;
 pub mod traffic;
 
 use std::io::{Read, Write};

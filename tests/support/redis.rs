@@ -89,7 +89,9 @@ impl RedisServer {
         )
     }
 
-    fn spawn(port: u16, extra: &[&str], tag: &str) -> RedisServer {
+    /// A server on `port` with `extra` arguments, its files in a temp dir
+    /// named after `tag`.
+    pub fn spawn(port: u16, extra: &[&str], tag: &str) -> RedisServer {
         let dir = temp_dir(tag);
         let mut args: Vec<String> = [
             "--port",

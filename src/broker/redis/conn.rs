@@ -1,7 +1,9 @@
-//! Connecting to Redis: a single server (`redis://`, `rediss://`) or a
-//! cluster (`redis+cluster://h1:p1,h2:p2`), always RESP3 so that one
-//! multiplexed connection carries commands and pub/sub pushes.
+//! Connecting to Redis: a single server (`redis://`, `rediss://`), a
+//! cluster (`redis+cluster://h1:p1,h2:p2`) or the master named by Sentinel
+//! (`redis+sentinel://s1:p1,s2:p2/name`, see `sentinel.rs`), always RESP3
+//! so that one multiplexed connection carries commands and pub/sub pushes.
 
+use super::sentinel::{self, SentinelTarget};
 use crate::secret::redact_url;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
@@ -11,17 +13,28 @@ use redis::{
 use std::time::Duration;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a command may take, unless `WAIT`'s timeout needs longer.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where the broker connects.
 pub enum Target {
     Single(redis::ConnectionInfo),
     Cluster(Vec<redis::ConnectionInfo>),
+    /// The master the sentinels name, asked again on every connection.
+    Sentinel(SentinelTarget),
 }
 
 impl Target {
-    /// Parses a broker URL; the error names what is wrong.
-    pub fn parse(url: &str) -> Result<Target, String> {
+    /// Parses a broker URL (and, for Sentinel, the sentinels' own
+    /// password); the error names what is wrong, without secrets.
+    pub fn parse(url: &str, sentinel_password: &str) -> Result<Target, String> {
+        for (scheme, tls) in [("redis+sentinel://", false), ("rediss+sentinel://", true)] {
+            if let Some(rest) = url.strip_prefix(scheme) {
+                return SentinelTarget::parse(rest, tls, sentinel_password)
+                    .map(Target::Sentinel)
+                    .map_err(|e| format!("broker.url: {e}"));
+            }
+        }
         let resp3 = |mut info: redis::ConnectionInfo| {
             info.redis.protocol = ProtocolVersion::RESP3;
             info
@@ -52,14 +65,19 @@ impl Target {
         Ok(Target::Single(resp3(info)))
     }
 
-    /// Opens a connection whose pub/sub pushes go to `pushes`.
-    pub async fn connect(&self, pushes: PushQueue) -> RedisResult<Conn> {
+    /// Opens a connection whose pub/sub pushes go to `pushes`, whose
+    /// commands may take `response_timeout`.
+    pub async fn connect(
+        &self,
+        pushes: PushQueue,
+        response_timeout: Duration,
+    ) -> RedisResult<Conn> {
         match self {
             Target::Single(info) => {
                 let client = redis::Client::open(info.clone())?;
                 let config = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(CONNECT_TIMEOUT)
-                    .set_response_timeout(RESPONSE_TIMEOUT)
+                    .set_response_timeout(response_timeout)
                     .set_push_sender(pushes);
                 let conn = client
                     .get_multiplexed_async_connection_with_config(&config)
@@ -70,7 +88,7 @@ impl Target {
                 let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
                     .use_protocol(ProtocolVersion::RESP3)
                     .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(RESPONSE_TIMEOUT)
+                    .response_timeout(response_timeout)
                     .retries(2)
                     .push_sender(pushes)
                     .build()?;
@@ -85,6 +103,36 @@ impl Target {
                 let sharded = matches!(&info, Value::Array(items) if items.iter().any(|v| !matches!(v, Value::Nil)));
                 Ok(Conn::Cluster { conn, sharded })
             }
+            Target::Sentinel(target) => {
+                let client = target.master().await?;
+                let addr = sentinel::address(&client.get_connection_info().addr);
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(response_timeout)
+                    .set_push_sender(pushes);
+                let mut conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                // The sentinels may lag behind a failover: never write to
+                // a server that is a replica now.
+                if !sentinel::is_master(&mut conn).await? {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::ReadOnly,
+                        "the server the sentinels name is not a master (yet)",
+                        addr,
+                    )));
+                }
+                tracing::info!(master = %addr, name = target.master_name(), "the sentinels name the redis master");
+                Ok(Conn::Single(conn))
+            }
+        }
+    }
+
+    /// The Sentinel target, when the broker follows one.
+    pub fn sentinel(&self) -> Option<&SentinelTarget> {
+        match self {
+            Target::Sentinel(t) => Some(t),
+            _ => None,
         }
     }
 }
@@ -171,6 +219,31 @@ impl Conn {
         }
     }
 
+    /// Waits until `replicas` replicas have every write made so far on the
+    /// connection to the node that holds `key` (`WAIT`, at most
+    /// `timeout_ms`); returns how many have. On a cluster, `WAIT` goes to
+    /// the master of `key`'s slot, over the very connection that carried
+    /// the write (redis-rs would otherwise send it to every master).
+    pub async fn wait_replicas(
+        &mut self,
+        key: &str,
+        replicas: usize,
+        timeout_ms: u64,
+    ) -> RedisResult<i64> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas).arg(timeout_ms);
+        match self {
+            Conn::Single(c) => wait.query_async(c).await,
+            Conn::Cluster { conn, .. } => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = Route::new(slot(key.as_bytes()), SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                let value = conn.route_command(&wait, routing).await?;
+                redis::from_redis_value(&value)
+            }
+        }
+    }
+
     /// Unsubscribes from announcement names.
     pub async fn unsubscribe(&mut self, names: &[String]) -> RedisResult<()> {
         match self {
@@ -217,5 +290,40 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster { conn, .. } => conn.get_db(),
         }
+    }
+}
+
+/// The Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the part
+/// between the first `{` and the next `}`, when not empty) or of the whole
+/// key, modulo 16384.
+pub fn slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|b| *b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|b| *b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    let mut crc: u16 = 0;
+    for byte in tagged.unwrap_or(key) {
+        crc ^= (*byte as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+#[cfg(test)]
+mod tests {
+    /// The slots Redis itself gives (`CLUSTER KEYSLOT`).
+    #[test]
+    fn slots_are_those_of_redis() {
+        assert_eq!(super::slot(b"foo"), 12182);
+        assert_eq!(super::slot(b"pollgate:{foo}:h"), 12182);
+        assert_eq!(super::slot(b"123456789"), 12739);
+        assert_eq!(super::slot(b"a{}b"), super::slot(b"a{}b"));
     }
 }

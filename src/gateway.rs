@@ -14,7 +14,7 @@ use crate::poll::cors_headers;
 use crate::relay::Relay;
 use crate::respond;
 use crate::routes::{Action, Match, RouteTable};
-use crate::target::Target;
+use crate::target::RequestTarget;
 use crate::upstream::{add_forwarded, observe, strip_hop_by_hop, Peer, Pool, Upstreams};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -132,12 +132,12 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let keepalive =
-            crate::conn::keepalive(session, self.keepalive_secs, self.life.is_draining());
+            crate::http1::keepalive(session, self.keepalive_secs, self.life.is_draining());
         session.set_keepalive(keepalive);
         let req = session.req_header();
         let method = req.method.as_str().to_string();
         // The same parse of the same bytes as the front door's.
-        let target = match std::str::from_utf8(req.raw_path()).map(Target::parse) {
+        let target = match std::str::from_utf8(req.raw_path()).map(RequestTarget::parse) {
             Ok(Ok(target)) => target,
             // Only HTTP/2 requests get here with a bad target: HTTP/1
             // heads were refused (and counted) by the front door.

@@ -12,17 +12,17 @@
 //! it received instead of binding. Accepting stops when the instance drains
 //! (on the admin listener, at shutdown).
 //!
-//! Connections are unbuffered at L4 and written through `Conn`, which
+//! Connections are unbuffered at L4 and written through `TcpConn`, which
 //! gathers an answer's writes into one segment (a vectored write goes
 //! straight out). HTTP/1 connections, client and admin, run the loop of
-//! [`conn::serve`]; HTTP/2 ones (ALPN `h2`, or the h2c preface) go
+//! [`http1::serve`]; HTTP/2 ones (ALPN `h2`, or the h2c preface) go
 //! through Pingora's HTTP/2 server, one task per stream, and are closed
 //! when no first request arrives within `limits.header_timeout`.
 
 use crate::admin::Admin;
 use crate::config::ListenerConfig;
-use crate::conn::{self, Settings};
 use crate::front::Front;
+use crate::http1::{self, Settings};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Refusal;
 use crate::tls::Certificates;
@@ -65,7 +65,7 @@ const MAX_GATHER: usize = 16 * 1024;
 /// therefore go through the socket's readiness (`poll_*_ready`, `try_io`)
 /// rather than `&mut` methods, the way tokio's own `TcpStream` does them.
 #[derive(Debug)]
-struct Conn {
+struct TcpConn {
     tcp: Arc<TcpStream>,
     digest: Arc<SocketDigest>,
     pending: Vec<u8>,
@@ -77,14 +77,14 @@ struct Conn {
 pub fn socket_of(stream: &Stream) -> Option<Arc<TcpStream>> {
     let io: &dyn pingora::protocols::IO = &**stream;
     io.as_any()
-        .downcast_ref::<Conn>()
+        .downcast_ref::<TcpConn>()
         .map(|conn| conn.tcp.clone())
 }
 
 /// A plain TCP connection as a Pingora stream (tests of what is written on it).
 #[cfg(test)]
 pub(crate) fn plain_stream(tcp: TcpStream) -> Stream {
-    Box::new(Conn::new(tcp))
+    Box::new(TcpConn::new(tcp))
 }
 
 /// Clears the read readiness that `tcp` last reported, without a syscall.
@@ -120,7 +120,7 @@ fn poll_write_vectored_tcp(
     }
 }
 
-impl AsyncRead for Conn {
+impl AsyncRead for TcpConn {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -156,7 +156,7 @@ impl AsyncRead for Conn {
 /// Writes are gathered until the next flush, so that an answer's header and
 /// body leave in one segment; the buffer only exists while an answer is
 /// being written (Pingora flushes at the end of each answer).
-impl AsyncWrite for Conn {
+impl AsyncWrite for TcpConn {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -210,10 +210,10 @@ impl AsyncWrite for Conn {
     }
 }
 
-impl Conn {
-    fn new(tcp: TcpStream) -> Conn {
+impl TcpConn {
+    fn new(tcp: TcpStream) -> TcpConn {
         let digest = Arc::new(SocketDigest::from_raw_fd(tcp.as_raw_fd()));
-        Conn {
+        TcpConn {
             tcp: Arc::new(tcp),
             digest,
             pending: Vec::new(),
@@ -238,36 +238,36 @@ impl Conn {
 }
 
 #[async_trait]
-impl Shutdown for Conn {
+impl Shutdown for TcpConn {
     async fn shutdown(&mut self) {
         let _ = SockRef::from(&*self.tcp).shutdown(std::net::Shutdown::Write);
     }
 }
 
-impl UniqueID for Conn {
+impl UniqueID for TcpConn {
     fn id(&self) -> UniqueIDType {
         self.tcp.as_raw_fd()
     }
 }
 
-impl Ssl for Conn {}
+impl Ssl for TcpConn {}
 
 #[async_trait]
-impl Peek for Conn {}
+impl Peek for TcpConn {}
 
-impl GetTimingDigest for Conn {
+impl GetTimingDigest for TcpConn {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
         Vec::new()
     }
 }
 
-impl GetProxyDigest for Conn {
+impl GetProxyDigest for TcpConn {
     fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
         None
     }
 }
 
-impl GetSocketDigest for Conn {
+impl GetSocketDigest for TcpConn {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
         Some(self.digest.clone())
     }
@@ -469,8 +469,8 @@ impl Acceptance {
                     require_host: false,
                     ..self.settings
                 };
-                let conn = Box::new(Conn::new(tcp));
-                conn::serve(admin, conn, settings, &self.life, &shutdown).await;
+                let conn = Box::new(TcpConn::new(tcp));
+                http1::serve(admin, conn, settings, &self.life, &shutdown).await;
                 return;
             }
         };
@@ -486,7 +486,7 @@ impl Acceptance {
                 None => return, // silent or closed: as a head that never comes
             },
         };
-        let conn = Conn::new(tcp);
+        let conn = TcpConn::new(tcp);
         let stream: Stream = match tls {
             None => Box::new(conn),
             Some(acceptor) => {
@@ -512,7 +512,7 @@ impl Acceptance {
             serve_h2(self.front.clone(), stream, deadline, &shutdown).await;
         } else {
             let front = self.front.clone();
-            conn::serve(front, stream, self.settings, &self.life, &shutdown).await;
+            http1::serve(front, stream, self.settings, &self.life, &shutdown).await;
         }
     }
 }

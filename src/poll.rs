@@ -11,13 +11,13 @@ use crate::authorize::{Authorize, Authorizer, Decision};
 use crate::broker::BrokerError;
 use crate::config::Cors;
 use crate::fairness::{ClientSlot, Clients, OverLimit};
-use crate::hub::{Held, Hub, HubError, Poll};
+use crate::hub::{Held, Hub, HubError, Polled};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{self, Outcome, Refusal};
 use crate::respond;
 use crate::routes::SubscribeRoute;
 use crate::subscription::{header_str, BadRequest, Request, SubscribeHead};
-use crate::target::Target;
+use crate::target::RequestTarget;
 use crate::template::Params;
 use crate::waiter::{Answerer, Wake};
 use bytes::Bytes;
@@ -227,7 +227,7 @@ impl Poller {
     pub async fn serve(
         &self,
         session: &mut Session,
-        target: &Target,
+        target: &RequestTarget,
         route: &SubscribeRoute,
         params: &Params<'_>,
     ) -> Result<()> {
@@ -290,7 +290,7 @@ impl Poller {
                     .hold_now(&req.channels, c, req.format, answerer.as_ref())
             });
             let polled = match now {
-                Some(held) => Ok(Poll::Held(held)),
+                Some(held) => Ok(Polled::Held(held)),
                 None => {
                     let hub = &self.hub;
                     let (first, format, answerer) = (route.first, req.format, answerer.clone());
@@ -299,7 +299,7 @@ impl Poller {
                 }
             };
             let held = match polled {
-                Ok(Poll::Ready(answer)) => {
+                Ok(Polled::Ready(answer)) => {
                     let outcome = if answer.gap {
                         Outcome::Gap
                     } else {
@@ -307,7 +307,7 @@ impl Poller {
                     };
                     return Waited::Reply(Reply::new(answer, outcome, false));
                 }
-                Ok(Poll::Held(held)) => held,
+                Ok(Polled::Held(held)) => held,
                 Err(e) => return Waited::Failed(e),
             };
             let current = held.cursor.clone();
@@ -376,7 +376,7 @@ impl Poller {
     pub async fn authorized(
         &self,
         session: &mut Session,
-        target: &Target,
+        target: &RequestTarget,
         authorize: &Authorize,
     ) -> Result<bool> {
         let peer = crate::upstream::Peer::of(session);
@@ -551,14 +551,14 @@ impl Poller {
                 .poll(&req.channels, cursor.clone(), route.first, Format::Sse)
                 .await;
             let mut held = match poll {
-                Ok(Poll::Ready(answer)) => {
+                Ok(Polled::Ready(answer)) => {
                     self.write(session.write_response_body(answer.body.clone(), false))
                         .await?;
                     count_delivered(&answer, false);
                     cursor = Some(answer.cursor.clone());
                     continue;
                 }
-                Ok(Poll::Held(held)) => held,
+                Ok(Polled::Held(held)) => held,
                 Err(e) => {
                     tracing::warn!(error = %e, "SSE stream ends");
                     break;
@@ -739,7 +739,7 @@ mod tests {
         let polled = poller
             .hub
             .poll(&names, None, First::Newest, Format::Envelope);
-        let Ok(Poll::Held(held)) = polled.await else {
+        let Ok(Polled::Held(held)) = polled.await else {
             panic!("an empty channel holds");
         };
         let before = metrics::HELD.get();

@@ -16,13 +16,13 @@
 
 use crate::answer::Format;
 use crate::cursor::Cursor;
-use crate::hub::{First, Hub, Poll};
+use crate::hub::{First, Hub, Polled};
 use crate::metrics;
 use crate::poll::{self, Ending, Poller};
 use crate::respond;
 use crate::routes::WatchRoute;
 use crate::subscription::{asked_timeout, hold_time, BadRequest};
-use crate::target::Target;
+use crate::target::RequestTarget;
 use crate::template::Params;
 use crate::upstream::{client_header, error_status, forwarded_copy, Peer, Pool, Upstreams};
 use bytes::Bytes;
@@ -99,7 +99,7 @@ impl Watcher {
         &self,
         poller: &Poller,
         session: &mut Session,
-        (target, route, params): (&Target, &WatchRoute, &Params<'_>),
+        (target, route, params): (&RequestTarget, &WatchRoute, &Params<'_>),
     ) -> Result<()> {
         let mut channels = Vec::with_capacity(route.channels.len());
         for t in &route.channels {
@@ -149,11 +149,11 @@ impl Watcher {
                 .poll(&channels, cursor.clone(), First::Newest, Format::Envelope)
                 .await;
             let (held, position) = match poll {
-                Ok(Poll::Held(held)) => {
+                Ok(Polled::Held(held)) => {
                     let at = held.cursor.clone();
                     (Some(held), at)
                 }
-                Ok(Poll::Ready(answer)) => (None, answer.cursor.clone()),
+                Ok(Polled::Ready(answer)) => (None, answer.cursor.clone()),
                 Err(e) => return poller.hub_failed(session, e).await,
             };
             cursor = Some(position.clone());

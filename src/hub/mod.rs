@@ -9,7 +9,7 @@
 //!
 //! Channels are spread over sharded maps and each has its own lock, so
 //! publishes to different channels never contend. The broker's side
-//! (announcements, delivery, resync) is in `delivery.rs`.
+//! (announcements, delivery, resync) is in `hub/delivery.rs`.
 
 use crate::answer::{Answer, Format};
 use crate::broker::{Broker, BrokerError};
@@ -80,7 +80,7 @@ impl From<BrokerError> for HubError {
 }
 
 /// The result of a poll.
-pub enum Poll {
+pub enum Polled {
     /// Messages (or a gap) to answer with at once.
     Ready(Arc<Answer>),
     /// Nothing new: the poll is registered and waits.
@@ -351,7 +351,7 @@ impl Hub {
         cursor: Option<Cursor>,
         first: First,
         format: Format,
-    ) -> Result<Poll, HubError> {
+    ) -> Result<Polled, HubError> {
         self.poll_answered_by(names, cursor, first, format, None)
             .await
     }
@@ -390,7 +390,7 @@ impl Hub {
         first: First,
         format: Format,
         answerer: Option<Arc<dyn Answerer>>,
-    ) -> Result<Poll, HubError> {
+    ) -> Result<Polled, HubError> {
         let limit = format.limit();
         let mut cursor = cursor;
         // A cursor of another history: every position is lost.
@@ -431,7 +431,7 @@ impl Hub {
             let (start, gap, found) = self.collect(&channels, start, limit).await?;
             let gap = gap || other_history;
             if gap || !found.is_empty() {
-                return Ok(Poll::Ready(Arc::new(Answer::build(
+                return Ok(Polled::Ready(Arc::new(Answer::build(
                     format, &start, gap, &found,
                 ))));
             }
@@ -440,7 +440,7 @@ impl Hub {
                 hook();
             }
             if let Some(held) = self.register(channels, start, format, answerer.clone()) {
-                return Ok(Poll::Held(held));
+                return Ok(Polled::Held(held));
             }
         }
     }
@@ -600,9 +600,7 @@ impl Hub {
 #[cfg(test)]
 type WaiterHook = Box<dyn FnOnce(&Arc<Waiter>) + Send>;
 
-#[path = "delivery.rs"]
 mod delivery;
 
 #[cfg(test)]
-#[path = "hub_tests.rs"]
 mod tests;

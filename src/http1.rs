@@ -13,7 +13,7 @@
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Refusal;
 use crate::respond;
-use crate::target::Target;
+use crate::target::RequestTarget;
 use bytes::{Bytes, BytesMut};
 use pingora::apps::ReusedHttpStream;
 use pingora::protocols::http::ServerSession;
@@ -187,7 +187,7 @@ async fn read_head(
 #[derive(Debug)]
 pub struct Head<'a> {
     pub method: &'a str,
-    pub target: Target,
+    pub target: RequestTarget,
     /// The client keeps the connection after the answer (HTTP/1.1 unless
     /// `Connection: close`; HTTP/1.0 with `Connection: keep-alive`).
     pub keepalive: bool,
@@ -292,7 +292,7 @@ pub fn parse_head(
             return Err((400, "bad_request", "malformed request head".into()))
         }
     }
-    let target = Target::parse(req.path.unwrap_or_default())
+    let target = RequestTarget::parse(req.path.unwrap_or_default())
         .map_err(|e| (400, "bad_request", e.to_string()))?;
     let http11 = req.version == Some(1);
     let mut parsed = Head {

@@ -237,20 +237,32 @@ fn lists(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// The one length that every `Content-Length` field names (a field may
-/// list the same value several times, RFC 9110 §8.6), or the refusal of
-/// lengths that are malformed or disagree.
-fn one_length(fields: &[&[u8]]) -> Result<Option<u64>, String> {
+/// The one parse of `Content-Length`, for every path (the HTTP/1 head, the
+/// gateway's `max_body`, the relay's body). Returns the one length that
+/// every field names (None without a field; a field may list the same value
+/// several times, RFC 9110 §8.6), or why the fields are refused: a value
+/// that is not a number, or values that disagree.
+pub fn content_length<'a>(
+    fields: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Option<u64>, &'static str> {
     let mut length = None;
-    for value in fields.iter().flat_map(|f| f.split(|&b| b == b',')) {
-        let n = content_length(value.trim_ascii())
-            .ok_or_else(|| "a Content-Length that is not a number".to_string())?;
+    for value in fields.into_iter().flat_map(|f| f.split(|&b| b == b',')) {
+        let n = length_value(value.trim_ascii()).ok_or("a Content-Length that is not a number")?;
         if length.is_some_and(|l| l != n) {
-            return Err("Content-Length fields that disagree".into());
+            return Err("Content-Length fields that disagree");
         }
         length = Some(n);
     }
     Ok(length)
+}
+
+/// The `Content-Length` of a Pingora request head ([`content_length`]);
+/// None without one, or when it is refused.
+pub fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    let fields = headers.get_all(http::header::CONTENT_LENGTH);
+    content_length(fields.iter().map(|v| v.as_bytes()))
+        .ok()
+        .flatten()
 }
 
 /// Whether a `Host` value is an authority a backend can take: host and
@@ -262,7 +274,7 @@ fn valid_host(value: &[u8]) -> bool {
 }
 
 /// A `Content-Length` value: 1 to 19 digits (no sign, no spaces).
-fn content_length(value: &[u8]) -> Option<u64> {
+fn length_value(value: &[u8]) -> Option<u64> {
     if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -365,9 +377,9 @@ pub fn parse_head(
     if hosts == 0 && http11 && require_host {
         return bad("an HTTP/1.1 request needs a Host header");
     }
-    parsed.content_length = match one_length(&lengths) {
+    parsed.content_length = match content_length(lengths.iter().copied()) {
         Ok(length) => length,
-        Err(detail) => return bad(&detail),
+        Err(detail) => return bad(detail),
     };
     // Several Content-Length fields of one value go through Pingora, and
     // reach a backend as one.

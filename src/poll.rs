@@ -407,11 +407,7 @@ impl Poller {
             Err(e) => {
                 Outcome::Error.count();
                 let status = crate::upstream::error_status(&e);
-                let kind = if status == 504 {
-                    "gateway_timeout"
-                } else {
-                    "bad_gateway"
-                };
+                let kind = crate::upstream::error_kind(status);
                 let detail = format!("authorization upstream {}: {e}", authorize.upstream);
                 let cors = self.cors_headers(session);
                 self.write(respond::error(session, status, kind, &detail, &cors))

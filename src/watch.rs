@@ -24,7 +24,9 @@ use crate::routes::WatchRoute;
 use crate::subscription::{asked_timeout, hold_time, BadRequest};
 use crate::target::RequestTarget;
 use crate::template::Params;
-use crate::upstream::{client_header, error_status, forwarded_copy, Peer, Pool, Upstreams};
+use crate::upstream::{
+    client_header, error_kind, error_status, forwarded_copy, Peer, Pool, Upstreams,
+};
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession as Session;
@@ -162,11 +164,7 @@ impl Watcher {
                 match self.fetch(&pool, route, &request, &position).await {
                     Ok(rep) => current = Some((rep, position)),
                     Err(e) => {
-                        let kind = if e.status == 504 {
-                            "gateway_timeout"
-                        } else {
-                            "bad_gateway"
-                        };
+                        let kind = error_kind(e.status);
                         return respond::error(session, e.status, kind, &e.detail, &[]).await;
                     }
                 }

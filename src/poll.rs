@@ -52,6 +52,7 @@ pub struct Poller {
 /// atomically: a slot is taken before anything else is done for a poll,
 /// and given back when its [`Slot`] drops. (`pollgate_held_requests`
 /// counts the polls actually waiting for a message.)
+// Not tokio's `Semaphore`: dropping its permit locks its waiter list, a Mutex per poll.
 pub struct HeldSlots {
     taken: AtomicUsize,
     max: usize,

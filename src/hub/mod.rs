@@ -24,10 +24,10 @@ use parking_lot::Mutex;
 use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, OnceCell};
+use tokio::sync::{mpsc, OnceCell, Semaphore};
 
 /// What a poll without a cursor starts from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,8 +181,9 @@ impl ChannelState {
 /// Per-instance registry of channels and held polls.
 pub struct Hub {
     channels: ShardedMap<Arc<Channel>>,
-    /// Channels in `channels`, never above `max_channels`.
-    active: AtomicUsize,
+    /// Room for more channels: `max_channels` permits, one taken (and
+    /// forgotten) per channel in `channels`, added back when it is removed.
+    room: Semaphore,
     max_channels: usize,
     broker: Arc<dyn Broker>,
     history: usize,
@@ -224,8 +225,8 @@ impl Hub {
     ) -> Arc<Hub> {
         let hub = Arc::new(Hub {
             channels: ShardedMap::default(),
-            active: AtomicUsize::new(0),
-            max_channels,
+            room: Semaphore::new(max_channels.min(Semaphore::MAX_PERMITS)),
+            max_channels: max_channels.min(Semaphore::MAX_PERMITS),
             broker: broker.clone(),
             history,
             linger,
@@ -277,10 +278,9 @@ impl Hub {
             None => {
                 // Room is taken before creating, so that racing polls cannot
                 // pass the limit; given back when another poll created it.
-                self.active
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                        (n < self.max_channels).then_some(n + 1)
-                    })
+                let permit = self
+                    .room
+                    .try_acquire()
                     .map_err(|_| HubError::TooManyChannels(self.max_channels))?;
                 let mut created = false;
                 let ch = self.channels.get_or_insert_with(name, |name| {
@@ -300,9 +300,8 @@ impl Hub {
                     })
                 });
                 if created {
+                    permit.forget();
                     metrics::CHANNELS_ACTIVE.inc();
-                } else {
-                    self.active.fetch_sub(1, Ordering::AcqRel);
                 }
                 ch
             }
@@ -556,7 +555,7 @@ impl Hub {
 
     /// Channels active on this instance now.
     pub fn active_channels(&self) -> usize {
-        self.active.load(Ordering::Acquire)
+        self.max_channels - self.room.available_permits()
     }
 
     /// Channel facts for the publish API.
@@ -588,7 +587,7 @@ impl Hub {
                 }
                 st.removed = true;
                 self.broker.unwatch(name);
-                self.active.fetch_sub(1, Ordering::AcqRel);
+                self.room.add_permits(1);
                 metrics::CHANNELS_ACTIVE.dec();
                 true
             },

@@ -5,6 +5,7 @@
 //! holds the command line.
 
 pub mod admin;
+pub mod admission;
 pub mod answer;
 pub mod authorize;
 pub mod broker;
@@ -29,6 +30,7 @@ pub mod routes;
 pub mod secret;
 pub mod server;
 pub mod shards;
+pub mod sse;
 pub mod subscription;
 pub mod target;
 pub mod template;

@@ -4,6 +4,7 @@
 //! instance (the one shutdown path).
 
 use crate::admin::Admin;
+use crate::admission::HeldSlots;
 use crate::authorize::Authorizer;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
@@ -17,7 +18,7 @@ use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::listener::ClientListener;
 use crate::metrics;
-use crate::poll::{HeldSlots, Poller};
+use crate::poll::Poller;
 use crate::routes::RouteTable;
 use crate::tls::Certificates;
 use crate::upstream::Upstreams;

@@ -33,6 +33,7 @@ pub mod shards;
 pub mod sse;
 pub mod subscription;
 pub mod target;
+pub mod tcp;
 pub mod template;
 pub mod tls;
 pub mod units;

@@ -9,6 +9,10 @@
 //! request and kilobytes per connection; the requests pollgate serves most
 //! (a long-poll, a publish) need a head, sometimes a short body, and one
 //! write.
+//!
+//! Here: the loop ([`serve`]) and the raw connection's body and answer
+//! ([`Raw`]); the head's parse in `head.rs`; the Pingora session's
+//! `Gate` and `pingora_refusal` in `gate.rs`.
 
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Refusal;

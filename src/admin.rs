@@ -451,6 +451,11 @@ impl Http1App for Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // A chunked body or an upgrade ends the connection (`Gate`): the
+        // answer says so.
+        if let Some(secs) = session.get_keepalive() {
+            session.set_keepalive(http1::keepalive(session, secs, false));
+        }
         let req = session.req_header();
         let target = std::str::from_utf8(req.raw_path())
             .map_err(|_| "the request target is not UTF-8".to_string())

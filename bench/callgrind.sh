@@ -21,7 +21,7 @@ SCENARIO=${SCENARIO:-latency}
 OUT=bench/out/callgrind
 mkdir -p "$OUT/tls"
 command -v valgrind >/dev/null || { echo "bench/callgrind.sh: needs valgrind (apt-get install valgrind)" >&2; exit 2; }
-[ -x target/release/pollgate-bench ] || cargo build --release --bin pollgate-bench
+[ -x target/release/pollgate-bench ] || cargo build --release --features bench --bin pollgate-bench
 [ -f "$OUT/tls/cert.pem" ] || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
   -subj /CN=localhost -addext subjectAltName=DNS:localhost \
   -keyout "$OUT/tls/key.pem" -out "$OUT/tls/cert.pem" 2>/dev/null

@@ -34,7 +34,7 @@ if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-cargo build --release --bin pollgate --bin pollgate-bench
+cargo build --release --features bench --bin pollgate --bin pollgate-bench
 ulimit -n 20000
 # The certificate of both servers' TLS listeners (pollgate 18443, Nchan 18444).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \

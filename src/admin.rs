@@ -2,13 +2,13 @@
 //! `/healthz` and `/readyz` (docs/api.md, "Admin endpoints").
 
 use crate::broker::BrokerError;
-use crate::conn::{self, BodyError, Head, Http1App, Plan, Raw};
+use crate::http1::{self, BodyError, Head, Http1App, Plan, Raw};
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::message::{content_type_problem, is_json, is_json_type, OCTET_STREAM};
 use crate::metrics;
 use crate::respond::{self, error_json};
-use crate::target::Target;
+use crate::target::RequestTarget;
 use crate::template::channel_problem;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -36,7 +36,7 @@ pub struct Admin {
 /// Pingora session).
 pub struct Call {
     method: Method,
-    target: Target,
+    target: RequestTarget,
     /// The bearer token matched (or none is required).
     authorized: bool,
     content_type: Option<String>,
@@ -453,15 +453,15 @@ impl Http1App for Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        // A chunked body's end is not known from the head: the connection
-        // is not reused after it, and the answer says so (`conn::keepalive`).
-        if conn::keepalive(session, 1, self.life.is_draining()).is_none() {
-            session.set_keepalive(None);
+        // A chunked body or an upgrade ends the connection (`Gate`): the
+        // answer says so.
+        if let Some(secs) = session.get_keepalive() {
+            session.set_keepalive(http1::keepalive(session, secs, false));
         }
         let req = session.req_header();
         let target = std::str::from_utf8(req.raw_path())
             .map_err(|_| "the request target is not UTF-8".to_string())
-            .and_then(|raw| Target::parse(raw).map_err(|e| e.to_string()));
+            .and_then(|raw| RequestTarget::parse(raw).map_err(|e| e.to_string()));
         let target = match target {
             Ok(target) => target,
             Err(detail) => return AdminReply::error(400, "bad_request", &detail).into_response(),
@@ -472,7 +472,7 @@ impl ServeHttp for Admin {
             target,
             authorized: self.authorized(header(http::header::AUTHORIZATION)),
             content_type: header(http::header::CONTENT_TYPE)
-                .and_then(conn::text)
+                .and_then(http1::text)
                 .map(str::to_owned),
             content_length: header(http::header::CONTENT_LENGTH)
                 .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()),

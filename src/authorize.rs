@@ -11,10 +11,10 @@
 //! (bounded, least recently used go first) together with the whole path
 //! and query (tokens in the query are credentials too): nothing the
 //! upstream can decide on is missing from the key. Concurrent identical
-//! checks share one upstream call. The path is the one [`Target`] that
+//! checks share one upstream call. The path is the one [`RequestTarget`] that
 //! also selected the channels.
 
-use crate::target::Target;
+use crate::target::RequestTarget;
 use crate::upstream::{add_forwarded, joined_cookie, Peer, Upstreams};
 use bytes::Bytes;
 use http::HeaderName;
@@ -167,7 +167,7 @@ impl AuthCache {
         }
     }
 
-    fn key(credentials: Presented, target: &Target) -> Key {
+    fn key(credentials: Presented, target: &RequestTarget) -> Key {
         let mut key = target.path().to_string();
         let mut sep = '?';
         for pair in target.query().unwrap_or("").split('&') {
@@ -204,7 +204,7 @@ impl Authorizer {
     pub async fn check(
         &self,
         client: &RequestHeader,
-        target: &Target,
+        target: &RequestTarget,
         peer: &Peer,
         authorize: &Authorize,
     ) -> Result<Decision> {
@@ -254,7 +254,7 @@ impl Authorizer {
 /// exactly the `presented` credentials, `Host` and `X-Forwarded-*`.
 fn request(
     client: &RequestHeader,
-    target: &Target,
+    target: &RequestTarget,
     peer: &Peer,
     credentials: &Credentials,
     presented: &Presented,

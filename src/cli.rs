@@ -5,7 +5,7 @@
 use crate::config::{Config, ConfigErrors};
 use crate::routes::RouteTable;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The default config file, used when it exists and no -c is given.
@@ -152,17 +152,13 @@ pub fn publish(args: &PublishArgs) -> Result<String, String> {
         }
         Some(d) => d.as_bytes().to_vec(),
     };
-    let rest = args
-        .admin
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("--admin '{}': only http:// URLs are supported", args.admin))?;
-    let (host, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let prefix = prefix.trim_end_matches('/');
-    let prefix = if prefix.is_empty() {
-        String::new()
-    } else {
-        format!("/{prefix}")
-    };
+    let base = args.admin.trim_end_matches('/');
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(format!(
+            "--admin '{}': only http:// and https:// URLs are supported",
+            args.admin
+        ));
+    }
     let channel: String = args
         .channel
         .bytes()
@@ -173,32 +169,24 @@ pub fn publish(args: &PublishArgs) -> Result<String, String> {
             _ => format!("%{b:02X}"),
         })
         .collect();
-    let mut head = format!(
-        "POST {prefix}/v1/publish/{channel} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        args.content_type,
-        data.len()
-    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut request = agent
+        .post(format!("{base}/v1/publish/{channel}"))
+        .header("Content-Type", &args.content_type);
     if let Some(t) = args.token.as_deref().filter(|t| !t.is_empty()) {
-        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        request = request.header("Authorization", format!("Bearer {t}"));
     }
-    head.push_str("\r\n");
-    let mut stream =
-        std::net::TcpStream::connect(host).map_err(|e| format!("cannot connect to {host}: {e}"))?;
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .ok();
-    stream
-        .write_all(head.as_bytes())
-        .and_then(|_| stream.write_all(&data))
-        .map_err(|e| format!("cannot send to {host}: {e}"))?;
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
-    let text = String::from_utf8_lossy(&answer);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("{host} sent no HTTP answer"))?;
-    let status = head.split_whitespace().nth(1).unwrap_or("?");
+    let mut answer = request
+        .send(&data[..])
+        .map_err(|e| format!("cannot publish to {base}: {e}"))?;
+    let status = answer.status().as_u16().to_string();
+    let body = answer.body_mut().read_to_string().unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null);
+    let status = status.as_str();
     match (status, v["id"].as_str()) {
         ("200", Some(id)) => Ok(id.to_string()),
         _ => Err(format!(

@@ -1,5 +1,5 @@
 //! The client listener's front door: the [`Http1App`] of client
-//! connections ([`conn::serve`] reads and parses each head). Long-polls
+//! connections ([`http1::serve`] reads and parses each head). Long-polls
 //! are served on the raw connection ([`h1`]) or held on a Pingora session;
 //! every other request goes to Pingora's proxy (the
 //! [`Gateway`]). HTTP/2 streams come through
@@ -11,15 +11,15 @@
 //! and there are tens of thousands of them. So only a request that is not
 //! held is handed (with the bytes already read) to the proxy.
 
-use crate::conn::{self, Head, HeadLimits, Http1App, Plan, Raw, Settings};
 use crate::gateway::Gateway;
 use crate::h1;
+use crate::http1::{self, Head, HeadLimits, Http1App, Plan, Raw, Settings};
 use crate::lifecycle::Lifecycle;
 use crate::poll::{cors_headers, Poller};
 use crate::respond;
 use crate::routes::{Action, Match, RouteTable, SubscribeRoute, WatchRoute};
 use crate::subscription::{BadRequest, Request, SubscribeHead};
-use crate::target::Target;
+use crate::target::RequestTarget;
 use crate::template::Params;
 use crate::watch::Watcher;
 use async_trait::async_trait;
@@ -77,7 +77,7 @@ fn subscribe_head<'h>(head: &'h Head<'_>) -> SubscribeHead<'h> {
 impl Front {
     /// The route of this request when the front door holds it (a
     /// subscribe request, or a GET on a watch route).
-    fn held_route(&self, method: &str, target: &Target) -> Option<(Holds<'_>, Params<'_>)> {
+    fn held_route(&self, method: &str, target: &RequestTarget) -> Option<(Holds<'_>, Params<'_>)> {
         if method == "OPTIONS" {
             return None; // CORS preflight: the gateway answers it
         }
@@ -106,7 +106,7 @@ impl Front {
         }
         let target = std::str::from_utf8(req.raw_path())
             .ok()
-            .and_then(|raw| Target::parse(raw).ok());
+            .and_then(|raw| RequestTarget::parse(raw).ok());
         let method = req.method.as_str();
         match target.and_then(|t| Some((self.held_route(method, &t)?, t))) {
             Some(((route, params), target)) => self.hold(session, target, route, params).await,
@@ -119,7 +119,7 @@ impl Front {
     async fn hold(
         &self,
         mut session: ServerSession,
-        target: Target,
+        target: RequestTarget,
         route: Holds<'_>,
         params: Params<'_>,
     ) -> Option<ReusedHttpStream> {
@@ -129,7 +129,7 @@ impl Front {
             _ => return None,
         }
         let draining = self.life.is_draining();
-        session.set_keepalive(conn::keepalive(&session, self.keepalive_secs, draining));
+        session.set_keepalive(http1::keepalive(&session, self.keepalive_secs, draining));
         let served = match route {
             Holds::Subscribe(route) => {
                 self.poller
@@ -172,7 +172,7 @@ async fn refuse_connect(mut session: ServerSession) -> Option<ReusedHttpStream> 
 
 impl Http1App for Front {
     type Lean<'a> = LeanPoll<'a>;
-    type Handoff<'a> = (Target, Option<(Holds<'a>, Params<'a>)>);
+    type Handoff<'a> = (RequestTarget, Option<(Holds<'a>, Params<'a>)>);
     type Kept = h1::Kept;
 
     /// The lean path takes a subscribe request whose head is bare, whose
@@ -253,7 +253,7 @@ impl Front {
 #[async_trait]
 impl HttpServerApp for Front {
     /// Serves one HTTP/2 stream (HTTP/1 connections are served by
-    /// [`conn::serve`]).
+    /// [`http1::serve`]).
     async fn process_new_http(
         self: &Arc<Self>,
         session: ServerSession,
@@ -261,7 +261,7 @@ impl HttpServerApp for Front {
     ) -> Option<ReusedHttpStream> {
         match session {
             ServerSession::H1(h1) => {
-                let serving = conn::serve(
+                let serving = http1::serve(
                     self.clone(),
                     h1.into_inner(),
                     self.settings(0),

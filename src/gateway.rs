@@ -14,8 +14,10 @@ use crate::poll::cors_headers;
 use crate::relay::Relay;
 use crate::respond;
 use crate::routes::{Action, Match, RouteTable};
-use crate::target::Target;
-use crate::upstream::{add_forwarded, observe, strip_hop_by_hop, Peer, Pool, Upstreams};
+use crate::target::RequestTarget;
+use crate::upstream::{
+    add_forwarded, error_kind, error_status, observe, strip_hop_by_hop, Peer, Pool, Upstreams,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -104,12 +106,7 @@ impl Gateway {
     }
 
     fn too_big(&self, session: &Session) -> bool {
-        session
-            .req_header()
-            .headers
-            .get("Content-Length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
+        crate::http1::declared_length(&session.req_header().headers)
             .is_some_and(|n| n > self.max_body)
     }
 }
@@ -132,12 +129,12 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let keepalive =
-            crate::conn::keepalive(session, self.keepalive_secs, self.life.is_draining());
+            crate::http1::keepalive(session, self.keepalive_secs, self.life.is_draining());
         session.set_keepalive(keepalive);
         let req = session.req_header();
         let method = req.method.as_str().to_string();
         // The same parse of the same bytes as the front door's.
-        let target = match std::str::from_utf8(req.raw_path()).map(Target::parse) {
+        let target = match std::str::from_utf8(req.raw_path()).map(RequestTarget::parse) {
             Ok(Ok(target)) => target,
             // Only HTTP/2 requests get here with a bad target: HTTP/1
             // heads were refused (and counted) by the front door.
@@ -255,14 +252,10 @@ impl ProxyHttp for Gateway {
         // door): one field.
         let lengths = request.headers.get_all(http::header::CONTENT_LENGTH);
         if lengths.iter().count() > 1 || lengths.iter().any(|v| v.as_bytes().contains(&b',')) {
-            let one = lengths
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-                .next()
-                .map(|v| v.trim_ascii().to_vec())
-                .unwrap_or_default();
-            request.remove_header(&http::header::CONTENT_LENGTH);
-            request.insert_header(http::header::CONTENT_LENGTH, one)?;
+            if let Some(one) = crate::http1::declared_length(&request.headers) {
+                request.remove_header(&http::header::CONTENT_LENGTH);
+                request.insert_header(http::header::CONTENT_LENGTH, one.to_string())?;
+            }
         }
         add_forwarded(request, client, &Peer::of(session))
     }
@@ -344,13 +337,8 @@ impl ProxyHttp for Gateway {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
-                if e.esource() == &ErrorSource::Upstream =>
-            {
-                504
-            }
             _ => match e.esource() {
-                ErrorSource::Upstream => 502,
+                ErrorSource::Upstream => error_status(e),
                 ErrorSource::Downstream => match e.etype() {
                     ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
                     _ => 400,
@@ -361,8 +349,7 @@ impl ProxyHttp for Gateway {
         if code > 0 {
             let kind = match code {
                 413 => "payload_too_large",
-                502 => "bad_gateway",
-                504 => "gateway_timeout",
+                502 | 504 => error_kind(code),
                 400 => "bad_request",
                 _ => "error",
             };

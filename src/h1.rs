@@ -204,7 +204,7 @@ enum Settled {
 /// The direct writer of a plain TCP connection's answers; None on any
 /// other stream.
 fn direct_for(stream: &Stream) -> Option<Arc<DirectWrite>> {
-    crate::listener::socket_of(stream).map(|socket| Arc::new(DirectWrite::new(socket)))
+    crate::tcp::socket_of(stream).map(|socket| Arc::new(DirectWrite::new(socket)))
 }
 
 impl DirectWrite {
@@ -357,7 +357,7 @@ mod tests {
         for round in 0..20 {
             let _first = tokio::net::TcpStream::connect(addr).await.unwrap();
             let (accepted, _) = listener.accept().await.unwrap();
-            let stream = crate::listener::plain_stream(accepted);
+            let stream = crate::tcp::plain_stream(accepted);
             let fd = stream.id();
             let direct = direct_for(&stream).expect("a plain TCP connection");
             let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();

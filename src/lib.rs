@@ -5,18 +5,19 @@
 //! holds the command line.
 
 pub mod admin;
+pub mod admission;
 pub mod answer;
 pub mod authorize;
 pub mod broker;
 pub mod cli;
 pub mod config;
-pub mod conn;
 pub mod cursor;
 pub mod fairness;
 pub mod front;
 pub mod gateway;
 pub mod h1;
 pub mod history;
+pub mod http1;
 pub mod hub;
 pub mod lifecycle;
 pub mod listener;
@@ -29,8 +30,10 @@ pub mod routes;
 pub mod secret;
 pub mod server;
 pub mod shards;
+pub mod sse;
 pub mod subscription;
 pub mod target;
+pub mod tcp;
 pub mod template;
 pub mod tls;
 pub mod units;

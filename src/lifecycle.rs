@@ -8,6 +8,7 @@ use tokio::sync::Notify;
 use tokio_util::task::task_tracker::{TaskTracker, TaskTrackerToken};
 
 /// Whether the instance is draining, and which requests are in flight.
+// Not tokio-util's `CancellationToken`: its `is_cancelled` locks a Mutex, and every poll asks.
 pub struct Lifecycle {
     /// Wakes everything waiting in [`Lifecycle::drained`] (every held
     /// request registers with it: a plain list entry, no channel receiver).

@@ -12,38 +12,31 @@
 //! it received instead of binding. Accepting stops when the instance drains
 //! (on the admin listener, at shutdown).
 //!
-//! Connections are unbuffered at L4 and written through `Conn`, which
-//! gathers an answer's writes into one segment (a vectored write goes
-//! straight out). HTTP/1 connections, client and admin, run the loop of
-//! [`conn::serve`]; HTTP/2 ones (ALPN `h2`, or the h2c preface) go
+//! Connections are unbuffered at L4 and written through
+//! [`crate::tcp::TcpConn`], which gathers an answer's writes into one
+//! segment (a vectored write goes straight out). HTTP/1 connections, client and admin, run the loop of
+//! [`http1::serve`]; HTTP/2 ones (ALPN `h2`, or the h2c preface) go
 //! through Pingora's HTTP/2 server, one task per stream, and are closed
 //! when no first request arrives within `limits.header_timeout`.
 
 use crate::admin::Admin;
 use crate::config::ListenerConfig;
-use crate::conn::{self, Settings};
 use crate::front::Front;
+use crate::http1::{self, Settings};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Refusal;
+use crate::tcp::TcpConn;
 use crate::tls::Certificates;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::listeners::tls::Acceptor;
-use pingora::protocols::raw_connect::ProxyDigest;
-use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, SocketDigest, TimingDigest, ALPN,
-};
-use pingora::protocols::{Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType};
+use pingora::protocols::{Stream, ALPN};
 use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service;
-use socket2::SockRef;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// The first bytes of the HTTP/2 connection preface.
@@ -52,226 +45,6 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 const BROKER_WAIT: Duration = Duration::from_secs(5);
 /// How often the certificate files are checked for a change.
 const CERT_CHECK: Duration = Duration::from_secs(2);
-
-/// Most bytes gathered before writing (an answer larger than this is
-/// written as it comes).
-const MAX_GATHER: usize = 16 * 1024;
-
-/// A TCP connection as Pingora sees it, without buffers.
-///
-/// The socket is shared ([`socket_of`]): the lean path's direct write
-/// holds it too, so the descriptor stays open, and its number cannot go to
-/// another connection, until the last holder drops it. Reads and writes
-/// therefore go through the socket's readiness (`poll_*_ready`, `try_io`)
-/// rather than `&mut` methods, the way tokio's own `TcpStream` does them.
-#[derive(Debug)]
-struct Conn {
-    tcp: Arc<TcpStream>,
-    digest: Arc<SocketDigest>,
-    pending: Vec<u8>,
-}
-
-/// A plain TCP client connection's socket, shared with whoever writes to
-/// it from outside the connection's task; None for any other stream (TLS,
-/// HTTP/2 sessions). Returns a handle that keeps the socket open.
-pub fn socket_of(stream: &Stream) -> Option<Arc<TcpStream>> {
-    let io: &dyn pingora::protocols::IO = &**stream;
-    io.as_any()
-        .downcast_ref::<Conn>()
-        .map(|conn| conn.tcp.clone())
-}
-
-/// A plain TCP connection as a Pingora stream (tests of what is written on it).
-#[cfg(test)]
-pub(crate) fn plain_stream(tcp: TcpStream) -> Stream {
-    Box::new(Conn::new(tcp))
-}
-
-/// Clears the read readiness that `tcp` last reported, without a syscall.
-fn clear_readable(tcp: &TcpStream) {
-    let _ = tcp.try_io(Interest::READABLE, || {
-        Err::<(), _>(io::ErrorKind::WouldBlock.into())
-    });
-}
-
-/// Writes `buf` to `tcp` once it is writable.
-fn poll_write_tcp(tcp: &TcpStream, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-    loop {
-        std::task::ready!(tcp.poll_write_ready(cx))?;
-        match tcp.try_write(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            done => return Poll::Ready(done),
-        }
-    }
-}
-
-/// Writes `bufs` to `tcp`, in one syscall, once it is writable.
-fn poll_write_vectored_tcp(
-    tcp: &TcpStream,
-    cx: &mut Context<'_>,
-    bufs: &[io::IoSlice<'_>],
-) -> Poll<io::Result<usize>> {
-    loop {
-        std::task::ready!(tcp.poll_write_ready(cx))?;
-        match tcp.try_write_vectored(bufs) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            done => return Poll::Ready(done),
-        }
-    }
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let tcp = &*self.tcp;
-        loop {
-            std::task::ready!(tcp.poll_read_ready(cx))?;
-            // SAFETY: `recv` only writes initialized bytes into the unfilled
-            // part, and says how many; only those are marked filled.
-            let unfilled = unsafe { buf.unfilled_mut() };
-            let len = unfilled.len();
-            match tcp.try_io(Interest::READABLE, || SockRef::from(tcp).recv(unfilled)) {
-                Ok(n) => {
-                    // SAFETY: `recv` initialized these `n` bytes.
-                    unsafe { buf.assume_init(n) };
-                    buf.advance(n);
-                    // A short read emptied the socket (epoll): the next read
-                    // waits for the next event instead of trying first, as
-                    // tokio's own `TcpStream` does.
-                    if n > 0 && n < len {
-                        clear_readable(tcp);
-                    }
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-}
-
-/// Writes are gathered until the next flush, so that an answer's header and
-/// body leave in one segment; the buffer only exists while an answer is
-/// being written (Pingora flushes at the end of each answer).
-impl AsyncWrite for Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if self.pending.len() + buf.len() > MAX_GATHER {
-            if self.as_mut().poll_drain(cx)?.is_pending() {
-                return Poll::Pending;
-            }
-            if buf.len() > MAX_GATHER {
-                return poll_write_tcp(&self.tcp, cx, buf);
-            }
-        }
-        self.pending.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-    /// A vectored write is taken as whole (the front door's long-poll
-    /// answers, Pingora's chunks): straight to the socket unless writes are
-    /// being gathered.
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        if self.pending.is_empty() {
-            return poll_write_vectored_tcp(&self.tcp, cx, bufs);
-        }
-        let len = bufs.iter().map(|b| b.len()).sum();
-        if self.pending.len() + len > MAX_GATHER && self.as_mut().poll_drain(cx)?.is_pending() {
-            return Poll::Pending;
-        }
-        if self.pending.is_empty() {
-            return poll_write_vectored_tcp(&self.tcp, cx, bufs);
-        }
-        for buf in bufs {
-            self.pending.extend_from_slice(buf);
-        }
-        Poll::Ready(Ok(len))
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.as_mut().poll_drain(cx)?.is_pending() {
-            return Poll::Pending;
-        }
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.as_mut().poll_drain(cx)?.is_pending() {
-            return Poll::Pending;
-        }
-        Poll::Ready(SockRef::from(&*self.tcp).shutdown(std::net::Shutdown::Write))
-    }
-}
-
-impl Conn {
-    fn new(tcp: TcpStream) -> Conn {
-        let digest = Arc::new(SocketDigest::from_raw_fd(tcp.as_raw_fd()));
-        Conn {
-            tcp: Arc::new(tcp),
-            digest,
-            pending: Vec::new(),
-        }
-    }
-
-    /// Writes out everything gathered; frees the buffer once empty.
-    fn poll_drain(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.pending.is_empty() {
-            let this = &mut *self;
-            let n = match poll_write_tcp(&this.tcp, cx, &this.pending) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            };
-            this.pending.drain(..n);
-        }
-        self.pending = Vec::new();
-        Poll::Ready(Ok(()))
-    }
-}
-
-#[async_trait]
-impl Shutdown for Conn {
-    async fn shutdown(&mut self) {
-        let _ = SockRef::from(&*self.tcp).shutdown(std::net::Shutdown::Write);
-    }
-}
-
-impl UniqueID for Conn {
-    fn id(&self) -> UniqueIDType {
-        self.tcp.as_raw_fd()
-    }
-}
-
-impl Ssl for Conn {}
-
-#[async_trait]
-impl Peek for Conn {}
-
-impl GetTimingDigest for Conn {
-    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        Vec::new()
-    }
-}
-
-impl GetProxyDigest for Conn {
-    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        None
-    }
-}
-
-impl GetSocketDigest for Conn {
-    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        Some(self.digest.clone())
-    }
-}
 
 /// Whether a plaintext connection opens with the HTTP/2 preface (h2c with
 /// prior knowledge); None when it sends nothing within `wait` or closes.
@@ -469,8 +242,8 @@ impl Acceptance {
                     require_host: false,
                     ..self.settings
                 };
-                let conn = Box::new(Conn::new(tcp));
-                conn::serve(admin, conn, settings, &self.life, &shutdown).await;
+                let conn = Box::new(TcpConn::new(tcp));
+                http1::serve(admin, conn, settings, &self.life, &shutdown).await;
                 return;
             }
         };
@@ -486,7 +259,7 @@ impl Acceptance {
                 None => return, // silent or closed: as a head that never comes
             },
         };
-        let conn = Conn::new(tcp);
+        let conn = TcpConn::new(tcp);
         let stream: Stream = match tls {
             None => Box::new(conn),
             Some(acceptor) => {
@@ -512,7 +285,7 @@ impl Acceptance {
             serve_h2(self.front.clone(), stream, deadline, &shutdown).await;
         } else {
             let front = self.front.clone();
-            conn::serve(front, stream, self.settings, &self.life, &shutdown).await;
+            http1::serve(front, stream, self.settings, &self.life, &shutdown).await;
         }
     }
 }

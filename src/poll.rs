@@ -1,36 +1,33 @@
 //! Subscribe requests over HTTP (docs/api.md, "Subscribing"): admit a
-//! parsed request ([`crate::subscription`]), ask the hub, hold, and write
-//! the answer as a JSON envelope, a raw message or an SSE stream.
+//! parsed request ([`crate::subscription`]; admission and refusals in
+//! [`crate::admission`]), ask the hub, hold, and write the answer as a JSON
+//! envelope or a raw message (an SSE stream: [`crate::sse`]).
 //!
 //! A held poll waits for the first of: its wake-up from the hub, its timeout
 //! (a tokio timer), the client going away (detected by
 //! reading the idle connection), or draining.
 
+use crate::admission::Refused;
 use crate::answer::{Answer, Format};
 use crate::authorize::{Authorize, Authorizer, Decision};
 use crate::broker::BrokerError;
 use crate::config::Cors;
-use crate::fairness::{ClientSlot, Clients, OverLimit};
-use crate::hub::{Held, Hub, HubError, Poll};
+use crate::fairness::Clients;
+use crate::hub::{Held, Hub, HubError, Polled};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{self, Outcome, Refusal};
 use crate::respond;
 use crate::routes::SubscribeRoute;
 use crate::subscription::{header_str, BadRequest, Request, SubscribeHead};
-use crate::target::Target;
+use crate::target::RequestTarget;
 use crate::template::Params;
 use crate::waiter::{Answerer, Wake};
-use bytes::Bytes;
 use pingora::protocols::http::ServerSession as Session;
 use pingora::{Error, ErrorType, Result};
 use std::future::Future;
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Interval of SSE keep-alive comments.
-pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 /// Retry-After (seconds) of 503 answers.
 pub const RETRY_AFTER: &str = "1";
 
@@ -38,7 +35,7 @@ pub const RETRY_AFTER: &str = "1";
 pub struct Poller {
     pub hub: Arc<Hub>,
     pub life: Arc<Lifecycle>,
-    pub held: HeldSlots,
+    pub held: crate::admission::HeldSlots,
     /// The per-client limits (`limits.max_held_per_client`,
     /// `limits.polls_per_client`), shared with housekeeping.
     pub clients: Arc<Clients>,
@@ -46,111 +43,6 @@ pub struct Poller {
     pub authorizer: Authorizer,
     /// Longest a client may accept no bytes of an answer.
     pub write_timeout: Duration,
-}
-
-/// Subscribe requests in progress, counted against `limits.max_held`
-/// atomically: a slot is taken before anything else is done for a poll,
-/// and given back when its [`Slot`] drops. (`pollgate_held_requests`
-/// counts the polls actually waiting for a message.)
-pub struct HeldSlots {
-    taken: AtomicUsize,
-    max: usize,
-}
-
-/// One taken slot of [`HeldSlots`].
-pub struct Slot<'a>(&'a HeldSlots);
-
-impl HeldSlots {
-    /// Room for `max` polls at once.
-    pub fn new(max: usize) -> HeldSlots {
-        HeldSlots {
-            taken: AtomicUsize::new(0),
-            max,
-        }
-    }
-
-    /// Takes a slot; None when all `max` are taken.
-    fn take(&self) -> Option<Slot<'_>> {
-        self.taken
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()?;
-        Some(Slot(self))
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.taken.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// What an admitted request holds until it is answered: a slot of
-/// `limits.max_held`, and one of its client's `max_held_per_client`.
-pub struct Admitted<'a> {
-    _slot: Slot<'a>,
-    _client: ClientSlot<'a>,
-}
-
-/// Why a new poll or watch request is refused now ([`Poller::admit`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Refused {
-    /// The reason counted in `pollgate_refused_total`.
-    pub refusal: Refusal,
-    /// The `detail` of the JSON answer.
-    pub detail: &'static str,
-    /// Seconds in `Retry-After`.
-    pub retry_after: u64,
-}
-
-impl Refused {
-    fn unavailable(refusal: Refusal, detail: &'static str) -> Refused {
-        Refused {
-            refusal,
-            detail,
-            retry_after: 1,
-        }
-    }
-
-    /// The status to answer with: 429 over a per-client limit, else 503.
-    pub fn status(&self) -> u16 {
-        match self.refusal {
-            Refusal::MaxHeldPerClient | Refusal::PollsPerClient => 429,
-            _ => 503,
-        }
-    }
-
-    /// The `error` of the JSON answer: `too_many_held`, `too_many_polls`,
-    /// or `unavailable`.
-    pub fn error(&self) -> &'static str {
-        match self.refusal {
-            Refusal::MaxHeldPerClient => "too_many_held",
-            Refusal::PollsPerClient => "too_many_polls",
-            _ => "unavailable",
-        }
-    }
-
-    /// The `Retry-After` value, in whole seconds.
-    pub fn retry_after(&self) -> String {
-        self.retry_after.to_string()
-    }
-}
-
-impl From<OverLimit> for Refused {
-    fn from(over: OverLimit) -> Refused {
-        let detail = match over.refusal {
-            Refusal::PollsPerClient => {
-                "too many new polls from this client address (limits.polls_per_client)"
-            }
-            _ => "too many requests held for this client address (limits.max_held_per_client)",
-        };
-        Refused {
-            refusal: over.refusal,
-            detail,
-            retry_after: over.retry_after,
-        }
-    }
 }
 
 /// What ended a hold.
@@ -227,7 +119,7 @@ impl Poller {
     pub async fn serve(
         &self,
         session: &mut Session,
-        target: &Target,
+        target: &RequestTarget,
         route: &SubscribeRoute,
         params: &Params<'_>,
     ) -> Result<()> {
@@ -256,7 +148,7 @@ impl Poller {
         }
         if req.format == Format::Sse {
             // Boxed: SSE is rare, and its state would enlarge every poll.
-            return Box::pin(self.stream(session, route, req)).await;
+            return Box::pin(crate::sse::stream(self, session, route, req)).await;
         }
         match self.wait(session, &req, route).await {
             Waited::Reply(reply) => {
@@ -290,7 +182,7 @@ impl Poller {
                     .hold_now(&req.channels, c, req.format, answerer.as_ref())
             });
             let polled = match now {
-                Some(held) => Ok(Poll::Held(held)),
+                Some(held) => Ok(Polled::Held(held)),
                 None => {
                     let hub = &self.hub;
                     let (first, format, answerer) = (route.first, req.format, answerer.clone());
@@ -299,7 +191,7 @@ impl Poller {
                 }
             };
             let held = match polled {
-                Ok(Poll::Ready(answer)) => {
+                Ok(Polled::Ready(answer)) => {
                     let outcome = if answer.gap {
                         Outcome::Gap
                     } else {
@@ -307,7 +199,7 @@ impl Poller {
                     };
                     return Waited::Reply(Reply::new(answer, outcome, false));
                 }
-                Ok(Poll::Held(held)) => held,
+                Ok(Polled::Held(held)) => held,
                 Err(e) => return Waited::Failed(e),
             };
             let current = held.cursor.clone();
@@ -376,7 +268,7 @@ impl Poller {
     pub async fn authorized(
         &self,
         session: &mut Session,
-        target: &Target,
+        target: &RequestTarget,
         authorize: &Authorize,
     ) -> Result<bool> {
         let peer = crate::upstream::Peer::of(session);
@@ -407,11 +299,7 @@ impl Poller {
             Err(e) => {
                 Outcome::Error.count();
                 let status = crate::upstream::error_status(&e);
-                let kind = if status == 504 {
-                    "gateway_timeout"
-                } else {
-                    "bad_gateway"
-                };
+                let kind = crate::upstream::error_kind(status);
                 let detail = format!("authorization upstream {}: {e}", authorize.upstream);
                 let cors = self.cors_headers(session);
                 self.write(respond::error(session, status, kind, &detail, &cors))
@@ -419,38 +307,6 @@ impl Poller {
                 Ok(false)
             }
         }
-    }
-
-    /// Admits a new poll, SSE stream or watch request: takes a slot of
-    /// its client (found by `client` only when a per-client limit is on;
-    /// None: no per-client limit applies) and a held-poll slot. Returns
-    /// them, or why the request is refused now (broker down, the client's
-    /// `max_held_per_client` or `polls_per_client`, `max_held`). A
-    /// draining instance admits requests: they get what is already there,
-    /// or their cursor at once (the drain answer), never a refusal.
-    pub fn admit(
-        &self,
-        client: impl FnOnce() -> Option<IpAddr>,
-    ) -> std::result::Result<Admitted<'_>, Refused> {
-        if !self.hub.broker().is_up() {
-            return Err(Refused::unavailable(
-                Refusal::BrokerDown,
-                "the broker is unreachable",
-            ));
-        }
-        // One branch when no per-client limit is on.
-        let client_slot = match self.clients.enabled().then(client).flatten() {
-            Some(ip) => self.clients.admit(ip)?,
-            None => ClientSlot::none(),
-        };
-        let slot = self.held.take().ok_or(Refused::unavailable(
-            Refusal::MaxHeld,
-            "too many held polls on this instance (limits.max_held)",
-        ))?;
-        Ok(Admitted {
-            _slot: slot,
-            _client: client_slot,
-        })
     }
 
     /// Runs a write to the client, giving up (and counting it) when the
@@ -525,95 +381,8 @@ impl Poller {
         Ok(())
     }
 
-    /// Streams Server-Sent Events until the client leaves or draining.
-    async fn stream(
-        &self,
-        session: &mut Session,
-        route: &SubscribeRoute,
-        req: Request,
-    ) -> Result<()> {
-        let mut h = pingora::http::ResponseHeader::build_no_case(200, Some(6))?;
-        h.insert_header("Content-Type", "text/event-stream")?;
-        h.insert_header("Cache-Control", "no-store")?;
-        // Chunked on HTTP/1.1; an HTTP/1.0 client knows no chunked coding
-        // (RFC 9112 §6.1): its stream ends with the connection.
-        if session.req_header().version != http::Version::HTTP_10 || session.is_http2() {
-            h.insert_header("Transfer-Encoding", "chunked")?;
-        }
-        for (k, v) in self.cors_headers(session) {
-            h.insert_header(k, v)?;
-        }
-        session.set_keepalive(None);
-        self.write(session.write_response_header(Box::new(h)))
-            .await?;
-        let hello = Bytes::from_static(b": pollgate\n\n");
-        self.write(session.write_response_body(hello, false))
-            .await?;
-        let mut cursor = req.cursor;
-        loop {
-            let poll = self
-                .hub
-                .poll(&req.channels, cursor.clone(), route.first, Format::Sse)
-                .await;
-            let mut held = match poll {
-                Ok(Poll::Ready(answer)) => {
-                    self.write(session.write_response_body(answer.body.clone(), false))
-                        .await?;
-                    count_delivered(&answer, false);
-                    cursor = Some(answer.cursor.clone());
-                    continue;
-                }
-                Ok(Poll::Held(held)) => held,
-                Err(e) => {
-                    tracing::warn!(error = %e, "SSE stream ends");
-                    break;
-                }
-            };
-            let held_gauge = metrics::GaugeGuard::up(&metrics::HELD);
-            let ending = loop {
-                if self.life.is_draining() {
-                    break Ending::Drain; // as in `Poller::hold`
-                }
-                let ending = tokio::select! {
-                    woken = held.woken() => woken_by(woken),
-                    _ = tokio::time::sleep(SSE_KEEPALIVE) => Ending::Timeout,
-                    _ = session.gone() => Ending::Gone,
-                };
-                if !matches!(ending, Ending::Timeout) {
-                    break ending;
-                }
-                let ping = Bytes::from_static(b": keep-alive\n\n");
-                if self
-                    .write(session.write_response_body(ping, false))
-                    .await
-                    .is_err()
-                {
-                    break Ending::Gone;
-                }
-            };
-            drop(held_gauge);
-            match ending {
-                Ending::Woken(answer) => {
-                    self.write(session.write_response_body(answer.body.clone(), false))
-                        .await?;
-                    count_delivered(&answer, true);
-                    cursor = Some(answer.cursor.clone());
-                }
-                Ending::Repoll => {}
-                Ending::Gone => {
-                    Outcome::Disconnected.count();
-                    return Error::e_explain(ErrorType::ConnectionClosed, "SSE client left")
-                        .map_err(|e| e.into_down());
-                }
-                Ending::Drain | Ending::Timeout => break,
-            }
-        }
-        Outcome::Timeout.count();
-        self.write(session.finish_body()).await
-    }
-
     /// CORS headers for the request's Origin, per `cors.allow_origins`.
-    fn cors_headers(&self, session: &Session) -> Vec<(&'static str, String)> {
+    pub(crate) fn cors_headers(&self, session: &Session) -> Vec<(&'static str, String)> {
         cors_headers(&self.cors, header_str(session.req_header(), "Origin"))
     }
 }
@@ -641,7 +410,7 @@ pub fn cors_headers(cors: &Cors, origin: Option<&str>) -> Vec<(&'static str, Str
     ]
 }
 
-fn woken_by(wake: Wake) -> Ending {
+pub(crate) fn woken_by(wake: Wake) -> Ending {
     match wake {
         Wake::Answer(answer) => Ending::Woken(answer),
         Wake::Drain => Ending::Drain,
@@ -665,7 +434,7 @@ pub fn count_answered(answer: &Answer, outcome: Outcome, live: bool) {
     count_delivered(answer, live);
 }
 
-fn count_delivered(answer: &Answer, live: bool) {
+pub(crate) fn count_delivered(answer: &Answer, live: bool) {
     metrics::DELIVERED.inc_by(answer.messages.len() as u64);
     if live {
         let now = Instant::now();
@@ -727,7 +496,7 @@ mod tests {
                 crate::hub::DELIVERY_QUEUE,
             ),
             life: Arc::new(Lifecycle::default()),
-            held: HeldSlots::new(10),
+            held: crate::admission::HeldSlots::new(10),
             clients: Arc::new(crate::fairness::Clients::unlimited()),
             cors: Cors::default(),
             authorizer: Authorizer::new(Arc::new(Upstreams::new(&Default::default()))),
@@ -746,7 +515,7 @@ mod tests {
         let polled = poller
             .hub
             .poll(&names, None, First::Newest, Format::Envelope);
-        let Ok(Poll::Held(held)) = polled.await else {
+        let Ok(Polled::Held(held)) = polled.await else {
             panic!("an empty channel holds");
         };
         let before = metrics::HELD.get();

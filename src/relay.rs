@@ -14,7 +14,7 @@ use crate::metrics;
 use crate::respond;
 use crate::routes::ProxyRoute;
 use crate::template::{channel_problem, Params};
-use crate::upstream::{client_header, error_status, forwarded_copy, Peer, Upstreams};
+use crate::upstream::{client_header, error_kind, error_status, forwarded_copy, Peer, Upstreams};
 use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
@@ -78,11 +78,7 @@ impl Relay {
             Ok(a) => a,
             Err(e) => {
                 let status = error_status(&e);
-                let kind = if status == 504 {
-                    "gateway_timeout"
-                } else {
-                    "bad_gateway"
-                };
+                let kind = error_kind(status);
                 return respond::error(session, status, kind, &e.to_string(), &[]).await;
             }
         };
@@ -201,11 +197,7 @@ impl Relay {
     /// Reads the whole request body, refusing more than `max_body`.
     async fn read_body(&self, session: &mut Session) -> Result<std::result::Result<Bytes, TooBig>> {
         let req = session.req_header();
-        let declared = req
-            .headers
-            .get("Content-Length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = crate::http1::declared_length(&req.headers);
         if declared.is_some_and(|n| n > self.max_body) {
             return Ok(Err(TooBig));
         }

@@ -5,7 +5,7 @@
 //! match a request.
 
 use crate::authorize::{AuthCache, Authorize, Credentials};
-use crate::target::Target;
+use crate::target::RequestTarget;
 use crate::template::{ChannelTemplate, Params, PathTemplate};
 use std::sync::Arc;
 
@@ -105,7 +105,7 @@ impl RouteTable {
     }
 
     /// Finds the first route for `method` and the request `target`.
-    pub fn find(&self, method: &str, target: &Target) -> Match<'_> {
+    pub fn find(&self, method: &str, target: &RequestTarget) -> Match<'_> {
         let mut allowed: Vec<String> = Vec::new();
         for r in &self.routes {
             if let Some(params) = r.path.matches(target.segments()) {

@@ -4,20 +4,21 @@
 //! instance (the one shutdown path).
 
 use crate::admin::Admin;
+use crate::admission::HeldSlots;
 use crate::authorize::Authorizer;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::conn::HeadLimits;
 use crate::fairness::{Clients, TrustedProxies};
 use crate::front::Front;
 use crate::gateway::Gateway;
+use crate::http1::HeadLimits;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::listener::ClientListener;
 use crate::metrics;
-use crate::poll::{HeldSlots, Poller};
+use crate::poll::Poller;
 use crate::routes::RouteTable;
 use crate::tls::Certificates;
 use crate::upstream::Upstreams;

@@ -5,7 +5,7 @@
 use crate::answer::Format;
 use crate::cursor::Cursor;
 use crate::routes::SubscribeRoute;
-use crate::target::{form_decode, Target};
+use crate::target::{form_decode, RequestTarget};
 use crate::template::Params;
 use compact_str::CompactString;
 use std::time::Duration;
@@ -15,7 +15,7 @@ pub struct BadRequest(pub String);
 
 /// What a subscribe request says, read from its head by either HTTP path.
 pub struct SubscribeHead<'a> {
-    pub target: &'a Target,
+    pub target: &'a RequestTarget,
     pub last_event_id: Option<&'a str>,
     pub if_none_match: Option<&'a str>,
     pub accept: Option<&'a str>,
@@ -34,7 +34,10 @@ pub struct Request {
 
 impl<'a> SubscribeHead<'a> {
     /// The facts of a request Pingora has read.
-    pub fn of(req: &'a pingora::http::RequestHeader, target: &'a Target) -> SubscribeHead<'a> {
+    pub fn of(
+        req: &'a pingora::http::RequestHeader,
+        target: &'a RequestTarget,
+    ) -> SubscribeHead<'a> {
         SubscribeHead {
             target,
             last_event_id: header_str(req, "Last-Event-ID"),
@@ -114,7 +117,7 @@ pub fn hold_time(asked: Option<&str>, max: Duration) -> Result<Duration, BadRequ
 }
 
 /// The first `timeout=` of a query, decoded (None when there is none).
-pub fn asked_timeout(target: &Target) -> Option<std::borrow::Cow<'_, str>> {
+pub fn asked_timeout(target: &RequestTarget) -> Option<std::borrow::Cow<'_, str>> {
     target
         .query_pairs()
         .find(|(name, _)| *name == "timeout")

@@ -6,7 +6,7 @@
 //! accepted; anything else is refused. Path segments are percent-decoded
 //! once, here: routes match the decoded segments, `{name}` captures are the
 //! decoded segments, and the authorization request carries the same
-//! segments re-encoded canonically ([`Target::path`]), so a target cannot be
+//! segments re-encoded canonically ([`RequestTarget::path`]), so a target cannot be
 //! authorized as one path and subscribed as another. Dot segments (`.`,
 //! `..`, also percent-encoded) and malformed escapes are refused rather than
 //! interpreted.
@@ -41,7 +41,7 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 /// A parsed request target, in one allocation as a rule: its parts lie
 /// back to back in one string.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub struct RequestTarget {
     /// The percent-decoded path segments, then the query, then the
     /// authority.
     text: String,
@@ -60,15 +60,15 @@ pub struct Target {
 
 /// Targets are equal when they name the same segments, query and
 /// authority (the canonical path follows from the segments).
-impl PartialEq for Target {
-    fn eq(&self, other: &Target) -> bool {
+impl PartialEq for RequestTarget {
+    fn eq(&self, other: &RequestTarget) -> bool {
         // The parts are laid out the same way for the same parts.
         (&self.text, &self.ends, self.query, self.authority)
             == (&other.text, &other.ends, other.query, other.authority)
     }
 }
 
-/// The decoded segments of a [`Target`], in order.
+/// The decoded segments of a [`RequestTarget`], in order.
 #[derive(Clone)]
 pub struct Segments<'a> {
     text: &'a str,
@@ -93,7 +93,7 @@ impl<'a> Iterator for Segments<'a> {
 
 impl ExactSizeIterator for Segments<'_> {}
 
-impl Eq for Target {}
+impl Eq for RequestTarget {}
 
 /// Why a request target was refused: the detail of a 400 answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,10 +105,10 @@ impl fmt::Display for TargetError {
     }
 }
 
-impl Target {
+impl RequestTarget {
     /// Parses a request target as it appears on the request line. The error
     /// says why it is refused.
-    pub fn parse(raw: &str) -> Result<Target, TargetError> {
+    pub fn parse(raw: &str) -> Result<RequestTarget, TargetError> {
         let (authority, origin) = match raw.as_bytes().first() {
             Some(b'/') => (None, raw),
             _ => {
@@ -144,7 +144,7 @@ impl Target {
         };
         let query = query.map(&mut place);
         let authority = authority.map(&mut place);
-        Ok(Target {
+        Ok(RequestTarget {
             text,
             ends,
             query,
@@ -312,8 +312,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn ok(raw: &str) -> Target {
-        Target::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"))
+    fn ok(raw: &str) -> RequestTarget {
+        RequestTarget::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"))
     }
 
     fn segments(raw: &str) -> Vec<String> {
@@ -383,7 +383,10 @@ mod tests {
             "http://user@h/a",
             "",
         ] {
-            assert!(Target::parse(bad).is_err(), "{bad:?} must be refused");
+            assert!(
+                RequestTarget::parse(bad).is_err(),
+                "{bad:?} must be refused"
+            );
         }
     }
 
@@ -394,8 +397,8 @@ mod tests {
         /// to the same segments.
         #[test]
         fn never_panics_and_canonical_form_round_trips(raw in "\\PC{0,64}|(/[a-zA-Z0-9%._~:@+-]{0,12}){0,5}(\\?[a-z=&%+]{0,12})?") {
-            if let Ok(t) = Target::parse(&raw) {
-                let again = Target::parse(&t.path_and_query()).unwrap();
+            if let Ok(t) = RequestTarget::parse(&raw) {
+                let again = RequestTarget::parse(&t.path_and_query()).unwrap();
                 prop_assert!(again.segments().eq(t.segments()));
                 prop_assert!(t.segments().all(|s| s != "." && s != ".."));
             }

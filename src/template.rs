@@ -117,7 +117,7 @@ impl PathTemplate {
     }
 
     /// Matches the decoded segments of a request path (see
-    /// [`Target`](crate::target::Target)). Returns the captures or None.
+    /// [`RequestTarget`](crate::target::RequestTarget)). Returns the captures or None.
     pub fn matches<'s>(&self, path: impl Iterator<Item = &'s str>) -> Option<Params<'_>> {
         let mut parts = path;
         let mut params = Params::new();
@@ -264,12 +264,12 @@ impl fmt::Display for ChannelTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::Target;
+    use crate::target::RequestTarget;
 
     #[test]
     fn paths_match_whole_segments_and_prefixes() {
         fn m<'t>(t: &'t PathTemplate, path: &str) -> Option<Params<'t>> {
-            t.matches(Target::parse(path).unwrap().segments())
+            t.matches(RequestTarget::parse(path).unwrap().segments())
         }
         let t = PathTemplate::parse("/rooms/{room}/events").unwrap();
         assert_eq!(m(&t, "/rooms/1/events").unwrap().get("room").unwrap(), "1");

@@ -498,3 +498,13 @@ pub fn error_status(e: &Error) -> u16 {
         _ => 502,
     }
 }
+
+/// The JSON error kind of an upstream failure answered with `status`
+/// ([`error_status`]): `gateway_timeout` for 504, else `bad_gateway`.
+pub fn error_kind(status: u16) -> &'static str {
+    if status == 504 {
+        "gateway_timeout"
+    } else {
+        "bad_gateway"
+    }
+}

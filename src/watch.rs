@@ -16,15 +16,17 @@
 
 use crate::answer::Format;
 use crate::cursor::Cursor;
-use crate::hub::{First, Hub, Poll};
+use crate::hub::{First, Hub, Polled};
 use crate::metrics;
 use crate::poll::{self, Ending, Poller};
 use crate::respond;
 use crate::routes::WatchRoute;
 use crate::subscription::{asked_timeout, hold_time, BadRequest};
-use crate::target::Target;
+use crate::target::RequestTarget;
 use crate::template::Params;
-use crate::upstream::{client_header, error_status, forwarded_copy, Peer, Pool, Upstreams};
+use crate::upstream::{
+    client_header, error_kind, error_status, forwarded_copy, Peer, Pool, Upstreams,
+};
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession as Session;
@@ -99,7 +101,7 @@ impl Watcher {
         &self,
         poller: &Poller,
         session: &mut Session,
-        (target, route, params): (&Target, &WatchRoute, &Params<'_>),
+        (target, route, params): (&RequestTarget, &WatchRoute, &Params<'_>),
     ) -> Result<()> {
         let mut channels = Vec::with_capacity(route.channels.len());
         for t in &route.channels {
@@ -149,11 +151,11 @@ impl Watcher {
                 .poll(&channels, cursor.clone(), First::Newest, Format::Envelope)
                 .await;
             let (held, position) = match poll {
-                Ok(Poll::Held(held)) => {
+                Ok(Polled::Held(held)) => {
                     let at = held.cursor.clone();
                     (Some(held), at)
                 }
-                Ok(Poll::Ready(answer)) => (None, answer.cursor.clone()),
+                Ok(Polled::Ready(answer)) => (None, answer.cursor.clone()),
                 Err(e) => return poller.hub_failed(session, e).await,
             };
             cursor = Some(position.clone());
@@ -162,11 +164,7 @@ impl Watcher {
                 match self.fetch(&pool, route, &request, &position).await {
                     Ok(rep) => current = Some((rep, position)),
                     Err(e) => {
-                        let kind = if e.status == 504 {
-                            "gateway_timeout"
-                        } else {
-                            "bad_gateway"
-                        };
+                        let kind = error_kind(e.status);
                         return respond::error(session, e.status, kind, &e.detail, &[]).await;
                     }
                 }

@@ -20,7 +20,7 @@ mod support;
 use bytes::Bytes;
 use pollgate::config::Config;
 use pollgate::routes::{Action, Match, RouteTable};
-use pollgate::target::Target;
+use pollgate::target::RequestTarget;
 use std::sync::Arc;
 use std::time::Duration;
 use support::pki::{install, pki, Pki};
@@ -363,13 +363,13 @@ fn every_route_kind_is_in_the_matrix() {
     let table = RouteTable::compile(&config).unwrap();
     for kind in KINDS {
         let (method, path, _) = sample(kind);
-        let target = Target::parse(path).unwrap();
+        let target = RequestTarget::parse(path).unwrap();
         let Match::Found(route, _) = table.find(method, &target) else {
             panic!("no route for {kind:?}");
         };
         assert_eq!(kind_of(&route.action), Some(kind), "{path}");
     }
-    let lean = table.find("GET", &Target::parse("/sub/a").unwrap());
+    let lean = table.find("GET", &RequestTarget::parse("/sub/a").unwrap());
     assert!(matches!(lean, Match::Found(r, _) if kind_of(&r.action).is_none()));
 }
 

@@ -11,7 +11,7 @@ use pollgate::cursor::Cursor;
 use pollgate::message::MessageId;
 use pollgate::routes::{Action, Match, RouteTable};
 use pollgate::subscription::SubscribeHead;
-use pollgate::target::Target;
+use pollgate::target::RequestTarget;
 use pollgate::template::{channel_problem, ChannelTemplate, Params, PathTemplate};
 use proptest::prelude::*;
 
@@ -69,12 +69,12 @@ proptest! {
         prop_assert_eq!(ok, allowed);
     }
 
-    /// A request path reaches routes only through [`Target`]: matching on
+    /// A request path reaches routes only through [`RequestTarget`]: matching on
     /// its segments never panics, and captures are whole decoded segments.
     #[test]
     fn paths_match_decoded_segments(raw in "(/[a-zA-Z0-9%._~-]{0,8}){1,5}") {
         let t = PathTemplate::parse("/{a}/{b}").unwrap();
-        if let Ok(target) = Target::parse(&raw) {
+        if let Ok(target) = RequestTarget::parse(&raw) {
             if let Some(params) = t.matches(target.segments()) {
                 prop_assert_eq!(params.get("a"), target.segments().next());
             }
@@ -121,7 +121,7 @@ routes:
 "#;
         let config = Config::parse("f.yaml", yaml).unwrap();
         let table = RouteTable::compile(&config).unwrap();
-        let Ok(target) = Target::parse(&format!("{path}?{query}")) else { return Ok(()) };
+        let Ok(target) = RequestTarget::parse(&format!("{path}?{query}")) else { return Ok(()) };
         let Match::Found(route, params) = table.find("GET", &target) else { return Ok(()) };
         let Action::Subscribe(route) = &route.action else { unreachable!() };
         let head = SubscribeHead {

@@ -1,6 +1,7 @@
 //! pollgate-bench: the load generator behind docs/benchmarks.md. Drives
 //! pollgate, Nchan or Pushpin with the same scenarios and prints one JSON
-//! object per run.
+//! object per run. Built only with the `bench` feature
+//! (`cargo build --release --features bench --bin pollgate-bench`).
 //!
 //! ```text
 //! pollgate-bench --server pollgate --scenario fanout --subscribers 10000 \

@@ -9,7 +9,7 @@
 //!
 //! Channels are spread over sharded maps and each has its own lock, so
 //! publishes to different channels never contend. The broker's side
-//! (announcements, delivery, resync) is in `delivery.rs`.
+//! (announcements, delivery, resync) is in `hub/delivery.rs`.
 
 use crate::answer::{Answer, Format};
 use crate::broker::{Broker, BrokerError};
@@ -24,10 +24,10 @@ use parking_lot::Mutex;
 use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, OnceCell};
+use tokio::sync::{mpsc, OnceCell, Semaphore};
 
 /// What a poll without a cursor starts from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +80,7 @@ impl From<BrokerError> for HubError {
 }
 
 /// The result of a poll.
-pub enum Poll {
+pub enum Polled {
     /// Messages (or a gap) to answer with at once.
     Ready(Arc<Answer>),
     /// Nothing new: the poll is registered and waits.
@@ -181,8 +181,9 @@ impl ChannelState {
 /// Per-instance registry of channels and held polls.
 pub struct Hub {
     channels: ShardedMap<Arc<Channel>>,
-    /// Channels in `channels`, never above `max_channels`.
-    active: AtomicUsize,
+    /// Room for more channels: `max_channels` permits, one taken (and
+    /// forgotten) per channel in `channels`, added back when it is removed.
+    room: Semaphore,
     max_channels: usize,
     broker: Arc<dyn Broker>,
     history: usize,
@@ -224,8 +225,8 @@ impl Hub {
     ) -> Arc<Hub> {
         let hub = Arc::new(Hub {
             channels: ShardedMap::default(),
-            active: AtomicUsize::new(0),
-            max_channels,
+            room: Semaphore::new(max_channels.min(Semaphore::MAX_PERMITS)),
+            max_channels: max_channels.min(Semaphore::MAX_PERMITS),
             broker: broker.clone(),
             history,
             linger,
@@ -277,10 +278,9 @@ impl Hub {
             None => {
                 // Room is taken before creating, so that racing polls cannot
                 // pass the limit; given back when another poll created it.
-                self.active
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                        (n < self.max_channels).then_some(n + 1)
-                    })
+                let permit = self
+                    .room
+                    .try_acquire()
                     .map_err(|_| HubError::TooManyChannels(self.max_channels))?;
                 let mut created = false;
                 let ch = self.channels.get_or_insert_with(name, |name| {
@@ -300,9 +300,8 @@ impl Hub {
                     })
                 });
                 if created {
+                    permit.forget();
                     metrics::CHANNELS_ACTIVE.inc();
-                } else {
-                    self.active.fetch_sub(1, Ordering::AcqRel);
                 }
                 ch
             }
@@ -351,7 +350,7 @@ impl Hub {
         cursor: Option<Cursor>,
         first: First,
         format: Format,
-    ) -> Result<Poll, HubError> {
+    ) -> Result<Polled, HubError> {
         self.poll_answered_by(names, cursor, first, format, None)
             .await
     }
@@ -390,7 +389,7 @@ impl Hub {
         first: First,
         format: Format,
         answerer: Option<Arc<dyn Answerer>>,
-    ) -> Result<Poll, HubError> {
+    ) -> Result<Polled, HubError> {
         let limit = format.limit();
         let mut cursor = cursor;
         // A cursor of another history: every position is lost.
@@ -431,7 +430,7 @@ impl Hub {
             let (start, gap, found) = self.collect(&channels, start, limit).await?;
             let gap = gap || other_history;
             if gap || !found.is_empty() {
-                return Ok(Poll::Ready(Arc::new(Answer::build(
+                return Ok(Polled::Ready(Arc::new(Answer::build(
                     format, &start, gap, &found,
                 ))));
             }
@@ -440,7 +439,7 @@ impl Hub {
                 hook();
             }
             if let Some(held) = self.register(channels, start, format, answerer.clone()) {
-                return Ok(Poll::Held(held));
+                return Ok(Polled::Held(held));
             }
         }
     }
@@ -556,7 +555,7 @@ impl Hub {
 
     /// Channels active on this instance now.
     pub fn active_channels(&self) -> usize {
-        self.active.load(Ordering::Acquire)
+        self.max_channels - self.room.available_permits()
     }
 
     /// Channel facts for the publish API.
@@ -588,7 +587,7 @@ impl Hub {
                 }
                 st.removed = true;
                 self.broker.unwatch(name);
-                self.active.fetch_sub(1, Ordering::AcqRel);
+                self.room.add_permits(1);
                 metrics::CHANNELS_ACTIVE.dec();
                 true
             },
@@ -600,9 +599,7 @@ impl Hub {
 #[cfg(test)]
 type WaiterHook = Box<dyn FnOnce(&Arc<Waiter>) + Send>;
 
-#[path = "delivery.rs"]
 mod delivery;
 
 #[cfg(test)]
-#[path = "hub_tests.rs"]
 mod tests;

@@ -75,10 +75,10 @@ async fn held_newest(hub: &Hub, names: &[String]) -> Held {
     )
 }
 
-fn held(p: Poll) -> Held {
+fn held(p: Polled) -> Held {
     match p {
-        Poll::Held(h) => h,
-        Poll::Ready(a) => panic!("expected a hold, got {a:?}"),
+        Polled::Held(h) => h,
+        Polled::Ready(a) => panic!("expected a hold, got {a:?}"),
     }
 }
 
@@ -125,8 +125,8 @@ async fn one_publish_wakes_every_waiter_with_one_shared_answer_and_no_broker_cal
         .await
         .unwrap()
     {
-        Poll::Ready(a) => assert_eq!(a.messages.len(), 1),
-        Poll::Held(_) => panic!("a client behind gets the window at once"),
+        Polled::Ready(a) => assert_eq!(a.messages.len(), 1),
+        Polled::Held(_) => panic!("a client behind gets the window at once"),
     }
     assert_eq!(
         broker.reads.load(Ordering::Relaxed),
@@ -169,10 +169,10 @@ fn msg(ms: u64, channel: &str) -> Arc<Message> {
     ))
 }
 
-fn ready(p: Poll) -> Arc<Answer> {
+fn ready(p: Polled) -> Arc<Answer> {
     match p {
-        Poll::Ready(a) => a,
-        Poll::Held(_) => panic!("expected an answer at once"),
+        Polled::Ready(a) => a,
+        Polled::Held(_) => panic!("expected an answer at once"),
     }
 }
 
@@ -534,8 +534,8 @@ async fn memory_publishes_wait_for_room_in_the_bounded_delivery_queue() {
                         .await
                         .unwrap()
                     {
-                        Poll::Ready(next) => answer = Some(next),
-                        Poll::Held(h) => held = h,
+                        Polled::Ready(next) => answer = Some(next),
+                        Polled::Held(h) => held = h,
                     }
                 }
             }

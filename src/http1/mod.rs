@@ -1,0 +1,404 @@
+//! One HTTP/1 connection, request after request, shared by the client and
+//! admin listeners: each request head is read and parsed once (httparse)
+//! into a [`Head`]; the app ([`Http1App`]) then serves the request on the
+//! raw connection when it can (the lean path: long-polls, admin calls), or
+//! has it served on a Pingora HTTP/1 session, which gets the bytes already
+//! read and hands the connection back for the next request.
+//!
+//! Why: Pingora's session costs tens of thousands of instructions per
+//! request and kilobytes per connection; the requests pollgate serves most
+//! (a long-poll, a publish) need a head, sometimes a short body, and one
+//! write.
+//!
+//! Here: the loop ([`serve`]) and the raw connection's body and answer
+//! ([`Raw`]); the head's parse in `head.rs`; the Pingora session's
+//! `Gate` and `pingora_refusal` in `gate.rs`.
+
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Refusal;
+use crate::respond;
+use bytes::{Bytes, BytesMut};
+use pingora::apps::ReusedHttpStream;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod gate;
+mod head;
+
+use gate::{pingora_refusal, Gate};
+use head::head_end;
+pub use head::{content_length, declared_length, parse_head, text, Head};
+
+/// Bounds on reading a request.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadLimits {
+    /// Largest head (request line and headers), in bytes: 431 past it.
+    pub max_head: usize,
+    /// Time for a whole head to arrive once its first byte has (and for the
+    /// first byte of a connection's first request): 408 past it. A body
+    /// read on the lean path must arrive within it too.
+    pub header_timeout: Duration,
+    /// Time allowed to write an answer or a refusal to a client.
+    pub write_timeout: Duration,
+}
+
+/// How a connection's requests are served.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub limits: HeadLimits,
+    /// Seconds an idle connection is kept between requests.
+    pub keepalive_secs: u64,
+    /// Most requests per connection; 0 for no limit.
+    pub request_limit: u32,
+    /// An HTTP/1.1 request without `Host` is a 400 (RFC 9112 §3.2): on the
+    /// client listeners, whose requests go on to backends.
+    pub require_host: bool,
+}
+
+/// What an app does with a request whose head was read.
+pub enum Plan<L, S> {
+    /// Serve it on the raw connection ([`Http1App::serve_lean`]).
+    Lean(L),
+    /// Serve it on a Pingora session ([`Http1App::serve_session`]).
+    Session(S),
+}
+
+/// An app served by [`serve`].
+pub trait Http1App: Send + Sync + 'static {
+    /// What [`Http1App::plan`] hands to the lean path.
+    type Lean<'a>: Send
+    where
+        Self: 'a;
+    /// What [`Http1App::plan`] hands to the session path.
+    type Handoff<'a>: Send
+    where
+        Self: 'a;
+    /// What the lean path keeps for a connection from one request to the
+    /// next.
+    type Kept: Default + Send;
+
+    /// Decides how to serve the request of `head`; `last` when the
+    /// connection closes after it (`listener.keepalive_request_limit`).
+    fn plan<'a>(&'a self, head: Head<'_>, last: bool) -> Plan<Self::Lean<'a>, Self::Handoff<'a>>;
+
+    /// Serves a request on the raw connection. Returns whether the
+    /// connection can serve another request.
+    fn serve_lean<'a>(
+        &'a self,
+        work: Self::Lean<'a>,
+        raw: &mut Raw<'_>,
+        kept: &mut Self::Kept,
+    ) -> impl Future<Output = bool> + Send;
+
+    /// Serves a request on a Pingora session (its head buffered, not yet
+    /// read). Returns the connection when it can serve another request.
+    fn serve_session<'a>(
+        self: &'a Arc<Self>,
+        session: ServerSession,
+        handoff: Self::Handoff<'a>,
+        shutdown: &'a ShutdownWatch,
+    ) -> impl Future<Output = Option<ReusedHttpStream>> + Send;
+}
+
+/// Why no request head was read.
+#[derive(Debug, PartialEq, Eq)]
+enum NoHead {
+    /// Closed, idle past the keep-alive, or shutdown: close quietly.
+    Closed,
+    /// Larger than `max_head`.
+    TooLarge,
+    /// Started but not finished within `header_timeout`.
+    TooSlow,
+}
+
+/// Reads until a whole request head is in `buf` (which may hold bytes of
+/// it already, and may end up holding more: a pipelined body or request).
+/// Returns the head's length. Waits up to `idle` for the first byte, then
+/// `limits.header_timeout` for the rest. A connection idle between two
+/// requests (`between`) is closed when the instance drains; a new one is
+/// not: its first request is on its way (perhaps already in the socket,
+/// where closing would reset it), and is served.
+async fn read_head(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    idle: Duration,
+    limits: HeadLimits,
+    drained: &mut Pin<&mut impl Future<Output = ()>>,
+    between: bool,
+) -> Result<usize, NoHead> {
+    // The header timeout runs from the head's first byte.
+    let mut started = !buf.is_empty();
+    let wait = if started { limits.header_timeout } else { idle };
+    let mut deadline = tokio::time::Instant::now() + wait;
+    let mut scanned = 0;
+    loop {
+        if let Some(end) = head_end(buf, scanned) {
+            return if end > limits.max_head {
+                Err(NoHead::TooLarge)
+            } else {
+                Ok(end)
+            };
+        }
+        if buf.len() > limits.max_head {
+            return Err(NoHead::TooLarge);
+        }
+        if !started && !buf.is_empty() {
+            started = true;
+            deadline = tokio::time::Instant::now() + limits.header_timeout;
+        }
+        scanned = buf.len();
+        if buf.capacity() - buf.len() < 256 {
+            buf.reserve(1024);
+        }
+        // Biased to the read: a request already in the socket (the usual
+        // case right after an answer) is read without setting up the rest.
+        let read = tokio::select! {
+            biased;
+            r = stream.read_buf(buf) => r.map_err(|_| NoHead::Closed)?,
+            _ = drained.as_mut(), if between && buf.is_empty() => return Err(NoHead::Closed),
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(if buf.is_empty() { NoHead::Closed } else { NoHead::TooSlow });
+            }
+        };
+        if read == 0 {
+            return Err(NoHead::Closed);
+        }
+    }
+}
+
+/// A request being served on the raw connection.
+pub struct Raw<'c> {
+    pub stream: &'c mut Stream,
+    /// The connection's read buffer: the request's head, then whatever
+    /// arrived after it (its body, a pipelined request).
+    pub buf: &'c mut BytesMut,
+    pub limits: HeadLimits,
+    head_len: usize,
+    /// Bytes after the head that belong to this request.
+    body_len: usize,
+}
+
+/// Why a request body could not be read on the raw connection.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The client closed or failed.
+    Closed,
+    /// Not all of it within `limits.header_timeout`.
+    TooSlow,
+}
+
+impl Raw<'_> {
+    /// Reads the request's body of `len` bytes (its `Content-Length`),
+    /// which must arrive within `limits.header_timeout`. The caller bounds
+    /// `len`.
+    pub async fn body(&mut self, len: usize) -> Result<Bytes, BodyError> {
+        let end = self.head_len + len;
+        let read = async {
+            while self.buf.len() < end {
+                self.buf.reserve(end - self.buf.len());
+                match self.stream.read_buf(self.buf).await {
+                    Ok(0) | Err(_) => return Err(BodyError::Closed),
+                    Ok(_) => {}
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(self.limits.header_timeout, read)
+            .await
+            .map_err(|_| BodyError::TooSlow)??;
+        self.body_len = len;
+        Ok(Bytes::copy_from_slice(&self.buf[self.head_len..end]))
+    }
+
+    /// Whether the body that `declared` announces was read (or there is
+    /// none): otherwise the connection cannot carry another request.
+    pub fn body_consumed(&self, declared: Option<u64>) -> bool {
+        self.body_len as u64 == declared.unwrap_or(0)
+    }
+
+    /// Writes `whole`, one answer's bytes, within `limits.write_timeout`.
+    /// Returns whether all of it was written.
+    pub async fn write(&mut self, whole: &[u8]) -> bool {
+        write_within(self.stream, whole, self.limits.write_timeout).await
+    }
+}
+
+/// Writes `whole` and flushes, within `limit`. Returns whether it was.
+async fn write_within(stream: &mut Stream, whole: &[u8], limit: Duration) -> bool {
+    let write = async {
+        stream.write_all(whole).await?;
+        stream.flush().await
+    };
+    matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
+}
+
+/// Writes a JSON error answer straight to the connection and closes it.
+async fn refuse(stream: &mut Stream, status: u16, error: &str, detail: &str, limits: HeadLimits) {
+    let answer = respond::error_answer(status, (error, detail), &[], &[], false);
+    if write_within(stream, &answer, limits.write_timeout).await {
+        let _ = tokio::time::timeout(limits.write_timeout, stream.shutdown()).await;
+    }
+}
+
+/// Serves one HTTP/1 connection for `app`, request after request: the
+/// first must start within the header timeout, later ones within the
+/// keep-alive; at most `settings.request_limit` requests when it is not 0.
+/// A request the app plans lean is served on the raw connection; any other
+/// gets a Pingora session.
+pub async fn serve<A: Http1App>(
+    app: Arc<A>,
+    mut stream: Stream,
+    settings: Settings,
+    life: &Lifecycle,
+    shutdown: &ShutdownWatch,
+) {
+    let limits = settings.limits;
+    let request_limit = settings.request_limit;
+    let mut buf = BytesMut::with_capacity(1024);
+    // The keep-alive the previous answer set (None before the first).
+    let mut keepalive: Option<u64> = None;
+    let mut served: u32 = 0;
+    // Registered once for the connection, not once per wait between
+    // requests (it resolves once: the connection then closes).
+    let mut drained = std::pin::pin!(life.drained());
+    let mut kept = A::Kept::default();
+    loop {
+        let idle = keepalive.map_or(limits.header_timeout, Duration::from_secs);
+        let between = keepalive.is_some();
+        // A new connection counts as in flight until its first request
+        // is answered, so that a drain waits for the request it is
+        // about to send (see `read_head`) instead of exiting under it.
+        let _first = (!between).then(|| life.enter());
+        let head_len =
+            match read_head(&mut stream, &mut buf, idle, limits, &mut drained, between).await {
+                Ok(len) => len,
+                Err(NoHead::Closed) => return,
+                Err(NoHead::TooLarge) => {
+                    Refusal::HeaderTooLarge.count();
+                    let detail = format!(
+                        "the request head is larger than limits.max_head ({} bytes)",
+                        limits.max_head
+                    );
+                    refuse(&mut stream, 431, "header_too_large", &detail, limits).await;
+                    return;
+                }
+                Err(NoHead::TooSlow) => {
+                    Refusal::HeaderTimeout.count();
+                    let detail = "the request head did not arrive within limits.header_timeout";
+                    refuse(&mut stream, 408, "header_timeout", detail, limits).await;
+                    return;
+                }
+            };
+        served += 1;
+        let last = request_limit > 0 && served >= request_limit;
+        let head = match parse_head(&buf[..head_len], settings.require_host) {
+            Ok(head) => head,
+            Err((status, error, detail)) => {
+                match status {
+                    431 => Refusal::HeaderTooLarge.count(),
+                    _ => Refusal::BadTarget.count(),
+                }
+                refuse(&mut stream, status, error, &detail, limits).await;
+                return;
+            }
+        };
+        // A request whose end the head tells: a Pingora session gets its
+        // bytes and no more (see `Gate`).
+        let length = head.delimited.then(|| head.content_length.unwrap_or(0));
+        let handoff = match app.plan(head, last) {
+            Plan::Lean(work) => {
+                let _in_flight = life.enter();
+                let mut raw = Raw {
+                    stream: &mut stream,
+                    buf: &mut buf,
+                    limits,
+                    head_len,
+                    body_len: 0,
+                };
+                if !app.serve_lean(work, &mut raw, &mut kept).await {
+                    return;
+                }
+                let used = head_len + raw.body_len;
+                bytes::Buf::advance(&mut buf, used);
+                keepalive = Some(settings.keepalive_secs);
+                continue;
+            }
+            Plan::Session(handoff) => handoff,
+        };
+        // What Pingora's parser refuses (with a bare 400) is refused here
+        // with the JSON one.
+        if let Err(detail) = pingora_refusal(&buf[..head_len]).await {
+            Refusal::BadTarget.count();
+            refuse(&mut stream, 400, "bad_request", &detail, limits).await;
+            return;
+        }
+        let (prefix, gate) = match length {
+            Some(length) => {
+                let here =
+                    (buf.len() - head_len).min(usize::try_from(length).unwrap_or(usize::MAX));
+                let prefix = buf.split_to(head_len + here);
+                (
+                    prefix,
+                    Gate::new(stream, Some(length - here as u64), limits.max_head),
+                )
+            }
+            None => (buf.split(), Gate::new(stream, None, limits.max_head)),
+        };
+        let mut session = ServerSession::new_http1(Box::new(gate));
+        session.set_keepalive(keepalive);
+        if request_limit > 0 {
+            session.set_keepalive_reuses_remaining(Some(request_limit - served));
+        }
+        session.set_pipelined_prefix(prefix);
+        let reused = app.serve_session(session, handoff, shutdown).await;
+        let Some((next, settings)) = reused.map(|r| r.consume()) else {
+            return;
+        };
+        if last {
+            return;
+        }
+        let mut session = ServerSession::new_http1(next);
+        if let Some(settings) = settings {
+            settings.apply_to_session(&mut session);
+        }
+        keepalive = session.get_keepalive();
+        let ServerSession::H1(h1) = session else {
+            return;
+        };
+        let Ok(gate) = h1.into_inner().into_any().downcast::<Gate>() else {
+            return;
+        };
+        // The bytes read while the session served (a pipelined request)
+        // come after those the session was not given.
+        match gate.release() {
+            Some((inner, kept)) => {
+                buf.extend_from_slice(&kept);
+                stream = inner;
+            }
+            None => return,
+        }
+    }
+}
+
+/// The keep-alive to set on `session` before answering its request:
+/// `secs`, or None (the answer says `Connection: close` and the connection
+/// closes after it) while the instance drains, when the client does not
+/// keep its connection (HTTP/1.0 without `Connection: keep-alive`, or
+/// `Connection: close`, as Pingora read the head), or when the request's
+/// end was not known from its head (a chunked body, an upgrade: see
+/// `Gate`). HTTP/2 has no keep-alive of its own: None there.
+pub fn keepalive(session: &ServerSession, secs: u64, draining: bool) -> Option<u64> {
+    if draining || session.is_http2() || session.get_keepalive().is_none() {
+        return None;
+    }
+    let headers = &session.req_header().headers;
+    let undelimited = headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers.contains_key(http::header::UPGRADE);
+    (!undelimited).then_some(secs)
+}

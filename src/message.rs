@@ -157,6 +157,15 @@ pub fn content_type_problem(content_type: &str) -> Option<String> {
     {
         return Some(format!("'{}' has control or non-ASCII bytes", shown()));
     }
+    // The common case, `type/subtype` of token characters and no
+    // parameters, needs no parser (this runs for every publish).
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    if let Some((kind, sub)) = content_type.split_once('/') {
+        let token = |t: &str| !t.is_empty() && t.as_bytes().iter().all(tchar);
+        if token(kind) && token(sub) {
+            return None;
+        }
+    }
     match content_type.parse::<mime::Mime>() {
         Ok(m) if m.subtype().as_str().is_empty() => Some(format!("'{}' has no subtype", shown())),
         Ok(_) => None,

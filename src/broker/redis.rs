@@ -29,7 +29,7 @@ use conn::{Conn, PushQueue, Target};
 use layout::Layout;
 use parking_lot::{Mutex, RwLock};
 use redis::{PushInfo, PushKind};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -63,6 +63,10 @@ enum Left {
     /// The sentinels named a new master, or the server answered READONLY:
     /// reconnect at once to the master named now.
     Switched,
+    /// The server dropped the subscription of a watched channel (its
+    /// cluster slot moved to another master, which sends `SUNSUBSCRIBE`):
+    /// reconnect at once, subscribing where the slot is now, and catch up.
+    Dropped,
     Shutdown,
 }
 
@@ -216,6 +220,36 @@ impl RedisBroker {
         }
     }
 
+    /// Whether a `SUNSUBSCRIBE` push is the server dropping a watched
+    /// channel's subscription (its slot moved): not the answer to one of
+    /// ours (`ours`, by channel: those sent on this connection and not
+    /// answered yet).
+    fn dropped(
+        &self,
+        push: &PushInfo,
+        watched: &HashSet<String>,
+        ours: &mut HashMap<String, usize>,
+    ) -> bool {
+        let Some(redis::Value::BulkString(name)) = push.data.first() else {
+            return false;
+        };
+        let Some(channel) = self.layout.channel_of(name) else {
+            return false;
+        };
+        if let Some(n) = ours.get_mut(&channel) {
+            *n -= 1;
+            if *n == 0 {
+                ours.remove(&channel);
+            }
+            return false;
+        }
+        if !watched.contains(&channel) {
+            return false;
+        }
+        tracing::warn!(%channel, "redis dropped a watched channel's subscription (its cluster slot moved); reconnecting to subscribe where it is now");
+        true
+    }
+
     /// Subscribes every watched channel on a new connection.
     async fn resubscribe(
         &self,
@@ -310,6 +344,8 @@ impl RedisBroker {
         watched: &mut HashSet<String>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Left {
+        // Our SUNSUBSCRIBEs not answered yet, by channel.
+        let mut ours: HashMap<String, usize> = HashMap::new();
         loop {
             tokio::select! {
                 push = pushes.recv() => match push {
@@ -326,6 +362,8 @@ impl RedisBroker {
                         }
                     }
                     Some(p) if p.kind == PushKind::Disconnection => return Left::Lost,
+                    Some(p) if p.kind == PushKind::SUnsubscribe
+                        && self.dropped(&p, watched, &mut ours) => return Left::Dropped,
                     Some(_) => {}
                     None => return Left::Lost,
                 },
@@ -345,7 +383,15 @@ impl RedisBroker {
                     }
                     Some(Control::Unwatch(channel)) => {
                         if watched.remove(&channel) {
-                            let _ = conn.unsubscribe(&[self.layout.announce(&channel)]).await;
+                            let sharded = conn.sharded();
+                            if sharded {
+                                *ours.entry(channel.clone()).or_default() += 1;
+                            }
+                            let sent = conn.unsubscribe(&[self.layout.announce(&channel)]).await;
+                            if sent.is_err() && sharded {
+                                // No answer will come.
+                                ours.remove(&channel);
+                            }
                         }
                     }
                     None => return Left::Shutdown,
@@ -510,6 +556,7 @@ impl Broker for RedisBroker {
                         );
                         continue;
                     }
+                    Left::Dropped => continue,
                     Left::Lost => tracing::warn!("lost the redis connection; reconnecting"),
                 }
             }

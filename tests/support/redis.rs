@@ -195,29 +195,52 @@ fn cluster_port() -> u16 {
     }
 }
 
-/// A 3-master Redis Cluster on loopback.
+fn cluster_wait(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A Redis Cluster on loopback: 3 masters, or 3 masters and 3 replicas.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3)
+        let cluster = Self::create(3, 0, &[]);
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Six nodes, three masters with a replica each (`--cluster-replicas
+    /// 1`), a node declared failed after 1 s (`cluster-node-timeout`).
+    /// Returns once every node says `cluster_state:ok` and every master has
+    /// its replica connected.
+    pub fn start_with_replicas() -> RedisCluster {
+        let cluster = Self::create(6, 1, &["--cluster-node-timeout", "1000"]);
+        cluster.wait_ok();
+        cluster.wait_replicated();
+        cluster
+    }
+
+    fn create(n: usize, replicas: usize, extra: &[&str]) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..n)
             .map(|i| {
                 let port = cluster_port();
                 let conf = format!("nodes-{port}.conf");
-                RedisServer::spawn(
-                    port,
-                    &[
-                        "--appendonly",
-                        "no",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        &conf,
-                    ],
-                    &format!("cluster{i}"),
-                )
+                let mut args = vec![
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                ];
+                args.extend_from_slice(extra);
+                RedisServer::spawn(port, &args, &format!("cluster{i}"))
             })
             .collect();
         let addrs: Vec<String> = nodes
@@ -227,7 +250,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .unwrap();
         assert!(
@@ -235,15 +258,170 @@ impl RedisCluster {
             "cluster create: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !nodes
-            .iter()
-            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-        {
-            assert!(Instant::now() < deadline, "cluster did not become ok");
-            std::thread::sleep(Duration::from_millis(100));
-        }
         RedisCluster { nodes }
+    }
+
+    /// The nodes running now.
+    fn live(&self) -> impl Iterator<Item = &RedisServer> {
+        self.nodes.iter().filter(|n| n.child.is_some())
+    }
+
+    /// Waits until every running node says `cluster_state:ok`.
+    pub fn wait_ok(&self) {
+        cluster_wait("the cluster is ok", || {
+            self.live()
+                .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        });
+    }
+
+    /// Waits until every master that serves slots has a replica online
+    /// and every replica's link to its master is up.
+    pub fn wait_replicated(&self) {
+        cluster_wait("every master has its replica", || {
+            self.live().all(|n| {
+                let info = n.cli(&["INFO", "replication"]);
+                if info.contains("role:slave") {
+                    info.contains("master_link_status:up")
+                } else {
+                    !n.cli(&["CLUSTER", "NODES"])
+                        .lines()
+                        .any(|l| l.contains("myself") && l.split(' ').count() > 8)
+                        || (info.contains("connected_slaves:1") && info.contains("state=online"))
+                }
+            })
+        });
+    }
+
+    /// The Cluster slot of `key`.
+    pub fn keyslot(&self, key: &str) -> u16 {
+        let node = self.live().next().expect("a node runs");
+        node.cli(&["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("CLUSTER KEYSLOT answers a number")
+    }
+
+    /// The master that serves `slot` now, as a running node sees it: its
+    /// index in `nodes` and its node id. None while no healthy master does.
+    pub fn owner(&self, slot: u16) -> Option<(usize, String)> {
+        let node = self.live().next()?;
+        for line in node.cli(&["CLUSTER", "NODES"]).lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let serves = f[8..].iter().any(|r| {
+                if r.starts_with('[') {
+                    return false;
+                }
+                let (a, b) = r.split_once('-').unwrap_or((r, r));
+                let (a, b): (u16, u16) = (a.parse().unwrap_or(1), b.parse().unwrap_or(0));
+                (a..=b).contains(&slot)
+            });
+            if serves {
+                let port: u16 = f[1].split([':', '@']).nth(1)?.parse().ok()?;
+                let i = self.nodes.iter().position(|n| n.port == port)?;
+                return Some((i, f[0].to_string()));
+            }
+        }
+        None
+    }
+
+    /// Per running node: port, role and the shard subscribers of `names`.
+    pub fn describe(&self, names: &[&str]) -> String {
+        self.live()
+            .map(|n| {
+                let role = n.cli(&["ROLE"]).lines().next().unwrap_or("").to_string();
+                let mut args = vec!["PUBSUB", "SHARDNUMSUB"];
+                args.extend_from_slice(names);
+                let subs = n.cli(&args).replace('\n', " ");
+                format!("{} {role}: {subs}", n.port)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The node id of `nodes[i]`.
+    pub fn id(&self, i: usize) -> String {
+        self.nodes[i].cli(&["CLUSTER", "MYID"]).trim().to_string()
+    }
+
+    /// The masters serving slots, by index.
+    pub fn masters(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| {
+                self.nodes[i].child.is_some()
+                    && self.nodes[i]
+                        .cli(&["CLUSTER", "NODES"])
+                        .lines()
+                        .any(|l| l.contains("myself,master") && l.split(' ').count() > 8)
+            })
+            .collect()
+    }
+
+    /// SIGKILLs the master of `slot`, waits until its replica took the
+    /// slot over and the cluster is ok, then starts the killed node again
+    /// (empty, with its nodes file: it rejoins as the new master's replica)
+    /// and waits until it replicates. Returns the time the failover took.
+    pub fn kill_owner(&mut self, slot: u16) -> Duration {
+        let started = Instant::now();
+        let (old, _) = self.owner(slot).expect("the slot has a master");
+        self.nodes[old].kill();
+        cluster_wait("a replica takes the slot over", || {
+            self.owner(slot).is_some_and(|(i, _)| i != old)
+        });
+        self.wait_ok();
+        let failed_over = started.elapsed();
+        self.nodes[old].restart();
+        self.wait_ok();
+        self.wait_replicated();
+        failed_over
+    }
+
+    /// Moves `slot` from its master to another one, as `redis-cli
+    /// --cluster reshard` does: IMPORTING on the target, MIGRATING on the
+    /// source, every key `MIGRATE`d, then `SETSLOT NODE` on every master.
+    pub fn migrate(&self, slot: u16) {
+        let (src, src_id) = self.owner(slot).expect("the slot has a master");
+        let dst = *self
+            .masters()
+            .iter()
+            .find(|&&i| i != src)
+            .expect("another master");
+        let dst_id = self.id(dst);
+        let s = slot.to_string();
+        let ok = |out: String, what: &str| assert!(out.contains("OK"), "{what}: {out}");
+        ok(
+            self.nodes[dst].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id]),
+            "IMPORTING",
+        );
+        ok(
+            self.nodes[src].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id]),
+            "MIGRATING",
+        );
+        let dst_port = self.nodes[dst].port.to_string();
+        loop {
+            let keys = self.nodes[src].cli(&["CLUSTER", "GETKEYSINSLOT", &s, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1", &dst_port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            ok(self.nodes[src].cli(&args), "MIGRATE");
+        }
+        for i in std::iter::once(dst)
+            .chain(std::iter::once(src))
+            .chain(self.masters())
+        {
+            ok(
+                self.nodes[i].cli(&["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]),
+                "SETSLOT NODE",
+            );
+        }
+        cluster_wait("the slot is the target's", || {
+            self.owner(slot).is_some_and(|(i, _)| i == dst)
+        });
     }
 
     /// `redis+cluster://h1:p1,h2:p2,h3:p3`

@@ -92,6 +92,9 @@ impl Relay {
                 Decoded::Identity => (answer.body.clone(), Ok(())),
                 Decoded::Gzip(plain) => {
                     header.remove_header(&http::header::CONTENT_ENCODING);
+                    // The upstream's strong ETag named the gzip bytes: the
+                    // decoded ones are the same representation, weakly.
+                    weaken_etag(&mut header)?;
                     (plain, Ok(()))
                 }
                 Decoded::Not(why) => (answer.body.clone(), Err(why)),
@@ -267,6 +270,21 @@ enum Decoded {
     Not(String),
 }
 
+/// Makes a strong `ETag` of `header` weak (`W/"..."`), as a body decoded
+/// from its content coding is no longer the bytes it named.
+fn weaken_etag(header: &mut ResponseHeader) -> Result<()> {
+    let strong = header
+        .headers
+        .get(http::header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.starts_with('"'))
+        .map(|v| format!("W/{v}"));
+    if let Some(weak) = strong {
+        header.insert_header(http::header::ETAG, weak)?;
+    }
+    Ok(())
+}
+
 /// The body `body` of an answer with `headers`, decoded from its
 /// `Content-Encoding` (gzip, the one an upstream is likely to send although
 /// asked for identity); at most `max` bytes once decoded.
@@ -376,6 +394,16 @@ mod tests {
             http::HeaderValue::from_static("gzip"),
         );
         h
+    }
+
+    #[test]
+    fn a_decoded_answer_keeps_its_etag_weakly() {
+        let mut h = ResponseHeader::build(200, None).unwrap();
+        h.insert_header("ETag", "\"v1\"").unwrap();
+        weaken_etag(&mut h).unwrap();
+        assert_eq!(h.headers["etag"], "W/\"v1\"");
+        weaken_etag(&mut h).unwrap();
+        assert_eq!(h.headers["etag"], "W/\"v1\"", "already weak: as it was");
     }
 
     #[test]

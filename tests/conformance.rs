@@ -157,27 +157,8 @@ async fn read_h1(s: &mut (impl AsyncRead + Unpin)) -> Got {
         let b = s.read_u8().await.expect("the answer's head");
         head.push(b);
     }
-    let text = String::from_utf8(head).unwrap();
-    let mut lines = text.split("\r\n");
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers: Vec<(String, String)> = lines
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let (k, v) = l.split_once(':').unwrap();
-            (k.trim().to_ascii_lowercase(), v.trim().to_string())
-        })
-        .collect();
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .map_or(0, |(_, v)| v.parse().unwrap());
+    let (status_line, headers, len) = answer_head(&String::from_utf8(head).unwrap());
+    let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
     let mut body = vec![0; len];
     s.read_exact(&mut body).await.unwrap();
     Got {

@@ -446,7 +446,15 @@ pub fn read_answer(stream: &mut TcpStream) -> (String, Vec<(String, String)>, Ve
         assert!(n > 0, "connection closed before the answer's head");
         buf.push(byte[0]);
     }
-    let head = String::from_utf8(buf).unwrap();
+    let (status, headers, len) = answer_head(&String::from_utf8(buf).unwrap());
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).unwrap();
+    (status, headers, body)
+}
+
+/// An HTTP/1 answer's head as text: its status line, its header fields
+/// (names lowercased) and the `Content-Length` of its body (0 without).
+pub fn answer_head(head: &str) -> (String, Vec<(String, String)>, usize) {
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap().to_string();
     let headers: Vec<(String, String)> = lines
@@ -456,11 +464,9 @@ pub fn read_answer(stream: &mut TcpStream) -> (String, Vec<(String, String)>, Ve
             (k.trim().to_ascii_lowercase(), v.trim().to_string())
         })
         .collect();
-    let len: usize = headers
+    let len = headers
         .iter()
         .find(|(k, _)| k == "content-length")
         .map_or(0, |(_, v)| v.parse().unwrap());
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).unwrap();
-    (status, headers, body)
+    (status, headers, len)
 }

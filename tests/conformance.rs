@@ -463,6 +463,22 @@ async fn http10_closes_unless_it_asked_for_keep_alive_on_every_route_kind() {
     }
 }
 
+/// Reads the answers to two pipelined requests of `path` (200, the
+/// connection kept) and to the plain GET written behind them.
+async fn two_then_plain_answered(s: &mut TcpStream, path: &str) {
+    for round in 0..2 {
+        let got = read_h1(s).await;
+        assert_eq!(got.status, 200, "{path} #{round}: {got:?}");
+        assert_eq!(got.header("connection"), Some("keep-alive"), "{path}");
+    }
+    let got = read_h1(s).await;
+    assert_eq!(
+        (got.status, got.body.as_slice()),
+        (200, MEANT.as_bytes()),
+        "{path}: the third"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order_on_every_route_kind() {
     let env = env().await;
@@ -476,22 +492,47 @@ async fn pipelined_requests_are_answered_in_order_on_every_route_kind() {
         s.write_all(format!("{one}{one}{last}").as_bytes())
             .await
             .unwrap();
-        for round in 0..2 {
-            let got = read_h1(&mut s).await;
-            assert_eq!(got.status, 200, "{path} #{round}: {got:?}");
-            assert_eq!(got.header("connection"), Some("keep-alive"), "{path}");
-        }
-        let got = read_h1(&mut s).await;
-        assert_eq!(
-            (got.status, got.body.as_slice()),
-            (200, MEANT.as_bytes()),
-            "{path}: the third"
-        );
+        two_then_plain_answered(&mut s, path).await;
         let seen = env.backend.seen();
         assert!(
             seen.last().unwrap().line().starts_with("GET /plain/after "),
             "{path}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_requests_keep_the_connection_and_their_followers_are_answered() {
+    let env = env().await;
+    for kind in KINDS.iter().filter(|k| !sample(**k).2.is_empty()) {
+        let (method, path, _) = sample(*kind);
+        let mut s = TcpStream::connect(("127.0.0.1", env.pg.port))
+            .await
+            .unwrap();
+        // A chunked body (with an extension and a trailer), twice, then a
+        // plain request: written at once, then cut at odd places.
+        let chunked = h1_request(
+            "HTTP/1.1",
+            method,
+            path,
+            "",
+            "Transfer-Encoding: chunked\r\n",
+        ) + "1;x=y\r\nh\r\n1\r\ni\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        let last = h1_request("HTTP/1.1", "GET", "/plain/after", "", "");
+        let all = format!("{chunked}{chunked}{last}");
+        for part in all.as_bytes().chunks(all.len() / 3 + 1) {
+            s.write_all(part).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        two_then_plain_answered(&mut s, path).await;
+        let seen = env.backend.seen();
+        let [.., first, second, third] = seen.as_slice() else {
+            panic!("{path}: {seen:?}");
+        };
+        for got in [first, second] {
+            assert_eq!(got.body, b"hi", "{path}: the body, decoded whole");
+        }
+        assert!(third.line().starts_with("GET /plain/after "), "{path}");
     }
 }
 
@@ -596,13 +637,7 @@ async fn heads_pingora_refuses_get_the_json_refusal() {
         );
     }
     // CONNECT over HTTP/2: Pingora's proxy would answer a bare 405.
-    let tcp = TcpStream::connect(("127.0.0.1", env.pg.port))
-        .await
-        .unwrap();
-    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let client = h2c::connect(&env.pg).await;
     let req = http::Request::builder()
         .method("CONNECT")
         .uri("h:443")
@@ -617,4 +652,39 @@ async fn heads_pingora_refuses_get_the_json_refusal() {
         (405, Some("method_not_allowed"))
     );
     assert!(env.backend.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_http2_requests_reach_no_backend() {
+    let env = env().await;
+    let client = h2c::connect(&env.pg).await;
+    let mut client = client.ready().await.unwrap();
+    // A Host that is not the :authority: 400 (from Pingora's HTTP/2 server).
+    let req = http::Request::post("http://h/plain/x")
+        .header("host", "elsewhere")
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(req, true).unwrap();
+    let (status, _, _) = h2c::answer(response).await;
+    assert_eq!(status, 400);
+    // Two different content-length values: the stream is reset
+    // (RFC 9113 section 8.1.1), and the connection goes on.
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post("http://h/plain/x")
+        .header("content-length", "1")
+        .header("content-length", "2")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(req, false).unwrap();
+    // The reset may come first.
+    let _ = body.send_data(Bytes::from_static(b"ab"), true);
+    let e = response.await.expect_err("a reset, not an answer");
+    assert_eq!(e.reason(), Some(h2::Reason::PROTOCOL_ERROR), "{e}");
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get("http://h/plain/ok").body(()).unwrap();
+    let (response, _) = client.send_request(req, true).unwrap();
+    assert_eq!(h2c::answer(response).await.0, 200);
+    let seen = env.backend.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].line().starts_with("GET /plain/ok "));
 }

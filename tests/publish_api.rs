@@ -260,14 +260,18 @@ async fn an_admin_connection_serves_pipelined_chunked_and_split_requests_in_orde
     }
     let (status, _, body) = read_answer(&mut s);
     assert!(status.contains("200") && body.starts_with(b"{\"status\""));
-    // A chunked body (left to Pingora's HTTP/1 server): its end is not known
-    // from its head, so the connection closes after the answer.
+    // A chunked body (left to Pingora's HTTP/1 server), with a request
+    // pipelined behind it: its end is found, the connection kept, and the
+    // request behind it answered.
     let chunked = "POST /v1/publish/p HTTP/1.1\r\nContent-Type: text/plain\r\n\
-                   Transfer-Encoding: chunked\r\n\r\n5\r\nthree\r\n0\r\n\r\n";
+                   Transfer-Encoding: chunked\r\n\r\n5\r\nthree\r\n0\r\n\r\n\
+                   GET /healthz HTTP/1.1\r\n\r\n";
     let (status, headers, body) = raw_exchange(&mut s, chunked);
     assert!(status.contains("200"), "{status}");
-    assert!(headers.contains(&("connection".into(), "close".into())));
+    assert!(headers.contains(&("connection".into(), "keep-alive".into())));
     ids.push(field(&body, "id"));
+    let (status, _, body) = read_answer(&mut s);
+    assert!(status.contains("200") && body.starts_with(b"{\"status\""));
     // Then, on a new connection, a body that arrives in two parts.
     let mut s = std::net::TcpStream::connect(("127.0.0.1", pg.admin_port)).unwrap();
     let split = publish("four");

@@ -1,9 +1,11 @@
 //! What stands between a Pingora HTTP/1 session and the client connection
-//! ([`Gate`]): the session gets the bytes of its own request only, and what
+//! ([`Gate`]): the session gets the bytes of its own request only (up to its
+//! `Content-Length`, or to the end of its chunked body), and what
 //! the client pipelines meanwhile is kept for the next request of
 //! [`super::serve`]; and [`pingora_refusal`], the JSON 400 for a head
 //! Pingora's parser would refuse with a bare one.
 
+use super::chunked::ChunkedEnd;
 use bytes::BytesMut;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{self as proto, Stream};
@@ -29,28 +31,58 @@ pub(super) async fn pingora_refusal(head: &[u8]) -> Result<(), String> {
 }
 
 /// A client connection as a Pingora session reads it: once the session has
-/// read the request it was given (`allowed`, the bytes of its body not yet
-/// read), what the client sends next (a pipelined request) is kept aside,
-/// for the next request of [`super::serve`], instead of reaching the session (which
-/// would take it for more of this request's body, or drop the connection).
-/// A close is passed on, so that a session holding a poll sees the client
-/// leave. `allowed: None` when the request's end is not known from its head
-/// (a chunked body, an upgrade): everything is passed on, and the connection
-/// is not kept after the answer (see [`super::keepalive`]).
+/// read the request it was given, what the client sends next (a pipelined
+/// request) is kept aside, for the next request of [`super::serve`],
+/// instead of reaching the session (which would take it for more of this
+/// request's body, or drop the connection). A close is passed on, so that a
+/// session holding a poll sees the client leave.
 #[derive(Debug)]
 pub(super) struct Gate {
     inner: Stream,
-    allowed: Option<u64>,
+    rest: Rest,
     kept: BytesMut,
     /// Most bytes kept aside: past it, the client counts as gone.
     max_kept: usize,
 }
 
+/// What is left of the request the session was given.
+#[derive(Debug)]
+pub(super) enum Rest {
+    /// This many bytes of its body (0: the request is read).
+    Bytes(u64),
+    /// The rest of a chunked body, found as it streams past.
+    Chunked(ChunkedEnd),
+    /// Its end is not known (an upgrade, or a chunked body that is not
+    /// one): everything is passed on, and the connection is not kept after
+    /// the answer (see [`super::keepalive`]).
+    Open,
+}
+
+impl Rest {
+    /// What is left of a body that starts with `buffered` (the bytes after
+    /// the head already read): Ok(rest) when the body goes on past them,
+    /// Err(n) when it ends after the first `n` of them.
+    pub(super) fn after(self, buffered: &[u8]) -> Result<Rest, usize> {
+        match self {
+            Rest::Bytes(length) => match usize::try_from(length) {
+                Ok(n) if n <= buffered.len() => Err(n),
+                _ => Ok(Rest::Bytes(length - buffered.len() as u64)),
+            },
+            Rest::Chunked(mut scan) => match scan.feed(buffered) {
+                Ok(Some(n)) => Err(n),
+                Ok(None) => Ok(Rest::Chunked(scan)),
+                Err(_) => Ok(Rest::Open),
+            },
+            Rest::Open => Ok(Rest::Open),
+        }
+    }
+}
+
 impl Gate {
-    pub(super) fn new(inner: Stream, allowed: Option<u64>, max_kept: usize) -> Gate {
+    pub(super) fn new(inner: Stream, rest: Rest, max_kept: usize) -> Gate {
         Gate {
             inner,
-            allowed,
+            rest,
             kept: BytesMut::new(),
             max_kept,
         }
@@ -59,7 +91,7 @@ impl Gate {
     /// The connection and the bytes kept aside, when the session read all
     /// of its request (otherwise the connection cannot serve another).
     pub(super) fn release(self) -> Option<(Stream, BytesMut)> {
-        matches!(self.allowed, Some(0)).then_some((self.inner, self.kept))
+        matches!(self.rest, Rest::Bytes(0)).then_some((self.inner, self.kept))
     }
 }
 
@@ -71,10 +103,28 @@ impl tokio::io::AsyncRead for Gate {
     ) -> std::task::Poll<std::io::Result<()>> {
         use std::task::Poll;
         let this = &mut *self;
-        match this.allowed {
-            None => Pin::new(&mut this.inner).poll_read(cx, buf),
-            Some(allowed) if allowed > 0 => {
+        match &mut this.rest {
+            Rest::Open => Pin::new(&mut this.inner).poll_read(cx, buf),
+            Rest::Chunked(scan) => {
+                let before = buf.filled().len();
+                let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+                if let Poll::Ready(Ok(())) = read {
+                    match scan.feed(&buf.filled()[before..]) {
+                        Ok(None) => {}
+                        Ok(Some(n)) => {
+                            // The body ends here: what follows is kept.
+                            this.kept.extend_from_slice(&buf.filled()[before + n..]);
+                            buf.set_filled(before + n);
+                            this.rest = Rest::Bytes(0);
+                        }
+                        Err(_) => this.rest = Rest::Open,
+                    }
+                }
+                read
+            }
+            Rest::Bytes(allowed) if *allowed > 0 => {
                 // At most the rest of this request's body.
+                let allowed = *allowed;
                 let room = buf
                     .remaining()
                     .min(usize::try_from(allowed).unwrap_or(usize::MAX));
@@ -83,11 +133,11 @@ impl tokio::io::AsyncRead for Gate {
                 let n = part.filled().len();
                 if let Poll::Ready(Ok(())) = read {
                     buf.advance(n);
-                    this.allowed = Some(allowed - n as u64);
+                    this.rest = Rest::Bytes(allowed - n as u64);
                 }
                 read
             }
-            Some(_) => loop {
+            Rest::Bytes(_) => loop {
                 // The request is read: keep what comes, report only a close.
                 if this.kept.len() > this.max_kept {
                     let e = std::io::Error::other("more than limits.max_head after a request");

@@ -41,9 +41,8 @@ pub struct Head<'a> {
     pub framed: bool,
     /// The body's length, when the head declares one.
     pub content_length: Option<u64>,
-    /// Where the request ends is known from its head (its `Content-Length`,
-    /// or no body): no `Transfer-Encoding`, no `Upgrade`.
-    pub delimited: bool,
+    /// How the request's end is found.
+    pub ends: Ends,
     pub last_event_id: Option<&'a str>,
     pub if_none_match: Option<&'a str>,
     pub accept: Option<&'a str>,
@@ -52,6 +51,17 @@ pub struct Head<'a> {
     pub authorization: Option<&'a [u8]>,
     /// The values of every `X-Forwarded-For` field, in order.
     pub forwarded_for: SmallVec<[&'a [u8]; 2]>,
+}
+
+/// How the end of a request is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ends {
+    /// After its `Content-Length` bytes of body (or its head, without one).
+    AtLength,
+    /// At the end of its chunked body.
+    Chunked,
+    /// Not at all (`Upgrade`): the connection serves no other request.
+    Unknown,
 }
 
 impl Head<'_> {
@@ -159,7 +169,7 @@ pub fn parse_head(
         keepalive: http11,
         framed: true,
         content_length: None,
-        delimited: true,
+        ends: Ends::AtLength,
         last_event_id: None,
         if_none_match: None,
         accept: None,
@@ -197,11 +207,16 @@ pub fn parse_head(
             }
         } else if name.eq_ignore_ascii_case("content-length") {
             lengths.push(h.value);
-        } else if name.eq_ignore_ascii_case("transfer-encoding")
-            || name.eq_ignore_ascii_case("upgrade")
-        {
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            // Pingora takes chunked as the last coding only
+            // (`pingora_refusal`).
             parsed.framed = false;
-            parsed.delimited = false;
+            if parsed.ends == Ends::AtLength {
+                parsed.ends = Ends::Chunked;
+            }
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            parsed.framed = false;
+            parsed.ends = Ends::Unknown;
         } else if name.eq_ignore_ascii_case("expect") {
             parsed.framed = false;
         } else if name.eq_ignore_ascii_case("last-event-id") {

@@ -28,10 +28,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod chunked;
 mod gate;
 mod head;
 
-use gate::{pingora_refusal, Gate};
+use gate::{pingora_refusal, Gate, Rest};
 use head::head_end;
 pub use head::{content_length, declared_length, parse_head, text, Head};
 
@@ -308,9 +309,13 @@ pub async fn serve<A: Http1App>(
                 return;
             }
         };
-        // A request whose end the head tells: a Pingora session gets its
-        // bytes and no more (see `Gate`).
-        let length = head.delimited.then(|| head.content_length.unwrap_or(0));
+        // A Pingora session gets the bytes of its request and no more (see
+        // `Gate`).
+        let rest = match head.ends {
+            head::Ends::AtLength => Rest::Bytes(head.content_length.unwrap_or(0)),
+            head::Ends::Chunked => Rest::Chunked(Default::default()),
+            head::Ends::Unknown => Rest::Open,
+        };
         let handoff = match app.plan(head, last) {
             Plan::Lean(work) => {
                 let _in_flight = life.enter();
@@ -338,17 +343,12 @@ pub async fn serve<A: Http1App>(
             refuse(&mut stream, 400, "bad_request", &detail, limits).await;
             return;
         }
-        let (prefix, gate) = match length {
-            Some(length) => {
-                let here =
-                    (buf.len() - head_len).min(usize::try_from(length).unwrap_or(usize::MAX));
-                let prefix = buf.split_to(head_len + here);
-                (
-                    prefix,
-                    Gate::new(stream, Some(length - here as u64), limits.max_head),
-                )
-            }
-            None => (buf.split(), Gate::new(stream, None, limits.max_head)),
+        let (prefix, gate) = match rest.after(&buf[head_len..]) {
+            Err(body) => (
+                buf.split_to(head_len + body),
+                Gate::new(stream, Rest::Bytes(0), limits.max_head),
+            ),
+            Ok(rest) => (buf.split(), Gate::new(stream, rest, limits.max_head)),
         };
         let mut session = ServerSession::new_http1(Box::new(gate));
         session.set_keepalive(keepalive);
@@ -391,14 +391,12 @@ pub async fn serve<A: Http1App>(
 /// closes after it) while the instance drains, when the client does not
 /// keep its connection (HTTP/1.0 without `Connection: keep-alive`, or
 /// `Connection: close`, as Pingora read the head), or when the request's
-/// end was not known from its head (a chunked body, an upgrade: see
-/// `Gate`). HTTP/2 has no keep-alive of its own: None there.
+/// end is not known (an upgrade: see `Gate`). HTTP/2 has no keep-alive of
+/// its own: None there.
 pub fn keepalive(session: &ServerSession, secs: u64, draining: bool) -> Option<u64> {
     if draining || session.is_http2() || session.get_keepalive().is_none() {
         return None;
     }
     let headers = &session.req_header().headers;
-    let undelimited = headers.contains_key(http::header::TRANSFER_ENCODING)
-        || headers.contains_key(http::header::UPGRADE);
-    (!undelimited).then_some(secs)
+    (!headers.contains_key(http::header::UPGRADE)).then_some(secs)
 }

@@ -113,12 +113,39 @@ async fn read_request(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> 
         head,
         body: Vec::new(),
     };
+    buf.drain(..end);
+    if seen
+        .all("transfer-encoding")
+        .iter()
+        .any(|v| v.contains("chunked"))
+    {
+        // Chunk after chunk (extensions ignored), then trailer lines.
+        loop {
+            let line = read_line(stream, buf).await?;
+            let size = line.split(';').next().unwrap_or_default().trim();
+            let size = usize::from_str_radix(size, 16).ok()?;
+            if size == 0 {
+                while !read_line(stream, buf).await?.is_empty() {}
+                return Some(seen);
+            }
+            fill(stream, buf, size + 2).await?;
+            seen.body.extend_from_slice(&buf[..size]);
+            buf.drain(..size + 2);
+        }
+    }
     let len: usize = seen
         .all("content-length")
         .first()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    while buf.len() < end + len {
+    fill(stream, buf, len).await?;
+    seen.body = buf.drain(..len).collect();
+    Some(seen)
+}
+
+/// Reads from `stream` until `buf` holds `len` bytes (None: it closed).
+async fn fill(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, len: usize) -> Option<()> {
+    while buf.len() < len {
         let mut chunk = [0u8; 4096];
         let n = stream.read(&mut chunk).await.ok()?;
         if n == 0 {
@@ -126,9 +153,20 @@ async fn read_request(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> 
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    seen.body = buf[end..end + len].to_vec();
-    buf.drain(..end + len);
-    Some(seen)
+    Some(())
+}
+
+/// The next line of `stream` (without its CRLF), taken from `buf`.
+async fn read_line(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&buf[..i]).into_owned();
+            buf.drain(..i + 2);
+            return Some(line);
+        }
+        let have = buf.len();
+        fill(stream, buf, have + 1).await?;
+    }
 }
 
 /// `text` gzipped.

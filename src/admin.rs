@@ -278,7 +278,8 @@ impl Admin {
             AdminReply::error(503, "broker_down", "the broker is unreachable")
         } else {
             let broker = if up { "up" } else { "down" };
-            let ready = serde_json::json!({ "status": "ready", "broker": broker });
+            let address = self.hub.broker().address();
+            let ready = serde_json::json!({ "status": "ready", "broker": broker, "broker_address": address });
             AdminReply::json(200, &ready)
         }
     }

@@ -79,8 +79,21 @@ impl Answer {
             // SSE has no envelope: the lost position is its own event.
             body.extend_from_slice(b"event: gap\ndata: {\"gap\":true}\n\n");
         }
-        for (i, (index, m)) in found.iter().enumerate() {
+        // A loss notice among the messages moves the cursor past it and
+        // makes the answer a gap; it is not sent.
+        let mut gap = gap;
+        let mut first = true;
+        for (index, m) in found {
             cursor.0[*index] = m.id;
+            if m.is_loss_notice() {
+                gap = true;
+                if format == Format::Sse {
+                    body.extend_from_slice(b"id: ");
+                    body.extend_from_slice(cursor.to_string().as_bytes());
+                    body.extend_from_slice(b"\nevent: gap\ndata: {\"gap\":true}\n\n");
+                }
+                continue;
+            }
             if format == Format::Sse {
                 body.extend_from_slice(b"id: ");
                 body.extend_from_slice(cursor.to_string().as_bytes());
@@ -88,12 +101,18 @@ impl Answer {
                 body.extend_from_slice(m.json());
                 body.extend_from_slice(b"\n\n");
             } else if format == Format::Envelope {
-                if i > 0 {
+                if !first {
                     body.push(b',');
                 }
                 body.extend_from_slice(m.json());
             }
+            first = false;
         }
+        let found: Vec<&Arc<Message>> = found
+            .iter()
+            .map(|(_, m)| m)
+            .filter(|m| !m.is_loss_notice())
+            .collect();
         let cursor_text = cursor.to_string();
         let body = match format {
             Format::Envelope => {
@@ -111,17 +130,14 @@ impl Answer {
                 Bytes::from(env)
             }
             Format::Sse => Bytes::from(body),
-            Format::Raw => found
-                .first()
-                .map(|(_, m)| m.data.clone())
-                .unwrap_or_default(),
+            Format::Raw => found.first().map(|m| m.data.clone()).unwrap_or_default(),
         };
         Answer {
             format,
             cursor,
             cursor_text,
             gap,
-            messages: found.iter().map(|(_, m)| m.clone()).collect(),
+            messages: found.into_iter().cloned().collect(),
             body,
             h1_head: OnceLock::new(),
             h1_whole: OnceLock::new(),
@@ -212,6 +228,39 @@ mod tests {
         assert_eq!(v["gap"], false);
         assert_eq!(v["messages"][1]["data"]["x"], 2);
         assert_eq!(v["messages"][0]["channel"], "b");
+    }
+
+    #[test]
+    fn a_loss_notice_is_a_gap_that_moves_the_cursor_and_is_not_sent() {
+        let start = Cursor(smallvec::smallvec![MessageId::ZERO], None);
+        let notice = Arc::new(Message::loss_notice(
+            MessageId { ms: 2, seq: 0 },
+            "a".into(),
+        ));
+        let found = [(0, msg("a", 1, "1")), (0, notice), (0, msg("a", 3, "3"))];
+        let a = Answer::build(Format::Envelope, &start, false, &found);
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(
+            (v["gap"].as_bool(), v["cursor"].as_str()),
+            (Some(true), Some("3-0"))
+        );
+        assert_eq!(v["messages"].as_array().unwrap().len(), 2, "{v}");
+        assert_eq!(a.messages.len(), 2);
+        // Raw, the notice alone: 204, a gap, the cursor past the notice.
+        let a = Answer::build(Format::Raw, &start, false, &found[1..2]);
+        assert_eq!(
+            (a.status(), a.gap, a.cursor_text.as_str()),
+            (204, true, "2-0")
+        );
+        // SSE: the gap is an event at the notice's place, with its position.
+        let a = Answer::build(Format::Sse, &start, false, &found);
+        let text = std::str::from_utf8(&a.body).unwrap();
+        assert!(text.contains("id: 1-0\ndata: "), "{text}");
+        assert!(text.contains("id: 2-0\nevent: gap\n"), "{text}");
+        assert!(
+            text.ends_with("\n\n") && text.contains("id: 3-0\ndata: "),
+            "{text}"
+        );
     }
 
     #[test]

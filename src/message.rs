@@ -106,6 +106,8 @@ pub struct Message {
     /// The message as a JSON object, compact and on one line (so it also
     /// serves as an SSE `data:` line).
     json: Bytes,
+    /// A loss notice (see [`Message::loss_notice`]), not a message.
+    loss_notice: bool,
 }
 
 impl Message {
@@ -130,7 +132,29 @@ impl Message {
             data,
             received_at: Instant::now(),
             json,
+            loss_notice: false,
         }
+    }
+
+    /// A loss notice at position `id` of `channel`: not a message, but the
+    /// mark a Redis failover's lost writes leave in the channel's history
+    /// (see `docs/redis.md`, "Writes a failover lost"). A cursor that
+    /// passes it is answered `gap: true`; it is never sent as a message.
+    pub fn loss_notice(id: MessageId, channel: Arc<str>) -> Message {
+        Message {
+            id,
+            channel,
+            content_type: String::new(),
+            data: Bytes::new(),
+            received_at: Instant::now(),
+            json: Bytes::new(),
+            loss_notice: true,
+        }
+    }
+
+    /// True for a loss notice ([`Message::loss_notice`]).
+    pub fn is_loss_notice(&self) -> bool {
+        self.loss_notice
     }
 
     /// The message as the JSON object that envelopes and SSE events carry.

@@ -152,6 +152,26 @@ pub static BROKER_RECONNECTS: LazyLock<IntCounter> = LazyLock::new(|| {
     .unwrap()
 });
 
+/// Failovers followed: the Redis master the broker writes to changed
+/// (behind Sentinel: another server was named and confirmed master).
+pub static BROKER_FAILOVERS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "pollgate_broker_failovers_total",
+        "Failovers of the Redis master followed by the broker"
+    )
+    .unwrap()
+});
+
+/// Loss notices appended after a failover lost writes this instance had
+/// seen (see `docs/redis.md`).
+pub static LOSS_NOTICES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "pollgate_loss_notices_total",
+        "Loss notices this instance appended to channels after a Redis failover lost writes"
+    )
+    .unwrap()
+});
+
 /// Requests sent to upstreams by upstream and status.
 pub static UPSTREAM_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -328,6 +348,8 @@ pub fn init() {
     LazyLock::force(&CHANNELS_EVICTED);
     LazyLock::force(&BROKER_UP);
     LazyLock::force(&BROKER_RECONNECTS);
+    LazyLock::force(&BROKER_FAILOVERS);
+    LazyLock::force(&LOSS_NOTICES);
     LazyLock::force(&DELIVERY_QUEUE);
     LazyLock::force(&DELIVERY_OVERFLOWS);
     LazyLock::force(&UPSTREAM_REQUESTS);

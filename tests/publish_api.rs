@@ -187,6 +187,11 @@ async fn health_readiness_and_metrics(backend: Backend) {
     let (status, _, v) = get_json(&pg.admin("/readyz")).await;
     assert_eq!((status, v["status"].as_str()), (200, Some("ready")));
     assert_eq!(v["broker"], "up");
+    let address = v["broker_address"].as_str().unwrap_or_default();
+    assert!(
+        address == "memory://" || address.starts_with("redis://127.0.0.1:"),
+        "{v}"
+    );
     let (status, _, _) = get_json(&pg.admin("/readyz?broker=required")).await;
     assert_eq!(status, 200);
     let text = get_text(&pg.admin("/metrics")).await;

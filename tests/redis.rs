@@ -441,6 +441,75 @@ async fn a_channel_begun_again_with_lower_ids_wakes_held_polls_with_a_gap() {
     assert_eq!(position(v["cursor"].as_str().unwrap()), "1-1");
 }
 
+/// Writes a failover lost (simulated: the message is deleted from the
+/// stream while both instances are disconnected) are announced: each
+/// instance had seen the message, finds it missing when it catches up, and
+/// one loss notice is appended; every cursor from before it, and the
+/// cursor of the lost message itself, is answered `gap: true` once, and a
+/// poll held at the lost message is woken with it.
+#[tokio::test]
+async fn writes_a_failover_lost_are_told_to_every_cursor_from_before_them() {
+    let redis = RedisServer::start();
+    let gw = gateways(&redis.url(), 2, "");
+    let kept = gw[0].publish("lost", "text/plain", "kept").await;
+    // Both instances follow the channel, and see the message to be lost.
+    let polls: Vec<_> = gw
+        .iter()
+        .map(|pg| {
+            let url = pg.url(&format!("/sub/lost?cursor={kept}&timeout=20"));
+            tokio::spawn(async move { get_json(&url).await })
+        })
+        .collect();
+    for pg in &gw {
+        pg.wait_metric("pollgate_held_requests", 1.0).await;
+    }
+    let lost = gw[0].publish("lost", "text/plain", "lost").await;
+    for poll in polls {
+        let (_, _, v) = poll.await.unwrap();
+        assert_eq!(ids(&v), std::slice::from_ref(&lost));
+    }
+    // A poll held at the lost message, then the loss and the reconnect.
+    let url = gw[1].url(&format!("/sub/lost?cursor={lost}&timeout=20"));
+    let held = tokio::spawn(async move { get_json(&url).await });
+    gw[1].wait_metric("pollgate_held_requests", 1.0).await;
+    redis.cli(&["XDEL", "pollgate:{lost}:h", &lost]);
+    redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let (status, headers, v) = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("the held poll is told")
+        .unwrap();
+    assert_eq!((status, v["gap"].as_bool()), (200, Some(true)), "{v}");
+    assert_eq!(headers["pollgate-gap"], "1");
+    // As with any gap: the retained history, without the notice.
+    assert_eq!(ids(&v), std::slice::from_ref(&kept), "{v}");
+    let past = v["cursor"].as_str().unwrap().to_string();
+    // A cursor from before the loss, on either instance: a gap, once.
+    for pg in &gw {
+        let (_, _, v) = get_json(&pg.url(&format!("/sub/lost?cursor={kept}&timeout=0"))).await;
+        assert_eq!(v["gap"], true, "{v}");
+        assert_eq!(position(v["cursor"].as_str().unwrap()), position(&past));
+        let (_, _, v) = get_json(&pg.url(&format!("/sub/lost?cursor={past}&timeout=0"))).await;
+        assert_eq!((v["gap"].as_bool(), ids(&v).len()), (Some(false), 0), "{v}");
+    }
+    // One notice, however many instances saw the loss.
+    let entries = redis.cli(&["XRANGE", "pollgate:{lost}:h", "-", "+"]);
+    assert_eq!(
+        entries.lines().filter(|l| *l == "lost").count(),
+        1,
+        "{entries}"
+    );
+    let mut notices = 0.0;
+    for pg in &gw {
+        notices += pg.metric("pollgate_loss_notices_total").await;
+    }
+    assert_eq!(notices, 1.0);
+    // And on it goes.
+    let next = gw[1].publish("lost", "text/plain", "next").await;
+    let (_, _, v) = get_json(&gw[0].url(&format!("/sub/lost?cursor={past}"))).await;
+    assert_eq!((v["gap"].as_bool(), ids(&v)), (Some(false), vec![next]));
+}
+
 #[tokio::test]
 async fn an_instance_is_not_ready_until_it_has_reached_its_broker() {
     let dead = format!("redis://127.0.0.1:{}/0", free_port());

@@ -192,6 +192,10 @@ impl Broker for MemoryBroker {
         self.epoch
     }
 
+    fn address(&self) -> String {
+        "memory://".into()
+    }
+
     async fn publish(
         &self,
         channel: &str,

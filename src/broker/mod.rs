@@ -10,7 +10,7 @@ pub mod redis;
 
 use crate::cursor::Epoch;
 use crate::history::History;
-use crate::message::Message;
+use crate::message::{Message, MessageId};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -72,6 +72,13 @@ pub trait Sink: Send + Sync {
     /// Waits for room in the sink; returns once the history was taken.
     async fn resync(&self, channel: &str, history: History);
 
+    /// The newest position of `channel` this instance has seen (its window's
+    /// last id), or None when it keeps no window of it. After a failover,
+    /// a position the new master does not have is a write it lost.
+    fn position(&self, _channel: &str) -> Option<MessageId> {
+        None
+    }
+
     /// Returns true while this instance holds polls on `channel`: a broker
     /// that must drop a channel to make room never drops such a one.
     fn is_held(&self, _channel: &str) -> bool {
@@ -119,6 +126,11 @@ pub trait Broker: Send + Sync {
 
     /// Tells the broker this instance no longer needs `channel`.
     fn unwatch(&self, _channel: &str) {}
+
+    /// Where the broker is, for `/readyz` and logs, without secrets:
+    /// `memory://`, or the Redis URL with its password as `***` (behind
+    /// Sentinel, with the master in use).
+    fn address(&self) -> String;
 
     /// True while the broker is reachable.
     fn is_up(&self) -> bool {

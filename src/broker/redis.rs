@@ -92,6 +92,8 @@ pub struct RedisBroker {
     /// (`publish.replicas`), and how long to wait for them.
     replicas: usize,
     replica_timeout: Duration,
+    /// `broker.url` with its password as `***`.
+    shown_url: String,
 }
 
 /// A spawned task, aborted when this is dropped.
@@ -145,6 +147,7 @@ impl RedisBroker {
             switched: Arc::new(Notify::new()),
             replicas: 0,
             replica_timeout: Duration::from_secs(1),
+            shown_url: crate::secret::redact_url(url),
         })
     }
 
@@ -266,15 +269,42 @@ impl RedisBroker {
     /// Delivers what was published while the connection was down. A read
     /// that fails is an error: the caller reconnects and tries again, so a
     /// window never jumps past messages it missed.
-    async fn catch_up(&self, watched: &HashSet<String>) -> Result<(), BrokerError> {
+    ///
+    /// On the same dataset (`same_dataset`: the epoch did not change), a
+    /// channel whose newest position here is missing from Redis lost writes
+    /// in a failover (asynchronous replication): a loss notice is appended
+    /// ([`Layout::mark_lost`]), so that every cursor from before it, here and
+    /// on every instance, is told `gap: true` rather than nothing.
+    async fn catch_up(
+        &self,
+        conn: &mut Conn,
+        watched: &HashSet<String>,
+        same_dataset: bool,
+    ) -> Result<(), BrokerError> {
         let Some(sink) = self.sink.get() else {
             return Ok(());
         };
         for channel in watched {
-            let h = self.history(channel).await.map_err(|e| {
+            let failed = |e: BrokerError| {
                 tracing::warn!(%channel, error = %e, "catch-up failed; reconnecting");
                 e
-            })?;
+            };
+            let mut h = self.history(channel).await.map_err(failed)?;
+            let lost = sink
+                .position(channel)
+                .filter(|&p| same_dataset && p > h.floor() && !h.contains(p));
+            if let Some(lost) = lost {
+                let marked = self
+                    .layout
+                    .mark_lost(conn, channel, lost)
+                    .await
+                    .map_err(|e| failed(self.failed(e)))?;
+                if marked {
+                    metrics::LOSS_NOTICES.inc();
+                    tracing::warn!(%channel, %lost, "redis lost writes in a failover (the new master lacks a message this instance had seen): a loss notice tells every cursor from before it gap: true");
+                }
+                h = self.history(channel).await.map_err(failed)?;
+            }
             sink.resync(channel, h).await;
         }
         Ok(())
@@ -305,18 +335,19 @@ impl RedisBroker {
         // Before anything is served or caught up on this connection: a
         // Redis that lost its data has a new epoch, and the waiters that
         // the catch-up wakes must see it.
-        match self.layout.epoch(&mut conn).await {
+        let same_dataset = match self.layout.epoch(&mut conn).await {
             Ok(epoch) => {
                 let before = self.epoch.swap(epoch, Ordering::AcqRel);
                 if before != 0 && before != epoch {
                     tracing::warn!("redis holds a new dataset (its epoch changed): cursors of the old one get a gap");
                 }
+                before == epoch
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the redis dataset's epoch");
                 return None;
             }
-        }
+        };
         self.set_up(Some(conn.clone()));
         if !reconnect {
             tracing::info!("connected to redis");
@@ -327,7 +358,11 @@ impl RedisBroker {
             channels = watched.len(),
             "reconnected to redis; catching up"
         );
-        if self.catch_up(watched).await.is_err() {
+        if self
+            .catch_up(&mut conn, watched, same_dataset)
+            .await
+            .is_err()
+        {
             self.set_up(None);
             return None;
         }
@@ -500,6 +535,13 @@ impl Broker for RedisBroker {
 
     fn unwatch(&self, channel: &str) {
         let _ = self.control.send(Control::Unwatch(channel.to_string()));
+    }
+
+    fn address(&self) -> String {
+        match self.target.sentinel().and_then(|t| t.current()) {
+            Some(master) => format!("{} (master {master})", self.shown_url),
+            None => self.shown_url.clone(),
+        }
     }
 
     fn is_up(&self) -> bool {

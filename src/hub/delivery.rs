@@ -262,4 +262,11 @@ impl Sink for HubSink {
     fn is_held(&self, channel: &str) -> bool {
         self.0.upgrade().is_some_and(|hub| hub.holds(channel))
     }
+
+    fn position(&self, channel: &str) -> Option<MessageId> {
+        let hub = self.0.upgrade()?;
+        let ch = hub.lookup_channel(channel)?;
+        let st = ch.state.lock();
+        st.synced.then(|| st.window.last_id())
+    }
 }

@@ -24,6 +24,9 @@ impl Broker for Counting {
     ) -> Result<Arc<Message>, BrokerError> {
         self.inner.publish(ch, ct, data).await
     }
+    fn address(&self) -> String {
+        self.inner.address()
+    }
     async fn history(&self, ch: &str) -> Result<History, BrokerError> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.history(ch).await

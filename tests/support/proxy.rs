@@ -80,6 +80,11 @@ impl Proxy {
         });
     }
 
+    /// Nothing passes on any connection, either way, for `length`, from now.
+    pub fn stall(&self, length: Duration) {
+        *self.shared.stall_until.lock().unwrap() = Some(Instant::now() + length);
+    }
+
     /// True once an armed stall has fired.
     pub fn stall_fired(&self) -> bool {
         self.shared.stall_until.lock().unwrap().is_some()
@@ -90,6 +95,8 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::Relaxed);
         self.cut(Duration::ZERO);
+        // Stalled pumps find their sockets shut and end.
+        *self.shared.stall_until.lock().unwrap() = None;
         // Wakes the accept loop so that it sees `closed`.
         let _ = TcpStream::connect(("127.0.0.1", self.port));
     }

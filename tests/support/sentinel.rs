@@ -1,10 +1,13 @@
 //! A Redis watched by Sentinel, as real processes: a master, one replica
 //! (`--replicaof`) and three sentinels (`redis-server FILE --sentinel`, each
 //! with its own writable config file), quorum 2, a master declared down
-//! after 1 s. Failovers by SIGKILL of the master or `SENTINEL FAILOVER`.
+//! after 1 s. Failovers by SIGKILL of the master (the replica caught up, or
+//! left behind: its link through a [`Proxy`] stalled and cut) or `SENTINEL
+//! FAILOVER`.
 #![allow(dead_code)]
 
 use super::free_port;
+use super::proxy::Proxy;
 use super::redis::RedisServer;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -19,6 +22,8 @@ pub struct SentinelRedis {
     pub servers: Vec<RedisServer>,
     sentinels: Vec<(Child, u16)>,
     dir: PathBuf,
+    /// The replica's link to the master, when it goes through a proxy.
+    link: Option<Proxy>,
 }
 
 fn cli(port: u16, args: &[&str]) -> String {
@@ -42,11 +47,26 @@ impl SentinelRedis {
     /// Starts master, replica and sentinels, and waits until the sentinels
     /// know the replica and each other.
     pub fn start() -> SentinelRedis {
+        Self::start_with(false)
+    }
+
+    /// As [`SentinelRedis::start`], the replica replicating through a
+    /// proxy (see [`SentinelRedis::kill_master_with_replica_behind`]). The
+    /// sentinels' failover timeout is then 60 s, the time they would wait
+    /// before pointing the replica at the master's own address.
+    pub fn start_with_replica_link() -> SentinelRedis {
+        Self::start_with(true)
+    }
+
+    fn start_with(proxied: bool) -> SentinelRedis {
         let master = RedisServer::spawn(free_port(), &["--appendonly", "no"], "smaster");
         let mport = master.port.to_string();
+        let link = proxied.then(|| Proxy::start(master.port));
+        let via = link.as_ref().map_or(mport.clone(), |p| p.port.to_string());
+        let failover_timeout = if proxied { 60_000 } else { 5000 };
         let replica = RedisServer::spawn(
             free_port(),
-            &["--appendonly", "no", "--replicaof", "127.0.0.1", &mport],
+            &["--appendonly", "no", "--replicaof", "127.0.0.1", &via],
             "sreplica",
         );
         wait_for("the replica syncs", Duration::from_secs(10), || {
@@ -70,7 +90,7 @@ impl SentinelRedis {
                         "port {port}\nbind 127.0.0.1\ndir {}\n\
                          sentinel monitor {MASTER} 127.0.0.1 {mport} 2\n\
                          sentinel down-after-milliseconds {MASTER} 1000\n\
-                         sentinel failover-timeout {MASTER} 5000\n\
+                         sentinel failover-timeout {MASTER} {failover_timeout}\n\
                          sentinel parallel-syncs {MASTER} 1\n",
                         dir.display()
                     ),
@@ -90,6 +110,7 @@ impl SentinelRedis {
             servers: vec![master, replica],
             sentinels,
             dir,
+            link,
         };
         for &(_, port) in &s.sentinels {
             wait_for(
@@ -143,6 +164,28 @@ impl SentinelRedis {
         let old = self.master_index();
         let old_port = self.servers[old].port;
         self.servers[old].kill();
+        wait_for("the sentinels fail over", Duration::from_secs(20), || {
+            let p = self.master_port();
+            p != 0 && p != old_port
+        });
+        self.servers[old].restart();
+        self.rejoin(old);
+    }
+
+    /// The replica falls behind, then the master is SIGKILLed: the
+    /// replica's link (see [`SentinelRedis::start_with_replica_link`])
+    /// passes nothing for `behind`, while the master goes on acknowledging
+    /// writes; the master is killed and the link cut with what it held, and
+    /// the sentinels promote the replica without those writes. Then as
+    /// [`SentinelRedis::kill_master`].
+    pub fn kill_master_with_replica_behind(&mut self, behind: Duration) {
+        let link = self.link.as_ref().expect("started with a replica link");
+        let old = self.master_index();
+        let old_port = self.servers[old].port;
+        link.stall(Duration::from_secs(3600));
+        std::thread::sleep(behind);
+        self.servers[old].kill();
+        link.cut(Duration::from_secs(3600));
         wait_for("the sentinels fail over", Duration::from_secs(20), || {
             let p = self.master_port();
             p != 0 && p != old_port

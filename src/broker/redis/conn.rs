@@ -122,7 +122,15 @@ impl Target {
                         addr,
                     )));
                 }
-                tracing::info!(master = %addr, name = target.master_name(), "the sentinels name the redis master");
+                match target.confirmed(&addr) {
+                    Some(before) => {
+                        crate::metrics::BROKER_FAILOVERS.inc();
+                        tracing::warn!(master = %addr, before = %before, name = target.master_name(), "the redis master changed: a failover was followed");
+                    }
+                    None => {
+                        tracing::info!(master = %addr, name = target.master_name(), "the sentinels name the redis master")
+                    }
+                }
                 Ok(Conn::Single(conn))
             }
         }

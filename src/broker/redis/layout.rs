@@ -4,10 +4,12 @@
 //!
 //! For channel `C` under namespace `NS`:
 //! - `NS:{C}:h` — Stream of the retained messages, fields `ct` (content
-//!   type) and `d` (data); the stream id is the message id.
+//!   type) and `d` (data); the stream id is the message id. An entry with
+//!   the field `lost` instead is a loss notice ([`LOSS_SCRIPT`]).
 //! - `NS:{C}:f` — the id of the newest message trimmed from the stream.
 //! - `NS:{C}` — the pub/sub (or sharded pub/sub) name announcements go to,
-//!   with the payload `<id>\n<content type>\n<data>`.
+//!   with the payload `<id>\n<content type>\n<data>` (a loss notice:
+//!   `<id>\n!lost\n<lost id>`).
 //!
 //! The `{C}` hash tag keeps all three on one Cluster slot.
 
@@ -40,6 +42,45 @@ redis.call(ARGV[6], ARGV[1], id .. '\n' .. ct .. '\n' .. ARGV[5])
 return id
 "#;
 
+/// Appends a loss notice: after a failover, this instance had seen message
+/// `lost` (ARGV[4]) of the channel, and the new master does not have it.
+/// Nothing is done when the stream has it after all (it was written after
+/// the caller's read), or when a notice that covers it is there already
+/// (another instance saw the same loss). Trims, expires and announces as
+/// the publish script does. Returns the notice's id, or false.
+pub const LOSS_SCRIPT: &str = r#"
+-- KEYS[1] history stream, KEYS[2] floor
+-- ARGV[1] announce name, ARGV[2] history length, ARGV[3] TTL (ms),
+-- ARGV[4] the lost id, ARGV[5] PUBLISH or SPUBLISH
+if #redis.call('XRANGE', KEYS[1], ARGV[4], ARGV[4]) > 0 then return false end
+local function parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local lms, lseq = parts(ARGV[4])
+local keep = tonumber(ARGV[2])
+for _, e in ipairs(redis.call('XREVRANGE', KEYS[1], '+', ARGV[4], 'COUNT', keep)) do
+  if e[2][1] == 'lost' then
+    local ms, seq = parts(e[2][2])
+    if ms > lms or (ms == lms and seq >= lseq) then return false end
+  end
+end
+local len = redis.call('XLEN', KEYS[1])
+if len >= keep then
+  local dropped = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', len - keep + 1)
+  redis.call('SET', KEYS[2], dropped[#dropped][1])
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', keep, '*', 'lost', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call(ARGV[5], ARGV[1], id .. '\n!lost\n' .. ARGV[4])
+return id
+"#;
+
+/// The content-type line of a loss notice's announcement: not a media
+/// type, so no message can carry it.
+const LOST: &str = "!lost";
+
 /// Reads the floor and the newest `history` entries (newest first) in one
 /// atomic step. When the stream holds more (another publisher keeps a
 /// longer history), the floor is the entry just before the ones returned.
@@ -71,6 +112,7 @@ pub struct Layout {
     publish: Script,
     read: Script,
     epoch: Script,
+    loss: Script,
 }
 
 impl Layout {
@@ -82,6 +124,7 @@ impl Layout {
             publish: Script::new(PUBLISH_SCRIPT),
             read: Script::new(READ_SCRIPT),
             epoch: Script::new(EPOCH_SCRIPT),
+            loss: Script::new(LOSS_SCRIPT),
         }
     }
 
@@ -132,11 +175,7 @@ impl Layout {
         content_type: &str,
         data: &[u8],
     ) -> RedisResult<MessageId> {
-        let command = if conn.sharded() {
-            "SPUBLISH"
-        } else {
-            "PUBLISH"
-        };
+        let command = publish_command(conn);
         let id: String = self
             .publish
             .key(self.history_key(channel))
@@ -156,6 +195,28 @@ impl Layout {
             )
                 .into()
         })
+    }
+
+    /// Runs the loss script ([`LOSS_SCRIPT`]) for message `lost` of
+    /// `channel`. True when a notice was appended.
+    pub async fn mark_lost(
+        &self,
+        conn: &mut Conn,
+        channel: &str,
+        lost: MessageId,
+    ) -> RedisResult<bool> {
+        let id: Option<String> = self
+            .loss
+            .key(self.history_key(channel))
+            .key(self.floor_key(channel))
+            .arg(self.announce(channel))
+            .arg(self.history)
+            .arg(self.ttl_ms)
+            .arg(lost.to_string())
+            .arg(publish_command(conn))
+            .invoke_async(conn)
+            .await?;
+        Ok(id.is_some())
     }
 
     /// Reads a channel's retained history.
@@ -191,6 +252,15 @@ impl Layout {
     }
 }
 
+/// The command that announces on `conn`'s kind of Redis.
+fn publish_command(conn: &Conn) -> &'static str {
+    if conn.sharded() {
+        "SPUBLISH"
+    } else {
+        "PUBLISH"
+    }
+}
+
 fn bytes_of(v: &Value) -> Option<&[u8]> {
     match v {
         Value::BulkString(b) => Some(b),
@@ -215,6 +285,7 @@ fn decode_entry(channel: &Arc<str>, entry: &Value) -> Option<Message> {
         match bytes_of(k)? {
             b"ct" => content_type = String::from_utf8_lossy(bytes_of(v)?).into_owned(),
             b"d" => data = Bytes::copy_from_slice(bytes_of(v)?),
+            b"lost" => return Some(Message::loss_notice(id, channel.clone())),
             _ => {}
         }
     }
@@ -228,6 +299,9 @@ pub fn decode_payload(channel: &str, payload: &[u8]) -> Option<Message> {
     let second = rest.iter().position(|b| *b == b'\n')?;
     let id: MessageId = std::str::from_utf8(&payload[..first]).ok()?.parse().ok()?;
     let content_type = std::str::from_utf8(&rest[..second]).ok()?.to_string();
+    if content_type == LOST {
+        return Some(Message::loss_notice(id, channel.into()));
+    }
     let data = Bytes::copy_from_slice(&rest[second + 1..]);
     Some(Message::new(id, channel.into(), content_type, data))
 }

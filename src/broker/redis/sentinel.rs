@@ -26,6 +26,8 @@ pub struct SentinelTarget {
     sentinels: Vec<ConnectionInfo>,
     master_name: String,
     node: SentinelNodeConnectionInfo,
+    /// The master last confirmed (`host:port`), shared by the clones.
+    current: Arc<parking_lot::Mutex<Option<String>>>,
 }
 
 impl SentinelTarget {
@@ -96,12 +98,26 @@ impl SentinelTarget {
             sentinels,
             master_name,
             node,
+            current: Arc::default(),
         })
     }
 
     /// The master's name, as the sentinels know it.
     pub fn master_name(&self) -> &str {
         &self.master_name
+    }
+
+    /// Notes that `addr` was confirmed master. Returns the master confirmed
+    /// before it when that was another one: a failover was followed.
+    pub fn confirmed(&self, addr: &str) -> Option<String> {
+        let mut current = self.current.lock();
+        let before = current.replace(addr.to_string());
+        before.filter(|b| b != addr)
+    }
+
+    /// The master last confirmed (`host:port`), if any.
+    pub fn current(&self) -> Option<String> {
+        self.current.lock().clone()
     }
 
     /// Asks the sentinels (each in turn) for the master and returns a

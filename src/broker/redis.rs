@@ -12,12 +12,17 @@
 //! broker reports itself down, reconnects with backoff, resubscribes and
 //! catches every watched channel up from its stream. Behind Sentinel, a
 //! `+switch-master` announcement or a `READONLY` answer makes it reconnect
-//! to the master the sentinels name now. The key layout and payload are
-//! documented in `docs/redis.md`.
+//! to the master the sentinels name now. On a cluster with sharded pub/sub
+//! the subscriptions are on the broker's own connections to the masters
+//! (`cluster.rs`), checked about once a second and moved, with a catch-up,
+//! when a slot's master changes. The key layout and payload are documented
+//! in `docs/redis.md`.
 
+mod cluster;
 mod conn;
 mod layout;
 mod sentinel;
+mod slots;
 
 use super::{Broker, BrokerError, Sink};
 use crate::history::History;
@@ -25,11 +30,12 @@ use crate::message::Message;
 use crate::metrics;
 use async_trait::async_trait;
 use bytes::Bytes;
-use conn::{Conn, PushQueue, Target};
+use cluster::Shards;
+use conn::{Conn, Push, PushQueue, Target};
 use layout::Layout;
 use parking_lot::{Mutex, RwLock};
 use redis::{PushInfo, PushKind};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -46,6 +52,10 @@ const PUSH_QUEUE: usize = 8192;
 const OVERFLOW_AGAIN: Duration = Duration::from_secs(1);
 /// Longest wait for room among `broker.max_pending` commands.
 const PENDING_WAIT: Duration = Duration::from_secs(2);
+/// How often the shard subscriptions of a cluster are checked
+/// (`cluster.rs`); and while one is known to be missing.
+const SHARDS_CHECK: Duration = Duration::from_secs(1);
+const SHARDS_RETRY: Duration = Duration::from_millis(200);
 
 /// Requests from the hub to the connection task.
 enum Control {
@@ -63,10 +73,6 @@ enum Left {
     /// The sentinels named a new master, or the server answered READONLY:
     /// reconnect at once to the master named now.
     Switched,
-    /// The server dropped the subscription of a watched channel (its
-    /// cluster slot moved to another master, which sends `SUNSUBSCRIBE`):
-    /// reconnect at once, subscribing where the slot is now, and catch up.
-    Dropped,
     Shutdown,
 }
 
@@ -220,36 +226,6 @@ impl RedisBroker {
         }
     }
 
-    /// Whether a `SUNSUBSCRIBE` push is the server dropping a watched
-    /// channel's subscription (its slot moved): not the answer to one of
-    /// ours (`ours`, by channel: those sent on this connection and not
-    /// answered yet).
-    fn dropped(
-        &self,
-        push: &PushInfo,
-        watched: &HashSet<String>,
-        ours: &mut HashMap<String, usize>,
-    ) -> bool {
-        let Some(redis::Value::BulkString(name)) = push.data.first() else {
-            return false;
-        };
-        let Some(channel) = self.layout.channel_of(name) else {
-            return false;
-        };
-        if let Some(n) = ours.get_mut(&channel) {
-            *n -= 1;
-            if *n == 0 {
-                ours.remove(&channel);
-            }
-            return false;
-        }
-        if !watched.contains(&channel) {
-            return false;
-        }
-        tracing::warn!(%channel, "redis dropped a watched channel's subscription (its cluster slot moved); reconnecting to subscribe where it is now");
-        true
-    }
-
     /// Subscribes every watched channel on a new connection.
     async fn resubscribe(
         &self,
@@ -282,13 +258,15 @@ impl RedisBroker {
 
     /// Connects, resubscribes every watched channel and, on a reconnect,
     /// catches them up. None (logged) when any step fails: the caller backs
-    /// off and tries again.
+    /// off and tries again. On a cluster with sharded pub/sub, the shard
+    /// subscriptions come with the connection, empty: the first check
+    /// ([`RedisBroker::settle`], at once) subscribes and catches up.
     async fn open(
         &self,
         queue: &PushQueue,
         watched: &HashSet<String>,
         reconnect: bool,
-    ) -> Option<Conn> {
+    ) -> Option<(Conn, Option<Shards>)> {
         let response_timeout =
             conn::RESPONSE_TIMEOUT.max(self.replica_timeout + Duration::from_secs(1));
         let mut conn = match self.target.connect(queue.clone(), response_timeout).await {
@@ -298,9 +276,15 @@ impl RedisBroker {
                 return None;
             }
         };
-        if let Err(e) = self.resubscribe(&mut conn, watched).await {
-            tracing::warn!(error = %e, "redis resubscribe failed");
-            return None;
+        let shards = match self.target.cluster_nodes() {
+            Some(nodes) if conn.sharded() => Shards::new(nodes, queue.clone()),
+            _ => None,
+        };
+        if shards.is_none() {
+            if let Err(e) = self.resubscribe(&mut conn, watched).await {
+                tracing::warn!(error = %e, "redis resubscribe failed");
+                return None;
+            }
         }
         // Before anything is served or caught up on this connection: a
         // Redis that lost its data has a new epoch, and the waiters that
@@ -320,32 +304,33 @@ impl RedisBroker {
         self.set_up(Some(conn.clone()));
         if !reconnect {
             tracing::info!("connected to redis");
-            return Some(conn);
+            return Some((conn, shards));
         }
         metrics::BROKER_RECONNECTS.inc();
         tracing::info!(
             channels = watched.len(),
             "reconnected to redis; catching up"
         );
-        if self.catch_up(watched).await.is_err() {
+        if shards.is_none() && self.catch_up(watched).await.is_err() {
             self.set_up(None);
             return None;
         }
-        Some(conn)
+        Some((conn, shards))
     }
 
     /// Serves one connection until it is lost or shutdown.
+    #[allow(clippy::too_many_arguments)]
     async fn serve(
         &self,
         mut conn: Conn,
+        mut shards: Option<Shards>,
         queue: &PushQueue,
-        pushes: &mut mpsc::Receiver<PushInfo>,
+        pushes: &mut mpsc::Receiver<Push>,
         control: &mut mpsc::UnboundedReceiver<Control>,
         watched: &mut HashSet<String>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Left {
-        // Our SUNSUBSCRIBEs not answered yet, by channel.
-        let mut ours: HashMap<String, usize> = HashMap::new();
+        let mut check = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 push = pushes.recv() => match push {
@@ -353,22 +338,33 @@ impl RedisBroker {
                         tracing::warn!("announcements arrive faster than they are handled; reconnecting to catch up");
                         return Left::Overflowed;
                     }
-                    Some(p) if matches!(p.kind, PushKind::Message | PushKind::SMessage) => {
-                        if !self.on_push(p) {
+                    Some(p) if matches!(p.info.kind, PushKind::Message | PushKind::SMessage) => {
+                        if !self.on_push(p.info) {
                             // This push and every later one of this
                             // connection are recovered from the streams.
                             tracing::warn!("the hub's delivery queue is full (broker.delivery_queue); reconnecting to catch up");
                             return Left::Overflowed;
                         }
                     }
-                    Some(p) if p.kind == PushKind::Disconnection => return Left::Lost,
-                    Some(p) if p.kind == PushKind::SUnsubscribe
-                        && self.dropped(&p, watched, &mut ours) => return Left::Dropped,
+                    Some(Push { node: Some(node), info }) => {
+                        let Some(shards) = shards.as_mut() else { continue };
+                        if self.node_push(shards, &node, info) {
+                            check = tokio::time::Instant::now();
+                        }
+                    }
+                    Some(p) if p.info.kind == PushKind::Disconnection => return Left::Lost,
                     Some(_) => {}
                     None => return Left::Lost,
                 },
                 c = control.recv() => match c {
                     Some(Control::Watch(channel, ack)) => {
+                        if let Some(shards) = shards.as_mut() {
+                            let name = self.layout.announce(&channel);
+                            let result = shards.subscribe(&channel, name).await;
+                            watched.insert(channel);
+                            let _ = ack.send(result.map(|_| ()).map_err(unavailable));
+                            continue;
+                        }
                         if watched.contains(&channel) {
                             let _ = ack.send(Ok(()));
                             continue;
@@ -383,19 +379,23 @@ impl RedisBroker {
                     }
                     Some(Control::Unwatch(channel)) => {
                         if watched.remove(&channel) {
-                            let sharded = conn.sharded();
-                            if sharded {
-                                *ours.entry(channel.clone()).or_default() += 1;
-                            }
-                            let sent = conn.unsubscribe(&[self.layout.announce(&channel)]).await;
-                            if sent.is_err() && sharded {
-                                // No answer will come.
-                                ours.remove(&channel);
+                            match shards.as_mut() {
+                                Some(shards) => shards.unsubscribe(&channel).await,
+                                None => {
+                                    let _ = conn.unsubscribe(&[self.layout.announce(&channel)]).await;
+                                }
                             }
                         }
                     }
                     None => return Left::Shutdown,
                 },
+                _ = tokio::time::sleep_until(check), if shards.is_some() => {
+                    if let Some(shards) = shards.as_mut() {
+                        self.settle(shards, watched).await;
+                        let wait = if shards.unsettled(watched) { SHARDS_RETRY } else { SHARDS_CHECK };
+                        check = tokio::time::Instant::now() + wait;
+                    }
+                }
                 _ = self.switched.notified(), if self.target.sentinel().is_some() => {
                     return Left::Switched;
                 }
@@ -526,12 +526,13 @@ impl Broker for RedisBroker {
         let mut overflowed: Option<tokio::time::Instant> = None;
         loop {
             let (queue, mut pushes) = PushQueue::new(PUSH_QUEUE);
-            if let Some(conn) = self.open(&queue, &watched, connected_before).await {
+            if let Some((conn, shards)) = self.open(&queue, &watched, connected_before).await {
                 connected_before = true;
                 backoff = MIN_BACKOFF;
                 let left = self
                     .serve(
                         conn,
+                        shards,
                         &queue,
                         &mut pushes,
                         &mut control,
@@ -556,7 +557,6 @@ impl Broker for RedisBroker {
                         );
                         continue;
                     }
-                    Left::Dropped => continue,
                     Left::Lost => tracing::warn!("lost the redis connection; reconnecting"),
                 }
             }

@@ -346,9 +346,9 @@ impl RedisBroker {
                             return Left::Overflowed;
                         }
                     }
-                    Some(Push { node: Some(node), info }) => {
+                    Some(Push { from: Some(from), info }) => {
                         let Some(shards) = shards.as_mut() else { continue };
-                        if self.node_push(shards, &node, info) {
+                        if self.node_push(shards, &from, info) {
                             check = tokio::time::Instant::now();
                         }
                     }

@@ -20,7 +20,7 @@
 //! subscription ([`Shards::link`]), so that nothing published in between
 //! is missed.
 
-use super::conn::{slot, Conn, PushQueue};
+use super::conn::{slot, Conn, Origin, PushQueue};
 use super::slots::{Addr, SlotMap};
 use super::RedisBroker;
 use redis::aio::MultiplexedConnection;
@@ -36,6 +36,7 @@ const WARN_EVERY: Duration = Duration::from_secs(5);
 /// A subscription connection to one node.
 struct Sub {
     conn: MultiplexedConnection,
+    serial: u64,
     /// Its `CLIENT ID` on the node.
     id: i64,
     /// The shard channels subscribed on it (announcement names).
@@ -65,6 +66,11 @@ pub struct Shards {
     dirty: bool,
     /// When a failed subscription was last logged as a warning.
     warned: Option<Instant>,
+    /// Subscription connections made so far.
+    serial: u64,
+    /// Nodes that could not be reached since the last check: not tried
+    /// again for each of their channels.
+    unreachable: HashSet<Addr>,
 }
 
 fn addr_of(info: &ConnectionInfo) -> Option<Addr> {
@@ -94,6 +100,8 @@ impl Shards {
             map: SlotMap::default(),
             dirty: false,
             warned: None,
+            serial: 0,
+            unreachable: HashSet::new(),
         })
     }
 
@@ -167,6 +175,7 @@ impl Shards {
     /// subscribed there (their channels are then misplaced).
     pub async fn check(&mut self) {
         self.dirty = false;
+        self.unreachable.clear();
         let mut known: HashSet<Addr> = self.seeds.iter().cloned().collect();
         known.extend(self.map.nodes.iter().cloned());
         let mut reads = tokio::task::JoinSet::new();
@@ -212,32 +221,48 @@ impl Shards {
 
     /// Compares each subscription connection's shard channels, as its
     /// node counts them, with those subscribed there; drops it when they
-    /// differ (a subscription was lost, or one is left over) or when the
-    /// node cannot tell.
+    /// differ (a subscription was lost, or one is left over). One left
+    /// without subscriptions (they all moved elsewhere) is closed.
     async fn count(&mut self) {
+        self.subs.retain(|_, sub| !sub.names.is_empty());
         let subs: Vec<(Addr, i64, usize)> = self
             .subs
             .iter()
             .map(|(addr, sub)| (addr.clone(), sub.id, sub.names.len()))
             .collect();
         for (addr, id, expected) in subs {
-            let counted = match self.links.get(&addr).cloned() {
-                Some(mut link) => redis::cmd("CLIENT")
-                    .arg("LIST")
-                    .arg("ID")
-                    .arg(id)
-                    .query_async::<String>(&mut link)
-                    .await
-                    .ok()
-                    .and_then(|list| {
-                        list.split_whitespace()
-                            .find_map(|f| f.strip_prefix("ssub="))
-                            .and_then(|n| n.parse::<usize>().ok())
-                    }),
-                None => None,
+            // A node that cannot tell (unreachable: the subscription
+            // connection's own loss is a push; older than Redis 7.0.3,
+            // without the field) is not counted.
+            let Some(mut link) = self.links.get(&addr).cloned() else {
+                continue;
             };
-            if counted != Some(expected) {
-                tracing::warn!(node = %addr, expected, ?counted, "a redis cluster node does not hold the shard subscriptions made there; subscribing them again");
+            let list = redis::cmd("CLIENT")
+                .arg("LIST")
+                .arg("ID")
+                .arg(id)
+                .query_async::<String>(&mut link)
+                .await;
+            let counted = match list {
+                // The node knows no such connection any more.
+                Ok(list) if list.trim().is_empty() => 0,
+                Ok(list) => {
+                    let ssub = list
+                        .split_whitespace()
+                        .find_map(|f| f.strip_prefix("ssub="))
+                        .and_then(|n| n.parse::<usize>().ok());
+                    match ssub {
+                        Some(n) => n,
+                        None => continue,
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(node = %addr, error = %e, "cannot count a node's shard subscriptions");
+                    continue;
+                }
+            };
+            if counted != expected {
+                tracing::warn!(node = %addr, expected, counted, "a redis cluster node does not hold the shard subscriptions made there; subscribing them again");
                 self.lost(&addr);
             }
         }
@@ -275,15 +300,35 @@ impl Shards {
             }
             None => {}
         }
+        if self.unreachable.contains(&addr) {
+            return Err(failed("cluster node unreachable", addr.to_string()));
+        }
         if !self.subs.contains_key(&addr) {
-            let pushes = self.queue.from_node(addr.clone());
-            let mut conn = Self::connect(self.info(&addr)?, Some(pushes)).await?;
-            let id: i64 = redis::cmd("CLIENT")
-                .arg("ID")
-                .query_async(&mut conn)
-                .await?;
+            self.serial += 1;
+            let serial = self.serial;
+            let pushes = self.queue.tagged(Origin {
+                node: addr.clone(),
+                serial,
+            });
+            let made = async {
+                let mut conn = Self::connect(self.info(&addr)?, Some(pushes)).await?;
+                let id: i64 = redis::cmd("CLIENT")
+                    .arg("ID")
+                    .query_async(&mut conn)
+                    .await?;
+                RedisResult::Ok((conn, id))
+            };
+            let (conn, id) = made.await.inspect_err(|_| {
+                self.unreachable.insert(addr.clone());
+            })?;
             let names = HashSet::new();
-            self.subs.insert(addr.clone(), Sub { conn, id, names });
+            let sub = Sub {
+                conn,
+                serial,
+                id,
+                names,
+            };
+            self.subs.insert(addr.clone(), sub);
         }
         let Some(sub) = self.subs.get_mut(&addr) else {
             return Err(failed("no subscription connection", addr.to_string()));
@@ -294,9 +339,10 @@ impl Shards {
             .await;
         if let Err(e) = done {
             if e.code().is_none() {
-                // Not the node's answer (MOVED, say): the connection may
-                // be broken, and its other subscriptions with it.
+                // Not an answer of the node (such as MOVED) but a broken
+                // or stalled connection: its other subscriptions go with it.
                 self.lost(&addr);
+                self.unreachable.insert(addr);
             }
             return Err(e);
         }
@@ -342,13 +388,30 @@ impl Shards {
         }
     }
 
-    /// A `SUNSUBSCRIBE` push from `addr` for `name`: when that is where the
-    /// channel is subscribed (not the answer to one of ours, which forgets
-    /// it first), the node dropped it; true then.
-    pub fn dropped(&mut self, addr: &str, name: &str) -> bool {
-        let Some(sub) = self.subs.get_mut(addr) else {
+    /// The subscription connection `from` closed (unless it was replaced
+    /// already); true when it was the current one.
+    pub fn closed(&mut self, from: &Origin) -> bool {
+        let current = self
+            .subs
+            .get(&from.node)
+            .is_some_and(|sub| sub.serial == from.serial);
+        if current {
+            self.lost(&from.node);
+        }
+        current
+    }
+
+    /// A `SUNSUBSCRIBE` push of the subscription connection `from` for
+    /// `name`: when that is where the channel is subscribed (not the answer
+    /// to one of ours, which forgets it first), the node dropped it; true
+    /// then.
+    pub fn dropped(&mut self, from: &Origin, name: &str) -> bool {
+        let Some(sub) = self.subs.get_mut(&from.node) else {
             return false;
         };
+        if sub.serial != from.serial {
+            return false;
+        }
         if !sub.names.remove(name) {
             return false;
         }
@@ -413,12 +476,15 @@ impl RedisBroker {
     /// announcement; true when a shard subscription was lost with it (the
     /// connection closed, or the node dropped a watched channel's
     /// subscription with `SUNSUBSCRIBE`): check them at once.
-    pub(super) fn node_push(&self, shards: &mut Shards, node: &str, info: PushInfo) -> bool {
+    pub(super) fn node_push(&self, shards: &mut Shards, from: &Origin, info: PushInfo) -> bool {
+        let node = &from.node;
         match info.kind {
             PushKind::Disconnection => {
-                tracing::warn!(%node, "lost a redis cluster node's subscription connection; subscribing its channels again");
-                shards.lost(node);
-                true
+                let current = shards.closed(from);
+                if current {
+                    tracing::warn!(%node, "lost a redis cluster node's subscription connection; subscribing its channels again");
+                }
+                current
             }
             PushKind::SUnsubscribe => {
                 let Some(redis::Value::BulkString(name)) = info.data.first() else {
@@ -427,7 +493,7 @@ impl RedisBroker {
                 let Ok(name) = std::str::from_utf8(name) else {
                     return false;
                 };
-                let dropped = shards.dropped(node, name);
+                let dropped = shards.dropped(from, name);
                 if dropped {
                     tracing::warn!(%node, %name, "redis dropped a watched channel's shard subscription (its slot moved); subscribing it where the slot is now");
                 }

@@ -147,12 +147,21 @@ impl Target {
     }
 }
 
-/// A pub/sub push, with the cluster node whose own subscription
-/// connection (`cluster.rs`) sent it; None when it came from the broker's
-/// main connection.
+/// A pub/sub push, with the cluster node subscription connection
+/// (`cluster.rs`) that sent it; None when it came from the broker's main
+/// connection.
 pub struct Push {
     pub info: PushInfo,
-    pub node: Option<Arc<str>>,
+    pub from: Option<Arc<Origin>>,
+}
+
+/// A subscription connection to a cluster node: the node's address and
+/// the connection's serial number, so that a late push of a closed
+/// connection is not taken for one of its successor.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub node: Arc<str>,
+    pub serial: u64,
 }
 
 /// Where a connection's pub/sub pushes wait for the broker task: bounded.
@@ -163,7 +172,7 @@ pub struct Push {
 pub struct PushQueue {
     tx: tokio::sync::mpsc::Sender<Push>,
     overflowed: Arc<AtomicBool>,
-    node: Option<Arc<str>>,
+    from: Option<Arc<Origin>>,
 }
 
 impl PushQueue {
@@ -173,15 +182,16 @@ impl PushQueue {
         let queue = PushQueue {
             tx,
             overflowed: Default::default(),
-            node: None,
+            from: None,
         };
         (queue, rx)
     }
 
-    /// The same queue, for the pushes of `node`'s subscription connection.
-    pub fn from_node(&self, node: Arc<str>) -> PushQueue {
+    /// The same queue, for the pushes of a cluster node's subscription
+    /// connection.
+    pub fn tagged(&self, origin: Origin) -> PushQueue {
         PushQueue {
-            node: Some(node),
+            from: Some(Arc::new(origin)),
             ..self.clone()
         }
     }
@@ -197,7 +207,7 @@ impl redis::aio::AsyncPushSender for PushQueue {
         use tokio::sync::mpsc::error::TrySendError;
         let push = Push {
             info,
-            node: self.node.clone(),
+            from: self.from.clone(),
         };
         match self.tx.try_send(push) {
             Ok(()) => Ok(()),

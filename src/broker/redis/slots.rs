@@ -92,9 +92,9 @@ impl SlotMap {
 mod tests {
     use super::*;
 
-    /// Six nodes after a failover: the restarted old master (`:7000`, epoch
-    /// 1) still claims its slots, its promoted replica (`:7003`, epoch 7)
-    /// claims them too.
+    /// Views after a failover: in its own, the restarted old master
+    /// `:7000` still claims its slots with epoch 1; in the others, its
+    /// promoted replica `:7003` has them, with epoch 7.
     const STALE: &str = "\
 a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
 b2 127.0.0.1:7001@17001 master - 0 1 2 connected 5461-10922

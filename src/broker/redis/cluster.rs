@@ -64,7 +64,8 @@ pub struct Shards {
     map: SlotMap,
     /// A subscription or a node connection was lost: check soon.
     dirty: bool,
-    /// When a failed subscription was last logged as a warning.
+    /// When a failure (a subscription, or reading the slot map) was last
+    /// logged as a warning.
     warned: Option<Instant>,
     /// Subscription connections made so far.
     serial: u64,
@@ -154,8 +155,8 @@ impl Shards {
         Ok(Conn::Single(link))
     }
 
-    /// Whether to log a failed subscription as a warning: not more often
-    /// than every [`WARN_EVERY`] while they keep failing.
+    /// Whether to log a failure as a warning: not more often than every
+    /// [`WARN_EVERY`] while failures go on.
     fn warn_due(&mut self) -> bool {
         let now = Instant::now();
         let due = self.warned.is_none_or(|at| now - at >= WARN_EVERY);
@@ -172,8 +173,9 @@ impl Shards {
 
     /// Reads the slot map from every node, and drops the subscription
     /// connections whose node counts other shard channels than were
-    /// subscribed there (their channels are then misplaced).
-    pub async fn check(&mut self) {
+    /// subscribed there (their channels are then misplaced). False when
+    /// no node answered (the slot map is kept).
+    pub async fn check(&mut self) -> bool {
         self.dirty = false;
         self.unreachable.clear();
         let mut known: HashSet<Addr> = self.seeds.iter().cloned().collect();
@@ -211,12 +213,14 @@ impl Shards {
                 }
             }
         }
-        if map.is_empty() {
-            tracing::warn!("no redis cluster node answered CLUSTER NODES; keeping the slot map");
-        } else {
+        let read = !map.is_empty();
+        if read {
             self.map = map;
+        } else if self.warn_due() {
+            tracing::warn!("no redis cluster node answered CLUSTER NODES; keeping the slot map");
         }
         self.count().await;
+        read
     }
 
     /// Compares each subscription connection's shard channels, as its
@@ -427,7 +431,7 @@ impl RedisBroker {
     /// subscribes every watched channel that has none on its slot's master
     /// there, catching it up.
     pub(super) async fn settle(&self, shards: &mut Shards, watched: &HashSet<String>) {
-        shards.check().await;
+        let read = shards.check().await;
         let misplaced: Vec<String> = shards.misplaced(watched).into_iter().cloned().collect();
         let mut failed = 0;
         for channel in misplaced {
@@ -439,7 +443,7 @@ impl RedisBroker {
                 }
             }
         }
-        if failed == 0 {
+        if read && failed == 0 {
             shards.warned = None;
         }
     }

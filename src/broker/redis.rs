@@ -52,9 +52,9 @@ const PUSH_QUEUE: usize = 8192;
 const OVERFLOW_AGAIN: Duration = Duration::from_secs(1);
 /// Longest wait for room among `broker.max_pending` commands.
 const PENDING_WAIT: Duration = Duration::from_secs(2);
-/// How often the shard subscriptions of a cluster are checked
-/// (`cluster.rs`); and while one is known to be missing.
+/// How often the shard subscriptions of a cluster are checked (`cluster.rs`).
 const SHARDS_CHECK: Duration = Duration::from_secs(1);
+/// How often while one of them is known to be missing.
 const SHARDS_RETRY: Duration = Duration::from_millis(200);
 
 /// Requests from the hub to the connection task.

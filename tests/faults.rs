@@ -255,12 +255,9 @@ async fn cluster_fleet() -> (RedisCluster, Fleet, Traffic, u16) {
 /// every publish answered 200 (on the replica too, `WAIT 1`) is
 /// delivered. The killed node comes back empty as the new master's
 /// replica, after which publishes of that slot are acknowledged again.
-///
-/// Fails today (see docs/reliability.md): the instances resubscribe while
-/// the topology is still changing, and a channel's shard subscription can
-/// land on a node that then stops serving its slot without a
-/// `SUNSUBSCRIBE` reaching pollgate; that channel's announcements stop.
-#[ignore = "known bug: cluster failover can leave a shard subscription on a node that lost the slot"]
+/// The restarted node claims its old slots until it learns of the
+/// failover: the instances must not keep a shard subscription there
+/// (`src/broker/redis/cluster.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g_cluster_master_killed_loses_no_acknowledged_publish() {
     let (mut redis, fleet, traffic, slot) = cluster_fleet().await;

@@ -326,6 +326,66 @@ async fn a_redis_cluster_serves_channels_on_every_slot() {
     assert_eq!(v["messages"][0]["data"], "c5");
 }
 
+/// The nodes close pollgate's shard subscription connections (`CLIENT
+/// KILL`); a message published before it subscribes again reaches the
+/// held polls all the same (caught up from the stream on the node where it
+/// subscribed again), and every subscription is back on its slot's master.
+#[tokio::test]
+async fn cluster_shard_subscriptions_closed_by_the_nodes_are_made_again_and_caught_up() {
+    let cluster = RedisCluster::start();
+    let pg = Pollgate::start(&with_broker(ROUTES, &cluster.url()));
+    pg.wait_ready();
+    let channels: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
+    let mut polls = Vec::new();
+    for ch in &channels {
+        let url = pg.url(&format!("/sub/{ch}"));
+        polls.push(tokio::spawn(async move { get_json(&url).await }));
+    }
+    pg.wait_metric("pollgate_held_requests", channels.len() as f64)
+        .await;
+    let mut killed = 0;
+    for node in &cluster.nodes {
+        for line in node.cli(&["CLIENT", "LIST"]).lines() {
+            if line.contains(" ssub=0 ") || !line.contains(" ssub=") {
+                continue;
+            }
+            let id = line.split(' ').next().unwrap().trim_start_matches("id=");
+            node.cli(&["CLIENT", "KILL", "ID", id]);
+            killed += 1;
+        }
+    }
+    assert_eq!(killed, 3, "one subscription connection per master");
+    let mut want = Vec::new();
+    for ch in &channels {
+        want.push(pg.publish(ch, "text/plain", ch).await);
+    }
+    for (p, id) in polls.into_iter().zip(want) {
+        let (status, _, v) = p.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(v["gap"], false);
+        assert_eq!(ids(&v), [id]);
+    }
+    let subscribed = |ch: &str| -> u64 {
+        let name = format!("pollgate:{{{ch}}}");
+        cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                let out = n.cli(&["PUBSUB", "SHARDNUMSUB", &name]);
+                out.lines()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .trim()
+                    .parse()
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    for ch in &channels {
+        assert_eq!(subscribed(ch), 1, "{ch} subscribed again, once");
+    }
+}
+
 #[tokio::test]
 async fn a_channel_is_subscribed_while_it_has_waiters_and_unsubscribed_after_the_linger() {
     let redis = RedisServer::start();

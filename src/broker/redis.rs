@@ -12,12 +12,17 @@
 //! broker reports itself down, reconnects with backoff, resubscribes and
 //! catches every watched channel up from its stream. Behind Sentinel, a
 //! `+switch-master` announcement or a `READONLY` answer makes it reconnect
-//! to the master the sentinels name now. The key layout and payload are
-//! documented in `docs/redis.md`.
+//! to the master the sentinels name now. On a cluster with sharded pub/sub
+//! the subscriptions are on the broker's own connections to the masters
+//! (`cluster.rs`), checked about once a second and moved, with a catch-up,
+//! when a slot's master changes. The key layout and payload are documented
+//! in `docs/redis.md`.
 
+mod cluster;
 mod conn;
 mod layout;
 mod sentinel;
+mod slots;
 
 use super::{Broker, BrokerError, Sink};
 use crate::history::History;
@@ -25,11 +30,12 @@ use crate::message::Message;
 use crate::metrics;
 use async_trait::async_trait;
 use bytes::Bytes;
-use conn::{Conn, PushQueue, Target};
+use cluster::Shards;
+use conn::{Conn, Push, PushQueue, Target};
 use layout::Layout;
 use parking_lot::{Mutex, RwLock};
 use redis::{PushInfo, PushKind};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -46,6 +52,10 @@ const PUSH_QUEUE: usize = 8192;
 const OVERFLOW_AGAIN: Duration = Duration::from_secs(1);
 /// Longest wait for room among `broker.max_pending` commands.
 const PENDING_WAIT: Duration = Duration::from_secs(2);
+/// How often the shard subscriptions of a cluster are checked (`cluster.rs`).
+const SHARDS_CHECK: Duration = Duration::from_secs(1);
+/// How often while one of them is known to be missing.
+const SHARDS_RETRY: Duration = Duration::from_millis(200);
 
 /// Requests from the hub to the connection task.
 enum Control {
@@ -63,10 +73,6 @@ enum Left {
     /// The sentinels named a new master, or the server answered READONLY:
     /// reconnect at once to the master named now.
     Switched,
-    /// The server dropped the subscription of a watched channel (its
-    /// cluster slot moved to another master, which sends `SUNSUBSCRIBE`):
-    /// reconnect at once, subscribing where the slot is now, and catch up.
-    Dropped,
     Shutdown,
 }
 
@@ -223,36 +229,6 @@ impl RedisBroker {
         }
     }
 
-    /// Whether a `SUNSUBSCRIBE` push is the server dropping a watched
-    /// channel's subscription (its slot moved): not the answer to one of
-    /// ours (`ours`, by channel: those sent on this connection and not
-    /// answered yet).
-    fn dropped(
-        &self,
-        push: &PushInfo,
-        watched: &HashSet<String>,
-        ours: &mut HashMap<String, usize>,
-    ) -> bool {
-        let Some(redis::Value::BulkString(name)) = push.data.first() else {
-            return false;
-        };
-        let Some(channel) = self.layout.channel_of(name) else {
-            return false;
-        };
-        if let Some(n) = ours.get_mut(&channel) {
-            *n -= 1;
-            if *n == 0 {
-                ours.remove(&channel);
-            }
-            return false;
-        }
-        if !watched.contains(&channel) {
-            return false;
-        }
-        tracing::warn!(%channel, "redis dropped a watched channel's subscription (its cluster slot moved); reconnecting to subscribe where it is now");
-        true
-    }
-
     /// Subscribes every watched channel on a new connection.
     async fn resubscribe(
         &self,
@@ -268,13 +244,9 @@ impl RedisBroker {
 
     /// Delivers what was published while the connection was down. A read
     /// that fails is an error: the caller reconnects and tries again, so a
-    /// window never jumps past messages it missed.
-    ///
-    /// On the same dataset (`same_dataset`: the epoch did not change), a
-    /// channel whose newest position here is missing from Redis lost writes
-    /// in a failover (asynchronous replication): a loss notice is appended
-    /// ([`Layout::mark_lost`]), so that every cursor from before it, here and
-    /// on every instance, is told `gap: true` rather than nothing.
+    /// window never jumps past messages it missed. On the same dataset
+    /// (`same_dataset`: the epoch did not change), lost writes are
+    /// announced ([`RedisBroker::read_noting_losses`]).
     async fn catch_up(
         &self,
         conn: &mut Conn,
@@ -284,41 +256,61 @@ impl RedisBroker {
         let Some(sink) = self.sink.get() else {
             return Ok(());
         };
+        let sharded = conn.sharded();
         for channel in watched {
-            let failed = |e: BrokerError| {
-                tracing::warn!(%channel, error = %e, "catch-up failed; reconnecting");
-                e
-            };
-            let mut h = self.history(channel).await.map_err(failed)?;
-            let lost = sink
-                .position(channel)
-                .filter(|&p| same_dataset && p > h.floor() && !h.contains(p));
-            if let Some(lost) = lost {
-                let marked = self
-                    .layout
-                    .mark_lost(conn, channel, lost)
-                    .await
-                    .map_err(|e| failed(self.failed(e)))?;
-                if marked {
-                    metrics::LOSS_NOTICES.inc();
-                    tracing::warn!(%channel, %lost, "redis lost writes in a failover (the new master lacks a message this instance had seen): a loss notice tells every cursor from before it gap: true");
-                }
-                h = self.history(channel).await.map_err(failed)?;
-            }
+            let h = self
+                .read_noting_losses(conn, channel, sharded, same_dataset)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(%channel, error = %e, "catch-up failed; reconnecting");
+                    self.failed(e)
+                })?;
             sink.resync(channel, h).await;
         }
         Ok(())
     }
 
+    /// Reads `channel`'s history on `conn` for a catch-up. A channel whose
+    /// newest position here is missing from it, on the same dataset
+    /// (`same_dataset`), lost writes in a failover (replication is
+    /// asynchronous): a loss notice is appended first ([`Layout::mark_lost`],
+    /// announced with SPUBLISH when `sharded`), so that every cursor from
+    /// before it, here and on every instance, is told `gap: true` rather
+    /// than nothing.
+    pub(super) async fn read_noting_losses(
+        &self,
+        conn: &mut Conn,
+        channel: &str,
+        sharded: bool,
+        same_dataset: bool,
+    ) -> redis::RedisResult<History> {
+        let h = self.layout.read(conn, channel).await?;
+        let lost = self
+            .sink
+            .get()
+            .and_then(|sink| sink.position(channel))
+            .filter(|&p| same_dataset && p > h.floor() && !h.contains(p));
+        let Some(lost) = lost else {
+            return Ok(h);
+        };
+        if self.layout.mark_lost(conn, channel, lost, sharded).await? {
+            metrics::LOSS_NOTICES.inc();
+            tracing::warn!(%channel, %lost, "redis lost writes in a failover (the new master lacks a message this instance had seen): a loss notice tells every cursor from before it gap: true");
+        }
+        self.layout.read(conn, channel).await
+    }
+
     /// Connects, resubscribes every watched channel and, on a reconnect,
     /// catches them up. None (logged) when any step fails: the caller backs
-    /// off and tries again.
+    /// off and tries again. On a cluster with sharded pub/sub, the shard
+    /// subscriptions come with the connection, empty: the first check
+    /// ([`RedisBroker::settle`], at once) subscribes and catches up.
     async fn open(
         &self,
         queue: &PushQueue,
         watched: &HashSet<String>,
         reconnect: bool,
-    ) -> Option<Conn> {
+    ) -> Option<(Conn, Option<Shards>)> {
         let response_timeout =
             conn::RESPONSE_TIMEOUT.max(self.replica_timeout + Duration::from_secs(1));
         let mut conn = match self.target.connect(queue.clone(), response_timeout).await {
@@ -328,9 +320,15 @@ impl RedisBroker {
                 return None;
             }
         };
-        if let Err(e) = self.resubscribe(&mut conn, watched).await {
-            tracing::warn!(error = %e, "redis resubscribe failed");
-            return None;
+        let shards = match self.target.cluster_nodes() {
+            Some(nodes) if conn.sharded() => Shards::new(nodes, queue.clone()),
+            _ => None,
+        };
+        if shards.is_none() {
+            if let Err(e) = self.resubscribe(&mut conn, watched).await {
+                tracing::warn!(error = %e, "redis resubscribe failed");
+                return None;
+            }
         }
         // Before anything is served or caught up on this connection: a
         // Redis that lost its data has a new epoch, and the waiters that
@@ -351,36 +349,38 @@ impl RedisBroker {
         self.set_up(Some(conn.clone()));
         if !reconnect {
             tracing::info!("connected to redis");
-            return Some(conn);
+            return Some((conn, shards));
         }
         metrics::BROKER_RECONNECTS.inc();
         tracing::info!(
             channels = watched.len(),
             "reconnected to redis; catching up"
         );
-        if self
-            .catch_up(&mut conn, watched, same_dataset)
-            .await
-            .is_err()
+        if shards.is_none()
+            && self
+                .catch_up(&mut conn, watched, same_dataset)
+                .await
+                .is_err()
         {
             self.set_up(None);
             return None;
         }
-        Some(conn)
+        Some((conn, shards))
     }
 
     /// Serves one connection until it is lost or shutdown.
+    #[allow(clippy::too_many_arguments)]
     async fn serve(
         &self,
         mut conn: Conn,
+        mut shards: Option<Shards>,
         queue: &PushQueue,
-        pushes: &mut mpsc::Receiver<PushInfo>,
+        pushes: &mut mpsc::Receiver<Push>,
         control: &mut mpsc::UnboundedReceiver<Control>,
         watched: &mut HashSet<String>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Left {
-        // Our SUNSUBSCRIBEs not answered yet, by channel.
-        let mut ours: HashMap<String, usize> = HashMap::new();
+        let mut check = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 push = pushes.recv() => match push {
@@ -388,22 +388,33 @@ impl RedisBroker {
                         tracing::warn!("announcements arrive faster than they are handled; reconnecting to catch up");
                         return Left::Overflowed;
                     }
-                    Some(p) if matches!(p.kind, PushKind::Message | PushKind::SMessage) => {
-                        if !self.on_push(p) {
+                    Some(p) if matches!(p.info.kind, PushKind::Message | PushKind::SMessage) => {
+                        if !self.on_push(p.info) {
                             // This push and every later one of this
                             // connection are recovered from the streams.
                             tracing::warn!("the hub's delivery queue is full (broker.delivery_queue); reconnecting to catch up");
                             return Left::Overflowed;
                         }
                     }
-                    Some(p) if p.kind == PushKind::Disconnection => return Left::Lost,
-                    Some(p) if p.kind == PushKind::SUnsubscribe
-                        && self.dropped(&p, watched, &mut ours) => return Left::Dropped,
+                    Some(Push { from: Some(from), info }) => {
+                        let Some(shards) = shards.as_mut() else { continue };
+                        if self.node_push(shards, &from, info) {
+                            check = tokio::time::Instant::now();
+                        }
+                    }
+                    Some(p) if p.info.kind == PushKind::Disconnection => return Left::Lost,
                     Some(_) => {}
                     None => return Left::Lost,
                 },
                 c = control.recv() => match c {
                     Some(Control::Watch(channel, ack)) => {
+                        if let Some(shards) = shards.as_mut() {
+                            let name = self.layout.announce(&channel);
+                            let result = shards.subscribe(&channel, name).await;
+                            watched.insert(channel);
+                            let _ = ack.send(result.map(|_| ()).map_err(unavailable));
+                            continue;
+                        }
                         if watched.contains(&channel) {
                             let _ = ack.send(Ok(()));
                             continue;
@@ -418,19 +429,23 @@ impl RedisBroker {
                     }
                     Some(Control::Unwatch(channel)) => {
                         if watched.remove(&channel) {
-                            let sharded = conn.sharded();
-                            if sharded {
-                                *ours.entry(channel.clone()).or_default() += 1;
-                            }
-                            let sent = conn.unsubscribe(&[self.layout.announce(&channel)]).await;
-                            if sent.is_err() && sharded {
-                                // No answer will come.
-                                ours.remove(&channel);
+                            match shards.as_mut() {
+                                Some(shards) => shards.unsubscribe(&channel).await,
+                                None => {
+                                    let _ = conn.unsubscribe(&[self.layout.announce(&channel)]).await;
+                                }
                             }
                         }
                     }
                     None => return Left::Shutdown,
                 },
+                _ = tokio::time::sleep_until(check), if shards.is_some() => {
+                    if let Some(shards) = shards.as_mut() {
+                        self.settle(shards, watched).await;
+                        let wait = if shards.unsettled(watched) { SHARDS_RETRY } else { SHARDS_CHECK };
+                        check = tokio::time::Instant::now() + wait;
+                    }
+                }
                 _ = self.switched.notified(), if self.target.sentinel().is_some() => {
                     return Left::Switched;
                 }
@@ -568,12 +583,13 @@ impl Broker for RedisBroker {
         let mut overflowed: Option<tokio::time::Instant> = None;
         loop {
             let (queue, mut pushes) = PushQueue::new(PUSH_QUEUE);
-            if let Some(conn) = self.open(&queue, &watched, connected_before).await {
+            if let Some((conn, shards)) = self.open(&queue, &watched, connected_before).await {
                 connected_before = true;
                 backoff = MIN_BACKOFF;
                 let left = self
                     .serve(
                         conn,
+                        shards,
                         &queue,
                         &mut pushes,
                         &mut control,
@@ -598,7 +614,6 @@ impl Broker for RedisBroker {
                         );
                         continue;
                     }
-                    Left::Dropped => continue,
                     Left::Lost => tracing::warn!("lost the redis connection; reconnecting"),
                 }
             }

@@ -10,6 +10,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::{
     Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo, RedisFuture, RedisResult, Value,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -136,6 +138,14 @@ impl Target {
         }
     }
 
+    /// The nodes of a cluster target.
+    pub fn cluster_nodes(&self) -> Option<&[redis::ConnectionInfo]> {
+        match self {
+            Target::Cluster(nodes) => Some(nodes),
+            _ => None,
+        }
+    }
+
     /// The Sentinel target, when the broker follows one.
     pub fn sentinel(&self) -> Option<&SentinelTarget> {
         match self {
@@ -145,41 +155,72 @@ impl Target {
     }
 }
 
+/// A pub/sub push, with the cluster node subscription connection
+/// (`cluster.rs`) that sent it; None when it came from the broker's main
+/// connection.
+pub struct Push {
+    pub info: PushInfo,
+    pub from: Option<Arc<Origin>>,
+}
+
+/// A subscription connection to a cluster node: the node's address and
+/// the connection's serial number, so that a late push of a closed
+/// connection is not taken for one of its successor.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub node: Arc<str>,
+    pub serial: u64,
+}
+
 /// Where a connection's pub/sub pushes wait for the broker task: bounded.
 /// When it is full, the push is dropped and the queue marked overflowed;
 /// the broker then treats the connection as lost, reconnects and catches
 /// up from the stored history, so nothing is lost and memory stays bounded.
 #[derive(Clone)]
 pub struct PushQueue {
-    tx: tokio::sync::mpsc::Sender<PushInfo>,
-    overflowed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tx: tokio::sync::mpsc::Sender<Push>,
+    overflowed: Arc<AtomicBool>,
+    from: Option<Arc<Origin>>,
 }
 
 impl PushQueue {
     /// A queue of `capacity` pushes and its receiving end.
-    pub fn new(capacity: usize) -> (PushQueue, tokio::sync::mpsc::Receiver<PushInfo>) {
+    pub fn new(capacity: usize) -> (PushQueue, tokio::sync::mpsc::Receiver<Push>) {
         let (tx, rx) = tokio::sync::mpsc::channel(capacity);
         let queue = PushQueue {
             tx,
             overflowed: Default::default(),
+            from: None,
         };
         (queue, rx)
     }
 
+    /// The same queue, for the pushes of a cluster node's subscription
+    /// connection.
+    pub fn tagged(&self, origin: Origin) -> PushQueue {
+        PushQueue {
+            from: Some(Arc::new(origin)),
+            ..self.clone()
+        }
+    }
+
     /// True once a push was dropped because the queue was full.
     pub fn overflowed(&self) -> bool {
-        self.overflowed.load(std::sync::atomic::Ordering::Acquire)
+        self.overflowed.load(Ordering::Acquire)
     }
 }
 
 impl redis::aio::AsyncPushSender for PushQueue {
     fn send(&self, info: PushInfo) -> Result<(), redis::aio::SendError> {
         use tokio::sync::mpsc::error::TrySendError;
-        match self.tx.try_send(info) {
+        let push = Push {
+            info,
+            from: self.from.clone(),
+        };
+        match self.tx.try_send(push) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
-                self.overflowed
-                    .store(true, std::sync::atomic::Ordering::Release);
+                self.overflowed.store(true, Ordering::Release);
                 Ok(())
             }
             Err(TrySendError::Closed(_)) => Err(redis::aio::SendError),
@@ -203,27 +244,15 @@ impl Conn {
         matches!(self, Conn::Cluster { sharded: true, .. })
     }
 
-    /// Subscribes to announcement names.
+    /// Subscribes to announcement names (`SUBSCRIBE`; on a cluster with
+    /// sharded pub/sub, `cluster.rs` holds the subscriptions instead).
     pub async fn subscribe(&mut self, names: &[String]) -> RedisResult<()> {
         if names.is_empty() {
             return Ok(());
         }
         match self {
             Conn::Single(c) => c.subscribe(names).await,
-            Conn::Cluster {
-                conn,
-                sharded: true,
-            } => {
-                // Sharded channels of different slots cannot share a command.
-                for n in names {
-                    conn.ssubscribe(n).await?;
-                }
-                Ok(())
-            }
-            Conn::Cluster {
-                conn,
-                sharded: false,
-            } => conn.subscribe(names).await,
+            Conn::Cluster { conn, .. } => conn.subscribe(names).await,
         }
     }
 
@@ -256,19 +285,7 @@ impl Conn {
     pub async fn unsubscribe(&mut self, names: &[String]) -> RedisResult<()> {
         match self {
             Conn::Single(c) => c.unsubscribe(names).await,
-            Conn::Cluster {
-                conn,
-                sharded: true,
-            } => {
-                for n in names {
-                    conn.sunsubscribe(n).await?;
-                }
-                Ok(())
-            }
-            Conn::Cluster {
-                conn,
-                sharded: false,
-            } => conn.unsubscribe(names).await,
+            Conn::Cluster { conn, .. } => conn.unsubscribe(names).await,
         }
     }
 }

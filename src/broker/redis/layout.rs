@@ -198,12 +198,14 @@ impl Layout {
     }
 
     /// Runs the loss script ([`LOSS_SCRIPT`]) for message `lost` of
-    /// `channel`. True when a notice was appended.
+    /// `channel`, announcing with SPUBLISH when `sharded`. True when a
+    /// notice was appended.
     pub async fn mark_lost(
         &self,
         conn: &mut Conn,
         channel: &str,
         lost: MessageId,
+        sharded: bool,
     ) -> RedisResult<bool> {
         let id: Option<String> = self
             .loss
@@ -213,7 +215,7 @@ impl Layout {
             .arg(self.history)
             .arg(self.ttl_ms)
             .arg(lost.to_string())
-            .arg(publish_command(conn))
+            .arg(if sharded { "SPUBLISH" } else { "PUBLISH" })
             .invoke_async(conn)
             .await?;
         Ok(id.is_some())

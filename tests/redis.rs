@@ -294,21 +294,32 @@ async fn keys_are_namespaced_hash_tagged_trimmed_and_expiring() {
     assert_eq!(ids(&v), published[1..]);
 }
 
-#[tokio::test]
-async fn a_redis_cluster_serves_channels_on_every_slot() {
-    let cluster = RedisCluster::start();
-    let pg = Pollgate::start(&with_broker(ROUTES, &cluster.url()));
-    pg.wait_ready();
-    let channels: Vec<String> = (0..24).map(|i| format!("c{i}")).collect();
-    let mut polls = Vec::new();
-    for ch in &channels {
-        let url = pg.url(&format!("/sub/{ch}"));
-        polls.push(tokio::spawn(async move { get_json(&url).await }));
-    }
+/// A poll held on each of `channels` (no cursor), once all are held.
+async fn hold_each(
+    pg: &Pollgate,
+    channels: &[String],
+) -> Vec<tokio::task::JoinHandle<(u16, reqwest::header::HeaderMap, Value)>> {
+    let polls = channels
+        .iter()
+        .map(|ch| {
+            let url = pg.url(&format!("/sub/{ch}"));
+            tokio::spawn(async move { get_json(&url).await })
+        })
+        .collect();
     pg.wait_metric("pollgate_held_requests", channels.len() as f64)
         .await;
+    polls
+}
+
+/// Publishes one message on each of `channels`; each of `polls` (from
+/// [`hold_each`]) must be answered with its channel's message, no gap.
+async fn publish_each_to_its_poll(
+    pg: &Pollgate,
+    channels: &[String],
+    polls: Vec<tokio::task::JoinHandle<(u16, reqwest::header::HeaderMap, Value)>>,
+) {
     let mut want = Vec::new();
-    for ch in &channels {
+    for ch in channels {
         want.push(pg.publish(ch, "text/plain", ch).await);
     }
     for (p, id) in polls.into_iter().zip(want) {
@@ -317,6 +328,16 @@ async fn a_redis_cluster_serves_channels_on_every_slot() {
         assert_eq!(v["gap"], false);
         assert_eq!(ids(&v), [id]);
     }
+}
+
+#[tokio::test]
+async fn a_redis_cluster_serves_channels_on_every_slot() {
+    let cluster = RedisCluster::start();
+    let pg = Pollgate::start(&with_broker(ROUTES, &cluster.url()));
+    pg.wait_ready();
+    let channels: Vec<String> = (0..24).map(|i| format!("c{i}")).collect();
+    let polls = hold_each(&pg, &channels).await;
+    publish_each_to_its_poll(&pg, &channels, polls).await;
     for node in &cluster.nodes {
         let n: u64 = node.cli(&["DBSIZE"]).trim().parse().unwrap();
         assert!(n > 0, "node {} holds some channels", node.port);
@@ -336,13 +357,7 @@ async fn cluster_shard_subscriptions_closed_by_the_nodes_are_made_again_and_caug
     let pg = Pollgate::start(&with_broker(ROUTES, &cluster.url()));
     pg.wait_ready();
     let channels: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
-    let mut polls = Vec::new();
-    for ch in &channels {
-        let url = pg.url(&format!("/sub/{ch}"));
-        polls.push(tokio::spawn(async move { get_json(&url).await }));
-    }
-    pg.wait_metric("pollgate_held_requests", channels.len() as f64)
-        .await;
+    let polls = hold_each(&pg, &channels).await;
     let mut killed = 0;
     for node in &cluster.nodes {
         for line in node.cli(&["CLIENT", "LIST"]).lines() {
@@ -355,16 +370,7 @@ async fn cluster_shard_subscriptions_closed_by_the_nodes_are_made_again_and_caug
         }
     }
     assert_eq!(killed, 3, "one subscription connection per master");
-    let mut want = Vec::new();
-    for ch in &channels {
-        want.push(pg.publish(ch, "text/plain", ch).await);
-    }
-    for (p, id) in polls.into_iter().zip(want) {
-        let (status, _, v) = p.await.unwrap();
-        assert_eq!(status, 200);
-        assert_eq!(v["gap"], false);
-        assert_eq!(ids(&v), [id]);
-    }
+    publish_each_to_its_poll(&pg, &channels, polls).await;
     let subscribed = |ch: &str| -> u64 {
         let name = format!("pollgate:{{{ch}}}");
         cluster

@@ -161,7 +161,8 @@ async fn subscriber(
     let mut pos = Position::default();
     let mut counted = false;
     'connection: while !*stop.borrow() {
-        let server = args.sub[index % args.sub.len()];
+        // A channel's subscribers spread over every instance.
+        let server = args.sub[(index / args.channels.max(1)) % args.sub.len()];
         let Ok(mut conn) = http::Conn::connect(server, source).await else {
             seen.errors += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;

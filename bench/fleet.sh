@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# A fleet, measured (docs/scaling.md): K pollgate instances (K = 1, 2, 4)
+# on one redis-server, and on a three-master Redis Cluster; beside them one
+# instance on the memory broker; then one instance at threads 1, 2 and 4.
+# Each instance holds POLLS_PER_INSTANCE polls (17 500: 70 000 for K = 4)
+# over CHANNELS channels (1 000), from LOADGENS load-generator processes
+# (4, each under the 20 000-file limit, each on 4 loopback source
+# addresses), with RATE publishes a second (200) spread over the channels
+# and the instances' publish APIs, for DURATION (30s).
+#
+# For each fleet it reports: Redis CPU per publish, gateway CPU per
+# delivery, publish → answer latency (p50, p99, max: the max is when the
+# last subscriber of a message had it), RSS per held poll, deliveries per
+# gateway core-second, lost and duplicates (must be 0). Writes
+# bench/results/fleet-<date>.json (one JSON object per fleet) and prints a
+# table.
+#
+#   bench/fleet.sh                       # everything (~15 minutes)
+#   FLEETS="redis:1 redis:2" bench/fleet.sh   # some fleets only
+#   POLLS_PER_INSTANCE=5000 DURATION=10s bench/fleet.sh   # smaller
+set -euo pipefail
+cd "$(dirname "$0")/.."
+POLLS_PER_INSTANCE=${POLLS_PER_INSTANCE:-17500}
+CHANNELS=${CHANNELS:-1000}
+RATE=${RATE:-200}
+DURATION=${DURATION:-30s}
+LOADGENS=${LOADGENS:-4}
+FLEETS=${FLEETS:-"memory:1 redis:1 redis:2 redis:4 cluster:1 cluster:2 cluster:4 threads:1 threads:2 threads:4"}
+OUT=bench/out/fleet
+RESULTS=${RESULTS:-bench/results/fleet-$(date +%F).json}
+mkdir -p "$OUT" bench/results
+: > "$RESULTS.tmp"
+
+scripts/deps >/dev/null
+cargo build --release --features bench --bin pollgate --bin pollgate-bench
+ulimit -n 20000
+
+started=()
+stop_all() {
+  for p in "${started[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 1
+  for p in "${started[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  started=()
+}
+trap stop_all EXIT
+wait_port() { for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Redis: one server, or a three-master cluster. Sets BROKER and REDIS_PIDS.
+start_redis() {
+  local port dir
+  dir=$(mktemp -d "$OUT/redis.XXXX")
+  BROKER=""; REDIS_PIDS=()
+  case $1 in
+    redis)
+      port=$(free_port)
+      redis-server --port "$port" --save '' --appendonly no --dir "$dir" >"$dir/log" 2>&1 &
+      started+=($!); REDIS_PIDS=($!); wait_port "$port"
+      BROKER="redis://127.0.0.1:$port/0" ;;
+    cluster)
+      local nodes=()
+      for i in 1 2 3; do
+        port=$(free_port); mkdir -p "$dir/$i"
+        (cd "$dir/$i" && exec redis-server --port "$port" --save '' --appendonly no \
+          --cluster-enabled yes --cluster-config-file nodes.conf >log 2>&1) &
+        started+=($!); REDIS_PIDS+=($!); wait_port "$port"; nodes+=("127.0.0.1:$port")
+      done
+      redis-cli --cluster create "${nodes[@]}" --cluster-yes >/dev/null
+      until redis-cli -p "${nodes[0]#*:}" cluster info | grep -q cluster_state:ok; do sleep 0.2; done
+      BROKER="redis+cluster://$(IFS=,; echo "${nodes[*]}")" ;;
+    *) BROKER="memory://" ;;
+  esac
+}
+
+# K instances on $BROKER with THREADS threads. Sets SUBS, ADMINS, PG_PIDS.
+start_fleet() {
+  local k=$1 threads=$2 port admin
+  SUBS=(); ADMINS=(); PG_PIDS=()
+  for i in $(seq "$k"); do
+    port=$(free_port); admin=$(free_port)
+    FLEET_PORT=$port FLEET_ADMIN=$admin FLEET_THREADS=$threads FLEET_BROKER=$BROKER \
+      target/release/pollgate serve -c bench/conf/fleet.yaml --log-level warn 2>"$OUT/pollgate-$i.log" &
+    started+=($!); PG_PIDS+=($!)
+    wait_port "$port"; wait_port "$admin"
+    until curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null; do sleep 0.1; done
+    SUBS+=("127.0.0.1:$port"); ADMINS+=("127.0.0.1:$admin")
+  done
+}
+
+rss_kib() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$t"; }
+
+# One fleet: KIND (memory, redis, cluster, threads) and K.
+measure() {
+  local kind=$1 k=$2 threads=1 broker_kind=$1
+  [ "$kind" = threads ] && { threads=$k; k=1; broker_kind=memory; }
+  start_redis "$broker_kind"
+  start_fleet "$k" "$threads"
+  local polls=$((POLLS_PER_INSTANCE * k)) rss0 run=$OUT/run-$kind-$k
+  rss0=$(rss_kib "${PG_PIDS[@]}")
+  echo "== $kind $k: $polls polls on $k instance(s), threads $threads, $BROKER" >&2
+  local gens=() pids
+  for g in $(seq 0 $((LOADGENS - 1))); do
+    # Load generator 0 measures the gateways, 1 the Redis processes (the
+    # same window): the others measure nothing of their own.
+    pids="${PG_PIDS[*]}"
+    [ "$g" = 1 ] && [ ${#REDIS_PIDS[@]} -gt 0 ] && pids="${REDIS_PIDS[*]}"
+    # shellcheck disable=SC2086
+    target/release/pollgate-bench --server pollgate --scenario churn --label "$kind $k" \
+      --sub "${SUBS[@]}" --publish "${ADMINS[$((g % k))]}" \
+      --subscribers $((polls / LOADGENS)) --channels $((CHANNELS / LOADGENS)) \
+      --rate "$(python3 -c "print($RATE / $LOADGENS)")" --duration "$DURATION" \
+      --settle 5s --sources 4 --prefix "f${kind}${k}g${g}c" $(printf -- '--pid %s ' $pids) \
+      >"$run-$g.json" 2>"$run-$g.log" &
+    gens+=($!)
+  done
+  for g in "${gens[@]}"; do wait "$g"; done
+  python3 - "$kind" "$k" "$threads" "$polls" "$rss0" "${#REDIS_PIDS[@]}" "$run" "$LOADGENS" >>"$RESULTS.tmp" <<'PY'
+import json, statistics, sys
+kind, k, threads, polls, rss0, redis_n, run, gens = sys.argv[1:]
+k, threads, polls, rss0, gens = int(k), int(threads), int(polls), int(rss0), int(gens)
+runs = [json.load(open(f"{run}-{g}.json")) for g in range(gens)]
+delivered = sum(r["delivered"] for r in runs)
+published = sum(r["published"] for r in runs)
+gw = runs[0]
+out = {
+    "fleet": kind, "instances": k, "threads": threads, "polls": polls,
+    "published": published, "publish_errors": sum(r["publish_errors"] for r in runs),
+    "delivered": delivered,
+    "lost": sum(r["lost"] for r in runs), "duplicates": sum(r["duplicates"] for r in runs),
+    "out_of_order": sum(r["out_of_order"] for r in runs), "errors": sum(r["errors"] for r in runs),
+    "deliveries_per_sec": sum(r["deliveries_per_sec"] for r in runs),
+    "gateway_cpu_us_per_delivery": 1e6 * gw["server_cpu_seconds"] / max(delivered, 1),
+    "gateway_user_us_per_delivery": gw["server_user_us_per_delivery"] * gw["delivered"] / max(delivered, 1),
+    "deliveries_per_core_second": delivered / max(gw["server_cpu_seconds"], 1e-9),
+    "redis_cpu_us_per_publish": (1e6 * runs[1]["server_cpu_seconds"] / max(published, 1)) if int(redis_n) and gens > 1 else None,
+    "latency_ms": {
+        "p50": statistics.median(r["latency_ms"]["p50"] for r in runs),
+        "p99": max(r["latency_ms"]["p99"] for r in runs),
+        "max": max(r["latency_ms"]["max"] for r in runs),
+    },
+    "rss_per_held_poll_bytes": round((gw["rss_after"] - 1024 * rss0) / polls),
+    "client_cpu_percent": sum(r["client_cpu_percent"] for r in runs),
+}
+print(json.dumps(out))
+PY
+  tail -1 "$RESULTS.tmp" >&2
+  stop_all
+  sleep 2
+}
+
+for f in $FLEETS; do measure "${f%%:*}" "${f#*:}"; done
+mv "$RESULTS.tmp" "$RESULTS"
+python3 - "$RESULTS" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print("| fleet | instances | threads | polls | Redis µs/publish | gateway µs/delivery | deliveries/core-s | p50 ms | p99 ms | max ms | RSS/poll KiB | lost | dup |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    redis = f'{r["redis_cpu_us_per_publish"]:.0f}' if r["redis_cpu_us_per_publish"] is not None else "–"
+    l = r["latency_ms"]
+    print(f'| {r["fleet"]} | {r["instances"]} | {r["threads"]} | {r["polls"]} | {redis} | {r["gateway_cpu_us_per_delivery"]:.1f} | {r["deliveries_per_core_second"]:.0f} | {l["p50"]:.2f} | {l["p99"]:.2f} | {l["max"]:.1f} | {r["rss_per_held_poll_bytes"]/1024:.1f} | {r["lost"]} | {r["duplicates"]} |')
+PY
+echo "written: $RESULTS" >&2

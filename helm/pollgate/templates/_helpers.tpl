@@ -129,22 +129,98 @@ the routes (longestHoldSeconds) plus a margin.
 {{- end }}
 
 {{/*
-The broker URL of the config: broker.url, with the password of
-broker.existingSecret put in (or replaced by the URL it holds); pollgate
-expands the variable at start, and `check` prints it redacted.
+Which broker values build the URL: "sentinel" (broker.sentinel.hosts),
+"cluster" (broker.cluster.nodes) or "url" (broker.url). Fails on values
+that contradict each other, naming them.
+*/}}
+{{- define "pollgate.brokerMode" -}}
+{{- $b := .Values.broker }}
+{{- $sentinel := $b.sentinel | default dict }}
+{{- $cluster := $b.cluster | default dict }}
+{{- $hosts := $sentinel.hosts | default list }}
+{{- $nodes := $cluster.nodes | default list }}
+{{- if and $hosts $nodes }}
+{{- fail "broker.sentinel.hosts and broker.cluster.nodes are both set: a Redis is either Sentinel-managed or a Cluster, set one of them" }}
+{{- end }}
+{{- if or $hosts $nodes }}
+{{- $key := ternary "broker.sentinel.hosts" "broker.cluster.nodes" (not (empty $hosts)) }}
+{{- if $b.url }}
+{{- fail (printf "broker.url and %s are both set: %s builds the URL, so leave broker.url empty (or set only broker.url)" $key $key) }}
+{{- end }}
+{{- if and $b.existingSecret (eq $b.existingSecretHolds "url") }}
+{{- fail (printf "broker.existingSecretHolds is url, which replaces the whole URL, and %s is set: with %s the Secret holds the password (existingSecretHolds: password)" $key $key) }}
+{{- end }}
+{{- end }}
+{{- if $hosts }}
+{{- "sentinel" }}
+{{- else if $nodes }}
+{{- if $b.sentinelPasswordSecret }}
+{{- fail "broker.sentinelPasswordSecret is set with broker.cluster.nodes: a sentinel password is only for a Sentinel-managed Redis (broker.sentinel.hosts)" }}
+{{- end }}
+{{- "cluster" }}
+{{- else }}
+{{- if and $b.sentinelPasswordSecret (not (and $b.existingSecret (eq $b.existingSecretHolds "url"))) (not (regexMatch "^rediss?\\+sentinel://" $b.url)) }}
+{{- fail "broker.sentinelPasswordSecret is set but the broker is not a Sentinel one: set broker.sentinel.hosts (or a redis+sentinel:// broker.url)" }}
+{{- end }}
+{{- "url" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The password part of a URL built from broker.sentinel.hosts or
+broker.cluster.nodes: ":${POLLGATE_REDIS_PASSWORD}@" with broker.existingSecret
+(existingSecretHolds: password), else nothing.
+*/}}
+{{- define "pollgate.brokerUserinfo" -}}
+{{- if .Values.broker.existingSecret }}
+{{- if ne .Values.broker.existingSecretHolds "password" }}
+{{- fail "broker.existingSecretHolds must be password or url" }}
+{{- end }}
+{{- ":${POLLGATE_REDIS_PASSWORD}@" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The broker URL of the config. With broker.sentinel.hosts:
+redis+sentinel://[:<password>@]h1,h2,.../<masterName>/<db> (rediss+sentinel
+with sentinel.tls). With broker.cluster.nodes: redis+cluster://[:<password>@]n1,n2,...
+Else broker.url (empty: redis://redis:6379/0), with the password of
+broker.existingSecret put in (or replaced by the URL it holds). pollgate
+expands the variables at start, and `check` prints the password redacted.
 */}}
 {{- define "pollgate.brokerUrl" -}}
 {{- $b := .Values.broker }}
+{{- $mode := include "pollgate.brokerMode" . }}
+{{- if eq $mode "sentinel" }}
+{{- $s := $b.sentinel }}
+{{- printf "%s://%s%s/%s/%d" (ternary "rediss+sentinel" "redis+sentinel" (eq ($s.tls | toString) "true")) (include "pollgate.brokerUserinfo" .) (join "," $s.hosts) ($s.masterName | default "mymaster") (int ($s.db | default 0)) }}
+{{- else if eq $mode "cluster" }}
+{{- printf "redis+cluster://%s%s" (include "pollgate.brokerUserinfo" .) (join "," $b.cluster.nodes) }}
+{{- else }}
+{{- $url := $b.url | default "redis://redis:6379/0" }}
 {{- if not $b.existingSecret }}
-{{- $b.url }}
+{{- $url }}
 {{- else if eq $b.existingSecretHolds "url" }}
 {{- "${POLLGATE_BROKER_URL}" }}
 {{- else if eq $b.existingSecretHolds "password" }}
-{{- if not (regexMatch "^rediss?(\\+cluster)?://[^@/]*$|^rediss?(\\+cluster)?://[^@]*/" $b.url) }}
+{{- if not (regexMatch "^rediss?(\\+cluster|\\+sentinel)?://[^@/]*$|^rediss?(\\+cluster|\\+sentinel)?://[^@]*/" $url) }}
 {{- fail "broker.url already holds credentials: with broker.existingSecret, give it without them" }}
 {{- end }}
-{{- regexReplaceAll "^(rediss?(\\+cluster)?)://" $b.url "${1}://:$${POLLGATE_REDIS_PASSWORD}@" }}
+{{- regexReplaceAll "^(rediss?(\\+cluster|\\+sentinel)?)://" $url "${1}://:$${POLLGATE_REDIS_PASSWORD}@" }}
 {{- else }}
 {{- fail "broker.existingSecretHolds must be password or url" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The broker URL as NOTES.txt shows it: the password as ***, or the Secret
+that holds the whole URL.
+*/}}
+{{- define "pollgate.brokerUrlShown" -}}
+{{- if and .Values.broker.existingSecret (eq .Values.broker.existingSecretHolds "url") (eq (include "pollgate.brokerMode" .) "url") }}
+{{- printf "from Secret %s" .Values.broker.existingSecret }}
+{{- else }}
+{{- include "pollgate.brokerUrl" . | replace "${POLLGATE_REDIS_PASSWORD}" "***" }}
 {{- end }}
 {{- end }}

@@ -112,6 +112,9 @@ struct Args {
     /// Watch scenario: poll the backend directly every `--interval` instead.
     #[arg(long)]
     direct: bool,
+    /// New subscriber connections per second, at most.
+    #[arg(long, default_value_t = 20000.0)]
+    connect_rate: f64,
     /// Time between two samples of the server's RSS and fds (soak).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     sample: Duration,
@@ -329,7 +332,10 @@ async fn start_subscribers(
             stop.clone(),
         )));
         if n % 500 == 499 {
-            tokio::task::yield_now().await;
+            // At most `--connect-rate` new connections a second: a burst
+            // of tens of thousands would overflow the listen backlog
+            // (`net.core.somaxconn`) and wait on SYN retransmits.
+            tokio::time::sleep(Duration::from_secs_f64(500.0 / args.connect_rate.max(1.0))).await;
         }
     }
     // A server that is not there (or refuses connections) ends the run
@@ -351,7 +357,7 @@ async fn start_subscribers(
 }
 
 /// How long all subscribers of a run have to connect.
-const SUBSCRIBE_WITHIN: Duration = Duration::from_secs(60);
+const SUBSCRIBE_WITHIN: Duration = Duration::from_secs(180);
 
 /// What a set of subscribers saw, added up.
 #[derive(Default)]

@@ -32,6 +32,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use cluster::Shards;
 use conn::{Conn, Push, PushQueue, Target};
+use futures_util::StreamExt;
 use layout::Layout;
 use parking_lot::{Mutex, RwLock};
 use redis::{PushInfo, PushKind};
@@ -50,6 +51,8 @@ const PUSH_QUEUE: usize = 8192;
 /// An overflow this soon after the previous one reconnects after the
 /// backoff, not at once: no reconnection loop under a lasting overload.
 const OVERFLOW_AGAIN: Duration = Duration::from_secs(1);
+/// Catch-up reads in flight at once after a reconnect.
+const CATCH_UP_READS: usize = 64;
 /// Longest wait for room among `broker.max_pending` commands.
 const PENDING_WAIT: Duration = Duration::from_secs(2);
 /// How often the shard subscriptions of a cluster are checked (`cluster.rs`).
@@ -256,18 +259,36 @@ impl RedisBroker {
         let Some(sink) = self.sink.get() else {
             return Ok(());
         };
+        // Pipelined: up to CATCH_UP_READS reads in flight on the one
+        // connection, so that a thousand channels take a few round trips.
         let sharded = conn.sharded();
-        for channel in watched {
-            let h = self
-                .read_noting_losses(conn, channel, sharded, same_dataset)
-                .await
-                .map_err(|e| {
-                    tracing::warn!(%channel, error = %e, "catch-up failed; reconnecting");
-                    self.failed(e)
-                })?;
+        let reads: Vec<_> = watched
+            .iter()
+            .map(|channel| self.catch_up_read(conn.clone(), channel, sharded, same_dataset))
+            .collect();
+        let mut reads = futures_util::stream::iter(reads).buffer_unordered(CATCH_UP_READS);
+        while let Some((channel, read)) = reads.next().await {
+            let h = read.map_err(|e| {
+                tracing::warn!(%channel, error = %e, "catch-up failed; reconnecting");
+                self.failed(e)
+            })?;
             sink.resync(channel, h).await;
         }
         Ok(())
+    }
+
+    /// One read of [`RedisBroker::catch_up`], on its own handle of `conn`.
+    async fn catch_up_read<'a>(
+        &self,
+        mut conn: Conn,
+        channel: &'a String,
+        sharded: bool,
+        same_dataset: bool,
+    ) -> (&'a String, redis::RedisResult<History>) {
+        let read = self
+            .read_noting_losses(&mut conn, channel, sharded, same_dataset)
+            .await;
+        (channel, read)
     }
 
     /// Reads `channel`'s history on `conn` for a catch-up. A channel whose

@@ -6,7 +6,8 @@
 //! - `NS:{C}:h` — Stream of the retained messages, fields `ct` (content
 //!   type) and `d` (data); the stream id is the message id. An entry with
 //!   the field `lost` instead is a loss notice ([`LOSS_SCRIPT`]).
-//! - `NS:{C}:f` — the id of the newest message trimmed from the stream.
+//! - `NS:{C}:f` — the id of the newest message trimmed from the stream, as
+//!   earlier versions wrote it (read, no longer written: [`READ_SCRIPT`]).
 //! - `NS:{C}` — the pub/sub (or sharded pub/sub) name announcements go to,
 //!   with the payload `<id>\n<content type>\n<data>` (a loss notice:
 //!   `<id>\n!lost\n<lost id>`).
@@ -21,23 +22,19 @@ use redis::{RedisResult, Script, Value};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Appends to the history, trims it, records the floor, refreshes the TTL
-/// and announces, atomically. Returns the message id.
+/// Appends to the history, trims it (approximately: whole stream nodes,
+/// never below the history length), refreshes the TTL and announces,
+/// atomically. Returns the message id. Three commands: the floor is not
+/// written (see [`READ_SCRIPT`]); `KEYS[2]` is kept for callers of the
+/// earlier script, which wrote it.
 pub const PUBLISH_SCRIPT: &str = r#"
--- KEYS[1] history stream, KEYS[2] floor
+-- KEYS[1] history stream, KEYS[2] floor (no longer written)
 -- ARGV[1] announce name, ARGV[2] history length, ARGV[3] TTL (ms),
 -- ARGV[4] content type, ARGV[5] data, ARGV[6] PUBLISH or SPUBLISH
-local keep = tonumber(ARGV[2])
 local ct = ARGV[4]
 if string.find(ct, '%c') then ct = 'application/octet-stream' end
-local len = redis.call('XLEN', KEYS[1])
-if len >= keep then
-  local dropped = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', len - keep + 1)
-  redis.call('SET', KEYS[2], dropped[#dropped][1])
-end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', keep, '*', 'ct', ct, 'd', ARGV[5])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'ct', ct, 'd', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call(ARGV[6], ARGV[1], id .. '\n' .. ct .. '\n' .. ARGV[5])
 return id
 "#;
@@ -49,7 +46,7 @@ return id
 /// (another instance saw the same loss). Trims, expires and announces as
 /// the publish script does. Returns the notice's id, or false.
 pub const LOSS_SCRIPT: &str = r#"
--- KEYS[1] history stream, KEYS[2] floor
+-- KEYS[1] history stream
 -- ARGV[1] announce name, ARGV[2] history length, ARGV[3] TTL (ms),
 -- ARGV[4] the lost id, ARGV[5] PUBLISH or SPUBLISH
 if #redis.call('XRANGE', KEYS[1], ARGV[4], ARGV[4]) > 0 then return false end
@@ -65,14 +62,8 @@ for _, e in ipairs(redis.call('XREVRANGE', KEYS[1], '+', ARGV[4], 'COUNT', keep)
     if ms > lms or (ms == lms and seq >= lseq) then return false end
   end
 end
-local len = redis.call('XLEN', KEYS[1])
-if len >= keep then
-  local dropped = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', len - keep + 1)
-  redis.call('SET', KEYS[2], dropped[#dropped][1])
-end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', keep, '*', 'lost', ARGV[4])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', keep, '*', 'lost', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call(ARGV[5], ARGV[1], id .. '\n!lost\n' .. ARGV[4])
 return id
 "#;
@@ -81,17 +72,38 @@ return id
 /// type, so no message can carry it.
 const LOST: &str = "!lost";
 
-/// Reads the floor and the newest `history` entries (newest first) in one
-/// atomic step. When the stream holds more (another publisher keeps a
-/// longer history), the floor is the entry just before the ones returned.
+/// Reads the newest `history` entries (newest first) and the floor, the
+/// id of the newest message no longer among them, in one atomic step.
+/// When the stream holds more (it is trimmed in whole nodes, so it usually
+/// does), the floor is the entry just before them. Otherwise, when entries
+/// were trimmed (`XINFO STREAM`: more entries added than kept; on Redis 6,
+/// which does not count, whenever the stream is full), the id just below
+/// the oldest kept stands for it: a cursor older than every kept entry is
+/// then a gap, never silence (one exactly at the trimmed entry may get a
+/// gap it did not need). Else the floor key earlier versions wrote, if any.
 pub const READ_SCRIPT: &str = r#"
--- KEYS[1] history stream, KEYS[2] floor; ARGV[1] history length
+-- KEYS[1] history stream, KEYS[2] floor (of earlier versions); ARGV[1] history length
 local keep = tonumber(ARGV[1])
 local entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', keep + 1)
 local floor = redis.call('GET', KEYS[2]) or ''
 if #entries > keep then
   floor = entries[#entries][1]
   entries[#entries] = nil
+elseif #entries > 0 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  local added, length
+  for i = 1, #info, 2 do
+    if info[i] == 'entries-added' then added = info[i + 1] end
+    if info[i] == 'length' then length = info[i + 1] end
+  end
+  if (added and added > length) or (not added and #entries == keep) then
+    local ms, seq = string.match(entries[#entries][1], '^(%d+)-(%d+)$')
+    if tonumber(seq) > 0 then
+      floor = ms .. '-' .. string.format('%d', tonumber(seq) - 1)
+    else
+      floor = string.format('%d', tonumber(ms) - 1) .. '-18446744073709551615'
+    end
+  end
 end
 return {floor, entries}
 "#;
@@ -210,7 +222,6 @@ impl Layout {
         let id: Option<String> = self
             .loss
             .key(self.history_key(channel))
-            .key(self.floor_key(channel))
             .arg(self.announce(channel))
             .arg(self.history)
             .arg(self.ttl_ms)

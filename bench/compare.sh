@@ -104,9 +104,9 @@ stop_pushpin
 sleep 2
 
 if [ "$QUICK" = 1 ]; then
-  F_SUBS=1000; F_MSGS=20; L_SUBS=500; L_MSGS=10; C_SUBS=400; C_CH=40; C_RATE=400; C_DUR=5s; H_SUBS=2000; T_SUBS=500; W_SUBS=500; W_DIRECT=500; W_DUR=5s
+  F_SUBS=1000; F_MSGS=20; L_SUBS=500; L_MSGS=10; C_SUBS=400; C_CH=40; C_RATE=400; C_DUR=5s; X_SUBS=1000; X_MSGS=3; H_SUBS=2000; T_SUBS=500; W_SUBS=500; W_DIRECT=500; W_DUR=5s
 else
-  F_SUBS=10000; F_MSGS=100; L_SUBS=2000; L_MSGS=50; C_SUBS=2000; C_CH=200; C_RATE=2000; C_DUR=20s; H_SUBS=18000; T_SUBS=5000; W_SUBS=10000; W_DIRECT=9000; W_DUR=20s
+  F_SUBS=10000; F_MSGS=100; L_SUBS=2000; L_MSGS=50; C_SUBS=2000; C_CH=200; C_RATE=2000; C_DUR=20s; X_SUBS=10000; X_MSGS=10; H_SUBS=18000; T_SUBS=5000; W_SUBS=10000; W_DIRECT=9000; W_DUR=20s
 fi
 
 : > "$RESULTS.tmp"
@@ -157,6 +157,8 @@ for rep in $(seq "$REPS"); do
     # Latency below saturation.
     bench "latency 1ch" "$s" --scenario fanout --subscribers $L_SUBS --channels 1 --messages $L_MSGS --interval 200ms
     bench "churn" "$s" --scenario churn --subscribers $C_SUBS --channels $C_CH --rate $C_RATE --duration $C_DUR
+    # One message a second to 10 000 subscribers of one channel.
+    bench "fanout 10k 1/s" "$s" --scenario fanout --subscribers $X_SUBS --channels 1 --messages $X_MSGS --interval 1s
   done
   # Watch routes: one resource, one write a second, watchers through pollgate;
   # against the same clients polling the backend every second (9 000: the

@@ -57,7 +57,7 @@ for label in ["fanout 1ch", "fanout 100ch"]:
     row(label, "lost", "lost")
     row(label, "duplicates", "duplicates")
     row(label, "client CPU %", "client_cpu_percent")
-for label in ["latency 1ch", "churn"]:
+for label in ["latency 1ch", "churn", "fanout 10k 1/s"]:
     row(label, "p50 latency (ms)", "latency_ms", "p50", target=0.7, better="low")
     row(label, "p99 latency (ms)", "latency_ms", "p99", target=0.7, better="low")
     row(label, "server CPU µs / delivery", "server_cpu_us_per_delivery", target=0.67, better="low")

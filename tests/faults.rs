@@ -142,9 +142,18 @@ async fn fail_over(traffic: &Traffic, what: &str, fault: impl FnOnce()) {
 /// Two instances behind Sentinel, publishing with `publish.replicas: 1`,
 /// with traffic flowing.
 async fn sentinel_fleet() -> (SentinelRedis, Fleet, Traffic) {
-    let redis = tokio::task::block_in_place(SentinelRedis::start);
+    sentinel_fleet_with(SentinelRedis::start, "publish:\n  replicas: 1\n").await
+}
+
+/// Two instances (with `extra` YAML) behind the Sentinel-watched Redis that
+/// `start` starts, with traffic flowing.
+async fn sentinel_fleet_with(
+    start: fn() -> SentinelRedis,
+    extra: &str,
+) -> (SentinelRedis, Fleet, Traffic) {
+    let redis = tokio::task::block_in_place(start);
     let urls = vec![redis.url(); 2];
-    let fleet = Fleet::start_on(&urls, "publish:\n  replicas: 1\n");
+    let fleet = Fleet::start_on(&urls, extra);
     let traffic = Traffic::start(&fleet.directory);
     traffic.flowing().await;
     (redis, fleet, traffic)
@@ -179,11 +188,8 @@ async fn f_sentinel_master_killed_loses_no_acknowledged_publish() {
 /// told too (a loss notice in the channel's history).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f_sentinel_master_killed_without_replicas_announces_every_lost_write() {
-    let redis = tokio::task::block_in_place(SentinelRedis::start_with_replica_link);
-    let fleet = Fleet::start_on(&vec![redis.url(); 2], "");
-    let mut redis = redis;
-    let traffic = Traffic::start(&fleet.directory);
-    traffic.flowing().await;
+    let (mut redis, fleet, traffic) =
+        sentinel_fleet_with(SentinelRedis::start_with_replica_link, "").await;
     let here = fleet.instance(1).url("/sub/fault0?timeout=0");
     let (_, _, v) = get_json(&here).await;
     let away = v["cursor"].as_str().unwrap().to_string();

@@ -316,11 +316,11 @@ async fn keys_are_namespaced_hash_tagged_trimmed_and_expiring() {
     );
 }
 
+/// A poll in flight: its answer's status, headers and JSON body.
+type HeldPoll = tokio::task::JoinHandle<(u16, reqwest::header::HeaderMap, Value)>;
+
 /// A poll held on each of `channels` (no cursor), once all are held.
-async fn hold_each(
-    pg: &Pollgate,
-    channels: &[String],
-) -> Vec<tokio::task::JoinHandle<(u16, reqwest::header::HeaderMap, Value)>> {
+async fn hold_each(pg: &Pollgate, channels: &[String]) -> Vec<HeldPoll> {
     let polls = channels
         .iter()
         .map(|ch| {
@@ -335,11 +335,7 @@ async fn hold_each(
 
 /// Publishes one message on each of `channels`; each of `polls` (from
 /// [`hold_each`]) must be answered with its channel's message, no gap.
-async fn publish_each_to_its_poll(
-    pg: &Pollgate,
-    channels: &[String],
-    polls: Vec<tokio::task::JoinHandle<(u16, reqwest::header::HeaderMap, Value)>>,
-) {
+async fn publish_each_to_its_poll(pg: &Pollgate, channels: &[String], polls: Vec<HeldPoll>) {
     let mut want = Vec::new();
     for ch in channels {
         want.push(pg.publish(ch, "text/plain", ch).await);

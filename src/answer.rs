@@ -108,10 +108,10 @@ impl Answer {
             }
             first = false;
         }
-        let found: Vec<&Arc<Message>> = found
+        let messages: Vec<Arc<Message>> = found
             .iter()
-            .map(|(_, m)| m)
-            .filter(|m| !m.is_loss_notice())
+            .filter(|(_, m)| !m.is_loss_notice())
+            .map(|(_, m)| m.clone())
             .collect();
         let cursor_text = cursor.to_string();
         let body = match format {
@@ -130,14 +130,14 @@ impl Answer {
                 Bytes::from(env)
             }
             Format::Sse => Bytes::from(body),
-            Format::Raw => found.first().map(|m| m.data.clone()).unwrap_or_default(),
+            Format::Raw => messages.first().map(|m| m.data.clone()).unwrap_or_default(),
         };
         Answer {
             format,
             cursor,
             cursor_text,
             gap,
-            messages: found.into_iter().cloned().collect(),
+            messages,
             body,
             h1_head: OnceLock::new(),
             h1_whole: OnceLock::new(),

@@ -9,7 +9,7 @@
 # and the instances' publish APIs, for DURATION (30s).
 #
 # `churn:2` is Redis's bill at a busy rate: two instances, 1 000 polls
-# each over 200 channels, 2 000 publishes a second.
+# each over 200 channels, 2 000 publishes a second (CHURN_RATE=N for N).
 #
 # For each fleet it reports: Redis CPU per publish, gateway CPU per
 # delivery, publish → answer latency (p50, p99, max: the max is when the
@@ -118,7 +118,7 @@ measure() {
   [ "$kind" = threads ] && { threads=$k; k=1; broker_kind=memory; }
   # Redis's bill at a busy publish rate: the churn load of the issue
   # (1 000 polls per instance over 200 channels, 2 000 publishes a second).
-  [ "$kind" = churn ] && { broker_kind=redis; per_instance=1000; channels=200; rate=2000; }
+  [ "$kind" = churn ] && { broker_kind=redis; per_instance=1000; channels=200; rate=${CHURN_RATE:-2000}; }
   start_redis "$broker_kind"
   start_fleet "$k" "$threads"
   local polls=$((per_instance * k)) rss0 run=$OUT/run-$kind-$k idle=0

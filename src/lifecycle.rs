@@ -1,8 +1,11 @@
 //! Draining: the one signal that SIGTERM (or a graceful upgrade) flips,
 //! threaded explicitly to every part that holds requests, and the tracker
-//! of the requests in flight that the process waits for before it exits.
+//! of the requests in flight that the process waits for before it exits;
+//! and the failure that stops the process instead (a listener that cannot
+//! serve), which takes the same way out.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::task::task_tracker::{TaskTracker, TaskTrackerToken};
@@ -15,6 +18,9 @@ pub struct Lifecycle {
     draining: Notify,
     flag: AtomicBool,
     in_flight: TaskTracker,
+    /// Why the instance cannot go on serving, once something said so.
+    failure: OnceLock<String>,
+    failed: Notify,
 }
 
 /// Counts one request as in flight until dropped.
@@ -26,6 +32,8 @@ impl Default for Lifecycle {
             draining: Notify::new(),
             flag: AtomicBool::new(false),
             in_flight: TaskTracker::new(),
+            failure: OnceLock::new(),
+            failed: Notify::new(),
         }
     }
 }
@@ -53,6 +61,29 @@ impl Lifecycle {
         if !self.is_draining() {
             notified.await;
         }
+    }
+
+    /// Stops the instance: it cannot go on serving, for `reason` (the
+    /// first reason given is kept). The signal handler stops the server
+    /// at once, and `server::run` returns the reason as its error.
+    pub fn fail(&self, reason: String) {
+        let _ = self.failure.set(reason);
+        self.failed.notify_one();
+    }
+
+    /// Resolves when [`Lifecycle::fail`] is called; returns the reason.
+    pub async fn failed(&self) -> &str {
+        loop {
+            if let Some(reason) = self.failure.get() {
+                return reason;
+            }
+            self.failed.notified().await;
+        }
+    }
+
+    /// Why the instance stopped, if it failed.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
     }
 
     /// Marks a request in flight for as long as the guard lives.

@@ -10,7 +10,13 @@
 //! kept in its table of listening fds, so that a graceful upgrade hands them
 //! to the next process; a process started with `--upgrade` adopts the ones
 //! it received instead of binding. Accepting stops when the instance drains
-//! (on the admin listener, at shutdown).
+//! (on the admin listener, at shutdown). An address that cannot be listened
+//! on after an upgrade fails the instance ([`Lifecycle::fail`]).
+//!
+//! The service only listens; what must run on its runtime beside the
+//! accept loops (the hub's deliveries, the broker's connection, the
+//! certificate check) and what accepting waits for (the broker, after an
+//! upgrade) are given to it by `server.rs` ([`ClientListener::run_beside`]).
 //!
 //! Connections are unbuffered at L4 and written through
 //! [`crate::tcp::TcpConn`], which gathers an answer's writes into one
@@ -28,6 +34,7 @@ use crate::metrics::Refusal;
 use crate::tcp::TcpConn;
 use crate::tls::Certificates;
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::listeners::tls::Acceptor;
 use pingora::protocols::{Stream, ALPN};
@@ -41,10 +48,8 @@ use tokio::net::TcpStream;
 
 /// The first bytes of the HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
-/// Longest wait, after a graceful upgrade, for the broker before accepting.
-const BROKER_WAIT: Duration = Duration::from_secs(5);
-/// How often the certificate files are checked for a change.
-const CERT_CHECK: Duration = Duration::from_secs(2);
+/// Work that runs on the listeners' runtime, given by `server.rs`.
+pub type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Whether a plaintext connection opens with the HTTP/2 preface (h2c with
 /// prior knowledge); None when it sends nothing within `wait` or closes.
@@ -83,8 +88,14 @@ pub struct ClientListener {
     life: Arc<Lifecycle>,
     endpoints: Vec<Endpoint>,
     options: ListenerConfig,
-    tls: Option<(Arc<Certificates>, Duration)>,
+    /// The TLS handshake timeout (zero without TLS).
+    handshake: Duration,
     threads: usize,
+    /// Spawned on the runtime when the service starts (behind a lock only
+    /// because a `Service` is `Sync`).
+    beside: Mutex<Vec<Task>>,
+    /// Awaited before the first accept.
+    ready: Mutex<Option<Task>>,
     /// Pingora's table of listening fds, kept for the graceful upgrade.
     fds: Arc<OnceLock<ListenFds>>,
 }
@@ -126,26 +137,36 @@ impl ClientListener {
                 bound: bind_now(admin.0)?,
             },
         ];
-        let tls = match tls {
+        let handshake = match tls {
             Some((addr, certs, handshake)) => {
                 endpoints.push(Endpoint {
                     bound: bind_now(&addr)?,
                     addr,
                     serves: Serves::Tls(Arc::new(certs.acceptor())),
                 });
-                Some((certs, handshake))
+                handshake
             }
-            None => None,
+            None => Duration::ZERO,
         };
         Ok(ClientListener {
             front,
             life,
             endpoints,
             options,
-            tls,
+            handshake,
             threads,
             fds,
+            beside: Mutex::new(Vec::new()),
+            ready: Mutex::new(None),
         })
+    }
+
+    /// Runs `tasks` on this service's runtime, beside the accept loops,
+    /// and accepts only once `ready` resolves. Returns the service.
+    pub fn run_beside(mut self, tasks: Vec<Task>, ready: Task) -> ClientListener {
+        self.beside = Mutex::new(tasks);
+        self.ready = Mutex::new(Some(ready));
+        self
     }
 
     /// The listening socket of `endpoint`: the one inherited through a
@@ -390,32 +411,14 @@ impl Service for ClientListener {
             life: self.life.clone(),
             tcp_keepalive: self.options.tcp_keepalive,
             settings: self.front.settings(self.options.keepalive_request_limit),
-            handshake: self.tls.as_ref().map_or(Duration::ZERO, |t| t.1),
+            handshake: self.handshake,
         };
-        // Held polls are woken (and answered) from this runtime, and the
-        // broker's connection runs on it too: an announcement reaches its
-        // waiters without a wake-up across runtimes.
-        let hub = &self.front.poller.hub;
-        tokio::spawn(hub.clone().run_deliveries());
-        // The connection lives as long as the process, not until Pingora's
-        // shutdown: a draining instance answers every request that still
-        // reaches it (one whose TLS handshake or head was under way) until
-        // it exits, and nothing waits for this task.
-        let connection = hub.clone();
-        tokio::spawn(async move {
-            let (_forever, until) = tokio::sync::watch::channel(false);
-            connection.broker().run(until).await
-        });
-        let inherited = self.endpoints.iter().any(|e| e.bound.is_none());
-        if inherited {
-            // Taking over from a running instance, which keeps serving for
-            // a moment: accept once the broker is reached, so that the
-            // first polls here are not refused for want of it.
-            let broker = self.front.poller.hub.broker().clone();
-            let deadline = tokio::time::Instant::now() + BROKER_WAIT;
-            while !broker.is_up() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        for task in std::mem::take(self.beside.get_mut()) {
+            tokio::spawn(task);
+        }
+        let ready = self.ready.get_mut().take();
+        if let Some(ready) = ready {
+            ready.await;
         }
         let mut loops = Vec::new();
         for endpoint in &mut self.endpoints {
@@ -427,27 +430,13 @@ impl Service for ClientListener {
                     endpoint.serves.clone(),
                     shutdown.clone(),
                 ))),
-                Err(e) => {
-                    // Only an upgrade (the other addresses were bound at
-                    // start) to an address that is taken: serving without
-                    // this listener would look ready but lose its clients.
-                    tracing::error!(addr = %endpoint.addr, error = %e, "cannot listen; exiting");
-                    std::process::exit(2);
-                }
+                // Only an upgrade (the other addresses were bound at
+                // start) to an address that is taken: serving without
+                // this listener would look ready but lose its clients.
+                Err(e) => self
+                    .life
+                    .fail(format!("cannot listen on {}: {e}", endpoint.addr)),
             }
-        }
-        if let Some((certs, _)) = &self.tls {
-            let certs = certs.clone();
-            let life = self.life.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(CERT_CHECK);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => { certs.reload_if_changed().await; }
-                        _ = life.drained() => return,
-                    }
-                }
-            });
         }
         for accept in loops {
             let _ = accept.await;

@@ -16,7 +16,7 @@ use crate::gateway::Gateway;
 use crate::http1::HeadLimits;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
-use crate::listener::ClientListener;
+use crate::listener::{ClientListener, Task};
 use crate::metrics;
 use crate::poll::Poller;
 use crate::routes::RouteTable;
@@ -36,6 +36,8 @@ use std::time::Duration;
 /// How long a process that handed its sockets over keeps accepting
 /// beside the new one before it drains.
 const UPGRADE_OVERLAP: Duration = Duration::from_secs(1);
+/// Longest wait, after a graceful upgrade, for the broker before accepting.
+const BROKER_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a channel nobody polls stays in the hub after its last waiter.
 pub const CHANNEL_LINGER: Duration = Duration::from_secs(30);
@@ -220,6 +222,39 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
         token: config.publish.token.clone(),
         max_body: config.limits.max_body,
     };
+    // Held polls are woken (and answered) from the listeners' runtime, and
+    // the broker's connection runs on it too: an announcement reaches its
+    // waiters without a wake-up across runtimes. The connection lives as
+    // long as the process, not until Pingora's shutdown: a draining
+    // instance answers every request that still reaches it (one whose TLS
+    // handshake or head was under way) until it exits.
+    let mut beside: Vec<Task> = vec![
+        Box::pin(hub.clone().run_deliveries()),
+        Box::pin({
+            let hub = hub.clone();
+            async move {
+                let (_forever, until) = tokio::sync::watch::channel(false);
+                hub.broker().run(until).await
+            }
+        }),
+    ];
+    if let Some(certs) = &certificates {
+        let life = life.clone();
+        let until = async move { life.drained().await };
+        beside.push(Box::pin(certs.clone().watch_files(until)));
+    }
+    // Taking over from a running instance, which keeps serving for a
+    // moment: accept once the broker is reached (at most BROKER_WAIT), so
+    // that the first polls here are not refused for want of it.
+    let ready: Task = match upgrade {
+        true => {
+            let broker = hub.broker().clone();
+            Box::pin(async move {
+                let _ = tokio::time::timeout(BROKER_WAIT, broker.until_up()).await;
+            })
+        }
+        false => Box::pin(async {}),
+    };
     let fds = Arc::new(OnceLock::new());
     let listener = ClientListener::new(
         Arc::new(front),
@@ -235,7 +270,8 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
         config.threads,
         fds.clone(),
         upgrade,
-    )?;
+    )?
+    .run_beside(beside, ready);
 
     let housekeeping = background_service(
         "pollgate housekeeping",
@@ -258,7 +294,7 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
     );
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
-            life,
+            life: life.clone(),
             hub: hub.clone(),
             grace: config.grace_period,
             fds,
@@ -266,7 +302,10 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
             certificates,
         }),
     });
-    Ok(())
+    match life.failure() {
+        Some(reason) => Err(reason.to_string()),
+        None => Ok(()),
+    }
 }
 
 /// Expires histories, forgets idle channels and the rates of idle
@@ -299,8 +338,8 @@ impl BackgroundService for Housekeeping {
 
 /// The one way out. SIGTERM drains; SIGQUIT first hands every listening
 /// socket to the `serve --upgrade` process waiting on `upgrade_sock`, then
-/// drains the same way; SIGHUP re-reads the TLS certificate; SIGINT stops
-/// at once. Draining answers held polls, stops accepting and closes idle
+/// drains the same way; SIGHUP re-reads the TLS certificate; SIGINT, and a
+/// failure ([`Lifecycle::fail`]), stop at once. Draining answers held polls, stops accepting and closes idle
 /// connections; once the requests in flight are done (or `grace` ends),
 /// Pingora is told to stop, with nothing left to wait for.
 struct Signals {
@@ -359,6 +398,10 @@ impl ShutdownSignalWatch for Signals {
         loop {
             tokio::select! {
                 _ = int.recv() => return ShutdownSignal::FastShutdown,
+                reason = self.life.failed() => {
+                    tracing::error!(%reason, "cannot go on serving; exiting");
+                    return ShutdownSignal::FastShutdown;
+                }
                 _ = term.recv() => {
                     tracing::info!(grace = ?self.grace, "SIGTERM: draining");
                     break;

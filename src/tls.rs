@@ -17,7 +17,10 @@ use pingora::tls::sign::CertifiedKey;
 use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert, ServerConfig};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+/// How often the certificate files are checked for a change.
+const FILES_CHECK: Duration = Duration::from_secs(2);
 
 /// The serving certificate and the files it comes from.
 #[derive(Debug)]
@@ -141,6 +144,19 @@ impl Certificates {
             }
         }
         true
+    }
+
+    /// Checks the files every [`FILES_CHECK`] and reloads the pair when
+    /// they changed, until `until` resolves.
+    pub async fn watch_files(self: Arc<Self>, until: impl std::future::Future<Output = ()>) {
+        let mut tick = tokio::time::interval(FILES_CHECK);
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => { self.reload_if_changed().await; }
+                _ = &mut until => return,
+            }
+        }
     }
 
     /// A Pingora acceptor serving the current pair (whatever it is at each

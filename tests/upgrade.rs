@@ -201,6 +201,34 @@ async fn an_upgrade_to_a_new_admin_address_binds_it_and_keeps_the_handed_over_on
     let _ = std::fs::remove_file(sock);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_to_a_taken_address_exits_2_naming_it() {
+    let sock = std::env::temp_dir().join(format!("pollgate-taken-{}.sock", std::process::id()));
+    let old = Pollgate::start(&format!("upgrade_sock: \"{}\"\n{ROUTES}", sock.display()));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = taken.local_addr().unwrap().to_string();
+    let child = Command::new(env!("CARGO_BIN_EXE_pollgate"))
+        .args(["serve", "-c", old.config.to_str().unwrap(), "--upgrade"])
+        .args(["--admin-listen", &admin, "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The new process gets the sockets on SIGQUIT, then fails on the
+    // address it cannot have: through the one way out, not an abort.
+    old.signal("-QUIT");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("cannot listen on {admin}")), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_file(sock);
+}
+
 #[tokio::test]
 async fn a_connection_serves_at_most_the_request_limit() {
     let pg = Pollgate::start(&format!(

@@ -137,6 +137,10 @@ pub trait Broker: Send + Sync {
         true
     }
 
+    /// Resolves once the broker is reachable (at once for brokers that
+    /// always are).
+    async fn until_up(&self) {}
+
     /// True once the broker has been reachable at least once since start,
     /// however briefly (readiness: an outage after that does not make the
     /// instance unready).

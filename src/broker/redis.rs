@@ -83,6 +83,8 @@ pub struct RedisBroker {
     layout: Layout,
     conn: RwLock<Option<Conn>>,
     up: AtomicBool,
+    /// The same, for [`Broker::until_up`].
+    up_changed: watch::Sender<bool>,
     /// Connected at least once since start (readiness, see `Broker::reached`).
     reached: AtomicBool,
     sink: OnceLock<Arc<dyn Sink>>,
@@ -145,6 +147,7 @@ impl RedisBroker {
             layout: Layout::new(namespace, history, history_ttl),
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
+            up_changed: watch::Sender::new(false),
             reached: AtomicBool::new(false),
             sink: OnceLock::new(),
             control,
@@ -203,6 +206,7 @@ impl RedisBroker {
             self.reached.store(true, Ordering::Release);
         }
         self.up.store(conn.is_some(), Ordering::Release);
+        self.up_changed.send_replace(conn.is_some());
         metrics::BROKER_UP.set(conn.is_some() as i64);
         *self.conn.write() = conn;
     }
@@ -504,6 +508,10 @@ impl Broker for RedisBroker {
 
     fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    async fn until_up(&self) {
+        let _ = self.up_changed.subscribe().wait_for(|up| *up).await;
     }
 
     fn reached(&self) -> bool {

@@ -1,13 +1,13 @@
 //! The admin listener: the publish API (docs/api.md, "Publishing"), channel info, `/metrics`,
 //! `/healthz` and `/readyz` (docs/api.md, "Admin endpoints").
 
-use crate::broker::BrokerError;
+use crate::error::RequestError;
 use crate::http1::{self, BodyError, Head, Http1App, Plan, Raw};
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::message::{content_type_problem, is_json, is_json_type, OCTET_STREAM};
 use crate::metrics;
-use crate::respond::{self, error_json};
+use crate::respond;
 use crate::target::RequestTarget;
 use crate::template::channel_problem;
 use async_trait::async_trait;
@@ -52,7 +52,7 @@ pub struct AdminReply {
     content_type: &'static str,
     body: Vec<u8>,
     /// One more header field (`Retry-After`, `WWW-Authenticate`, `Allow`).
-    extra: Option<(&'static str, &'static str)>,
+    extra: Option<(&'static str, String)>,
 }
 
 impl AdminReply {
@@ -70,16 +70,11 @@ impl AdminReply {
         AdminReply::new(status, "application/json", body)
     }
 
-    /// A JSON error; a 503 says when to retry, a 401 which scheme to use.
-    fn error(status: u16, error: &str, detail: &str) -> AdminReply {
-        let extra = match status {
-            503 => Some(("Retry-After", "1")),
-            401 => Some(("WWW-Authenticate", "Bearer")),
-            _ => None,
-        };
+    /// The answer to `e`.
+    fn refused(e: RequestError) -> AdminReply {
         AdminReply {
-            extra,
-            ..AdminReply::new(status, "application/json", error_json(error, detail))
+            extra: e.field(),
+            ..AdminReply::new(e.status(), "application/json", e.json())
         }
     }
 
@@ -87,7 +82,7 @@ impl AdminReply {
     fn h1(&self, keepalive: bool) -> Vec<u8> {
         let mut head = respond::status_head(self.status, self.content_type, self.body.len());
         head.extend_from_slice(b"Cache-Control: no-store\r\n");
-        if let Some((name, value)) = self.extra {
+        if let Some((name, value)) = &self.extra {
             respond::push_field(&mut head, name, value);
         }
         respond::assemble(&head, &[], &self.body, keepalive)
@@ -110,7 +105,9 @@ impl AdminReply {
             http::HeaderValue::from_static("no-store"),
         );
         if let Some((name, value)) = self.extra {
-            headers.insert(name, http::HeaderValue::from_static(value));
+            if let Ok(value) = http::HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
         }
         r
     }
@@ -140,7 +137,7 @@ async fn body_of(call: &Call, max: u64, body: &mut impl ReadBody) -> Result<Byte
 /// The 413 answer for a body over `max`.
 fn too_big(max: u64) -> AdminReply {
     let detail = format!("body is larger than limits.max_body ({max} bytes)");
-    AdminReply::error(413, "payload_too_large", &detail)
+    AdminReply::refused(RequestError::PayloadTooLarge(detail))
 }
 
 impl ReadBody for ServerSession {
@@ -157,7 +154,7 @@ impl ReadBody for ServerSession {
                 Ok(None) => return Ok(body.freeze()),
                 Err(e) => {
                     let detail = format!("cannot read body: {e}");
-                    return Err(AdminReply::error(400, "bad_request", &detail));
+                    return Err(AdminReply::refused(RequestError::BadRequest(detail)));
                 }
             }
         }
@@ -173,12 +170,12 @@ impl ReadBody for Raw<'_> {
             Some(n) => n as usize,
         };
         self.body(len).await.map_err(|e| match e {
-            BodyError::Closed => AdminReply::error(400, "bad_request", "cannot read body: closed"),
-            BodyError::TooSlow => AdminReply::error(
-                408,
-                "body_timeout",
-                "the body did not arrive within limits.header_timeout",
-            ),
+            BodyError::Closed => {
+                AdminReply::refused(RequestError::BadRequest("cannot read body: closed".into()))
+            }
+            BodyError::TooSlow => AdminReply::refused(RequestError::BodyTimeout(
+                "the body did not arrive within limits.header_timeout".into(),
+            )),
         })
     }
 }
@@ -219,7 +216,7 @@ impl Admin {
         let path: SmallVec<[&str; 4]> = call.target.segments().collect();
         if path.len() >= 2 && path[0] == "v1" && !call.authorized {
             let detail = "this publish API needs Authorization: Bearer <token>";
-            return AdminReply::error(401, "unauthorized", detail);
+            return AdminReply::refused(RequestError::Unauthorized(detail.into()));
         }
         let method = &call.method;
         match (method, path.as_slice()) {
@@ -237,7 +234,7 @@ impl Admin {
             (&Method::POST, ["v1", "publish", channel @ ..]) => {
                 let channel = channel.join("/");
                 if let Some(why) = channel_problem(&channel) {
-                    return AdminReply::error(400, "bad_channel", &why);
+                    return AdminReply::refused(RequestError::BadChannel(why));
                 }
                 match body_of(call, self.max_body, body).await {
                     Ok(body) => {
@@ -253,15 +250,14 @@ impl Admin {
             (_, ["metrics"] | ["healthz"] | ["readyz"] | ["v1", "publish"]) => {
                 let path = call.target.path();
                 let allow = if path == "/v1/publish" { "POST" } else { "GET" };
-                let detail = format!("{method} is not allowed on {path}");
-                AdminReply {
-                    extra: Some(("Allow", allow)),
-                    ..AdminReply::error(405, "method_not_allowed", &detail)
-                }
+                AdminReply::refused(RequestError::MethodNotAllowed {
+                    detail: format!("{method} is not allowed on {path}"),
+                    allow: allow.into(),
+                })
             }
             _ => {
                 let detail = format!("no admin endpoint {method} {}", call.target.path());
-                AdminReply::error(404, "not_found", &detail)
+                AdminReply::refused(RequestError::NotFound(detail))
             }
         }
     }
@@ -273,9 +269,9 @@ impl Admin {
         let strict = query == Some("broker=required");
         let up = self.hub.broker().is_up();
         if self.life.is_draining() {
-            AdminReply::error(503, "draining", "this instance is shutting down")
+            AdminReply::refused(RequestError::Draining)
         } else if !up && (strict || !self.hub.broker_reached()) {
-            AdminReply::error(503, "broker_down", "the broker is unreachable")
+            AdminReply::refused(RequestError::BrokerDown)
         } else {
             let broker = if up { "up" } else { "down" };
             let address = self.hub.broker().address();
@@ -292,11 +288,11 @@ impl Admin {
     ) -> AdminReply {
         let content_type = content_type.unwrap_or(OCTET_STREAM);
         if let Some(why) = content_type_problem(content_type) {
-            return AdminReply::error(400, "bad_content_type", &why);
+            return AdminReply::refused(RequestError::BadContentType(why));
         }
         if is_json_type(content_type) && !is_json(&body) {
             let detail = "Content-Type says JSON but the body is not valid JSON (UTF-8)";
-            return AdminReply::error(400, "bad_json", detail);
+            return AdminReply::refused(RequestError::BadJson(detail.into()));
         }
         let broker = self.hub.broker();
         match broker
@@ -309,7 +305,7 @@ impl Admin {
                 let id = m.id.to_string();
                 AdminReply::json(200, &Published { id, channel })
             }
-            Err(e) => publish_refused(&e, &e.to_string()),
+            Err(e) => AdminReply::refused(RequestError::broker(e)),
         }
     }
 
@@ -318,18 +314,19 @@ impl Admin {
             Ok(b) => b,
             Err(e) => {
                 let detail = format!("expected {{\"messages\": [...]}}: {e}");
-                return AdminReply::error(400, "bad_json", &detail);
+                return AdminReply::refused(RequestError::BadJson(detail));
             }
         };
         let mut prepared = Vec::with_capacity(batch.messages.len());
         for (i, m) in batch.messages.into_iter().enumerate() {
             if let Some(why) = channel_problem(&m.channel) {
-                return AdminReply::error(400, "bad_channel", &format!("messages[{i}]: {why}"));
+                let detail = format!("messages[{i}]: {why}");
+                return AdminReply::refused(RequestError::BadChannel(detail));
             }
             let content_type = m.content_type.unwrap_or_else(|| "application/json".into());
             if let Some(why) = content_type_problem(&content_type) {
                 let detail = format!("messages[{i}]: {why}");
-                return AdminReply::error(400, "bad_content_type", &detail);
+                return AdminReply::refused(RequestError::BadContentType(detail));
             }
             let data = match (&m.data, is_json_type(&content_type)) {
                 (_, true) => serde_json::to_vec(&m.data).unwrap_or_default(),
@@ -338,12 +335,12 @@ impl Admin {
                     let detail = format!(
                         "messages[{i}]: data must be a string when content_type is not JSON"
                     );
-                    return AdminReply::error(400, "bad_message", &detail);
+                    return AdminReply::refused(RequestError::BadMessage(detail));
                 }
             };
             if data.len() as u64 > self.max_body {
                 let detail = format!("messages[{i}] is larger than limits.max_body");
-                return AdminReply::error(413, "payload_too_large", &detail);
+                return AdminReply::refused(RequestError::PayloadTooLarge(detail));
             }
             prepared.push((m.channel, content_type, Bytes::from(data)));
         }
@@ -361,7 +358,7 @@ impl Admin {
                 }
                 Err(e) => {
                     let detail = format!("{e}; published {} of the batch: {:?}", ids.len(), ids);
-                    return publish_refused(&e, &detail);
+                    return AdminReply::refused(RequestError::Broker { cause: e, detail });
                 }
             }
         }
@@ -371,7 +368,7 @@ impl Admin {
 
     async fn channel_info(&self, channel: &str) -> AdminReply {
         if let Some(why) = channel_problem(channel) {
-            return AdminReply::error(400, "bad_channel", &why);
+            return AdminReply::refused(RequestError::BadChannel(why));
         }
         match self.hub.info(channel).await {
             Ok(info) => AdminReply::json(
@@ -383,22 +380,9 @@ impl Admin {
                     "subscribers": info.subscribers,
                 }),
             ),
-            Err(e) => AdminReply::error(503, "broker_unavailable", &e.to_string()),
+            Err(e) => AdminReply::refused(RequestError::broker(e)),
         }
     }
-}
-
-/// The 503 answer to a publish the broker refused with `e`:
-/// `too_many_channels` when it keeps its most channels, each with held
-/// polls (`limits.max_channels_kept`), `not_replicated` when fewer Redis
-/// replicas than `publish.replicas` confirmed it, else `broker_unavailable`.
-fn publish_refused(e: &BrokerError, detail: &str) -> AdminReply {
-    let error = match e {
-        BrokerError::TooManyChannels(_) => "too_many_channels",
-        BrokerError::NotReplicated(_) => "not_replicated",
-        _ => "broker_unavailable",
-    };
-    AdminReply::error(503, error, detail)
 }
 
 /// Lets the hub's delivery task, which runs on this runtime, answer the
@@ -461,11 +445,11 @@ impl ServeHttp for Admin {
         }
         let req = session.req_header();
         let target = std::str::from_utf8(req.raw_path())
-            .map_err(|_| "the request target is not UTF-8".to_string())
-            .and_then(|raw| RequestTarget::parse(raw).map_err(|e| e.to_string()));
+            .map_err(|_| RequestError::BadRequest("the request target is not UTF-8".into()))
+            .and_then(RequestTarget::parse);
         let target = match target {
             Ok(target) => target,
-            Err(detail) => return AdminReply::error(400, "bad_request", &detail).into_response(),
+            Err(e) => return AdminReply::refused(e).into_response(),
         };
         let header = |name| req.headers.get(name).map(|v| v.as_bytes());
         let call = Call {

@@ -9,6 +9,7 @@
 //! as a position in this one. A cursor without an epoch (issued before
 //! epochs existed) still parses; it is checked by its ids alone.
 
+use crate::error::RequestError;
 use crate::message::MessageId;
 use smallvec::SmallVec;
 use std::fmt;
@@ -35,15 +36,11 @@ impl Clone for Cursor {
 /// The positions of a [`Cursor`].
 pub type Positions = SmallVec<[MessageId; 2]>;
 
-/// Why a client's cursor was refused (a 400).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CursorError(pub String);
-
 impl Cursor {
     /// Parses what a client sent for a subscription to `channels` channels.
     /// Surrounding quotes and a weak-ETag prefix (`W/"..."`) are accepted, as
     /// `If-None-Match` carries them.
-    pub fn parse(text: &str, channels: usize) -> Result<Cursor, CursorError> {
+    pub fn parse(text: &str, channels: usize) -> Result<Cursor, RequestError> {
         let t = text.trim();
         let t = t.strip_prefix("W/").unwrap_or(t);
         let t = t
@@ -51,14 +48,14 @@ impl Cursor {
             .and_then(|t| t.strip_suffix('"'))
             .unwrap_or(t);
         if t.len() > 64 * channels.max(1) {
-            return Err(CursorError("cursor is too long".into()));
+            return Err(RequestError::BadRequest("cursor is too long".into()));
         }
         let (t, epoch) = match t.rsplit_once('_') {
             Some((ids, epoch)) => match epoch.parse::<Epoch>() {
                 Ok(e) if !epoch.starts_with('+') => (ids, Some(e)),
                 _ => {
                     let shown = shorten(text.trim());
-                    return Err(CursorError(format!(
+                    return Err(RequestError::BadRequest(format!(
                         "'{shown}' is not a cursor pollgate issued"
                     )));
                 }
@@ -73,7 +70,7 @@ impl Cursor {
                 Ok(id) => ids.push(id),
                 Err(_) => {
                     let shown = shorten(t);
-                    return Err(CursorError(format!(
+                    return Err(RequestError::BadRequest(format!(
                         "'{shown}' is not a cursor pollgate issued"
                     )));
                 }
@@ -84,7 +81,7 @@ impl Cursor {
             }
         }
         if ids.len() != channels {
-            return Err(CursorError(format!(
+            return Err(RequestError::BadRequest(format!(
                 "cursor has {} position(s), this subscription has {} channel(s)",
                 ids.len(),
                 channels

@@ -11,6 +11,7 @@
 //! and there are tens of thousands of them. So only a request that is not
 //! held is handed (with the bytes already read) to the proxy.
 
+use crate::error::RequestError;
 use crate::gateway::Gateway;
 use crate::h1;
 use crate::http1::{self, Head, HeadLimits, Http1App, Plan, Raw, Settings};
@@ -18,7 +19,7 @@ use crate::lifecycle::Lifecycle;
 use crate::poll::{cors_headers, Poller};
 use crate::respond;
 use crate::routes::{Action, Match, RouteTable, SubscribeRoute, WatchRoute};
-use crate::subscription::{BadRequest, Request, SubscribeHead};
+use crate::subscription::{Request, SubscribeHead};
 use crate::target::RequestTarget;
 use crate::template::Params;
 use crate::watch::Watcher;
@@ -56,7 +57,7 @@ pub enum Holds<'a> {
 
 /// A long-poll planned for the lean path ([`h1::serve`]).
 pub struct LeanPoll<'a> {
-    req: Result<Request, BadRequest>,
+    req: Result<Request, RequestError>,
     route: &'a SubscribeRoute,
     manner: h1::Manner,
     /// The client its `X-Forwarded-For` names, should the peer be a
@@ -158,13 +159,12 @@ impl Front {
 /// refused by the front door) with the JSON 405: pollgate is no tunnel.
 /// Returns None: the stream is done.
 async fn refuse_connect(mut session: ServerSession) -> Option<ReusedHttpStream> {
-    let detail = "CONNECT is not proxied";
-    let allow = [(
-        "Allow",
-        "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS".to_string(),
-    )];
+    let e = RequestError::MethodNotAllowed {
+        detail: "CONNECT is not proxied".into(),
+        allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS".into(),
+    };
     if session.read_request().await.is_ok() {
-        let _ = respond::error(&mut session, 405, "method_not_allowed", detail, &allow).await;
+        let _ = respond::refusal(&mut session, &e, &[]).await;
         let _ = session.finish_body().await;
     }
     None

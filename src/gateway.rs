@@ -7,6 +7,7 @@
 //! else is a JSON 404 (or 405), and CORS preflights are answered here.
 
 use crate::config::{Config, Cors};
+use crate::error::RequestError;
 use crate::hub::Hub;
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::Refusal;
@@ -15,9 +16,7 @@ use crate::relay::Relay;
 use crate::respond;
 use crate::routes::{Action, Match, RouteTable};
 use crate::target::RequestTarget;
-use crate::upstream::{
-    add_forwarded, error_kind, error_status, observe, strip_hop_by_hop, Peer, Pool, Upstreams,
-};
+use crate::upstream::{add_forwarded, observe, strip_hop_by_hop, Peer, Pool, Upstreams};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -140,13 +139,13 @@ impl ProxyHttp for Gateway {
             // heads were refused (and counted) by the front door.
             Ok(Err(e)) => {
                 Refusal::BadTarget.count();
-                respond::error(session, 400, "bad_request", &e.to_string(), &[]).await?;
+                respond::refusal(session, &e, &[]).await?;
                 return Ok(true);
             }
             Err(_) => {
                 Refusal::BadTarget.count();
-                let detail = "the request target is not UTF-8";
-                respond::error(session, 400, "bad_request", detail, &[]).await?;
+                let e = RequestError::BadRequest("the request target is not UTF-8".into());
+                respond::refusal(session, &e, &[]).await?;
                 return Ok(true);
             }
         };
@@ -162,9 +161,11 @@ impl ProxyHttp for Gateway {
                 Action::Subscribe(_) => {
                     // The front door serves every subscribe request but a
                     // CORS preflight, which is no subscription.
-                    let detail = format!("{method} does not subscribe");
-                    let extra = [("Allow", "GET".to_string())];
-                    respond::error(session, 405, "method_not_allowed", &detail, &extra).await?;
+                    let e = RequestError::MethodNotAllowed {
+                        detail: format!("{method} does not subscribe"),
+                        allow: "GET".into(),
+                    };
+                    respond::refusal(session, &e, &[]).await?;
                     Ok(true)
                 }
                 Action::Proxy(p) if p.publish.is_some() || p.publish_from_header => {
@@ -173,12 +174,12 @@ impl ProxyHttp for Gateway {
                 }
                 Action::Proxy(_) | Action::Watch(_) => {
                     if self.too_big(session) {
-                        let detail = format!(
+                        let e = RequestError::PayloadTooLarge(format!(
                             "request body is larger than limits.max_body ({} bytes)",
                             self.max_body
-                        );
+                        ));
                         session.set_keepalive(None);
-                        respond::error(session, 413, "payload_too_large", &detail, &[]).await?;
+                        respond::refusal(session, &e, &[]).await?;
                         return Ok(true);
                     }
                     let upstream = route.action.upstream().unwrap_or_default();
@@ -187,14 +188,16 @@ impl ProxyHttp for Gateway {
                 }
             },
             Match::MethodNotAllowed(allowed) => {
-                let detail = format!("{method} is not allowed on {path}");
-                let extra = [("Allow", allowed.join(", "))];
-                respond::error(session, 405, "method_not_allowed", &detail, &extra).await?;
+                let e = RequestError::MethodNotAllowed {
+                    detail: format!("{method} is not allowed on {path}"),
+                    allow: allowed.join(", "),
+                };
+                respond::refusal(session, &e, &[]).await?;
                 Ok(true)
             }
             Match::NotFound => {
-                let detail = format!("no route for {path}");
-                respond::error(session, 404, "not_found", &detail, &[]).await?;
+                let e = RequestError::NotFound(format!("no route for {path}"));
+                respond::refusal(session, &e, &[]).await?;
                 Ok(true)
             }
         }
@@ -335,25 +338,24 @@ impl ProxyHttp for Gateway {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
-        let code = match e.etype() {
-            ErrorType::HTTPStatus(code) => *code,
+        let answer = match e.etype() {
+            ErrorType::HTTPStatus(code) => Some(RequestError::with_status(*code, e.to_string())),
             _ => match e.esource() {
-                ErrorSource::Upstream => error_status(e),
+                ErrorSource::Upstream => Some(RequestError::upstream(e, e.to_string())),
                 ErrorSource::Downstream => match e.etype() {
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
-                    _ => 400,
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                        None
+                    }
+                    _ => Some(RequestError::BadRequest(e.to_string())),
                 },
-                ErrorSource::Internal | ErrorSource::Unset => 500,
+                ErrorSource::Internal | ErrorSource::Unset => {
+                    Some(RequestError::Internal(e.to_string()))
+                }
             },
         };
-        if code > 0 {
-            let kind = match code {
-                413 => "payload_too_large",
-                502 | 504 => error_kind(code),
-                400 => "bad_request",
-                _ => "error",
-            };
-            let _ = respond::error(session, code, kind, &e.to_string(), &[]).await;
+        let code = answer.as_ref().map_or(0, RequestError::status);
+        if let Some(answer) = &answer {
+            let _ = respond::refusal(session, answer, &[]).await;
         }
         FailToProxy {
             error_code: code,

@@ -14,11 +14,11 @@
 //! the admission and the hold ([`Poller::wait`]).
 
 use crate::answer::Answer;
-use crate::metrics::Outcome;
+use crate::error::RequestError;
 use crate::poll::{self, Client, Poller, Waited};
 use crate::respond;
 use crate::routes::SubscribeRoute;
-use crate::subscription::{BadRequest, Request};
+use crate::subscription::Request;
 use crate::waiter::Answerer;
 use bytes::BytesMut;
 use parking_lot::Mutex;
@@ -98,7 +98,7 @@ pub struct Manner {
     pub cors: Vec<(&'static str, String)>,
 }
 
-/// Serves one long-poll parsed as `req` (or refused with its 400 detail)
+/// Serves one long-poll parsed as `req` (or refused, with a 400)
 /// on `route`; `forwarded` is the client its `X-Forwarded-For` names, read
 /// only when a per-client limit is on and a proxy is trusted
 /// ([`crate::fairness::TrustedProxies::forwarded`]). Returns whether the
@@ -106,28 +106,20 @@ pub struct Manner {
 pub async fn serve(
     poller: &Poller,
     client: &mut Exchange<'_>,
-    req: Result<Request, BadRequest>,
+    req: Result<Request, RequestError>,
     route: &SubscribeRoute,
     manner: Manner,
     forwarded: Option<IpAddr>,
 ) -> bool {
     let req = match req {
         Ok(req) => req,
-        Err(BadRequest(detail)) => {
-            Outcome::Error.count();
-            let error = ("bad_request", detail.as_str());
-            return write_error(poller, client, 400, error, &manner, &[]).await;
-        }
+        Err(e) => return refuse(poller, client, e, &manner).await,
     };
     let admitted = poller.admit(|| poller.clients.of_stream(client.stream, forwarded));
     let _admitted = match admitted {
         Ok(admitted) => admitted,
         Err(refused) => {
-            poll::count_refused(Some(refused.refusal));
-            let retry = refused.retry_after();
-            let error = (refused.error(), refused.detail);
-            let extra = [("Retry-After", retry.as_str())];
-            return write_error(poller, client, refused.status(), error, &manner, &extra).await;
+            return refuse(poller, client, RequestError::Admission(refused), &manner).await
         }
     };
     // On plain TCP (a TLS session's state is the task's), the answer can
@@ -164,11 +156,7 @@ pub async fn serve(
             }
             written && keepalive
         }
-        Waited::Failed(e) => {
-            let (refusal, error) = poll::hub_refusal(&e);
-            poll::count_refused(refusal);
-            unavailable(poller, client, error, &e.to_string(), manner).await
-        }
+        Waited::Failed(e) => refuse(poller, client, RequestError::Hub(e), &manner).await,
         Waited::Gone => false,
     }
 }
@@ -254,18 +242,6 @@ impl Answerer for DirectWrite {
     }
 }
 
-/// Answers 503 with Retry-After.
-async fn unavailable(
-    poller: &Poller,
-    client: &mut Exchange<'_>,
-    error: &str,
-    detail: &str,
-    manner: Manner,
-) -> bool {
-    let retry = [("Retry-After", poll::RETRY_AFTER)];
-    write_error(poller, client, 503, (error, detail), &manner, &retry).await
-}
-
 /// The bytes of `answer` as written to a client of this `manner`: shared
 /// by every waiter of the answer when the manner adds nothing to it.
 fn whole_answer<'a>(answer: &'a Answer, manner: &Manner) -> std::borrow::Cow<'a, [u8]> {
@@ -284,16 +260,16 @@ fn whole_answer<'a>(answer: &'a Answer, manner: &Manner) -> std::borrow::Cow<'a,
     .into()
 }
 
-/// Answers a JSON error; false when the client could not take it.
-async fn write_error(
+/// Answers `e`, counting it ([`poll::count_refused`]); false when the
+/// client could not take it, or the connection closes after it.
+async fn refuse(
     poller: &Poller,
     client: &mut Exchange<'_>,
-    status: u16,
-    error: (&str, &str),
+    e: RequestError,
     manner: &Manner,
-    extra: &[(&str, &str)],
 ) -> bool {
-    let whole = respond::error_answer(status, error, extra, &manner.cors, manner.keepalive);
+    poll::count_refused(&e);
+    let whole = respond::refusal_answer(&e, &[], &manner.cors, manner.keepalive);
     write_whole(poller, client, &whole).await && manner.keepalive
 }
 

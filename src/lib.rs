@@ -12,6 +12,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod cursor;
+pub mod error;
 pub mod fairness;
 pub mod front;
 pub mod gateway;

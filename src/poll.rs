@@ -7,18 +7,17 @@
 //! (a tokio timer), the client going away (detected by
 //! reading the idle connection), or draining.
 
-use crate::admission::Refused;
 use crate::answer::{Answer, Format};
 use crate::authorize::{Authorize, Authorizer, Decision};
-use crate::broker::BrokerError;
 use crate::config::Cors;
+use crate::error::RequestError;
 use crate::fairness::Clients;
 use crate::hub::{Held, Hub, HubError, Polled};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{self, Outcome, Refusal};
 use crate::respond;
 use crate::routes::SubscribeRoute;
-use crate::subscription::{header_str, BadRequest, Request, SubscribeHead};
+use crate::subscription::{header_str, Request, SubscribeHead};
 use crate::target::RequestTarget;
 use crate::template::Params;
 use crate::waiter::{Answerer, Wake};
@@ -27,9 +26,6 @@ use pingora::{Error, ErrorType, Result};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Retry-After (seconds) of 503 answers.
-pub const RETRY_AFTER: &str = "1";
 
 /// Serves subscribe routes.
 pub struct Poller {
@@ -125,21 +121,11 @@ impl Poller {
     ) -> Result<()> {
         let req = match SubscribeHead::of(session.req_header(), target).parse(route, params) {
             Ok(r) => r,
-            Err(BadRequest(detail)) => {
-                Outcome::Error.count();
-                return respond::error(
-                    session,
-                    400,
-                    "bad_request",
-                    &detail,
-                    &self.cors_headers(session),
-                )
-                .await;
-            }
+            Err(e) => return self.refuse(session, e).await,
         };
         let _admitted = match self.admit(|| self.clients.of_session(session)) {
             Ok(admitted) => admitted,
-            Err(refused) => return self.refuse_admission(session, refused).await,
+            Err(refused) => return self.refuse(session, RequestError::Admission(refused)).await,
         };
         if let Some(authorize) = &route.authorize {
             if !Box::pin(self.authorized(session, target, authorize)).await? {
@@ -158,7 +144,7 @@ impl Poller {
                 self.answer(session, &reply.answer, reply.outcome, reply.live)
                     .await
             }
-            Waited::Failed(e) => self.hub_failed(session, e).await,
+            Waited::Failed(e) => self.refuse(session, RequestError::Hub(e)).await,
             Waited::Gone => gone(),
         }
     }
@@ -224,43 +210,11 @@ impl Poller {
         }
     }
 
-    /// Answers 503 + Retry-After for a refusal, counting it (unless the
-    /// layer that refused has).
-    pub async fn refuse(
-        &self,
-        session: &mut Session,
-        refusal: Option<Refusal>,
-        error: &str,
-        detail: &str,
-    ) -> Result<()> {
-        count_refused(refusal);
-        let mut extra = self.cors_headers(session);
-        extra.push(("Retry-After", RETRY_AFTER.into()));
-        self.write(respond::error(session, 503, error, detail, &extra))
-            .await
-    }
-
-    /// Answers a request [`Poller::admit`] refused (503, or 429 over a
-    /// per-client limit; with Retry-After), counting it.
-    pub async fn refuse_admission(&self, session: &mut Session, refused: Refused) -> Result<()> {
-        count_refused(Some(refused.refusal));
-        let mut extra = self.cors_headers(session);
-        extra.push(("Retry-After", refused.retry_after()));
-        let (status, error) = (refused.status(), refused.error());
-        self.write(respond::error(
-            session,
-            status,
-            error,
-            refused.detail,
-            &extra,
-        ))
-        .await
-    }
-
-    /// Answers a poll the hub could not serve (503).
-    pub async fn hub_failed(&self, session: &mut Session, e: HubError) -> Result<()> {
-        let (refusal, error) = hub_refusal(&e);
-        self.refuse(session, refusal, error, &e.to_string()).await
+    /// Answers `e` (with the CORS headers), counting it ([`count_refused`]).
+    pub async fn refuse(&self, session: &mut Session, e: RequestError) -> Result<()> {
+        count_refused(&e);
+        let extra = self.cors_headers(session);
+        self.write(respond::refusal(session, &e, &extra)).await
     }
 
     /// Asks the route's authorize upstream. Returns false when the client
@@ -297,12 +251,8 @@ impl Poller {
                 Ok(false)
             }
             Err(e) => {
-                Outcome::Error.count();
-                let status = crate::upstream::error_status(&e);
-                let kind = crate::upstream::error_kind(status);
                 let detail = format!("authorization upstream {}: {e}", authorize.upstream);
-                let cors = self.cors_headers(session);
-                self.write(respond::error(session, status, kind, &detail, &cors))
+                self.refuse(session, RequestError::upstream(&e, detail))
                     .await?;
                 Ok(false)
             }
@@ -418,10 +368,14 @@ pub(crate) fn woken_by(wake: Wake) -> Ending {
     }
 }
 
-/// Counts a poll refused with 503 (and its reason, unless the layer that
-/// refused it counted it).
-pub fn count_refused(refusal: Option<Refusal>) {
-    if let Some(refusal) = refusal {
+/// Counts a poll answered with the error `e`: a refusal (429, 503) as
+/// `rejected`, with its reason unless the layer that refused counted it;
+/// any other error as `error`.
+pub fn count_refused(e: &RequestError) {
+    if !matches!(e.status(), 429 | 503) {
+        return Outcome::Error.count();
+    }
+    if let Some(refusal) = e.counted_as() {
         refusal.count();
     }
     Outcome::Rejected.count();
@@ -450,23 +404,6 @@ pub(crate) fn count_delivered(answer: &Answer, live: bool) {
 pub fn jitter(timeout: Duration) -> Duration {
     let tenth = u64::try_from((timeout / 10).as_micros()).unwrap_or(u64::MAX);
     timeout.saturating_sub(Duration::from_micros(fastrand::u64(..=tenth)))
-}
-
-/// The refusal to count (unless the broker counted it) and the `error` of
-/// the 503 answer to a poll the hub could not serve.
-pub fn hub_refusal(e: &HubError) -> (Option<Refusal>, &'static str) {
-    match e {
-        HubError::TooManyChannels(_) => (Some(Refusal::MaxActiveChannels), "unavailable"),
-        // Counted by the broker, which refused it.
-        HubError::Broker(BrokerError::Busy(_)) => (None, "broker_busy"),
-        HubError::Broker(BrokerError::Unavailable(_)) => {
-            (Some(Refusal::BrokerDown), "broker_unavailable")
-        }
-        // Only a publish gets it (and the broker counted it).
-        HubError::Broker(BrokerError::TooManyChannels(_)) => (None, "too_many_channels"),
-        // Only a publish gets it.
-        HubError::Broker(BrokerError::NotReplicated(_)) => (None, "not_replicated"),
-    }
 }
 
 #[cfg(test)]

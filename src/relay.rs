@@ -8,13 +8,14 @@
 
 use crate::broker::BrokerError;
 use crate::config::BodySource;
+use crate::error::RequestError;
 use crate::hub::Hub;
 use crate::message::{content_type_problem, OCTET_STREAM};
 use crate::metrics;
 use crate::respond;
 use crate::routes::ProxyRoute;
 use crate::template::{channel_problem, Params};
-use crate::upstream::{client_header, error_kind, error_status, forwarded_copy, Peer, Upstreams};
+use crate::upstream::{client_header, forwarded_copy, Peer, Upstreams};
 use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
@@ -42,31 +43,34 @@ impl Relay {
         let channel = match &route.publish {
             Some((template, _)) => match template.render(params) {
                 Ok(c) => Some(c),
-                Err(detail) => {
-                    return respond::error(session, 400, "bad_request", &detail, &[]).await
+                Err(e) => {
+                    let e = RequestError::BadRequest(e.to_string());
+                    return respond::refusal(session, &e, &[]).await;
                 }
             },
             None => None,
         };
         let Some(pool) = self.upstreams.get(&route.upstream) else {
-            return respond::error(session, 500, "error", "route has no upstream", &[]).await;
+            let e = RequestError::Internal("route has no upstream".into());
+            return respond::refusal(session, &e, &[]).await;
         };
         let body = match self.read_body(session).await? {
             Ok(b) => b,
             Err(TooBig) => {
-                let detail = format!(
+                let e = RequestError::PayloadTooLarge(format!(
                     "request body is larger than limits.max_body ({} bytes)",
                     self.max_body
-                );
+                ));
                 session.set_keepalive(None);
-                return respond::error(session, 413, "payload_too_large", &detail, &[]).await;
+                return respond::refusal(session, &e, &[]).await;
             }
         };
         if let Some((_, BodySource::Request)) = &route.publish {
             // Refused before the upstream sees the write it would publish.
             if let Err(why) = content_type(&session.req_header().headers) {
-                let why = why.trim_start_matches("bad_content_type: ");
-                return respond::error(session, 400, "bad_content_type", why, &[]).await;
+                let why = why.trim_start_matches("bad_content_type: ").to_string();
+                let e = RequestError::BadContentType(why);
+                return respond::refusal(session, &e, &[]).await;
             }
         }
         let request = upstream_request(session, body.len())?;
@@ -77,9 +81,8 @@ impl Relay {
         {
             Ok(a) => a,
             Err(e) => {
-                let status = error_status(&e);
-                let kind = error_kind(status);
-                return respond::error(session, status, kind, &e.to_string(), &[]).await;
+                let e = RequestError::upstream(&e, e.to_string());
+                return respond::refusal(session, &e, &[]).await;
             }
         };
         let mut header = client_header(&answer.header)?;

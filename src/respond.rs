@@ -8,6 +8,7 @@
 //! (Pingora's `respond_error*` would turn keep-alive off), and every error is
 //! JSON `{"error","detail"}`.
 
+use crate::error::RequestError;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -70,35 +71,40 @@ pub async fn send(to: &mut impl Respond, header: ResponseHeader, body: Bytes) ->
     Ok(())
 }
 
-/// Writes a JSON error answer with optional extra headers.
-pub async fn error(
+/// Writes the answer to `e` (its status, `{"error","detail"}` and its own
+/// header field), with the `extra` header fields.
+pub async fn refusal(
     to: &mut impl Respond,
-    status: u16,
-    error: &str,
-    detail: &str,
+    e: &RequestError,
     extra: &[(&'static str, String)],
 ) -> Result<()> {
-    let body = error_json(error, detail);
-    let mut h = header(status, "application/json", body.len())?;
+    let body = e.json();
+    let mut h = header(e.status(), "application/json", body.len())?;
     h.insert_header("Cache-Control", "no-store")?;
+    if let Some((name, value)) = e.field() {
+        h.insert_header(name, value)?;
+    }
     for (k, v) in extra {
         h.insert_header(*k, v.as_str())?;
     }
     send(to, h, Bytes::from(body)).await
 }
 
-/// The bytes of a whole JSON error answer: `status`, `{"error","detail"}`,
-/// `Cache-Control: no-store`, the `extra` header fields and `fields`.
-pub fn error_answer(
-    status: u16,
-    (error, detail): (&str, &str),
+/// The bytes of the whole answer to `e` ([`RequestError`]: its status,
+/// `{"error","detail"}`, its own header field), with `Cache-Control:
+/// no-store`, the `extra` header fields and `fields`.
+pub fn refusal_answer(
+    e: &RequestError,
     extra: &[(&str, &str)],
     fields: &[(&'static str, String)],
     keepalive: bool,
 ) -> Vec<u8> {
-    let body = error_json(error, detail);
-    let mut head = status_head(status, "application/json", body.len());
+    let body = e.json();
+    let mut head = status_head(e.status(), "application/json", body.len());
     head.extend_from_slice(b"Cache-Control: no-store\r\n");
+    if let Some((name, value)) = e.field() {
+        push_field(&mut head, name, &value);
+    }
     for (name, value) in extra {
         push_field(&mut head, name, value);
     }

@@ -1,17 +1,15 @@
 //! What a subscribe request asks for (docs/api.md, "Subscribing"): the
 //! one parse of its channels, cursor, timeout and format, from the head
-//! either HTTP path read ([`SubscribeHead`]); the error is a 400's detail.
+//! either HTTP path read ([`SubscribeHead`]); the error is a 400.
 
 use crate::answer::Format;
 use crate::cursor::Cursor;
+use crate::error::RequestError;
 use crate::routes::SubscribeRoute;
 use crate::target::{form_decode, RequestTarget};
 use crate::template::Params;
 use compact_str::CompactString;
 use std::time::Duration;
-
-/// A bad request: its 400 detail.
-pub struct BadRequest(pub String);
 
 /// What a subscribe request says, read from its head by either HTTP path.
 pub struct SubscribeHead<'a> {
@@ -47,12 +45,14 @@ impl<'a> SubscribeHead<'a> {
     }
 
     /// The subscription this request asks for on `route` (whose path
-    /// captured `params`); the error is the detail of a 400 answer.
-    pub fn parse(&self, route: &SubscribeRoute, params: &Params) -> Result<Request, BadRequest> {
+    /// captured `params`); the error is a 400 `bad_request`.
+    pub fn parse(&self, route: &SubscribeRoute, params: &Params) -> Result<Request, RequestError> {
         let target = self.target;
         let mut channels = smallvec::SmallVec::with_capacity(route.channels.len());
         for t in &route.channels {
-            let name = t.render(params).map_err(BadRequest)?;
+            let name = t
+                .render(params)
+                .map_err(|e| RequestError::BadRequest(e.to_string()))?;
             if !channels.contains(&name) {
                 channels.push(name);
             }
@@ -75,9 +75,7 @@ impl<'a> SubscribeHead<'a> {
             .or(self.last_event_id)
             .or(self.if_none_match);
         let cursor = match cursor_text {
-            Some(t) if !t.is_empty() => {
-                Some(Cursor::parse(t, channels.len()).map_err(|e| BadRequest(e.0))?)
-            }
+            Some(t) if !t.is_empty() => Some(Cursor::parse(t, channels.len())?),
             _ => None,
         };
         let timeout = hold_time(timeout_q.as_deref(), route.timeout)?;
@@ -87,7 +85,10 @@ impl<'a> SubscribeHead<'a> {
             None => Format::Envelope,
             Some("raw") => Format::Raw,
             Some("json") => Format::Envelope,
-            Some(other) => return Err(BadRequest(format!("format '{other}' is not json or raw"))),
+            Some(other) => {
+                let detail = format!("format '{other}' is not json or raw");
+                return Err(RequestError::BadRequest(detail));
+            }
         };
         Ok(Request {
             channels,
@@ -105,14 +106,16 @@ impl<'a> SubscribeHead<'a> {
 
 /// How long a request may be held: the client's `timeout=` (seconds, a
 /// decimal number) capped by the route's `max`, or `max` without one. The
-/// error is a 400's detail.
-pub fn hold_time(asked: Option<&str>, max: Duration) -> Result<Duration, BadRequest> {
+/// error is a 400 `bad_request`.
+pub fn hold_time(asked: Option<&str>, max: Duration) -> Result<Duration, RequestError> {
     let Some(t) = asked else { return Ok(max) };
     let secs: f64 = t
         .parse()
         .ok()
         .filter(|s: &f64| s.is_finite() && *s >= 0.0)
-        .ok_or_else(|| BadRequest(format!("timeout '{t}' is not a number of seconds")))?;
+        .ok_or_else(|| {
+            RequestError::BadRequest(format!("timeout '{t}' is not a number of seconds"))
+        })?;
     Ok(Duration::from_secs_f64(secs.min(max.as_secs_f64())))
 }
 

@@ -11,10 +11,10 @@
 //! `..`, also percent-encoded) and malformed escapes are refused rather than
 //! interpreted.
 
+use crate::error::RequestError;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use smallvec::SmallVec;
 use std::borrow::Cow;
-use std::fmt;
 use std::sync::OnceLock;
 
 /// Bytes kept as they are when a decoded segment is encoded again: RFC 3986
@@ -95,20 +95,10 @@ impl ExactSizeIterator for Segments<'_> {}
 
 impl Eq for RequestTarget {}
 
-/// Why a request target was refused: the detail of a 400 answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TargetError(pub String);
-
-impl fmt::Display for TargetError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 impl RequestTarget {
     /// Parses a request target as it appears on the request line. The error
-    /// says why it is refused.
-    pub fn parse(raw: &str) -> Result<RequestTarget, TargetError> {
+    /// says why it is refused (a 400 `bad_request`).
+    pub fn parse(raw: &str) -> Result<RequestTarget, RequestError> {
         let (authority, origin) = match raw.as_bytes().first() {
             Some(b'/') => (None, raw),
             _ => {
@@ -233,9 +223,9 @@ pub fn form_decode(value: &str) -> Cow<'_, str> {
 
 /// The authority and the path with query of an absolute-form target
 /// (`http://host/p?q`). User-info (`http://user@host/`) is refused.
-fn absolute_form(raw: &str) -> Result<(&str, &str), TargetError> {
+fn absolute_form(raw: &str) -> Result<(&str, &str), RequestError> {
     let refuse = || {
-        TargetError(format!(
+        RequestError::BadRequest(format!(
             "request target '{}' is neither a path nor an http(s) URL",
             shorten(raw)
         ))
@@ -252,7 +242,7 @@ fn absolute_form(raw: &str) -> Result<(&str, &str), TargetError> {
     match &rest[end..] {
         "" => Ok((authority, "/")),
         p if p.starts_with('/') => Ok((authority, p)),
-        _ => Err(TargetError(format!(
+        _ => Err(RequestError::BadRequest(format!(
             "request target '{}' has a query but no path",
             shorten(raw)
         ))),
@@ -261,7 +251,7 @@ fn absolute_form(raw: &str) -> Result<(&str, &str), TargetError> {
 
 /// Decodes one path segment onto `out`, refusing dot segments and bad
 /// escapes.
-fn decode_segment(raw: &str, out: &mut String) -> Result<(), TargetError> {
+fn decode_segment(raw: &str, out: &mut String) -> Result<(), RequestError> {
     let bytes = raw.as_bytes();
     if !bytes.contains(&b'%') {
         // Nothing to decode (the usual case).
@@ -275,7 +265,7 @@ fn decode_segment(raw: &str, out: &mut String) -> Result<(), TargetError> {
         if *b == b'%' {
             let hex = bytes.get(i + 1..i + 3).unwrap_or(&[]);
             if hex.len() != 2 || !hex.iter().all(u8::is_ascii_hexdigit) {
-                return Err(TargetError(format!(
+                return Err(RequestError::BadRequest(format!(
                     "path segment '{}' has a malformed percent escape",
                     shorten(raw)
                 )));
@@ -283,7 +273,7 @@ fn decode_segment(raw: &str, out: &mut String) -> Result<(), TargetError> {
         }
     }
     let decoded = percent_decode_str(raw).decode_utf8().map_err(|_| {
-        TargetError(format!(
+        RequestError::BadRequest(format!(
             "path segment '{}' is not UTF-8 once decoded",
             shorten(raw)
         ))
@@ -295,8 +285,8 @@ fn decode_segment(raw: &str, out: &mut String) -> Result<(), TargetError> {
     Ok(())
 }
 
-fn dot_segments() -> TargetError {
-    TargetError("dot segments ('.', '..') are not allowed in a request path".into())
+fn dot_segments() -> RequestError {
+    RequestError::BadRequest("dot segments ('.', '..') are not allowed in a request path".into())
 }
 
 fn shorten(s: &str) -> String {

@@ -490,21 +490,3 @@ pub fn client_header(upstream: &ResponseHeader) -> Result<ResponseHeader> {
     }
     Ok(h)
 }
-
-/// The status an upstream error is answered with: 504 on a timeout, else 502.
-pub fn error_status(e: &Error) -> u16 {
-    match e.etype() {
-        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
-        _ => 502,
-    }
-}
-
-/// The JSON error kind of an upstream failure answered with `status`
-/// ([`error_status`]): `gateway_timeout` for 504, else `bad_gateway`.
-pub fn error_kind(status: u16) -> &'static str {
-    if status == 504 {
-        "gateway_timeout"
-    } else {
-        "bad_gateway"
-    }
-}

@@ -16,17 +16,16 @@
 
 use crate::answer::Format;
 use crate::cursor::Cursor;
+use crate::error::RequestError;
 use crate::hub::{First, Hub, Polled};
 use crate::metrics;
 use crate::poll::{self, Ending, Poller};
 use crate::respond;
 use crate::routes::WatchRoute;
-use crate::subscription::{asked_timeout, hold_time, BadRequest};
+use crate::subscription::{asked_timeout, hold_time};
 use crate::target::RequestTarget;
 use crate::template::Params;
-use crate::upstream::{
-    client_header, error_kind, error_status, forwarded_copy, Peer, Pool, Upstreams,
-};
+use crate::upstream::{client_header, forwarded_copy, Peer, Pool, Upstreams};
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession as Session;
@@ -57,7 +56,7 @@ pub struct Watcher {
 }
 
 /// An upstream answer as watchers compare it (or why there is none).
-type Fetched = std::result::Result<Arc<Representation>, FetchError>;
+type Fetched = std::result::Result<Arc<Representation>, RequestError>;
 
 /// An upstream answer and its ETag.
 pub struct Representation {
@@ -67,13 +66,6 @@ pub struct Representation {
     etag: String,
     /// The request headers the upstream said the answer varies on.
     vary: Vec<String>,
-}
-
-/// A fetch that failed: the status and detail to answer with.
-#[derive(Clone)]
-pub struct FetchError {
-    status: u16,
-    detail: String,
 }
 
 impl Watcher {
@@ -108,24 +100,28 @@ impl Watcher {
             match t.render(params) {
                 Ok(name) if !channels.contains(&name) => channels.push(name),
                 Ok(_) => {}
-                Err(detail) => {
-                    return respond::error(session, 400, "bad_request", &detail, &[]).await;
+                Err(e) => {
+                    let e = RequestError::BadRequest(e.to_string());
+                    return respond::refusal(session, &e, &[]).await;
                 }
             }
         }
         // The query stays the upstream's; its `timeout=` also shortens the hold.
         let hold = match hold_time(asked_timeout(target).as_deref(), route.timeout) {
             Ok(hold) => hold,
-            Err(BadRequest(detail)) => {
-                return respond::error(session, 400, "bad_request", &detail, &[]).await;
-            }
+            Err(e) => return respond::refusal(session, &e, &[]).await,
         };
         let Some(pool) = self.upstreams.get(&route.upstream).cloned() else {
-            return respond::error(session, 500, "error", "route has no upstream", &[]).await;
+            let e = RequestError::Internal("route has no upstream".into());
+            return respond::refusal(session, &e, &[]).await;
         };
         let _admitted = match poller.admit(|| poller.clients.of_session(session)) {
             Ok(admitted) => admitted,
-            Err(refused) => return poller.refuse_admission(session, refused).await,
+            Err(refused) => {
+                return poller
+                    .refuse(session, RequestError::Admission(refused))
+                    .await
+            }
         };
         if let Some(authorize) = &route.authorize {
             if !Box::pin(poller.authorized(session, target, authorize)).await? {
@@ -156,17 +152,14 @@ impl Watcher {
                     (Some(held), at)
                 }
                 Ok(Polled::Ready(answer)) => (None, answer.cursor.clone()),
-                Err(e) => return poller.hub_failed(session, e).await,
+                Err(e) => return poller.refuse(session, RequestError::Hub(e)).await,
             };
             cursor = Some(position.clone());
             let stale = current.as_ref().is_none_or(|(_, at)| *at != position);
             if stale {
                 match self.fetch(&pool, route, &request, &position).await {
                     Ok(rep) => current = Some((rep, position)),
-                    Err(e) => {
-                        let kind = error_kind(e.status);
-                        return respond::error(session, e.status, kind, &e.detail, &[]).await;
-                    }
+                    Err(e) => return respond::refusal(session, &e, &[]).await,
                 }
             }
             let Some((rep, _)) = &current else {
@@ -231,10 +224,7 @@ impl Watcher {
                         }
                         Ok(rep)
                     }
-                    Err(e) => Err(FetchError {
-                        status: error_status(&e),
-                        detail: format!("upstream: {e}"),
-                    }),
+                    Err(e) => Err(RequestError::upstream(&e, format!("upstream: {e}"))),
                 }
             })
             .await

@@ -6,6 +6,7 @@
 //! Pingora's parser would refuse with a bare one.
 
 use super::chunked::ChunkedEnd;
+use crate::error::RequestError;
 use bytes::BytesMut;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{self as proto, Stream};
@@ -16,18 +17,19 @@ use std::sync::Arc;
 /// answers such a head with a 400 without a body), or Ok when it takes it.
 /// Run on the heads served on a Pingora session only: the lean path never
 /// hands a head to Pingora.
-pub(super) async fn pingora_refusal(head: &[u8]) -> Result<(), String> {
+pub(super) async fn pingora_refusal(head: &[u8]) -> Result<(), RequestError> {
     let probe: Stream = Box::new(std::io::Cursor::new(head.to_vec()));
     let mut session = ServerSession::new_http1(probe);
-    match session.read_request().await {
-        Ok(true) => Ok(()),
-        Ok(false) => Err("malformed request head".into()),
-        Err(e) => Err(match e.context.as_ref().map(ToString::to_string) {
+    let why = match session.read_request().await {
+        Ok(true) => return Ok(()),
+        Ok(false) => "malformed request head".into(),
+        Err(e) => match e.context.as_ref().map(ToString::to_string) {
             // The context of a parse error quotes the head itself.
             Some(why) if !why.starts_with("buf:") => why,
             _ => "malformed request head".into(),
-        }),
-    }
+        },
+    };
+    Err(RequestError::BadRequest(why))
 }
 
 /// A client connection as a Pingora session reads it: once the session has

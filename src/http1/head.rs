@@ -4,6 +4,7 @@
 //! ([`content_length`]) that every path uses. A head a backend would choke
 //! on is refused here, with the reason.
 
+use crate::error::RequestError;
 use crate::target::RequestTarget;
 use smallvec::SmallVec;
 
@@ -139,10 +140,7 @@ fn length_value(value: &[u8]) -> Option<u64> {
 
 /// The [`Head`] of a whole request head, by the same parser (httparse)
 /// Pingora uses. The error is the refusal to answer with.
-pub fn parse_head(
-    head: &[u8],
-    require_host: bool,
-) -> Result<Head<'_>, (u16, &'static str, String)> {
+pub fn parse_head(head: &[u8], require_host: bool) -> Result<Head<'_>, RequestError> {
     // Uninitialized: zeroing room for MAX_HEADERS headers would cost more
     // than parsing the few a long-poll has.
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -150,18 +148,14 @@ pub fn parse_head(
     match req.parse_with_uninit_headers(head, &mut headers) {
         Ok(httparse::Status::Complete(_)) => {}
         Err(httparse::Error::TooManyHeaders) => {
-            return Err((
-                431,
-                "header_too_large",
-                format!("more than {MAX_HEADERS} header lines"),
-            ))
+            let detail = format!("more than {MAX_HEADERS} header lines");
+            return Err(RequestError::HeaderTooLarge(detail));
         }
         Ok(httparse::Status::Partial) | Err(_) => {
-            return Err((400, "bad_request", "malformed request head".into()))
+            return Err(RequestError::BadRequest("malformed request head".into()))
         }
     }
-    let target = RequestTarget::parse(req.path.unwrap_or_default())
-        .map_err(|e| (400, "bad_request", e.to_string()))?;
+    let target = RequestTarget::parse(req.path.unwrap_or_default())?;
     let http11 = req.version == Some(1);
     let mut parsed = Head {
         method: req.method.unwrap_or_default(),
@@ -178,7 +172,7 @@ pub fn parse_head(
         authorization: None,
         forwarded_for: SmallVec::new(),
     };
-    let bad = |detail: &str| Err((400, "bad_request", detail.to_string()));
+    let bad = |detail: &str| Err(RequestError::BadRequest(detail.to_string()));
     let mut hosts = 0;
     let mut lengths: SmallVec<[&[u8]; 1]> = SmallVec::new();
     for h in req.headers.iter() {
@@ -196,7 +190,7 @@ pub fn parse_head(
                 // agree with the Host header (as Pingora requires too).
                 if !h.value.eq_ignore_ascii_case(authority.as_bytes()) {
                     let detail = "the Host header differs from the request target's authority";
-                    return Err((400, "bad_request", detail.into()));
+                    return Err(RequestError::BadRequest(detail.into()));
                 }
             }
         } else if name.eq_ignore_ascii_case("connection") {
@@ -272,16 +266,22 @@ mod tests {
         assert_eq!((head.method, head.target.path()), ("GET", "/sub/a"));
         assert!(head.keepalive && head.bare());
         let other_host = b"GET http://h/sub/a HTTP/1.1\r\nHost: elsewhere\r\n\r\n";
-        assert_eq!(parse_head(other_host, false).unwrap_err().0, 400);
+        assert_eq!(parse_head(other_host, false).unwrap_err().status(), 400);
         assert_eq!(
             parse_head(b"GET /a/../b HTTP/1.1\r\n\r\n", false)
                 .unwrap_err()
-                .0,
+                .status(),
             400
         );
-        assert_eq!(parse_head(b"garbage\r\n\r\n", false).unwrap_err().0, 400);
+        assert_eq!(
+            parse_head(b"garbage\r\n\r\n", false).unwrap_err().status(),
+            400
+        );
         let many = format!("GET / HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(300));
-        assert_eq!(parse_head(many.as_bytes(), false).unwrap_err().0, 431);
+        assert_eq!(
+            parse_head(many.as_bytes(), false).unwrap_err().status(),
+            431
+        );
     }
 
     #[test]
@@ -366,7 +366,8 @@ mod tests {
             ("X: y", "needs a Host"),
         ] {
             let text = format!("POST / HTTP/1.1\r\n{extra}\r\n\r\n");
-            let (status, _, detail) = parse_head(text.as_bytes(), true).unwrap_err();
+            let e = parse_head(text.as_bytes(), true).unwrap_err();
+            let (status, detail) = (e.status(), e.to_string());
             assert_eq!(status, 400, "{extra}");
             assert!(detail.contains(why), "{extra}: {detail}");
         }

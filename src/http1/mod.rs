@@ -14,6 +14,7 @@
 //! ([`Raw`]); the head's parse in `head.rs`; the Pingora session's
 //! `Gate` and `pingora_refusal` in `gate.rs`.
 
+use crate::error::RequestError;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Refusal;
 use crate::respond;
@@ -239,9 +240,9 @@ async fn write_within(stream: &mut Stream, whole: &[u8], limit: Duration) -> boo
     matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
 }
 
-/// Writes a JSON error answer straight to the connection and closes it.
-async fn refuse(stream: &mut Stream, status: u16, error: &str, detail: &str, limits: HeadLimits) {
-    let answer = respond::error_answer(status, (error, detail), &[], &[], false);
+/// Writes the answer to `e` straight to the connection and closes it.
+async fn refuse(stream: &mut Stream, e: &RequestError, limits: HeadLimits) {
+    let answer = respond::refusal_answer(e, &[], &[], false);
     if write_within(stream, &answer, limits.write_timeout).await {
         let _ = tokio::time::timeout(limits.write_timeout, stream.shutdown()).await;
     }
@@ -286,13 +287,14 @@ pub async fn serve<A: Http1App>(
                         "the request head is larger than limits.max_head ({} bytes)",
                         limits.max_head
                     );
-                    refuse(&mut stream, 431, "header_too_large", &detail, limits).await;
+                    refuse(&mut stream, &RequestError::HeaderTooLarge(detail), limits).await;
                     return;
                 }
                 Err(NoHead::TooSlow) => {
                     Refusal::HeaderTimeout.count();
                     let detail = "the request head did not arrive within limits.header_timeout";
-                    refuse(&mut stream, 408, "header_timeout", detail, limits).await;
+                    let e = RequestError::HeaderTimeout(detail.into());
+                    refuse(&mut stream, &e, limits).await;
                     return;
                 }
             };
@@ -300,12 +302,12 @@ pub async fn serve<A: Http1App>(
         let last = request_limit > 0 && served >= request_limit;
         let head = match parse_head(&buf[..head_len], settings.require_host) {
             Ok(head) => head,
-            Err((status, error, detail)) => {
-                match status {
-                    431 => Refusal::HeaderTooLarge.count(),
+            Err(e) => {
+                match e {
+                    RequestError::HeaderTooLarge(_) => Refusal::HeaderTooLarge.count(),
                     _ => Refusal::BadTarget.count(),
                 }
-                refuse(&mut stream, status, error, &detail, limits).await;
+                refuse(&mut stream, &e, limits).await;
                 return;
             }
         };
@@ -338,9 +340,9 @@ pub async fn serve<A: Http1App>(
         };
         // What Pingora's parser refuses (with a bare 400) is refused here
         // with the JSON one.
-        if let Err(detail) = pingora_refusal(&buf[..head_len]).await {
+        if let Err(e) = pingora_refusal(&buf[..head_len]).await {
             Refusal::BadTarget.count();
-            refuse(&mut stream, 400, "bad_request", &detail, limits).await;
+            refuse(&mut stream, &e, limits).await;
             return;
         }
         let (prefix, gate) = match rest.after(&buf[head_len..]) {

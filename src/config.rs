@@ -548,11 +548,8 @@ impl Config {
         }
         if scheme.starts_with("redis") {
             if let Err(e) = crate::broker::redis::check_url(&self.broker.url) {
-                let e = e.replace(&self.broker.url, &redact_url(&self.broker.url));
-                bad(
-                    "broker.url",
-                    e.trim_start_matches("broker.url: ").to_string(),
-                );
+                let e = e.0.replace(&self.broker.url, &redact_url(&self.broker.url));
+                bad("broker.url", e);
             }
         }
         if self.publish.replicas > 0 && !scheme.starts_with("redis") {

@@ -31,6 +31,7 @@ use crate::front::Front;
 use crate::http1::{self, Settings};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Refusal;
+use crate::server::StartError;
 use crate::tcp::TcpConn;
 use crate::tls::Certificates;
 use async_trait::async_trait;
@@ -118,12 +119,15 @@ impl ClientListener {
         threads: usize,
         fds: Arc<OnceLock<ListenFds>>,
         inherit: bool,
-    ) -> Result<ClientListener, String> {
+    ) -> Result<ClientListener, StartError> {
         let bind_now = |addr: &str| match inherit {
             true => Ok(None),
             false => bind(addr, &options)
                 .map(Some)
-                .map_err(|e| format!("cannot listen on {addr}: {e}")),
+                .map_err(|source| StartError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                }),
         };
         let mut endpoints = vec![
             Endpoint {
@@ -433,9 +437,13 @@ impl Service for ClientListener {
                 // Only an upgrade (the other addresses were bound at
                 // start) to an address that is taken: serving without
                 // this listener would look ready but lose its clients.
-                Err(e) => self
-                    .life
-                    .fail(format!("cannot listen on {}: {e}", endpoint.addr)),
+                Err(source) => self.life.fail(
+                    StartError::Listen {
+                        addr: endpoint.addr.clone(),
+                        source,
+                    }
+                    .to_string(),
+                ),
             }
         }
         for accept in loops {

@@ -8,7 +8,7 @@ use crate::admission::HeldSlots;
 use crate::authorize::Authorizer;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
-use crate::broker::Broker;
+use crate::broker::{Broker, UrlError};
 use crate::config::Config;
 use crate::fairness::{Clients, TrustedProxies};
 use crate::front::Front;
@@ -20,7 +20,7 @@ use crate::listener::{ClientListener, Task};
 use crate::metrics;
 use crate::poll::Poller;
 use crate::routes::RouteTable;
-use crate::tls::Certificates;
+use crate::tls::{Certificates, TlsError};
 use crate::upstream::Upstreams;
 use crate::watch::Watcher;
 use async_trait::async_trait;
@@ -33,6 +33,23 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+/// Why the gateway could not start, or stopped because it could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Broker(#[from] UrlError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// What the instance failed on while serving ([`Lifecycle::fail`]).
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// How long a process that handed its sockets over keeps accepting
 /// beside the new one before it drains.
 const UPGRADE_OVERLAP: Duration = Duration::from_secs(1);
@@ -43,7 +60,7 @@ const BROKER_WAIT: Duration = Duration::from_secs(5);
 pub const CHANNEL_LINGER: Duration = Duration::from_secs(30);
 
 /// Builds the broker named by `config.broker.url`.
-pub fn broker(config: &Config) -> Result<Arc<dyn Broker>, String> {
+pub fn broker(config: &Config) -> Result<Arc<dyn Broker>, UrlError> {
     let url = &config.broker.url;
     let b = &config.broker;
     if url.starts_with("memory://") {
@@ -135,7 +152,7 @@ fn open_file_limit(max_held: usize) -> u64 {
 /// Runs the gateway until SIGTERM, SIGINT or a graceful upgrade (SIGQUIT)
 /// has drained it. With `upgrade`, takes over the listening sockets of the
 /// running instance at `config.upgrade_sock` instead of binding them.
-pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), String> {
+pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), StartError> {
     metrics::init();
     let open_files = open_file_limit(config.limits.max_held);
     tracing::debug!(open_files, "open-file limit");
@@ -303,7 +320,7 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Stri
         }),
     });
     match life.failure() {
-        Some(reason) => Err(reason.to_string()),
+        Some(reason) => Err(StartError::Failed(reason.to_string())),
         None => Ok(()),
     }
 }

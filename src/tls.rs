@@ -53,26 +53,66 @@ fn stamp(cert: &str, key: &str) -> Stamp {
     Some([one(cert)?, one(key)?])
 }
 
+/// Why a certificate and key pair cannot be served. Its text names the
+/// files and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls: cannot read {cert} / {key}: {why}")]
+    Unreadable {
+        cert: String,
+        key: String,
+        why: String,
+    },
+    #[error("tls: {cert} holds no certificate or {key} no private key")]
+    Empty { cert: String, key: String },
+    #[error("tls: no crypto provider installed")]
+    NoProvider,
+    #[error("tls: {cert} and {key} are not a usable pair: {why}")]
+    NotAPair {
+        cert: String,
+        key: String,
+        why: String,
+    },
+    #[error("tls: {cert} / {key} are still being read")]
+    Busy { cert: String, key: String },
+}
+
 /// The files' stamp, then the pair read and checked.
-fn read_stamped(cert: &str, key: &str) -> (Stamp, Result<CertifiedKey, String>) {
+fn read_stamped(cert: &str, key: &str) -> (Stamp, Result<CertifiedKey, TlsError>) {
     (stamp(cert, key), read_pair(cert, key))
 }
 
 /// Reads and checks a certificate chain and its key.
-fn read_pair(cert: &str, key: &str) -> Result<CertifiedKey, String> {
+fn read_pair(cert: &str, key: &str) -> Result<CertifiedKey, TlsError> {
     pingora::tls::install_default_crypto_provider();
+    let files = || (cert.to_string(), key.to_string());
     let (chain, key_der) = pingora::tls::load_certs_and_key_files(cert, key)
-        .map_err(|e| format!("tls: cannot read {cert} / {key}: {e}"))?
-        .ok_or_else(|| format!("tls: {cert} holds no certificate or {key} no private key"))?;
-    let provider = CryptoProvider::get_default()
-        .ok_or_else(|| "tls: no crypto provider installed".to_string())?;
-    CertifiedKey::from_der(chain, key_der, provider)
-        .map_err(|e| format!("tls: {cert} and {key} are not a usable pair: {e}"))
+        .map_err(|e| {
+            let (cert, key) = files();
+            TlsError::Unreadable {
+                cert,
+                key,
+                why: e.to_string(),
+            }
+        })?
+        .ok_or_else(|| {
+            let (cert, key) = files();
+            TlsError::Empty { cert, key }
+        })?;
+    let provider = CryptoProvider::get_default().ok_or(TlsError::NoProvider)?;
+    CertifiedKey::from_der(chain, key_der, provider).map_err(|e| {
+        let (cert, key) = files();
+        TlsError::NotAPair {
+            cert,
+            key,
+            why: e.to_string(),
+        }
+    })
 }
 
 impl Certificates {
     /// Reads `cert` and `key` (PEM). The error names the file and the problem.
-    pub fn load(cert: &str, key: &str) -> Result<Arc<Certificates>, String> {
+    pub fn load(cert: &str, key: &str) -> Result<Arc<Certificates>, TlsError> {
         let seen = stamp(cert, key);
         let pair = read_pair(cert, key)?;
         Ok(Arc::new(Certificates {
@@ -110,11 +150,11 @@ impl Certificates {
     /// Reads the pair again now, off the runtime. Ok(()) when the new pair
     /// is in use; on an error (or while another read is under way) the
     /// previous one stays.
-    pub async fn reload(&self) -> Result<(), String> {
-        let (seen, pair) = self
-            .read_files(read_stamped)
-            .await
-            .ok_or_else(|| format!("tls: {} / {} are still being read", self.cert, self.key))?;
+    pub async fn reload(&self) -> Result<(), TlsError> {
+        let (seen, pair) = self.read_files(read_stamped).await.ok_or_else(|| {
+            let (cert, key) = (self.cert.clone(), self.key.clone());
+            TlsError::Busy { cert, key }
+        })?;
         self.install(seen, pair?);
         Ok(())
     }

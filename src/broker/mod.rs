@@ -15,6 +15,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::Arc;
 
+/// A broker URL (`broker.url`) that cannot be used: its text names the key
+/// and the problem, without secrets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("broker.url: {0}")]
+pub struct UrlError(pub String);
+
 /// Why the broker could not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BrokerError {

@@ -25,7 +25,7 @@ mod layout;
 mod sentinel;
 mod slots;
 
-use super::{Broker, BrokerError, Sink};
+use super::{Broker, BrokerError, Sink, UrlError};
 use crate::history::History;
 use crate::message::Message;
 use crate::metrics;
@@ -119,7 +119,7 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 }
 
 /// Checks a Redis broker URL without connecting; the error says what is wrong.
-pub fn check_url(url: &str) -> Result<(), String> {
+pub fn check_url(url: &str) -> Result<(), UrlError> {
     Target::parse(url, "").map(|_| ())
 }
 
@@ -139,7 +139,7 @@ impl RedisBroker {
         history: usize,
         history_ttl: Duration,
         max_pending: usize,
-    ) -> Result<RedisBroker, String> {
+    ) -> Result<RedisBroker, UrlError> {
         let target = Target::parse(url, sentinel_password)?;
         let (control, control_rx) = mpsc::unbounded_channel();
         Ok(RedisBroker {

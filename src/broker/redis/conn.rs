@@ -4,6 +4,7 @@
 //! so that one multiplexed connection carries commands and pub/sub pushes.
 
 use super::sentinel::{self, SentinelTarget};
+use crate::broker::UrlError;
 use crate::secret::redact_url;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
@@ -29,12 +30,10 @@ pub enum Target {
 impl Target {
     /// Parses a broker URL (and, for Sentinel, the sentinels' own
     /// password); the error names what is wrong, without secrets.
-    pub fn parse(url: &str, sentinel_password: &str) -> Result<Target, String> {
+    pub fn parse(url: &str, sentinel_password: &str) -> Result<Target, UrlError> {
         for (scheme, tls) in [("redis+sentinel://", false), ("rediss+sentinel://", true)] {
             if let Some(rest) = url.strip_prefix(scheme) {
-                return SentinelTarget::parse(rest, tls, sentinel_password)
-                    .map(Target::Sentinel)
-                    .map_err(|e| format!("broker.url: {e}"));
+                return SentinelTarget::parse(rest, tls, sentinel_password).map(Target::Sentinel);
             }
         }
         let resp3 = |mut info: redis::ConnectionInfo| {
@@ -53,17 +52,18 @@ impl Target {
                 let info = node
                     .as_str()
                     .into_connection_info()
-                    .map_err(|e| format!("broker.url: cluster node '{host}': {e}"))?;
+                    .map_err(|e| UrlError(format!("cluster node '{host}': {e}")))?;
                 nodes.push(resp3(info));
             }
             if nodes.is_empty() {
-                return Err("broker.url: redis+cluster:// needs at least one host:port".into());
+                let why = "redis+cluster:// needs at least one host:port";
+                return Err(UrlError(why.into()));
             }
             return Ok(Target::Cluster(nodes));
         }
         let info = url
             .into_connection_info()
-            .map_err(|e| format!("broker.url: '{}': {e}", redact_url(url)))?;
+            .map_err(|e| UrlError(format!("'{}': {e}", redact_url(url))))?;
         Ok(Target::Single(resp3(info)))
     }
 

@@ -5,6 +5,7 @@
 //! the watch of the sentinels' `+switch-master` announcements, which makes
 //! the broker reconnect at once when a failover names a new master.
 
+use crate::broker::UrlError;
 use futures_util::StreamExt;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use redis::{
@@ -35,7 +36,12 @@ impl SentinelTarget {
     /// the part after `redis+sentinel://` (TLS to sentinels and master when
     /// `tls`); the sentinels' own password is `sentinel_password` (empty:
     /// none). The error says what is wrong, without the password.
-    pub fn parse(rest: &str, tls: bool, sentinel_password: &str) -> Result<SentinelTarget, String> {
+    pub fn parse(
+        rest: &str,
+        tls: bool,
+        sentinel_password: &str,
+    ) -> Result<SentinelTarget, UrlError> {
+        let bad = |why: &str| UrlError(format!("redis+sentinel://{why}"));
         let (auth, tail) = match rest.rsplit_once('@') {
             Some((a, t)) => (Some(a), t),
             None => (None, rest),
@@ -44,16 +50,18 @@ impl SentinelTarget {
         let mut parts = path.split('/').filter(|p| !p.is_empty());
         let master_name = parts
             .next()
-            .ok_or("redis+sentinel:// needs the master's name: redis+sentinel://s1:26379,s2:26379/mymaster")?
+            .ok_or_else(|| {
+                bad(" needs the master's name: redis+sentinel://s1:26379,s2:26379/mymaster")
+            })?
             .to_string();
         let db = match parts.next() {
             Some(db) => db
                 .parse::<i64>()
-                .map_err(|_| format!("redis+sentinel://: database '{db}' is not a number"))?,
+                .map_err(|_| bad(&format!(": database '{db}' is not a number")))?,
             None => 0,
         };
         if parts.next().is_some() {
-            return Err("redis+sentinel://: expected /<master-name>[/<db>] after the hosts".into());
+            return Err(bad(": expected /<master-name>[/<db>] after the hosts"));
         }
         let (username, password) = match auth {
             Some(a) => {
@@ -76,14 +84,14 @@ impl SentinelTarget {
             let mut info = format!("{scheme}://{host}")
                 .as_str()
                 .into_connection_info()
-                .map_err(|e| format!("redis+sentinel://: sentinel '{host}': {e}"))?;
+                .map_err(|e| bad(&format!(": sentinel '{host}': {e}")))?;
             if !sentinel_password.is_empty() {
                 info.redis.password = Some(sentinel_password.to_string());
             }
             sentinels.push(info);
         }
         if sentinels.is_empty() {
-            return Err("redis+sentinel:// needs at least one sentinel host:port".into());
+            return Err(bad(" needs at least one sentinel host:port"));
         }
         let node = SentinelNodeConnectionInfo {
             tls_mode: tls.then_some(TlsMode::Secure),

@@ -32,7 +32,7 @@ use crate::metrics;
 use async_trait::async_trait;
 use bytes::Bytes;
 use cluster::Shards;
-use conn::{Conn, Push, PushQueue, Target};
+use conn::{Conn, Push, PushQueue, Topology};
 use layout::Layout;
 use parking_lot::{Mutex, RwLock};
 use redis::{PushInfo, PushKind};
@@ -79,7 +79,7 @@ enum Left {
 
 /// The Redis broker.
 pub struct RedisBroker {
-    target: Target,
+    topology: Topology,
     layout: Layout,
     conn: RwLock<Option<Conn>>,
     up: AtomicBool,
@@ -120,7 +120,7 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 
 /// Checks a Redis broker URL without connecting; the error says what is wrong.
 pub fn check_url(url: &str) -> Result<(), UrlError> {
-    Target::parse(url, "").map(|_| ())
+    Topology::parse(url, "").map(|_| ())
 }
 
 impl RedisBroker {
@@ -140,10 +140,10 @@ impl RedisBroker {
         history_ttl: Duration,
         max_pending: usize,
     ) -> Result<RedisBroker, UrlError> {
-        let target = Target::parse(url, sentinel_password)?;
+        let topology = Topology::parse(url, sentinel_password)?;
         let (control, control_rx) = mpsc::unbounded_channel();
         Ok(RedisBroker {
-            target,
+            topology,
             layout: Layout::new(namespace, history, history_ttl),
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
@@ -165,7 +165,7 @@ impl RedisBroker {
     /// answer (the server was demoted) also makes the connection task ask
     /// the sentinels for the master again.
     fn failed(&self, e: redis::RedisError) -> BrokerError {
-        if e.kind() == redis::ErrorKind::ReadOnly && self.target.sentinel().is_some() {
+        if e.kind() == redis::ErrorKind::ReadOnly && self.topology.sentinel().is_some() {
             tracing::warn!("redis answered READONLY: asking the sentinels for the master again");
             self.switched.notify_one();
         }
@@ -260,14 +260,14 @@ impl RedisBroker {
     ) -> Option<(Conn, Option<Shards>)> {
         let response_timeout =
             conn::RESPONSE_TIMEOUT.max(self.replica_timeout + Duration::from_secs(1));
-        let mut conn = match self.target.connect(queue.clone(), response_timeout).await {
+        let mut conn = match self.topology.connect(queue.clone(), response_timeout).await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot connect to redis");
                 return None;
             }
         };
-        let shards = match self.target.cluster_nodes() {
+        let shards = match self.topology.cluster_nodes() {
             Some(nodes) if conn.sharded() => Shards::new(nodes, queue.clone()),
             _ => None,
         };
@@ -393,7 +393,7 @@ impl RedisBroker {
                         check = tokio::time::Instant::now() + wait;
                     }
                 }
-                _ = self.switched.notified(), if self.target.sentinel().is_some() => {
+                _ = self.switched.notified(), if self.topology.sentinel().is_some() => {
                     return Left::Switched;
                 }
                 _ = shutdown.changed() => return Left::Shutdown,
@@ -415,7 +415,7 @@ impl RedisBroker {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return true,
-                _ = self.switched.notified(), if self.target.sentinel().is_some() => return true,
+                _ = self.switched.notified(), if self.topology.sentinel().is_some() => return true,
                 c = control.recv() => match c {
                     Some(Control::Watch(channel, ack)) => {
                         watched.insert(channel);
@@ -500,7 +500,7 @@ impl Broker for RedisBroker {
     }
 
     fn address(&self) -> String {
-        match self.target.sentinel().and_then(|t| t.current()) {
+        match self.topology.sentinel().and_then(|t| t.current()) {
             Some(master) => format!("{} (master {master})", self.shown_url),
             None => self.shown_url.clone(),
         }
@@ -525,7 +525,7 @@ impl Broker for RedisBroker {
         // Behind Sentinel, its announcements of a new master are watched
         // for as long as the broker runs.
         let _watch = self
-            .target
+            .topology
             .sentinel()
             .map(|t| AbortOnDrop(tokio::spawn(t.clone().watch(self.switched.clone()))));
         let mut watched = HashSet::new();

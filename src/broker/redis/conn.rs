@@ -19,21 +19,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a command may take, unless `WAIT`'s timeout needs longer.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Where the broker connects.
-pub enum Target {
+/// Where the broker connects: one server, a cluster, or the master named
+/// by Sentinel.
+pub enum Topology {
     Single(redis::ConnectionInfo),
     Cluster(Vec<redis::ConnectionInfo>),
     /// The master the sentinels name, asked again on every connection.
     Sentinel(SentinelTarget),
 }
 
-impl Target {
+impl Topology {
     /// Parses a broker URL (and, for Sentinel, the sentinels' own
     /// password); the error names what is wrong, without secrets.
-    pub fn parse(url: &str, sentinel_password: &str) -> Result<Target, UrlError> {
+    pub fn parse(url: &str, sentinel_password: &str) -> Result<Topology, UrlError> {
         for (scheme, tls) in [("redis+sentinel://", false), ("rediss+sentinel://", true)] {
             if let Some(rest) = url.strip_prefix(scheme) {
-                return SentinelTarget::parse(rest, tls, sentinel_password).map(Target::Sentinel);
+                return SentinelTarget::parse(rest, tls, sentinel_password).map(Topology::Sentinel);
             }
         }
         let resp3 = |mut info: redis::ConnectionInfo| {
@@ -59,12 +60,12 @@ impl Target {
                 let why = "redis+cluster:// needs at least one host:port";
                 return Err(UrlError(why.into()));
             }
-            return Ok(Target::Cluster(nodes));
+            return Ok(Topology::Cluster(nodes));
         }
         let info = url
             .into_connection_info()
             .map_err(|e| UrlError(format!("'{}': {e}", redact_url(url))))?;
-        Ok(Target::Single(resp3(info)))
+        Ok(Topology::Single(resp3(info)))
     }
 
     /// Opens a connection whose pub/sub pushes go to `pushes`, whose
@@ -75,7 +76,7 @@ impl Target {
         response_timeout: Duration,
     ) -> RedisResult<Conn> {
         match self {
-            Target::Single(info) => {
+            Topology::Single(info) => {
                 let client = redis::Client::open(info.clone())?;
                 let config = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(CONNECT_TIMEOUT)
@@ -86,7 +87,7 @@ impl Target {
                     .await?;
                 Ok(Conn::Single(conn))
             }
-            Target::Cluster(nodes) => {
+            Topology::Cluster(nodes) => {
                 let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
                     .use_protocol(ProtocolVersion::RESP3)
                     .connection_timeout(CONNECT_TIMEOUT)
@@ -105,7 +106,7 @@ impl Target {
                 let sharded = matches!(&info, Value::Array(items) if items.iter().any(|v| !matches!(v, Value::Nil)));
                 Ok(Conn::Cluster { conn, sharded })
             }
-            Target::Sentinel(target) => {
+            Topology::Sentinel(target) => {
                 let client = target.master().await?;
                 let addr = sentinel::address(&client.get_connection_info().addr);
                 let config = redis::AsyncConnectionConfig::new()
@@ -141,7 +142,7 @@ impl Target {
     /// The nodes of a cluster target.
     pub fn cluster_nodes(&self) -> Option<&[redis::ConnectionInfo]> {
         match self {
-            Target::Cluster(nodes) => Some(nodes),
+            Topology::Cluster(nodes) => Some(nodes),
             _ => None,
         }
     }
@@ -149,7 +150,7 @@ impl Target {
     /// The Sentinel target, when the broker follows one.
     pub fn sentinel(&self) -> Option<&SentinelTarget> {
         match self {
-            Target::Sentinel(t) => Some(t),
+            Topology::Sentinel(t) => Some(t),
             _ => None,
         }
     }

@@ -43,7 +43,8 @@ impl Relay {
             Some((template, _)) => match template.render(params) {
                 Ok(c) => Some(c),
                 Err(detail) => {
-                    return respond::error(session, 400, "bad_request", &detail, &[]).await
+                    let detail = detail.to_string();
+                    return respond::error(session, 400, "bad_request", &detail, &[]).await;
                 }
             },
             None => None,

@@ -52,7 +52,7 @@ impl<'a> SubscribeHead<'a> {
         let target = self.target;
         let mut channels = smallvec::SmallVec::with_capacity(route.channels.len());
         for t in &route.channels {
-            let name = t.render(params).map_err(BadRequest)?;
+            let name = t.render(params).map_err(|e| BadRequest(e.to_string()))?;
             if !channels.contains(&name) {
                 channels.push(name);
             }

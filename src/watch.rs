@@ -109,6 +109,7 @@ impl Watcher {
                 Ok(name) if !channels.contains(&name) => channels.push(name),
                 Ok(_) => {}
                 Err(detail) => {
+                    let detail = detail.to_string();
                     return respond::error(session, 400, "bad_request", &detail, &[]).await;
                 }
             }

@@ -60,6 +60,20 @@ pub struct Authorize {
     pub credentials: Credentials,
 }
 
+/// Why `authorize_credentials` is refused (after its key path).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("at most 32 headers")]
+    TooMany,
+    #[error("'{}' is not a header name", .0.escape_default())]
+    NotAHeader(String),
+    /// A framing, routing or hop-by-hop field ([`NOT_CREDENTIALS`]).
+    #[error("'{0}' is set by pollgate, not a credential")]
+    SetByPollgate(String),
+    #[error("'{0}' is listed twice")]
+    Twice(String),
+}
+
 /// The client headers that are credentials (`authorize_credentials`), in
 /// the order configured.
 #[derive(Debug, Clone, Default)]
@@ -71,19 +85,19 @@ pub type Presented = Vec<(u8, Bytes)>;
 
 impl Credentials {
     /// The credentials named by `names`, or why a name cannot be one.
-    pub fn parse(names: &[String]) -> std::result::Result<Credentials, String> {
+    pub fn parse(names: &[String]) -> std::result::Result<Credentials, CredentialsError> {
         if names.len() > 32 {
-            return Err("at most 32 headers".into());
+            return Err(CredentialsError::TooMany);
         }
         let mut parsed: Vec<HeaderName> = Vec::with_capacity(names.len());
         for name in names {
             let header = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("'{}' is not a header name", name.escape_default()))?;
+                .map_err(|_| CredentialsError::NotAHeader(name.clone()))?;
             if NOT_CREDENTIALS.contains(&header.as_str()) {
-                return Err(format!("'{name}' is set by pollgate, not a credential"));
+                return Err(CredentialsError::SetByPollgate(name.clone()));
             }
             if parsed.contains(&header) {
-                return Err(format!("'{name}' is listed twice"));
+                return Err(CredentialsError::Twice(name.clone()));
             }
             parsed.push(header);
         }
@@ -308,6 +322,18 @@ mod tests {
             assert!(Credentials::parse(&[bad.into()]).is_err(), "{bad}");
         }
         assert!(Credentials::parse(&["a".into(), "A".into()]).is_err());
+        // The texts `pollgate check` prints after the key path.
+        let why = |names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            Credentials::parse(&names).unwrap_err().to_string()
+        };
+        assert_eq!(why(&["bad\tname"]), "'bad\\tname' is not a header name");
+        assert_eq!(
+            why(&["Host"]),
+            "'Host' is set by pollgate, not a credential"
+        );
+        assert_eq!(why(&["a", "A"]), "'A' is listed twice");
+        assert_eq!(why(&["x"; 33]), "at most 32 headers");
         assert!(Credentials::parse(&[]).is_ok());
     }
 }

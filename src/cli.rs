@@ -98,7 +98,8 @@ fn config_file(args: &ConfigArgs) -> Option<PathBuf> {
     }
 }
 
-/// Loads, overrides and validates the config. Errors are full lines.
+/// Loads, overrides and checks the config, and compiles its routes. Errors
+/// are full lines.
 pub fn load(args: &ConfigArgs) -> Result<(Config, RouteTable), ConfigErrors> {
     let file = config_file(args);
     let name = file
@@ -119,15 +120,47 @@ pub fn load(args: &ConfigArgs) -> Result<(Config, RouteTable), ConfigErrors> {
     if let Some(b) = &args.broker {
         config.broker.url = b.clone();
     }
-    let routes = config.validate(&name)?;
+    let routes = check(&config, &name)?;
     Ok((config, routes))
 }
 
+/// What `pollgate check` checks of `config` (named `file`): the config
+/// ([`Config::validate`]), then its routes, compiled
+/// ([`RouteTable::compile`]). Both are run, so that every problem is
+/// listed, the config's first.
+pub fn check(config: &Config, file: &str) -> Result<RouteTable, ConfigErrors> {
+    match (config.validate(file), RouteTable::compile(config, file)) {
+        (Ok(()), compiled) => compiled,
+        (Err(problems), Ok(_)) => Err(problems),
+        (Err(mut problems), Err(more)) => {
+            problems.0.extend(more.0);
+            Err(problems)
+        }
+    }
+}
+
+/// Why logging could not be set up (`serve` exits 2).
+#[derive(Debug, thiserror::Error)]
+pub enum LoggingError {
+    /// `--log-level` is not a level nor a tracing filter.
+    #[error("--log-level '{level}': {why}")]
+    Level {
+        level: String,
+        why: tracing_subscriber::filter::ParseError,
+    },
+    /// A global subscriber was already set.
+    #[error("cannot set up logging: {0}")]
+    Init(tracing_subscriber::util::TryInitError),
+}
+
 /// Sets up tracing, with Pingora's `log` records bridged in.
-pub fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
+pub fn init_logging(format: LogFormat, level: &str) -> Result<(), LoggingError> {
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .map_err(|e| format!("--log-level '{level}': {e}"))?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).map_err(|why| LoggingError::Level {
+            level: level.into(),
+            why,
+        })?;
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -137,27 +170,44 @@ pub fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
         LogFormat::Text => builder.finish().try_init(),
         LogFormat::Json => builder.json().finish().try_init(),
     };
-    result.map_err(|e| format!("cannot set up logging: {e}"))
+    result.map_err(LoggingError::Init)
 }
 
-/// Publishes through the admin API; returns the printed id or an error line.
-pub fn publish(args: &PublishArgs) -> Result<String, String> {
+/// Why `pollgate publish` failed (printed after `pollgate publish: `).
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("cannot read stdin: {0}")]
+    Stdin(std::io::Error),
+    #[error("--admin '{0}': only http:// and https:// URLs are supported")]
+    NotHttp(String),
+    /// The publish API could not be asked.
+    #[error("cannot publish to {base}: {why}")]
+    Unreachable { base: String, why: ureq::Error },
+    /// The publish API's answer was not a 200 with an id: its status, its
+    /// `error` and its `detail` (or its body).
+    #[error("publish failed: {status} {error} {detail}")]
+    Refused {
+        status: u16,
+        error: String,
+        detail: String,
+    },
+}
+
+/// Publishes through the admin API; returns the id to print.
+pub fn publish(args: &PublishArgs) -> Result<String, PublishError> {
     let data = match args.data.as_deref() {
         Some("-") | None => {
             let mut buf = Vec::new();
             std::io::stdin()
                 .read_to_end(&mut buf)
-                .map_err(|e| format!("cannot read stdin: {e}"))?;
+                .map_err(PublishError::Stdin)?;
             buf
         }
         Some(d) => d.as_bytes().to_vec(),
     };
     let base = args.admin.trim_end_matches('/');
     if !(base.starts_with("http://") || base.starts_with("https://")) {
-        return Err(format!(
-            "--admin '{}': only http:// and https:// URLs are supported",
-            args.admin
-        ));
+        return Err(PublishError::NotHttp(args.admin.clone()));
     }
     let channel: String = args
         .channel
@@ -182,17 +232,19 @@ pub fn publish(args: &PublishArgs) -> Result<String, String> {
     }
     let mut answer = request
         .send(&data[..])
-        .map_err(|e| format!("cannot publish to {base}: {e}"))?;
-    let status = answer.status().as_u16().to_string();
+        .map_err(|why| PublishError::Unreachable {
+            base: base.into(),
+            why,
+        })?;
+    let status = answer.status().as_u16();
     let body = answer.body_mut().read_to_string().unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null);
-    let status = status.as_str();
     match (status, v["id"].as_str()) {
-        ("200", Some(id)) => Ok(id.to_string()),
-        _ => Err(format!(
-            "publish failed: {status} {} {}",
-            v["error"].as_str().unwrap_or(""),
-            v["detail"].as_str().unwrap_or(body.trim())
-        )),
+        (200, Some(id)) => Ok(id.to_string()),
+        _ => Err(PublishError::Refused {
+            status,
+            error: v["error"].as_str().unwrap_or("").into(),
+            detail: v["detail"].as_str().unwrap_or(body.trim()).into(),
+        }),
     }
 }

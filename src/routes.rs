@@ -1,10 +1,12 @@
 //! Routes: the compiled route table (config → request matching). Each route
 //! pairs a [`PathTemplate`] and its methods with what it does: subscribe,
 //! watch, or proxy (and maybe publish) — docs/configuration.md, "Routes".
-//! [`RouteTable::find`] picks the first route whose template and method
-//! match a request.
+//! [`RouteTable::compile`] builds it from a config's `routes` (templates,
+//! authorization caches), checking each route as it goes; [`RouteTable::find`]
+//! picks the first route whose template and method match a request.
 
 use crate::authorize::{AuthCache, Authorize, Credentials};
+use crate::config::{BodySource, Config, ConfigErrors, FirstConfig, FormatConfig, RouteConfig};
 use crate::target::RequestTarget;
 use crate::template::{ChannelTemplate, Params, PathTemplate};
 use std::sync::Arc;
@@ -67,7 +69,7 @@ pub struct WatchRoute {
 #[derive(Debug, Clone)]
 pub struct ProxyRoute {
     pub upstream: String,
-    pub publish: Option<(ChannelTemplate, crate::config::BodySource)>,
+    pub publish: Option<(ChannelTemplate, BodySource)>,
     pub publish_from_header: bool,
 }
 
@@ -86,8 +88,12 @@ pub enum Match<'a> {
 }
 
 impl RouteTable {
-    /// Compiles the config's routes; each problem names `routes[i]...`.
-    pub fn compile(config: &crate::config::Config) -> Result<RouteTable, Vec<String>> {
+    /// Compiles the routes of `config` (named `file` in problems). Every
+    /// problem of every route is returned, each a line `{file}:
+    /// routes[i]...: why` as `pollgate check` prints it. `config` need not
+    /// have passed [`Config::validate`] (`cli::check` runs both, to list
+    /// every problem), but a gateway serves only the table of one that did.
+    pub fn compile(config: &Config, file: &str) -> Result<RouteTable, ConfigErrors> {
         let mut problems = Vec::new();
         let mut routes = Vec::new();
         for (i, rc) in config.routes.iter().enumerate() {
@@ -100,7 +106,8 @@ impl RouteTable {
         if problems.is_empty() {
             Ok(RouteTable { routes })
         } else {
-            Err(problems)
+            let lines = problems.into_iter().map(|p| format!("{file}: {p}"));
+            Err(ConfigErrors(lines.collect()))
         }
     }
 
@@ -163,7 +170,7 @@ fn compile_channels(
 fn compile_authorize(
     at: &str,
     (upstream, ttl, size, names): (&Option<String>, std::time::Duration, u64, &[String]),
-    config: &crate::config::Config,
+    config: &Config,
     problems: &mut Vec<String>,
 ) -> (Option<Authorize>, Credentials) {
     if let Some(name) = upstream {
@@ -188,12 +195,7 @@ fn compile_authorize(
     (authorize, credentials)
 }
 
-fn compile_route(
-    config: &crate::config::Config,
-    key: &str,
-    rc: &crate::config::RouteConfig,
-) -> Result<Route, Vec<String>> {
-    use crate::config::{FirstConfig, FormatConfig};
+fn compile_route(config: &Config, key: &str, rc: &RouteConfig) -> Result<Route, Vec<String>> {
     let mut problems = Vec::new();
     let path = PathTemplate::parse(&rc.path).map_err(|e| vec![format!("{key}.path: {e}")])?;
     let params: Vec<&str> = path.params().collect();
@@ -325,5 +327,57 @@ fn compile_route(
             action,
         }),
         _ => Err(problems),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_routes_are_checked() {
+        let route = |extra: &str| {
+            format!(
+                "upstreams:\n  app:\n    addrs: [\"127.0.0.1:1\"]\nroutes:\n  - path: \"/o/{{id}}\"\n    \
+                 upstream: app\n{extra}"
+            )
+        };
+        let errors = |extra: &str| {
+            let c = Config::parse("f.yaml", &route(extra)).unwrap();
+            RouteTable::compile(&c, "f.yaml")
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        let watch = "    watch:\n      channels: [\"o:{id}\"]\n";
+        let checked = |yaml: &str| {
+            let c = Config::parse("f.yaml", yaml).unwrap();
+            c.validate("f.yaml").is_ok() && RouteTable::compile(&c, "f.yaml").is_ok()
+        };
+        assert!(checked(&route(watch)));
+        let e = errors(&format!("{watch}    methods: [POST]\n"));
+        assert!(
+            e.contains("routes[0].methods: a watch route serves GET, not POST"),
+            "{e}"
+        );
+        let e = errors(&format!(
+            "{watch}    publish:\n      channel: \"o:{{id}}\"\n"
+        ));
+        assert!(e.contains("a watch route does not publish"), "{e}");
+        let e = errors("    watch:\n      channels: []\n");
+        assert!(
+            e.contains("routes[0].watch.channels: needs at least one channel"),
+            "{e}"
+        );
+        let e = errors("    watch:\n      channels: [\"o:{nope}\"]\n");
+        assert!(e.contains("routes[0].watch.channels[0]"), "{e}");
+        let e = errors(&format!("{watch}      authorize: nowhere\n"));
+        assert!(
+            e.contains("routes[0].watch.authorize: no upstream named 'nowhere'"),
+            "{e}"
+        );
+        let none =
+            "    methods: [PUT]\n    publish:\n      channel: \"o:{id}\"\n      body: none\n";
+        assert!(checked(&route(none)));
     }
 }

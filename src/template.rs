@@ -4,6 +4,10 @@
 //! A [`PathTemplate`] matches whole segments of a request path and captures
 //! `{name}` segments; a template ending in `/` (or the single `/`) matches any
 //! path under it. A [`ChannelTemplate`] renders a channel name from captures.
+//!
+//! Their errors: [`TemplateError`], why a route's template is refused (a
+//! config problem); [`RenderError`], why a request's captures make no
+//! channel name (a 400 detail); [`ChannelNameError`], the rules of names.
 
 use compact_str::CompactString;
 use smallvec::SmallVec;
@@ -12,17 +16,68 @@ use std::fmt;
 /// Longest channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 256;
 
-/// Why a channel name is refused; `None` when it is valid.
-pub fn channel_problem(name: &str) -> Option<String> {
+/// Why a channel name is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelNameError {
+    /// Empty, or longer than [`MAX_CHANNEL_LEN`]: its length.
+    #[error("channel names are 1 to {max} bytes, got {0}", max = MAX_CHANNEL_LEN)]
+    Length(usize),
+    /// Its first character that a name may not hold.
+    #[error("'{0}' is not allowed in a channel name (allowed: A-Z a-z 0-9 _ . : @ / -)")]
+    Disallowed(char),
+}
+
+/// Whether `name` may be a channel name.
+pub fn check_channel(name: &str) -> Result<(), ChannelNameError> {
     if name.is_empty() || name.len() > MAX_CHANNEL_LEN {
-        return Some(format!(
-            "channel names are 1 to {MAX_CHANNEL_LEN} bytes, got {}",
-            name.len()
-        ));
+        return Err(ChannelNameError::Length(name.len()));
     }
-    disallowed(name).map(|c| {
-        format!("'{c}' is not allowed in a channel name (allowed: A-Z a-z 0-9 _ . : @ / -)")
-    })
+    disallowed(name).map_or(Ok(()), |c| Err(ChannelNameError::Disallowed(c)))
+}
+
+/// Why a channel name is refused, as text; `None` when it is valid.
+pub fn channel_problem(name: &str) -> Option<String> {
+    check_channel(name).err().map(|e| e.to_string())
+}
+
+/// Why a path or channel template is refused (after its key path).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("'{0}' must start with '/'")]
+    NotAbsolute(String),
+    #[error("'{0}' has an empty segment")]
+    EmptySegment(String),
+    #[error("'{path}' names {{{name}}} twice")]
+    CapturedTwice { path: String, name: String },
+    /// A `{...}` segment whose name is not letters, digits and `_`.
+    #[error("'{0}' is not a valid {{name}} (letters, digits, _)")]
+    BadName(String),
+    /// A segment with `{` or `}` that is not a whole `{name}`.
+    #[error("'{0}': a {{name}} must be a whole segment")]
+    PartSegment(String),
+    #[error("'{0}' has an unclosed '{{'")]
+    Unclosed(String),
+    /// A channel template's placeholder that the path does not capture.
+    #[error("'{text}' uses {{{name}}}, which the route's path does not capture")]
+    NotCaptured { text: String, name: String },
+    #[error("'{0}' has a '}}' without '{{'")]
+    StrayClose(String),
+    #[error("a channel template cannot be empty")]
+    EmptyChannel,
+    /// A character of a channel template's literal text that no channel
+    /// name may hold.
+    #[error("'{text}': '{c}' is not allowed in a channel name")]
+    Disallowed { text: String, c: char },
+}
+
+/// Why a channel template made no channel name of a request's captures:
+/// the detail of its 400 answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("channel '{}': {}", .channel.escape_default(), .why)]
+pub struct RenderError {
+    /// What was rendered.
+    pub channel: CompactString,
+    pub why: ChannelNameError,
 }
 
 /// The first character of `name` a channel name may not hold. Every
@@ -81,23 +136,24 @@ impl<'r> Params<'r> {
 
 impl PathTemplate {
     /// Compiles `path`; the error says what is wrong with it.
-    pub fn parse(path: &str) -> Result<PathTemplate, String> {
+    pub fn parse(path: &str) -> Result<PathTemplate, TemplateError> {
         let rest = path
             .strip_prefix('/')
-            .ok_or_else(|| format!("'{path}' must start with '/'"))?;
+            .ok_or_else(|| TemplateError::NotAbsolute(path.into()))?;
         let prefix = path.ends_with('/');
         let body = rest.strip_suffix('/').unwrap_or(rest);
         let mut segments = Vec::new();
         if !body.is_empty() {
             for seg in body.split('/') {
                 if seg.is_empty() {
-                    return Err(format!("'{path}' has an empty segment"));
+                    return Err(TemplateError::EmptySegment(path.into()));
                 }
                 segments.push(match param_name(seg)? {
                     Some(name) => {
                         let name = name.to_string();
                         if segments.contains(&Segment::Param(name.clone())) {
-                            return Err(format!("'{path}' names {{{name}}} twice"));
+                            let path = path.into();
+                            return Err(TemplateError::CapturedTwice { path, name });
                         }
                         Segment::Param(name)
                     }
@@ -144,19 +200,15 @@ impl PathTemplate {
 }
 
 /// `{name}` → Some(name); a plain segment → None; a malformed one → Err.
-fn param_name(seg: &str) -> Result<Option<String>, String> {
+fn param_name(seg: &str) -> Result<Option<String>, TemplateError> {
     match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
         Some(name)
             if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
         {
             Ok(Some(name.to_string()))
         }
-        Some(_) => Err(format!(
-            "'{seg}' is not a valid {{name}} (letters, digits, _)"
-        )),
-        None if seg.contains(['{', '}']) => {
-            Err(format!("'{seg}': a {{name}} must be a whole segment"))
-        }
+        Some(_) => Err(TemplateError::BadName(seg.into())),
+        None if seg.contains(['{', '}']) => Err(TemplateError::PartSegment(seg.into())),
         None => Ok(None),
     }
 }
@@ -179,19 +231,20 @@ impl ChannelTemplate {
     pub fn parse<'a>(
         text: &str,
         params: impl IntoIterator<Item = &'a str> + Clone,
-    ) -> Result<ChannelTemplate, String> {
+    ) -> Result<ChannelTemplate, TemplateError> {
         let mut pieces = Vec::new();
         let mut rest = text;
         while let Some(open) = rest.find('{') {
             let (lit, after) = rest.split_at(open);
             let close = after
                 .find('}')
-                .ok_or_else(|| format!("'{text}' has an unclosed '{{'"))?;
+                .ok_or_else(|| TemplateError::Unclosed(text.into()))?;
             let name = &after[1..close];
             if !params.clone().into_iter().any(|p| p == name) {
-                return Err(format!(
-                    "'{text}' uses {{{name}}}, which the route's path does not capture"
-                ));
+                return Err(TemplateError::NotCaptured {
+                    text: text.into(),
+                    name: name.into(),
+                });
             }
             if !lit.is_empty() {
                 pieces.push(Piece::Text(lit.to_string()));
@@ -200,18 +253,19 @@ impl ChannelTemplate {
             rest = &after[close + 1..];
         }
         if rest.contains('}') {
-            return Err(format!("'{text}' has a '}}' without '{{'"));
+            return Err(TemplateError::StrayClose(text.into()));
         }
         if !rest.is_empty() {
             pieces.push(Piece::Text(rest.to_string()));
         }
         if pieces.is_empty() {
-            return Err("a channel template cannot be empty".into());
+            return Err(TemplateError::EmptyChannel);
         }
         for p in &pieces {
             if let Piece::Text(t) = p {
                 if let Some(c) = disallowed(t) {
-                    return Err(format!("'{text}': '{c}' is not allowed in a channel name"));
+                    let text = text.into();
+                    return Err(TemplateError::Disallowed { text, c });
                 }
             }
         }
@@ -220,15 +274,15 @@ impl ChannelTemplate {
 
     /// Renders the channel name for `params` (inline up to 24 bytes: a
     /// poll allocates nothing for it, as a rule); the error is a 400 detail.
-    pub fn render(&self, params: &Params) -> Result<CompactString, String> {
+    pub fn render(&self, params: &Params) -> Result<CompactString, RenderError> {
         let out = match self.pieces.as_slice() {
             // The usual `{channel}`: the capture is the name.
             [Piece::Param(n)] => params.value(n).cloned().unwrap_or_default(),
             _ => self.concat(params),
         };
-        match channel_problem(&out) {
-            None => Ok(out),
-            Some(why) => Err(format!("channel '{}': {why}", out.escape_default())),
+        match check_channel(&out) {
+            Ok(()) => Ok(out),
+            Err(why) => Err(RenderError { channel: out, why }),
         }
     }
 
@@ -310,6 +364,17 @@ mod tests {
         p.insert("room", "r:1");
         assert_eq!(whole.render(&p).unwrap(), "r:1");
         assert!(whole.render(&Params::new()).is_err(), "no capture, no name");
+        // The 400 details, as they were when these were strings.
+        p.insert("room", "a\tb");
+        assert_eq!(
+            t.render(&p).unwrap_err().to_string(),
+            "channel 'room:a\\tb': '\t' is not allowed in a channel name \
+             (allowed: A-Z a-z 0-9 _ . : @ / -)"
+        );
+        assert_eq!(
+            whole.render(&Params::new()).unwrap_err().to_string(),
+            "channel '': channel names are 1 to 256 bytes, got 0"
+        );
         assert!(ChannelTemplate::parse("room:{nope}", ["room"]).is_err());
         assert!(ChannelTemplate::parse("bad channel", ["room"]).is_err());
         assert!(ChannelTemplate::parse("room:{room", ["room"]).is_err());

@@ -1,8 +1,24 @@
 //! Serde helpers for the config's human units: humantime durations (`30s`,
-//! `1m 30s`, `250ms`) and byte sizes (`1MiB`, `512KiB`, `1000`).
+//! `1m 30s`, `250ms`) and byte sizes (`1MiB`, `512KiB`, `1000`), and
+//! [`UnitError`], why a value is refused (after the key's path).
 
 use serde::{de, Deserialize, Deserializer, Serializer};
 use std::time::Duration;
+
+/// Why a duration or a size of the config is refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UnitError {
+    #[error("invalid duration '{text}': {why} (write e.g. 30s, 1m 30s, 250ms)")]
+    Duration {
+        text: String,
+        why: humantime::DurationError,
+    },
+    /// Longer than [`duration::MAX`].
+    #[error("'{0}' is longer than 365d, the longest duration allowed")]
+    TooLong(String),
+    #[error("invalid size '{0}' (write e.g. 1MiB, 512KiB or a byte count)")]
+    Size(String),
+}
 
 /// `#[serde(with = "units::duration")]`
 pub mod duration {
@@ -20,16 +36,17 @@ pub mod duration {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        let d = humantime::parse_duration(text.trim()).map_err(|e| {
-            de::Error::custom(format!(
-                "invalid duration '{text}': {e} (write e.g. 30s, 1m 30s, 250ms)"
-            ))
+        parse(&String::deserialize(d)?).map_err(de::Error::custom)
+    }
+
+    /// Parses a humantime duration of at most [`MAX`].
+    pub fn parse(text: &str) -> Result<Duration, UnitError> {
+        let d = humantime::parse_duration(text.trim()).map_err(|why| UnitError::Duration {
+            text: text.into(),
+            why,
         })?;
         if d > MAX {
-            return Err(de::Error::custom(format!(
-                "'{text}' is longer than 365d, the longest duration allowed"
-            )));
+            return Err(UnitError::TooLong(text.into()));
         }
         Ok(d)
     }
@@ -76,11 +93,7 @@ pub mod size {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         match Raw::deserialize(d)? {
             Raw::Number(n) => Ok(n),
-            Raw::Text(t) => parse(&t).ok_or_else(|| {
-                de::Error::custom(format!(
-                    "invalid size '{t}' (write e.g. 1MiB, 512KiB or a byte count)"
-                ))
-            }),
+            Raw::Text(t) => parse(&t).ok_or_else(|| de::Error::custom(UnitError::Size(t))),
         }
     }
 

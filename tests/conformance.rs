@@ -341,7 +341,7 @@ fn every_route_kind_is_in_the_matrix() {
         routes("127.0.0.1:3")
     );
     let config = Config::parse("conformance.yaml", &yaml).unwrap();
-    let table = RouteTable::compile(&config).unwrap();
+    let table = RouteTable::compile(&config, "conformance.yaml").unwrap();
     for kind in KINDS {
         let (method, path, _) = sample(kind);
         let target = RequestTarget::parse(path).unwrap();

@@ -86,7 +86,7 @@ proptest! {
         for yaml in [text.clone(), format!("{key}: {value}\n"), format!("limits:\n  {key}: {value}\n")] {
             match Config::parse("f.yaml", &yaml) {
                 Ok(c) => {
-                    if let Err(e) = c.validate("f.yaml") {
+                    if let Err(e) = pollgate::cli::check(&c, "f.yaml") {
                         prop_assert!(e.0.iter().all(|line| line.starts_with("f.yaml: ")));
                     }
                 }
@@ -120,7 +120,7 @@ routes:
     subscribe: {channels: ["a:{id}", "b:{id}"], timeout: 10s, format: raw}
 "#;
         let config = Config::parse("f.yaml", yaml).unwrap();
-        let table = RouteTable::compile(&config).unwrap();
+        let table = RouteTable::compile(&config, "f.yaml").unwrap();
         let Ok(target) = RequestTarget::parse(&format!("{path}?{query}")) else { return Ok(()) };
         let Match::Found(route, params) = table.find("GET", &target) else { return Ok(()) };
         let Action::Subscribe(route) = &route.action else { unreachable!() };

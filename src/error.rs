@@ -208,7 +208,8 @@ impl RequestError {
 
     /// The answer's body, `{"error", "detail"}`.
     pub fn json(&self) -> Vec<u8> {
-        crate::respond::error_json(self.code(), &self.to_string())
+        let body = serde_json::json!({ "error": self.code(), "detail": self.to_string() });
+        serde_json::to_vec(&body).unwrap_or_default()
     }
 }
 

@@ -31,7 +31,6 @@ use crate::front::Front;
 use crate::http1::{self, Settings};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Refusal;
-use crate::server::StartError;
 use crate::tcp::TcpConn;
 use crate::tls::Certificates;
 use async_trait::async_trait;
@@ -49,6 +48,14 @@ use tokio::net::TcpStream;
 
 /// The first bytes of the HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// An address that cannot be listened on.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct ListenError {
+    pub addr: String,
+    pub source: io::Error,
+}
+
 /// Work that runs on the listeners' runtime, given by `server.rs`.
 pub type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
@@ -119,12 +126,12 @@ impl ClientListener {
         threads: usize,
         fds: Arc<OnceLock<ListenFds>>,
         inherit: bool,
-    ) -> Result<ClientListener, StartError> {
+    ) -> Result<ClientListener, ListenError> {
         let bind_now = |addr: &str| match inherit {
             true => Ok(None),
             false => bind(addr, &options)
                 .map(Some)
-                .map_err(|source| StartError::Listen {
+                .map_err(|source| ListenError {
                     addr: addr.to_string(),
                     source,
                 }),
@@ -438,7 +445,7 @@ impl Service for ClientListener {
                 // start) to an address that is taken: serving without
                 // this listener would look ready but lose its clients.
                 Err(source) => self.life.fail(
-                    StartError::Listen {
+                    ListenError {
                         addr: endpoint.addr.clone(),
                         source,
                     }

@@ -45,11 +45,6 @@ impl Respond for ServerSession {
     }
 }
 
-/// The JSON body of an error answer.
-pub fn error_json(error: &str, detail: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({ "error": error, "detail": detail })).unwrap_or_default()
-}
-
 /// A response header with status, content type and length set.
 pub fn header(status: u16, content_type: &str, len: usize) -> Result<ResponseHeader> {
     // No case map: one allocation less per header, on every answer.

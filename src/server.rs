@@ -16,7 +16,7 @@ use crate::gateway::Gateway;
 use crate::http1::HeadLimits;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
-use crate::listener::{ClientListener, Task};
+use crate::listener::{ClientListener, ListenError, Task};
 use crate::metrics;
 use crate::poll::Poller;
 use crate::routes::RouteTable;
@@ -40,11 +40,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Broker(#[from] UrlError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     /// What the instance failed on while serving ([`Lifecycle::fail`]).
     #[error("{0}")]
     Failed(String),

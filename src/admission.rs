@@ -3,11 +3,12 @@
 //! limits (through [`crate::fairness`]), the broker being up; and the
 //! refusal ([`Refused`]: 429 or 503, with `Retry-After`) when one says no.
 
-use crate::fairness::{ClientSlot, OverLimit};
+use crate::broker::Broker;
+use crate::fairness::{ClientSlot, Clients, OverLimit};
 use crate::metrics::Refusal;
-use crate::poll::Poller;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// Subscribe requests in progress, counted against `limits.max_held`
 /// atomically: a slot is taken before anything else is done for a poll,
@@ -55,7 +56,7 @@ pub struct Admitted<'a> {
     _client: ClientSlot<'a>,
 }
 
-/// Why a new poll or watch request is refused now ([`Poller::admit`]).
+/// Why a new poll or watch request is refused now ([`Admission::admit`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Refused {
     /// The reason counted in `pollgate_refused_total`.
@@ -115,7 +116,18 @@ impl From<OverLimit> for Refused {
     }
 }
 
-impl Poller {
+/// What decides whether a held request may start: the instance's slots,
+/// the per-client limits and the broker.
+pub struct Admission {
+    /// `limits.max_held`.
+    pub held: HeldSlots,
+    /// The per-client limits (`limits.max_held_per_client`,
+    /// `limits.polls_per_client`), shared with housekeeping.
+    pub clients: Arc<Clients>,
+    pub broker: Arc<dyn Broker>,
+}
+
+impl Admission {
     /// Admits a new poll, SSE stream or watch request: takes a slot of
     /// its client (found by `client` only when a per-client limit is on;
     /// None: no per-client limit applies) and a held-poll slot. Returns
@@ -127,7 +139,7 @@ impl Poller {
         &self,
         client: impl FnOnce() -> Option<IpAddr>,
     ) -> std::result::Result<Admitted<'_>, Refused> {
-        if !self.hub.broker().is_up() {
+        if !self.broker.is_up() {
             return Err(Refused::unavailable(
                 Refusal::BrokerDown,
                 "the broker is unreachable",

@@ -183,7 +183,7 @@ impl Http1App for Front {
         if let Some((Holds::Subscribe(sub), params)) = &route {
             let facts = subscribe_head(&head);
             if head.bare() && sub.authorize.is_none() && !facts.wants_sse() {
-                let clients = &self.poller.clients;
+                let clients = &self.poller.admission.clients;
                 let forwarded = if clients.reads_forwarded() {
                     let fields = head.forwarded_for.iter().copied();
                     clients.trusted.forwarded(fields)

@@ -115,7 +115,9 @@ pub async fn serve(
         Ok(req) => req,
         Err(e) => return refuse(poller, client, e, &manner).await,
     };
-    let admitted = poller.admit(|| poller.clients.of_stream(client.stream, forwarded));
+    let admitted = poller
+        .admission
+        .admit(|| poller.admission.clients.of_stream(client.stream, forwarded));
     let _admitted = match admitted {
         Ok(admitted) => admitted,
         Err(refused) => {

@@ -7,11 +7,11 @@
 //! (a tokio timer), the client going away (detected by
 //! reading the idle connection), or draining.
 
+use crate::admission::Admission;
 use crate::answer::{Answer, Format};
 use crate::authorize::{Authorize, Authorizer, Decision};
 use crate::config::Cors;
 use crate::error::RequestError;
-use crate::fairness::Clients;
 use crate::hub::{Held, Hub, HubError, Polled};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{self, Outcome, Refusal};
@@ -31,10 +31,8 @@ use std::time::{Duration, Instant};
 pub struct Poller {
     pub hub: Arc<Hub>,
     pub life: Arc<Lifecycle>,
-    pub held: crate::admission::HeldSlots,
-    /// The per-client limits (`limits.max_held_per_client`,
-    /// `limits.polls_per_client`), shared with housekeeping.
-    pub clients: Arc<Clients>,
+    /// Whether a new held request may start.
+    pub admission: Admission,
     pub cors: Cors,
     pub authorizer: Authorizer,
     /// Longest a client may accept no bytes of an answer.
@@ -123,7 +121,10 @@ impl Poller {
             Ok(r) => r,
             Err(e) => return self.refuse(session, e).await,
         };
-        let _admitted = match self.admit(|| self.clients.of_session(session)) {
+        let _admitted = match self
+            .admission
+            .admit(|| self.admission.clients.of_session(session))
+        {
             Ok(admitted) => admitted,
             Err(refused) => return self.refuse(session, RequestError::Admission(refused)).await,
         };
@@ -426,15 +427,18 @@ mod tests {
         let broker = Arc::new(MemoryBroker::new(100, Duration::from_secs(60), 1000));
         Poller {
             hub: Hub::new(
-                broker,
+                broker.clone(),
                 100,
                 Duration::from_secs(30),
                 1000,
                 crate::hub::DELIVERY_QUEUE,
             ),
             life: Arc::new(Lifecycle::default()),
-            held: crate::admission::HeldSlots::new(10),
-            clients: Arc::new(crate::fairness::Clients::unlimited()),
+            admission: Admission {
+                held: crate::admission::HeldSlots::new(10),
+                clients: Arc::new(crate::fairness::Clients::unlimited()),
+                broker,
+            },
             cors: Cors::default(),
             authorizer: Authorizer::new(Arc::new(Upstreams::new(&Default::default()))),
             write_timeout: Duration::from_secs(5),

@@ -4,7 +4,7 @@
 //! instance (the one shutdown path).
 
 use crate::admin::Admin;
-use crate::admission::HeldSlots;
+use crate::admission::{Admission, HeldSlots};
 use crate::authorize::Authorizer;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
@@ -206,8 +206,11 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Star
         poller: Poller {
             hub: hub.clone(),
             life: life.clone(),
-            held: HeldSlots::new(config.limits.max_held),
-            clients: clients.clone(),
+            admission: Admission {
+                held: HeldSlots::new(config.limits.max_held),
+                clients: clients.clone(),
+                broker: hub.broker().clone(),
+            },
             cors: config.cors.clone(),
             authorizer: Authorizer::new(upstreams.clone()),
             write_timeout: config.limits.write_timeout,

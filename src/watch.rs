@@ -115,7 +115,10 @@ impl Watcher {
             let e = RequestError::Internal("route has no upstream".into());
             return respond::refusal(session, &e, &[]).await;
         };
-        let _admitted = match poller.admit(|| poller.clients.of_session(session)) {
+        let _admitted = match poller
+            .admission
+            .admit(|| poller.admission.clients.of_session(session))
+        {
             Ok(admitted) => admitted,
             Err(refused) => {
                 return poller

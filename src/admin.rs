@@ -446,7 +446,7 @@ impl ServeHttp for Admin {
         let req = session.req_header();
         let target = std::str::from_utf8(req.raw_path())
             .map_err(|_| RequestError::BadRequest("the request target is not UTF-8".into()))
-            .and_then(RequestTarget::parse);
+            .and_then(|raw| Ok(RequestTarget::parse(raw)?));
         let target = match target {
             Ok(target) => target,
             Err(e) => return AdminReply::refused(e).into_response(),

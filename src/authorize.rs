@@ -67,7 +67,7 @@ pub enum CredentialsError {
     TooMany,
     #[error("'{}' is not a header name", .0.escape_default())]
     NotAHeader(String),
-    /// A framing, routing or hop-by-hop field ([`NOT_CREDENTIALS`]).
+    /// A framing, routing or hop-by-hop field (`NOT_CREDENTIALS`).
     #[error("'{0}' is set by pollgate, not a credential")]
     SetByPollgate(String),
     #[error("'{0}' is listed twice")]

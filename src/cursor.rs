@@ -9,7 +9,7 @@
 //! as a position in this one. A cursor without an epoch (issued before
 //! epochs existed) still parses; it is checked by its ids alone.
 
-use crate::error::RequestError;
+use crate::malformed::Malformed;
 use crate::message::MessageId;
 use smallvec::SmallVec;
 use std::fmt;
@@ -40,7 +40,7 @@ impl Cursor {
     /// Parses what a client sent for a subscription to `channels` channels.
     /// Surrounding quotes and a weak-ETag prefix (`W/"..."`) are accepted, as
     /// `If-None-Match` carries them.
-    pub fn parse(text: &str, channels: usize) -> Result<Cursor, RequestError> {
+    pub fn parse(text: &str, channels: usize) -> Result<Cursor, Malformed> {
         let t = text.trim();
         let t = t.strip_prefix("W/").unwrap_or(t);
         let t = t
@@ -48,14 +48,14 @@ impl Cursor {
             .and_then(|t| t.strip_suffix('"'))
             .unwrap_or(t);
         if t.len() > 64 * channels.max(1) {
-            return Err(RequestError::BadRequest("cursor is too long".into()));
+            return Err(Malformed("cursor is too long".into()));
         }
         let (t, epoch) = match t.rsplit_once('_') {
             Some((ids, epoch)) => match epoch.parse::<Epoch>() {
                 Ok(e) if !epoch.starts_with('+') => (ids, Some(e)),
                 _ => {
                     let shown = shorten(text.trim());
-                    return Err(RequestError::BadRequest(format!(
+                    return Err(Malformed(format!(
                         "'{shown}' is not a cursor pollgate issued"
                     )));
                 }
@@ -70,7 +70,7 @@ impl Cursor {
                 Ok(id) => ids.push(id),
                 Err(_) => {
                     let shown = shorten(t);
-                    return Err(RequestError::BadRequest(format!(
+                    return Err(Malformed(format!(
                         "'{shown}' is not a cursor pollgate issued"
                     )));
                 }
@@ -81,7 +81,7 @@ impl Cursor {
             }
         }
         if ids.len() != channels {
-            return Err(RequestError::BadRequest(format!(
+            return Err(Malformed(format!(
                 "cursor has {} position(s), this subscription has {} channel(s)",
                 ids.len(),
                 channels

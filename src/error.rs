@@ -2,13 +2,16 @@
 //! is answered with an error instead of what it asked for. Its status, its
 //! JSON `error` code and the header fields that go with it (`Allow`,
 //! `Retry-After`, `WWW-Authenticate`) are decided here and nowhere else
-//! (docs/api.md lists them); `respond` writes the answer, `{"error",
-//! "detail"}`, on whichever path the request took.
+//! (docs/api.md lists them); [`refusal`] and [`refusal_answer`] write the
+//! answer, `{"error", "detail"}`, on whichever path the request took.
 
 use crate::admission::Refused;
 use crate::broker::BrokerError;
 use crate::hub::HubError;
+use crate::malformed::Malformed;
 use crate::metrics::Refusal;
+use crate::respond;
+use bytes::Bytes;
 
 /// Retry-After (seconds) of 503 answers.
 pub const RETRY_AFTER: &str = "1";
@@ -210,6 +213,52 @@ impl RequestError {
     pub fn json(&self) -> Vec<u8> {
         let body = serde_json::json!({ "error": self.code(), "detail": self.to_string() });
         serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+/// Writes the answer to `e` (its status, `{"error","detail"}` and its own
+/// header field), with the `extra` header fields.
+pub async fn refusal(
+    to: &mut impl respond::Respond,
+    e: &RequestError,
+    extra: &[(&'static str, String)],
+) -> pingora::Result<()> {
+    let body = e.json();
+    let mut h = respond::header(e.status(), "application/json", body.len())?;
+    h.insert_header("Cache-Control", "no-store")?;
+    if let Some((name, value)) = e.field() {
+        h.insert_header(name, value)?;
+    }
+    for (k, v) in extra {
+        h.insert_header(*k, v.as_str())?;
+    }
+    respond::send(to, h, Bytes::from(body)).await
+}
+
+/// The bytes of the whole answer to `e` ([`RequestError`]: its status,
+/// `{"error","detail"}`, its own header field), with `Cache-Control:
+/// no-store`, the `extra` header fields and `fields`.
+pub fn refusal_answer(
+    e: &RequestError,
+    extra: &[(&str, &str)],
+    fields: &[(&'static str, String)],
+    keepalive: bool,
+) -> Vec<u8> {
+    let body = e.json();
+    let mut head = respond::status_head(e.status(), "application/json", body.len());
+    head.extend_from_slice(b"Cache-Control: no-store\r\n");
+    if let Some((name, value)) = e.field() {
+        respond::push_field(&mut head, name, &value);
+    }
+    for (name, value) in extra {
+        respond::push_field(&mut head, name, value);
+    }
+    respond::assemble(&head, fields, &body, keepalive)
+}
+
+impl From<Malformed> for RequestError {
+    fn from(m: Malformed) -> RequestError {
+        RequestError::BadRequest(m.0)
     }
 }
 

@@ -17,7 +17,6 @@ use crate::h1;
 use crate::http1::{self, Head, HeadLimits, Http1App, Plan, Raw, Settings};
 use crate::lifecycle::Lifecycle;
 use crate::poll::{cors_headers, Poller};
-use crate::respond;
 use crate::routes::{Action, Match, RouteTable, SubscribeRoute, WatchRoute};
 use crate::subscription::{Request, SubscribeHead};
 use crate::target::RequestTarget;
@@ -164,7 +163,7 @@ async fn refuse_connect(mut session: ServerSession) -> Option<ReusedHttpStream> 
         allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS".into(),
     };
     if session.read_request().await.is_ok() {
-        let _ = respond::refusal(&mut session, &e, &[]).await;
+        let _ = crate::error::refusal(&mut session, &e, &[]).await;
         let _ = session.finish_body().await;
     }
     None

@@ -139,13 +139,13 @@ impl ProxyHttp for Gateway {
             // heads were refused (and counted) by the front door.
             Ok(Err(e)) => {
                 Refusal::BadTarget.count();
-                respond::refusal(session, &e, &[]).await?;
+                crate::error::refusal(session, &RequestError::from(e), &[]).await?;
                 return Ok(true);
             }
             Err(_) => {
                 Refusal::BadTarget.count();
                 let e = RequestError::BadRequest("the request target is not UTF-8".into());
-                respond::refusal(session, &e, &[]).await?;
+                crate::error::refusal(session, &e, &[]).await?;
                 return Ok(true);
             }
         };
@@ -165,7 +165,7 @@ impl ProxyHttp for Gateway {
                         detail: format!("{method} does not subscribe"),
                         allow: "GET".into(),
                     };
-                    respond::refusal(session, &e, &[]).await?;
+                    crate::error::refusal(session, &e, &[]).await?;
                     Ok(true)
                 }
                 Action::Proxy(p) if p.publish.is_some() || p.publish_from_header => {
@@ -179,7 +179,7 @@ impl ProxyHttp for Gateway {
                             self.max_body
                         ));
                         session.set_keepalive(None);
-                        respond::refusal(session, &e, &[]).await?;
+                        crate::error::refusal(session, &e, &[]).await?;
                         return Ok(true);
                     }
                     let upstream = route.action.upstream().unwrap_or_default();
@@ -192,12 +192,12 @@ impl ProxyHttp for Gateway {
                     detail: format!("{method} is not allowed on {path}"),
                     allow: allowed.join(", "),
                 };
-                respond::refusal(session, &e, &[]).await?;
+                crate::error::refusal(session, &e, &[]).await?;
                 Ok(true)
             }
             Match::NotFound => {
                 let e = RequestError::NotFound(format!("no route for {path}"));
-                respond::refusal(session, &e, &[]).await?;
+                crate::error::refusal(session, &e, &[]).await?;
                 Ok(true)
             }
         }
@@ -355,7 +355,7 @@ impl ProxyHttp for Gateway {
         };
         let code = answer.as_ref().map_or(0, RequestError::status);
         if let Some(answer) = &answer {
-            let _ = respond::refusal(session, answer, &[]).await;
+            let _ = crate::error::refusal(session, answer, &[]).await;
         }
         FailToProxy {
             error_code: code,

@@ -11,11 +11,13 @@
 //! authorization or SSE); the rest go through [`Poller::serve`] on a
 //! Pingora session. Both share the parse
 //! ([`SubscribeHead::parse`](crate::subscription::SubscribeHead::parse)),
-//! the admission and the hold ([`Poller::wait`]).
+//! the admission ([`crate::admission::Admission::admit`]) and the hold
+//! ([`crate::hold::Holder::wait`]).
 
 use crate::answer::Answer;
 use crate::error::RequestError;
-use crate::poll::{self, Client, Poller, Waited};
+use crate::hold::{self, Client, Waited};
+use crate::poll::{self, Poller};
 use crate::respond;
 use crate::routes::SubscribeRoute;
 use crate::subscription::Request;
@@ -137,7 +139,7 @@ pub async fn serve(
     }
     // Once it returns, the poll is stopped: no answer is written for it
     // from elsewhere (`Held::stop`).
-    let waited = poller.wait(client, &req, route).await;
+    let waited = poller.holder.wait(client, &req, route).await;
     let direct = client.direct.take();
     match waited {
         Waited::Reply(reply) => {
@@ -154,7 +156,7 @@ pub async fn serve(
                 }
             };
             if written {
-                poll::count_answered(&reply.answer, reply.outcome, reply.live);
+                hold::count_answered(&reply.answer, reply.outcome, reply.live);
             }
             written && keepalive
         }
@@ -271,7 +273,7 @@ async fn refuse(
     manner: &Manner,
 ) -> bool {
     poll::count_refused(&e);
-    let whole = respond::refusal_answer(&e, &[], &manner.cors, manner.keepalive);
+    let whole = crate::error::refusal_answer(&e, &[], &manner.cors, manner.keepalive);
     write_whole(poller, client, &whole).await && manner.keepalive
 }
 

@@ -19,7 +19,7 @@
 //! upgrade) are given to it by `server.rs` ([`ClientListener::run_beside`]).
 //!
 //! Connections are unbuffered at L4 and written through
-//! [`crate::tcp::TcpConn`], which gathers an answer's writes into one
+//! `crate::tcp::TcpConn`, which gathers an answer's writes into one
 //! segment (a vectored write goes straight out). HTTP/1 connections, client and admin, run the loop of
 //! [`http1::serve`]; HTTP/2 ones (ALPN `h2`, or the h2c preface) go
 //! through Pingora's HTTP/2 server, one task per stream, and are closed

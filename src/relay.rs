@@ -45,14 +45,14 @@ impl Relay {
                 Ok(c) => Some(c),
                 Err(e) => {
                     let e = RequestError::BadRequest(e.to_string());
-                    return respond::refusal(session, &e, &[]).await;
+                    return crate::error::refusal(session, &e, &[]).await;
                 }
             },
             None => None,
         };
         let Some(pool) = self.upstreams.get(&route.upstream) else {
             let e = RequestError::Internal("route has no upstream".into());
-            return respond::refusal(session, &e, &[]).await;
+            return crate::error::refusal(session, &e, &[]).await;
         };
         let body = match self.read_body(session).await? {
             Ok(b) => b,
@@ -62,7 +62,7 @@ impl Relay {
                     self.max_body
                 ));
                 session.set_keepalive(None);
-                return respond::refusal(session, &e, &[]).await;
+                return crate::error::refusal(session, &e, &[]).await;
             }
         };
         if let Some((_, BodySource::Request)) = &route.publish {
@@ -70,7 +70,7 @@ impl Relay {
             if let Err(why) = content_type(&session.req_header().headers) {
                 let why = why.trim_start_matches("bad_content_type: ").to_string();
                 let e = RequestError::BadContentType(why);
-                return respond::refusal(session, &e, &[]).await;
+                return crate::error::refusal(session, &e, &[]).await;
             }
         }
         let request = upstream_request(session, body.len())?;
@@ -82,7 +82,7 @@ impl Relay {
             Ok(a) => a,
             Err(e) => {
                 let e = RequestError::upstream(&e, e.to_string());
-                return respond::refusal(session, &e, &[]).await;
+                return crate::error::refusal(session, &e, &[]).await;
             }
         };
         let mut header = client_header(&answer.header)?;

@@ -8,7 +8,6 @@
 //! (Pingora's `respond_error*` would turn keep-alive off), and every error is
 //! JSON `{"error","detail"}`.
 
-use crate::error::RequestError;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -56,6 +55,25 @@ pub fn header(status: u16, content_type: &str, len: usize) -> Result<ResponseHea
     Ok(h)
 }
 
+/// Runs `write` to the client, giving up (and counting it) when the client
+/// accepts no bytes for `timeout`.
+pub async fn within<T>(
+    timeout: std::time::Duration,
+    write: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match pingora_timeout::timeout(timeout, write).await {
+        Ok(result) => result,
+        Err(_) => {
+            crate::metrics::Refusal::WriteTimeout.count();
+            pingora::Error::e_explain(
+                pingora::ErrorType::WriteTimedout,
+                "the client stopped reading",
+            )
+            .map_err(|e| e.into_down())
+        }
+    }
+}
+
 /// Writes `header` and `body` as the whole answer.
 pub async fn send(to: &mut impl Respond, header: ResponseHeader, body: Bytes) -> Result<()> {
     let empty = body.is_empty();
@@ -64,46 +82,6 @@ pub async fn send(to: &mut impl Respond, header: ResponseHeader, body: Bytes) ->
         to.body(body, true).await?;
     }
     Ok(())
-}
-
-/// Writes the answer to `e` (its status, `{"error","detail"}` and its own
-/// header field), with the `extra` header fields.
-pub async fn refusal(
-    to: &mut impl Respond,
-    e: &RequestError,
-    extra: &[(&'static str, String)],
-) -> Result<()> {
-    let body = e.json();
-    let mut h = header(e.status(), "application/json", body.len())?;
-    h.insert_header("Cache-Control", "no-store")?;
-    if let Some((name, value)) = e.field() {
-        h.insert_header(name, value)?;
-    }
-    for (k, v) in extra {
-        h.insert_header(*k, v.as_str())?;
-    }
-    send(to, h, Bytes::from(body)).await
-}
-
-/// The bytes of the whole answer to `e` ([`RequestError`]: its status,
-/// `{"error","detail"}`, its own header field), with `Cache-Control:
-/// no-store`, the `extra` header fields and `fields`.
-pub fn refusal_answer(
-    e: &RequestError,
-    extra: &[(&str, &str)],
-    fields: &[(&'static str, String)],
-    keepalive: bool,
-) -> Vec<u8> {
-    let body = e.json();
-    let mut head = status_head(e.status(), "application/json", body.len());
-    head.extend_from_slice(b"Cache-Control: no-store\r\n");
-    if let Some((name, value)) = e.field() {
-        push_field(&mut head, name, &value);
-    }
-    for (name, value) in extra {
-        push_field(&mut head, name, value);
-    }
-    assemble(&head, fields, &body, keepalive)
 }
 
 /// A status line with Content-Type (unless empty) and Content-Length.

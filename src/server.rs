@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::fairness::{Clients, TrustedProxies};
 use crate::front::Front;
 use crate::gateway::Gateway;
+use crate::hold::Holder;
 use crate::http1::HeadLimits;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
@@ -204,8 +205,10 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Star
         proxy: Arc::new(pingora::proxy::http_proxy(&server.configuration, gateway)),
         routes,
         poller: Poller {
-            hub: hub.clone(),
-            life: life.clone(),
+            holder: Holder {
+                hub: hub.clone(),
+                life: life.clone(),
+            },
             admission: Admission {
                 held: HeldSlots::new(config.limits.max_held),
                 clients: clients.clone(),

@@ -1,13 +1,15 @@
 //! Server-Sent Events (docs/api.md, "Server-Sent Events"): a subscribe
 //! request with `format=sse` (or `Accept: text/event-stream`), admitted and
-//! authorized by [`Poller::serve`], streamed here on its Pingora session:
+//! authorized by `Poller::serve`, streamed here on its Pingora session:
 //! the answers of poll after poll, keep-alive comments, until the client
 //! leaves or the instance drains.
 
 use crate::answer::Format;
+use crate::hold::Holder;
+use crate::hold::{count_delivered, woken_by, Client, Ending};
 use crate::hub::Polled;
 use crate::metrics::{self, Outcome};
-use crate::poll::{count_delivered, woken_by, Client, Ending, Poller};
+use crate::respond::within;
 use crate::routes::SubscribeRoute;
 use crate::subscription::Request;
 use bytes::Bytes;
@@ -20,8 +22,12 @@ pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// Streams Server-Sent Events until the client leaves or draining.
 /// Returns once the stream ended (Ok) or the client left (Err).
+/// `cors` are the stream's CORS headers; a client that accepts no bytes for
+/// `write_timeout` is dropped.
 pub(crate) async fn stream(
-    poller: &Poller,
+    holder: &Holder,
+    cors: Vec<(&'static str, String)>,
+    write_timeout: Duration,
     session: &mut Session,
     route: &SubscribeRoute,
     req: Request,
@@ -34,28 +40,26 @@ pub(crate) async fn stream(
     if session.req_header().version != http::Version::HTTP_10 || session.is_http2() {
         h.insert_header("Transfer-Encoding", "chunked")?;
     }
-    for (k, v) in poller.cors_headers(session) {
+    for (k, v) in cors {
         h.insert_header(k, v)?;
     }
     session.set_keepalive(None);
-    poller
-        .write(session.write_response_header(Box::new(h)))
-        .await?;
+    within(write_timeout, session.write_response_header(Box::new(h))).await?;
     let hello = Bytes::from_static(b": pollgate\n\n");
-    poller
-        .write(session.write_response_body(hello, false))
-        .await?;
+    within(write_timeout, session.write_response_body(hello, false)).await?;
     let mut cursor = req.cursor;
     loop {
-        let poll = poller
+        let poll = holder
             .hub
             .poll(&req.channels, cursor.clone(), route.first, Format::Sse)
             .await;
         let mut held = match poll {
             Ok(Polled::Ready(answer)) => {
-                poller
-                    .write(session.write_response_body(answer.body.clone(), false))
-                    .await?;
+                within(
+                    write_timeout,
+                    session.write_response_body(answer.body.clone(), false),
+                )
+                .await?;
                 count_delivered(&answer, false);
                 cursor = Some(answer.cursor.clone());
                 continue;
@@ -68,8 +72,8 @@ pub(crate) async fn stream(
         };
         let held_gauge = metrics::GaugeGuard::up(&metrics::HELD);
         let ending = loop {
-            if poller.life.is_draining() {
-                break Ending::Drain; // as in `Poller::hold`
+            if holder.life.is_draining() {
+                break Ending::Drain; // as in `Holder::hold`
             }
             let ending = tokio::select! {
                 woken = held.woken() => woken_by(woken),
@@ -80,8 +84,7 @@ pub(crate) async fn stream(
                 break ending;
             }
             let ping = Bytes::from_static(b": keep-alive\n\n");
-            if poller
-                .write(session.write_response_body(ping, false))
+            if within(write_timeout, session.write_response_body(ping, false))
                 .await
                 .is_err()
             {
@@ -91,9 +94,11 @@ pub(crate) async fn stream(
         drop(held_gauge);
         match ending {
             Ending::Woken(answer) => {
-                poller
-                    .write(session.write_response_body(answer.body.clone(), false))
-                    .await?;
+                within(
+                    write_timeout,
+                    session.write_response_body(answer.body.clone(), false),
+                )
+                .await?;
                 count_delivered(&answer, true);
                 cursor = Some(answer.cursor.clone());
             }
@@ -107,5 +112,5 @@ pub(crate) async fn stream(
         }
     }
     Outcome::Timeout.count();
-    poller.write(session.finish_body()).await
+    within(write_timeout, session.finish_body()).await
 }

@@ -11,7 +11,7 @@
 //! `..`, also percent-encoded) and malformed escapes are refused rather than
 //! interpreted.
 
-use crate::error::RequestError;
+use crate::malformed::Malformed;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use smallvec::SmallVec;
 use std::borrow::Cow;
@@ -97,8 +97,8 @@ impl Eq for RequestTarget {}
 
 impl RequestTarget {
     /// Parses a request target as it appears on the request line. The error
-    /// says why it is refused (a 400 `bad_request`).
-    pub fn parse(raw: &str) -> Result<RequestTarget, RequestError> {
+    /// says why it is refused .
+    pub fn parse(raw: &str) -> Result<RequestTarget, Malformed> {
         let (authority, origin) = match raw.as_bytes().first() {
             Some(b'/') => (None, raw),
             _ => {
@@ -223,9 +223,9 @@ pub fn form_decode(value: &str) -> Cow<'_, str> {
 
 /// The authority and the path with query of an absolute-form target
 /// (`http://host/p?q`). User-info (`http://user@host/`) is refused.
-fn absolute_form(raw: &str) -> Result<(&str, &str), RequestError> {
+fn absolute_form(raw: &str) -> Result<(&str, &str), Malformed> {
     let refuse = || {
-        RequestError::BadRequest(format!(
+        Malformed(format!(
             "request target '{}' is neither a path nor an http(s) URL",
             shorten(raw)
         ))
@@ -242,7 +242,7 @@ fn absolute_form(raw: &str) -> Result<(&str, &str), RequestError> {
     match &rest[end..] {
         "" => Ok((authority, "/")),
         p if p.starts_with('/') => Ok((authority, p)),
-        _ => Err(RequestError::BadRequest(format!(
+        _ => Err(Malformed(format!(
             "request target '{}' has a query but no path",
             shorten(raw)
         ))),
@@ -251,7 +251,7 @@ fn absolute_form(raw: &str) -> Result<(&str, &str), RequestError> {
 
 /// Decodes one path segment onto `out`, refusing dot segments and bad
 /// escapes.
-fn decode_segment(raw: &str, out: &mut String) -> Result<(), RequestError> {
+fn decode_segment(raw: &str, out: &mut String) -> Result<(), Malformed> {
     let bytes = raw.as_bytes();
     if !bytes.contains(&b'%') {
         // Nothing to decode (the usual case).
@@ -265,7 +265,7 @@ fn decode_segment(raw: &str, out: &mut String) -> Result<(), RequestError> {
         if *b == b'%' {
             let hex = bytes.get(i + 1..i + 3).unwrap_or(&[]);
             if hex.len() != 2 || !hex.iter().all(u8::is_ascii_hexdigit) {
-                return Err(RequestError::BadRequest(format!(
+                return Err(Malformed(format!(
                     "path segment '{}' has a malformed percent escape",
                     shorten(raw)
                 )));
@@ -273,7 +273,7 @@ fn decode_segment(raw: &str, out: &mut String) -> Result<(), RequestError> {
         }
     }
     let decoded = percent_decode_str(raw).decode_utf8().map_err(|_| {
-        RequestError::BadRequest(format!(
+        Malformed(format!(
             "path segment '{}' is not UTF-8 once decoded",
             shorten(raw)
         ))
@@ -285,8 +285,8 @@ fn decode_segment(raw: &str, out: &mut String) -> Result<(), RequestError> {
     Ok(())
 }
 
-fn dot_segments() -> RequestError {
-    RequestError::BadRequest("dot segments ('.', '..') are not allowed in a request path".into())
+fn dot_segments() -> Malformed {
+    Malformed("dot segments ('.', '..') are not allowed in a request path".into())
 }
 
 fn shorten(s: &str) -> String {

@@ -1,5 +1,5 @@
 //! A client or admin connection's TCP socket as Pingora sees it
-//! ([`TcpConn`]): no read buffer, and writes gathered until Pingora flushes,
+//! (`TcpConn`): no read buffer, and writes gathered until Pingora flushes,
 //! so that an answer's head and body leave in one segment (a vectored write
 //! goes straight out). The socket is shared with the lean path's direct
 //! write ([`socket_of`]).

@@ -186,7 +186,7 @@ impl Certificates {
         true
     }
 
-    /// Checks the files every [`FILES_CHECK`] and reloads the pair when
+    /// Checks the files every `FILES_CHECK` (2 s) and reloads the pair when
     /// they changed, until `until` resolves.
     pub async fn watch_files(self: Arc<Self>, until: impl std::future::Future<Output = ()>) {
         let mut tick = tokio::time::interval(FILES_CHECK);

@@ -17,9 +17,10 @@
 use crate::answer::Format;
 use crate::cursor::Cursor;
 use crate::error::RequestError;
+use crate::hold::{self, Ending};
 use crate::hub::{First, Hub, Polled};
 use crate::metrics;
-use crate::poll::{self, Ending, Poller};
+use crate::poll::{self, Poller};
 use crate::respond;
 use crate::routes::WatchRoute;
 use crate::subscription::{asked_timeout, hold_time};
@@ -102,18 +103,18 @@ impl Watcher {
                 Ok(_) => {}
                 Err(e) => {
                     let e = RequestError::BadRequest(e.to_string());
-                    return respond::refusal(session, &e, &[]).await;
+                    return crate::error::refusal(session, &e, &[]).await;
                 }
             }
         }
         // The query stays the upstream's; its `timeout=` also shortens the hold.
         let hold = match hold_time(asked_timeout(target).as_deref(), route.timeout) {
             Ok(hold) => hold,
-            Err(e) => return respond::refusal(session, &e, &[]).await,
+            Err(e) => return crate::error::refusal(session, &e, &[]).await,
         };
         let Some(pool) = self.upstreams.get(&route.upstream).cloned() else {
             let e = RequestError::Internal("route has no upstream".into());
-            return respond::refusal(session, &e, &[]).await;
+            return crate::error::refusal(session, &e, &[]).await;
         };
         let _admitted = match poller
             .admission
@@ -138,7 +139,7 @@ impl Watcher {
             .get("If-None-Match")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let deadline = tokio::time::Instant::now() + poll::jitter(hold);
+        let deadline = tokio::time::Instant::now() + hold::jitter(hold);
         let mut cursor: Option<Cursor> = None;
         // The representation and the position of the channels it reflects.
         let mut current: Option<(Arc<Representation>, Cursor)> = None;
@@ -162,7 +163,7 @@ impl Watcher {
             if stale {
                 match self.fetch(&pool, route, &request, &position).await {
                     Ok(rep) => current = Some((rep, position)),
-                    Err(e) => return respond::refusal(session, &e, &[]).await,
+                    Err(e) => return crate::error::refusal(session, &e, &[]).await,
                 }
             }
             let Some((rep, _)) = &current else {
@@ -176,7 +177,7 @@ impl Watcher {
             };
             // Down again after the hold, or if this future is dropped in it.
             let watching = metrics::GaugeGuard::up(&metrics::HELD_WATCHERS);
-            let ending = poller.hold(session, held, deadline).await;
+            let ending = poller.holder.hold(session, held, deadline).await;
             drop(watching);
             match ending {
                 Ending::Woken(answer) => cursor = Some(answer.cursor.clone()),

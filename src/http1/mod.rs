@@ -17,7 +17,6 @@
 use crate::error::RequestError;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Refusal;
-use crate::respond;
 use bytes::{Bytes, BytesMut};
 use pingora::apps::ReusedHttpStream;
 use pingora::protocols::http::ServerSession;
@@ -242,7 +241,7 @@ async fn write_within(stream: &mut Stream, whole: &[u8], limit: Duration) -> boo
 
 /// Writes the answer to `e` straight to the connection and closes it.
 async fn refuse(stream: &mut Stream, e: &RequestError, limits: HeadLimits) {
-    let answer = respond::refusal_answer(e, &[], &[], false);
+    let answer = crate::error::refusal_answer(e, &[], &[], false);
     if write_within(stream, &answer, limits.write_timeout).await {
         let _ = tokio::time::timeout(limits.write_timeout, stream.shutdown()).await;
     }

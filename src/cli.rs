@@ -126,8 +126,16 @@ pub fn load(args: &ConfigArgs) -> Result<(Config, RouteTable), ConfigErrors> {
 /// Sets up tracing, with Pingora's `log` records bridged in.
 pub fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
+    let mut filter = tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| format!("--log-level '{level}': {e}"))?;
+    // pingora-load-balancing logs each change of an upstream address's health,
+    // as upstream.rs does with the upstream's name: its own lines only on request.
+    if !level.contains("pingora_load_balancing") {
+        let quiet = "pingora_load_balancing=error"
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        filter = filter.add_directive(quiet);
+    }
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -201,10 +201,57 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     #[serde(default = "default_read_timeout", with = "units::duration")]
     pub read_timeout: Duration,
-    /// How often each address is checked with a TCP connect (`0s`: never;
-    /// failed connections of requests still set an address aside).
+    /// The active check of each address (see [`HealthCheckConfig`]). Absent
+    /// when not written; [`Config::parse`] fills it in (from
+    /// `health_check_interval` or the defaults) unless both are written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckConfig>,
+    /// The old spelling of `health_check: {interval: ...}` (a TCP check),
+    /// still read; giving both is refused by [`Config::validate`].
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "units::optional_duration"
+    )]
+    pub health_check_interval: Option<Duration>,
+}
+
+impl UpstreamConfig {
+    /// The health check in force: `health_check`, else one every
+    /// `health_check_interval` (TCP), else the default.
+    pub fn health_check(&self) -> HealthCheckConfig {
+        match (&self.health_check, self.health_check_interval) {
+            (Some(check), _) => check.clone(),
+            (None, Some(interval)) => HealthCheckConfig {
+                interval,
+                path: None,
+            },
+            (None, None) => HealthCheckConfig::default(),
+        }
+    }
+}
+
+/// `upstreams.<name>.health_check`: how each address is checked, from start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// Time between two checks (`0s`: none; failed connections of requests
+    /// still set an address aside).
     #[serde(default = "default_health_check_interval", with = "units::duration")]
-    pub health_check_interval: Duration,
+    pub interval: Duration,
+    /// When set, the check is a GET of this path that passes on a 2xx;
+    /// otherwise a TCP connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            interval: default_health_check_interval(),
+            path: None,
+        }
+    }
 }
 
 /// One entry of `routes`: a path, its methods, and what is done with a
@@ -426,7 +473,7 @@ impl Config {
             return Ok(Config::default());
         }
         let de = serde_yaml::Deserializer::from_str(&expanded);
-        serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
             ConfigErrors(vec![if path == "." {
@@ -434,7 +481,16 @@ impl Config {
             } else {
                 format!("{file}: {path}: {inner}")
             }])
-        })
+        })?;
+        // The health check in its one spelling, `health_check` (what `check`
+        // prints); both spellings are left for `validate` to refuse.
+        for up in config.upstreams.values_mut() {
+            if up.health_check.is_none() {
+                up.health_check = Some(up.health_check());
+                up.health_check_interval = None;
+            }
+        }
+        Ok(config)
     }
 
     /// Checks everything that parsing cannot; returns every problem found,
@@ -649,6 +705,22 @@ impl Config {
                     );
                 }
             }
+            if up.health_check.is_some() && up.health_check_interval.is_some() {
+                bad(
+                    &format!("upstreams.{name}.health_check_interval"),
+                    format!(
+                        "cannot be given with upstreams.{name}.health_check (it is the old \
+                         spelling of health_check.interval); keep one of them"
+                    ),
+                );
+            }
+            let path = up.health_check.as_ref().and_then(|c| c.path.as_deref());
+            if let Some(path) = path.filter(|p| !is_origin_path(p)) {
+                bad(
+                    &format!("upstreams.{name}.health_check.path"),
+                    format!("'{path}' is not a path like /healthz"),
+                );
+            }
         }
         let table = RouteTable::compile(self);
         match table {
@@ -701,10 +773,14 @@ impl Config {
             all.push(("tls.handshake_timeout".into(), tls.handshake_timeout, max));
         }
         for (name, up) in &self.upstreams {
+            let check = match (&up.health_check, up.health_check_interval) {
+                (None, Some(interval)) => ("health_check_interval", interval),
+                _ => ("health_check.interval", up.health_check().interval),
+            };
             for (key, d) in [
                 ("connect_timeout", up.connect_timeout),
                 ("read_timeout", up.read_timeout),
-                ("health_check_interval", up.health_check_interval),
+                check,
             ] {
                 all.push((format!("upstreams.{name}.{key}"), d, max));
             }
@@ -773,6 +849,12 @@ fn clash(a: &str, b: &str) -> bool {
     a.port() == b.port()
         && a.port() != 0
         && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+}
+
+/// Whether `path` can be sent as an origin-form request target (`/` first,
+/// then a path and query `http` accepts).
+fn is_origin_path(path: &str) -> bool {
+    path.starts_with('/') && http::uri::PathAndQuery::try_from(path).is_ok()
 }
 
 /// `d` as whole days (`365d`) or whole seconds (`32767s`) when it is one,
@@ -1004,6 +1086,29 @@ mod tests {
             e.0[1].starts_with("f.yaml: trusted_proxies[2]: 'lb'"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_health_check_is_read_in_its_one_spelling() {
+        let up = |yaml: &str| {
+            let text = format!("upstreams:\n  app:\n    addrs: [\"127.0.0.1:1\"]\n{yaml}");
+            let c = Config::parse("f.yaml", &text).unwrap();
+            c.validate("f.yaml").unwrap();
+            c.upstreams["app"].clone()
+        };
+        let five = Duration::from_secs(5);
+        let default = up("");
+        assert_eq!(default.health_check, Some(HealthCheckConfig::default()));
+        assert_eq!(
+            (default.health_check().interval, default.health_check().path),
+            (five, None)
+        );
+        let old = up("    health_check_interval: 0s\n");
+        assert_eq!(old.health_check_interval, None);
+        assert_eq!(old.health_check().interval, Duration::ZERO);
+        let new = up("    health_check: {path: /healthz?deep=1}\n");
+        assert_eq!(new.health_check().interval, five);
+        assert_eq!(new.health_check().path.as_deref(), Some("/healthz?deep=1"));
     }
 
     #[test]

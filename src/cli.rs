@@ -156,11 +156,18 @@ pub enum LoggingError {
 /// Sets up tracing, with Pingora's `log` records bridged in.
 pub fn init_logging(format: LogFormat, level: &str) -> Result<(), LoggingError> {
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter =
+    let mut filter =
         tracing_subscriber::EnvFilter::try_new(level).map_err(|why| LoggingError::Level {
             level: level.into(),
             why,
         })?;
+    // pingora-load-balancing logs each change of an upstream address's health,
+    // as upstream.rs does with the upstream's name: its own lines only on request.
+    if !level.contains("pingora_load_balancing") {
+        if let Ok(quiet) = "pingora_load_balancing=error".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

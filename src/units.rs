@@ -75,6 +75,23 @@ pub mod duration {
     }
 }
 
+/// `#[serde(default, with = "units::optional_duration")]`: a duration that
+/// may be left out (`None`), read as [`duration`] reads one.
+pub mod optional_duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        duration::deserialize(d).map(Some)
+    }
+}
+
 /// `#[serde(with = "units::size")]`
 pub mod size {
     use super::*;

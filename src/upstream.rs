@@ -3,26 +3,42 @@
 //! publish, subscriber authorization, watch fetches). The exchange skips
 //! the upstream's 1xx answers and reads the final one.
 //!
-//! A [`Pool`] hands out its addresses round robin and skips one for
-//! [`COOLDOWN`] after it failed to connect (passive health). Plain proxy
-//! routes stream through Pingora's proxy with peers from the same pools.
+//! A [`Pool`] hands out its addresses round robin over those that pass
+//! their health check (pingora-load-balancing's `LoadBalancer<RoundRobin>`,
+//! its TCP or HTTP checks), and skips one for [`COOLDOWN`] after it failed
+//! to connect (passive health). Plain proxy routes stream through Pingora's
+//! proxy with peers from the same pools.
 
-use crate::config::UpstreamConfig;
+use crate::config::{HealthCheckConfig, UpstreamConfig};
 use crate::metrics;
+use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::l4::socket::SocketAddr as BackendAddr;
 use pingora::server::ShutdownWatch;
 use pingora::{Error, ErrorType, Result};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use pingora_load_balancing::discovery::Static;
+use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
+use pingora_load_balancing::selection::RoundRobin;
+use pingora_load_balancing::{Backend, Backends, Extensions, LoadBalancer};
+use std::collections::{BTreeSet, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 /// How long an address that failed to connect is skipped.
 pub const COOLDOWN: Duration = Duration::from_secs(10);
+
+/// Rounds of the round robin tried for a usable address before any is
+/// taken: each step takes the next turn, so one round reaches every address
+/// when no other request takes turns meanwhile; the others leave room for
+/// those that do.
+const ROUNDS: usize = 4;
 
 /// Headers that belong to one hop and are not forwarded (RFC 9110 §7.6.1;
 /// `Proxy-Authorization` is this hop's credentials).
@@ -48,72 +64,117 @@ fn now_ms() -> u64 {
 pub struct Pool {
     pub name: String,
     pub config: UpstreamConfig,
-    next: AtomicUsize,
-    /// Per address: skipped until this time (ms since [`EPOCH`]).
-    down_until: Vec<AtomicU64>,
-    /// Per address: whether its last health check failed.
-    unhealthy: Vec<AtomicBool>,
+    /// The round robin, and each address's health as the checks found it.
+    balancer: LoadBalancer<RoundRobin>,
+    /// Per address: skipped until this time (ms since [`EPOCH`]), after a
+    /// request failed to connect (passive health).
+    // Hand-written: pingora-load-balancing has no passive health (nothing to report a request's failure to).
+    down_until: Arc<[AtomicU64]>,
+}
+
+/// The position in `addrs` of the address a balancer [`Backend`] stands for
+/// (in its `ext`).
+#[derive(Clone, Copy)]
+struct Entry(usize);
+
+/// The balancer's [`Backend`] for entry `index` of `addrs`. The balancer
+/// knows backends by socket address, but an entry may be a name, resolved
+/// on every request and every check, and two entries may resolve alike: so
+/// its `addr` only tells the entries apart (the index as an IPv4 address,
+/// port 0: sorted in the order of `addrs`), and the checks resolve the
+/// entry itself.
+fn entry_backend(index: usize) -> Backend {
+    let mut ext = Extensions::new();
+    ext.insert(Entry(index));
+    Backend {
+        addr: BackendAddr::Inet(SocketAddr::from((Ipv4Addr::from(index as u32), 0))),
+        weight: 1,
+        ext,
+    }
+}
+
+/// The entry of `addrs` that `backend` stands for.
+fn entry(backend: &Backend) -> usize {
+    backend.ext.get::<Entry>().map_or(0, |e| e.0)
+}
+
+/// The first address `addr` (`host:port`) resolves to.
+async fn resolve(addr: &str) -> Result<SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            Error::explain(
+                ErrorType::ConnectNoRoute,
+                format!("cannot resolve upstream address {addr}"),
+            )
+        })
+}
+
+/// A Pingora peer for entry `index` of `config.addrs`, resolved to
+/// `resolved`: TLS and its server name (`sni`, or the entry's host), and
+/// the timeouts.
+fn peer_at(config: &UpstreamConfig, index: usize, resolved: SocketAddr) -> HttpPeer {
+    let addr = &config.addrs[index];
+    let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+    let sni = config.sni.clone().unwrap_or_else(|| host.to_string());
+    let mut peer = HttpPeer::new(resolved, config.tls, sni);
+    peer.options.connection_timeout = Some(config.connect_timeout);
+    peer.options.read_timeout = Some(config.read_timeout);
+    peer
 }
 
 impl Pool {
     fn new(name: &str, config: &UpstreamConfig) -> Pool {
+        let down_until: Arc<[AtomicU64]> = config.addrs.iter().map(|_| AtomicU64::new(0)).collect();
+        let entries: BTreeSet<Backend> = (0..config.addrs.len()).map(entry_backend).collect();
+        let mut backends = Backends::new(Static::new(entries));
+        backends.set_health_check(Box::new(AddressCheck::new(
+            name,
+            config,
+            down_until.clone(),
+        )));
+        let balancer = LoadBalancer::from_backends(backends);
+        // A static discovery answers at once: this fills the round robin.
+        let filled = balancer.update().now_or_never();
+        debug_assert!(matches!(filled, Some(Ok(()))));
         Pool {
             name: name.to_string(),
-            down_until: config.addrs.iter().map(|_| AtomicU64::new(0)).collect(),
-            unhealthy: config
-                .addrs
-                .iter()
-                .map(|_| AtomicBool::new(false))
-                .collect(),
             config: config.clone(),
-            next: AtomicUsize::new(0),
+            balancer,
+            down_until,
         }
     }
 
-    /// The next address to use: round robin over the healthy ones (or over
-    /// all when none is healthy). Returns its index.
+    /// The next address to use: round robin over those that passed their
+    /// last health check and are not set aside by [`Pool::mark_failed`] (or
+    /// over all when none is). Returns its index.
     pub fn pick(&self) -> usize {
-        let n = self.config.addrs.len();
         let now = now_ms();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&i| self.down_until[i].load(Ordering::Relaxed) <= now)
-            .unwrap_or(start % n)
+        let usable = |b: &Backend, healthy: bool| {
+            healthy && self.down_until[entry(b)].load(Ordering::Relaxed) <= now
+        };
+        self.balancer
+            .select_with(b"", ROUNDS * self.len(), usable)
+            .or_else(|| self.balancer.select_with(b"", 1, |_, _| true))
+            .map_or(0, |b| entry(&b))
     }
 
-    /// Marks address `index` as failing for [`COOLDOWN`] (or longer, when
-    /// its health check failed).
+    /// Marks address `index` as failing for [`COOLDOWN`] (or until its
+    /// health check passes, whichever is sooner).
     pub fn mark_failed(&self, index: usize) {
         let until = now_ms() + COOLDOWN.as_millis() as u64;
         self.down_until[index].fetch_max(until, Ordering::Relaxed);
         tracing::warn!(upstream = %self.name, addr = %self.config.addrs[index], "upstream address failed; skipping it for {COOLDOWN:?}");
     }
 
-    /// Connects to every address once (TCP, within `connect_timeout`). One
-    /// that cannot be reached is skipped until a later check reaches it
-    /// (unless no address is left: [`Pool::pick`] then tries them all);
-    /// one that is reached is used again at once.
+    /// Checks every address once, all at once ([`AddressCheck`]). One that
+    /// fails is skipped until a later check passes (unless no address is
+    /// left: [`Pool::pick`] then takes them all); one that passes is used
+    /// again at once.
     pub async fn check(&self) {
-        for (i, addr) in self.config.addrs.iter().enumerate() {
-            let connect = tokio::net::TcpStream::connect(addr.as_str());
-            let reached = matches!(
-                tokio::time::timeout(self.config.connect_timeout, connect).await,
-                Ok(Ok(_))
-            );
-            let was_unhealthy = self.unhealthy[i].swap(!reached, Ordering::Relaxed);
-            if reached {
-                self.down_until[i].store(0, Ordering::Relaxed);
-                if was_unhealthy {
-                    tracing::info!(upstream = %self.name, %addr, "upstream address passes its health check again");
-                }
-            } else {
-                self.down_until[i].store(u64::MAX, Ordering::Relaxed);
-                if !was_unhealthy {
-                    tracing::warn!(upstream = %self.name, %addr, "upstream address failed its health check; skipping it until one passes");
-                }
-            }
-        }
+        self.balancer.backends().run_health_check(true).await;
     }
 
     /// Number of addresses.
@@ -129,24 +190,129 @@ impl Pool {
     /// A Pingora peer for address `index`. The name is resolved here so
     /// that one that does not resolve is an error (502), not a panic.
     pub async fn peer(&self, index: usize) -> Result<HttpPeer> {
-        let addr = &self.config.addrs[index];
-        let resolved = tokio::net::lookup_host(addr.as_str())
+        let resolved = resolve(&self.config.addrs[index])
             .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| {
+            .map_err(|e| e.into_up())?;
+        Ok(peer_at(&self.config, index, resolved))
+    }
+}
+
+/// The health check of a pool's addresses that the balancer runs: for the
+/// entry a backend stands for, the name resolved (within
+/// `connect_timeout`), then pingora-load-balancing's check of that address:
+/// a TCP connect (within `connect_timeout`; no TLS handshake), or with
+/// `health_check.path` a GET of it over the upstream's TLS, with its server
+/// name, that passes on a 2xx. Logs each change of an address's health.
+struct AddressCheck {
+    upstream: String,
+    addrs: Vec<String>,
+    connect_timeout: Duration,
+    /// Per address: its check (an HTTP check has the address's server name).
+    checks: Vec<Box<dyn HealthCheck + Send + Sync>>,
+    /// The pool's passive health: a check that passes ends a cooldown.
+    down_until: Arc<[AtomicU64]>,
+}
+
+impl AddressCheck {
+    fn new(upstream: &str, config: &UpstreamConfig, down_until: Arc<[AtomicU64]>) -> AddressCheck {
+        let HealthCheckConfig { path, .. } = config.health_check();
+        let checks = (0..config.addrs.len())
+            .map(|index| match &path {
+                Some(path) => http_check(config, index, path),
+                None => {
+                    let mut tcp = TcpHealthCheck::new();
+                    tcp.peer_template.options.connection_timeout = Some(config.connect_timeout);
+                    tcp as Box<dyn HealthCheck + Send + Sync>
+                }
+            })
+            .collect();
+        AddressCheck {
+            upstream: upstream.to_string(),
+            addrs: config.addrs.clone(),
+            connect_timeout: config.connect_timeout,
+            checks,
+            down_until,
+        }
+    }
+}
+
+/// The HTTP check of entry `index`: `GET path` with `Host` the upstream's
+/// `sni` (when not empty) or the entry as written, on a new connection made
+/// as a request's ([`peer_at`]: TLS, server name, timeouts; writes within
+/// `read_timeout`); passes on a 2xx.
+fn http_check(
+    config: &UpstreamConfig,
+    index: usize,
+    path: &str,
+) -> Box<dyn HealthCheck + Send + Sync> {
+    let host = match config.sni.as_deref() {
+        Some(sni) if !sni.is_empty() => sni,
+        _ => config.addrs[index].as_str(),
+    };
+    let mut check = HttpHealthCheck::new(host, config.tls);
+    check.peer_template = peer_at(config, index, SocketAddr::from(([0, 0, 0, 0], 0)));
+    check.peer_template.options.write_timeout = Some(config.read_timeout);
+    // The path was checked by `Config::validate`.
+    if let Ok(mut request) = RequestHeader::build("GET", path.as_bytes(), None) {
+        let _ = request.insert_header(http::header::HOST, host);
+        check.req = request;
+    }
+    check.validator = Some(Box::new(|answer: &ResponseHeader| {
+        if answer.status.is_success() {
+            Ok(())
+        } else {
+            Error::e_explain(
+                ErrorType::CustomCode("health check answer", answer.status.as_u16()),
+                format!("health check answered {}", answer.status),
+            )
+        }
+    }));
+    Box::new(check)
+}
+
+#[async_trait]
+impl HealthCheck for AddressCheck {
+    async fn check(&self, target: &Backend) -> Result<()> {
+        let index = entry(target);
+        let addr = &self.addrs[index];
+        let resolved = tokio::time::timeout(self.connect_timeout, resolve(addr))
+            .await
+            .map_err(|_| {
                 Error::explain(
-                    ErrorType::ConnectNoRoute,
-                    format!("cannot resolve upstream address {addr}"),
+                    ErrorType::ConnectTimedout,
+                    format!("resolving {addr} took longer than connect_timeout"),
                 )
-                .into_up()
-            })?;
-        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
-        let sni = self.config.sni.clone().unwrap_or_else(|| host.to_string());
-        let mut peer = HttpPeer::new(resolved, self.config.tls, sni);
-        peer.options.connection_timeout = Some(self.config.connect_timeout);
-        peer.options.read_timeout = Some(self.config.read_timeout);
-        Ok(peer)
+            })??;
+        let probe = Backend {
+            addr: BackendAddr::Inet(resolved),
+            weight: 1,
+            ext: Extensions::new(),
+        };
+        self.checks[index].check(&probe).await?;
+        self.down_until[index].store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn health_status_change(&self, target: &Backend, healthy: bool) {
+        let addr = &self.addrs[entry(target)];
+        if healthy {
+            tracing::info!(upstream = %self.upstream, %addr, "upstream address passes its health check again");
+        } else {
+            tracing::warn!(upstream = %self.upstream, %addr, "upstream address failed its health check; skipping it until one passes");
+        }
+    }
+
+    fn backend_summary(&self, target: &Backend) -> String {
+        format!(
+            "upstream {} address {}",
+            self.upstream,
+            self.addrs[entry(target)]
+        )
+    }
+
+    /// One check flips an address's health either way.
+    fn health_threshold(&self, _success: bool) -> usize {
+        1
     }
 }
 
@@ -191,19 +357,18 @@ impl Upstreams {
     }
 
     /// Checks every pool's addresses at start and then every
-    /// `health_check_interval` (pools with `0s` never), until `shutdown`.
+    /// `health_check.interval` (pools with `0s` never), until `shutdown`
+    /// (a check under way is dropped, its connections closed).
     pub async fn check_health(&self, shutdown: &mut ShutdownWatch) {
         let mut checks: tokio::task::JoinSet<()> = self
             .pools
             .values()
-            .filter(|pool| !pool.config.health_check_interval.is_zero())
-            .map(|pool| {
-                let pool = pool.clone();
-                async move {
-                    loop {
-                        pool.check().await;
-                        tokio::time::sleep(pool.config.health_check_interval).await;
-                    }
+            .map(|pool| (pool.clone(), pool.config.health_check().interval))
+            .filter(|(_, interval)| !interval.is_zero())
+            .map(|(pool, interval)| async move {
+                loop {
+                    pool.check().await;
+                    tokio::time::sleep(interval).await;
                 }
             })
             .collect();

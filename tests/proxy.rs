@@ -468,6 +468,110 @@ async fn an_address_back_up_is_used_again_after_its_next_health_check() {
     );
 }
 
+/// Waits (at most 10 s) until `backend` has received `n` health checks.
+async fn checked(backend: &Backend, n: usize) {
+    for _ in 0..1000 {
+        if backend.count("/healthz") >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{} health checks of {} in 10 s",
+        backend.count("/healthz"),
+        backend.addr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_failing_its_http_health_check_gets_requests_again_once_it_passes() {
+    let well = Backend::start().await;
+    let sick = Backend::start().await;
+    sick.set_health(503);
+    let body = config(&[well.addr(), sick.addr()], "").replace(
+        "    read_timeout: 1s\n",
+        "    read_timeout: 1s\n    health_check: {path: /healthz, interval: 200ms}\n",
+    );
+    let pg = Pollgate::start_logged(&body);
+    // A check has ended once the next one has begun.
+    checked(&sick, 2).await;
+    let served = spread(&pg, 8).await;
+    assert_eq!(
+        served.keys().collect::<Vec<_>>(),
+        [&well.port.to_string()],
+        "the address answering 503 is skipped"
+    );
+    assert_eq!(sick.count("/who"), 0);
+    let probe = sick
+        .seen()
+        .into_iter()
+        .find(|s| s.path_and_query == "/healthz");
+    let probe = probe.unwrap();
+    assert_eq!(probe.method, "GET");
+    assert_eq!(probe.header("host"), Some(sick.addr().as_str()));
+
+    // Answering 200: back in the rotation after its next check.
+    sick.set_health(200);
+    checked(&sick, sick.count("/healthz") + 2).await;
+    let served = spread(&pg, 10).await;
+    assert!(
+        served.get(&sick.port.to_string()).is_some_and(|n| *n >= 4),
+        "both addresses share the load again: {served:?}"
+    );
+    let logs = pg.logs();
+    let failed = format!("addr={}", sick.addr());
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("upstream address failed its health check") && l.contains(&failed)),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("becomes unhealthy"),
+        "one line per change: {logs}"
+    );
+    pg.assert_no_panic();
+}
+
+#[test]
+fn health_check_has_two_spellings_but_takes_one() {
+    let check = |upstream: &str| {
+        let f = temp_file(
+            "health.yaml",
+            &format!("upstreams:\n  app:\n    addrs: [\"127.0.0.1:3000\"]\n{upstream}"),
+        );
+        run_cli(&["check", "-c", f.to_str().unwrap()], &[])
+    };
+    let (code, out, err) = check("    health_check: {path: /healthz, interval: 5s}\n");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("path: /healthz") && out.contains("interval: 5s"),
+        "{out}"
+    );
+    // The old key: a TCP check, printed in the new spelling.
+    let (code, out, err) = check("    health_check_interval: 2s\n");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("interval: 2s") && !out.contains("path:"),
+        "{out}"
+    );
+    assert!(!out.contains("health_check_interval"), "{out}");
+    let (code, _, err) = check("    health_check_interval: 2s\n    health_check: {interval: 5s}\n");
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(
+            "upstreams.app.health_check_interval: cannot be given with \
+             upstreams.app.health_check"
+        ),
+        "{err}"
+    );
+    let (code, _, err) = check("    health_check: {path: healthz}\n");
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("upstreams.app.health_check.path: 'healthz' is not a path like /healthz"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_skips_an_address_that_is_down() {
     let a = Backend::start().await;

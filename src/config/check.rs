@@ -219,6 +219,22 @@ impl Config {
                     );
                 }
             }
+            if up.health_check.is_some() && up.health_check_interval.is_some() {
+                bad(
+                    &format!("upstreams.{name}.health_check_interval"),
+                    format!(
+                        "cannot be given with upstreams.{name}.health_check (it is the old \
+                         spelling of health_check.interval); keep one of them"
+                    ),
+                );
+            }
+            let path = up.health_check.as_ref().and_then(|c| c.path.as_deref());
+            if let Some(path) = path.filter(|p| !is_origin_path(p)) {
+                bad(
+                    &format!("upstreams.{name}.health_check.path"),
+                    format!("'{path}' is not a path like /healthz"),
+                );
+            }
         }
         if problems.is_empty() {
             Ok(())
@@ -265,10 +281,14 @@ impl Config {
             all.push(("tls.handshake_timeout".into(), tls.handshake_timeout, max));
         }
         for (name, up) in &self.upstreams {
+            let check = match (&up.health_check, up.health_check_interval) {
+                (None, Some(interval)) => ("health_check_interval", interval),
+                _ => ("health_check.interval", up.health_check().interval),
+            };
             for (key, d) in [
                 ("connect_timeout", up.connect_timeout),
                 ("read_timeout", up.read_timeout),
-                ("health_check_interval", up.health_check_interval),
+                check,
             ] {
                 all.push((format!("upstreams.{name}.{key}"), d, max));
             }
@@ -324,6 +344,12 @@ fn clash(a: &str, b: &str) -> bool {
         && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
 }
 
+/// Whether `path` can be sent as an origin-form request target (`/` first,
+/// then a path and query `http` accepts).
+fn is_origin_path(path: &str) -> bool {
+    path.starts_with('/') && http::uri::PathAndQuery::try_from(path).is_ok()
+}
+
 /// `d` as whole days (`365d`) or whole seconds (`32767s`) when it is one,
 /// else in humantime's form (which counts months of 30.44 days).
 fn whole(d: Duration) -> String {
@@ -337,6 +363,30 @@ fn whole(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_health_check_is_read_in_its_one_spelling() {
+        use crate::config::HealthCheckConfig;
+        let up = |yaml: &str| {
+            let text = format!("upstreams:\n  app:\n    addrs: [\"127.0.0.1:1\"]\n{yaml}");
+            let c = Config::parse("f.yaml", &text).unwrap();
+            c.validate("f.yaml").unwrap();
+            c.upstreams["app"].clone()
+        };
+        let five = Duration::from_secs(5);
+        let default = up("");
+        assert_eq!(default.health_check, Some(HealthCheckConfig::default()));
+        assert_eq!(
+            (default.health_check().interval, default.health_check().path),
+            (five, None)
+        );
+        let old = up("    health_check_interval: 0s\n");
+        assert_eq!(old.health_check_interval, None);
+        assert_eq!(old.health_check().interval, Duration::ZERO);
+        let new = up("    health_check: {path: /healthz?deep=1}\n");
+        assert_eq!(new.health_check().interval, five);
+        assert_eq!(new.health_check().path.as_deref(), Some("/healthz?deep=1"));
+    }
 
     #[test]
     fn secrets_are_redacted() {

@@ -23,7 +23,7 @@ impl Config {
             return Ok(Config::default());
         }
         let de = serde_yaml::Deserializer::from_str(&expanded);
-        serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
             ConfigErrors(vec![if path == "." {
@@ -31,7 +31,16 @@ impl Config {
             } else {
                 format!("{file}: {path}: {inner}")
             }])
-        })
+        })?;
+        // The health check in its one spelling, `health_check` (what `check`
+        // prints); both spellings are left for `validate` to refuse.
+        for up in config.upstreams.values_mut() {
+            if up.health_check.is_none() {
+                up.health_check = Some(up.health_check());
+                up.health_check_interval = None;
+            }
+        }
+        Ok(config)
     }
 }
 

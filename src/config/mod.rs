@@ -207,10 +207,57 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     #[serde(default = "default_read_timeout", with = "units::duration")]
     pub read_timeout: Duration,
-    /// How often each address is checked with a TCP connect (`0s`: never;
-    /// failed connections of requests still set an address aside).
+    /// The active check of each address (see [`HealthCheckConfig`]). Absent
+    /// when not written; [`Config::parse`] fills it in (from
+    /// `health_check_interval` or the defaults) unless both are written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckConfig>,
+    /// The old spelling of `health_check: {interval: ...}` (a TCP check),
+    /// still read; giving both is refused by [`Config::validate`].
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "units::optional_duration"
+    )]
+    pub health_check_interval: Option<Duration>,
+}
+
+impl UpstreamConfig {
+    /// The health check in force: `health_check`, else one every
+    /// `health_check_interval` (TCP), else the default.
+    pub fn health_check(&self) -> HealthCheckConfig {
+        match (&self.health_check, self.health_check_interval) {
+            (Some(check), _) => check.clone(),
+            (None, Some(interval)) => HealthCheckConfig {
+                interval,
+                path: None,
+            },
+            (None, None) => HealthCheckConfig::default(),
+        }
+    }
+}
+
+/// `upstreams.<name>.health_check`: how each address is checked, from start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// Time between two checks (`0s`: none; failed connections of requests
+    /// still set an address aside).
     #[serde(default = "default_health_check_interval", with = "units::duration")]
-    pub health_check_interval: Duration,
+    pub interval: Duration,
+    /// When set, the check is a GET of this path that passes on a 2xx;
+    /// otherwise a TCP connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            interval: default_health_check_interval(),
+            path: None,
+        }
+    }
 }
 
 /// One entry of `routes`: a path, its methods, and what is done with a

@@ -3,6 +3,8 @@
 //! - `/status/<code>` answers `<code>` with a JSON body;
 //! - `/slow` answers after 3 s;
 //! - `/publish-to/<a,b>` answers 200 with `Pollgate-Publish: <a,b>`;
+//! - `/healthz` answers the status set with [`Backend::set_health`] (200
+//!   at first);
 //! - a path containing `/events` is an authorization check: 200 when
 //!   `Authorization: Bearer good`, `access_token=good` in the query, a
 //!   cookie `session=V` (in any `Cookie` field) or `X-Api-Key: good`, else
@@ -17,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -53,6 +56,8 @@ impl Seen {
 pub struct Backend {
     pub port: u16,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// The status of `/healthz`.
+    health: Arc<AtomicU16>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -73,23 +78,43 @@ impl Backend {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let record = seen.clone();
+        let health = Arc::new(AtomicU16::new(200));
+        let (record, status) = (seen.clone(), health.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let record = record.clone();
+                let (record, status) = (record.clone(), status.clone());
                 tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(move |req| handle(req, port, record.clone()));
+                    let service = hyper::service::service_fn(move |req| {
+                        handle(req, port, record.clone(), status.load(Ordering::Relaxed))
+                    });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
             }
         });
-        Backend { port, seen, task }
+        Backend {
+            port,
+            seen,
+            health,
+            task,
+        }
+    }
+
+    /// Makes `/healthz` answer `status`.
+    pub fn set_health(&self, status: u16) {
+        self.health.store(status, Ordering::Relaxed);
+    }
+
+    /// How many requests for `path` (without query) it received so far.
+    pub fn count(&self, path: &str) -> usize {
+        self.seen()
+            .iter()
+            .filter(|s| s.path_and_query.split('?').next() == Some(path))
+            .count()
     }
 
     /// `127.0.0.1:<port>`
@@ -107,6 +132,7 @@ async fn handle(
     req: Request<Incoming>,
     port: u16,
     record: Arc<Mutex<Vec<Seen>>>,
+    health: u16,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let method = req.method().to_string();
     let path_and_query = req
@@ -142,6 +168,8 @@ async fn handle(
             "application/json",
             format!("{{\"status\":{code}}}").into_bytes(),
         )
+    } else if path == "/healthz" {
+        (health, "text/plain", b"health".to_vec())
     } else if path == "/slow" {
         tokio::time::sleep(Duration::from_secs(3)).await;
         (200, "text/plain", b"late".to_vec())

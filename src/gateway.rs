@@ -156,6 +156,9 @@ impl ProxyHttp for Gateway {
         {
             return Ok(true);
         }
+        // Routed again (the front door found the route first): Pingora's
+        // session parses the head anew, and nothing of the front door's
+        // match can travel with it. One `RouteTable::find` (~100 ns).
         match self.routes.find(&method, &target) {
             Match::Found(route, params) => match &route.action {
                 Action::Subscribe(_) => {

@@ -67,8 +67,9 @@ impl Relay {
         };
         if let Some((_, BodySource::Request)) = &route.publish {
             // Refused before the upstream sees the write it would publish.
-            if let Err(why) = content_type(&session.req_header().headers) {
-                let why = why.trim_start_matches("bad_content_type: ").to_string();
+            if let Err(NotPublished::BadContentType(why)) =
+                content_type(&session.req_header().headers)
+            {
                 let e = RequestError::BadContentType(why);
                 return crate::error::refusal(session, &e, &[]).await;
             }
@@ -158,7 +159,7 @@ impl Relay {
         for (channel, data, ct) in targets {
             let result = match (channel_problem(&channel), ct) {
                 (Some(why), _) => Err(format!("channel '{}': {why}", channel.escape_default())),
-                (None, Err(why)) => Err(why),
+                (None, Err(why)) => Err(why.to_string()),
                 (None, Ok(ct)) => {
                     self.hub
                         .broker()
@@ -245,9 +246,21 @@ fn upstream_request(session: &Session, body_len: usize) -> Result<RequestHeader>
     Ok(request)
 }
 
-/// A message's content type, or why the body is not published (the text
-/// of `Pollgate-Publish-Error`).
-type ContentType = std::result::Result<String, String>;
+/// Why a body is not published: its `Display` is the text of
+/// `Pollgate-Publish-Error`.
+#[derive(Debug, Clone, thiserror::Error)]
+enum NotPublished {
+    /// A content type that is not a media type.
+    #[error("bad_content_type: {0}")]
+    BadContentType(String),
+    /// An answer in a content coding that is not decoded, or gzip that does
+    /// not decode within `limits.max_body`.
+    #[error("encoded_answer: {0}")]
+    EncodedAnswer(String),
+}
+
+/// A message's content type, or why the body is not published.
+type ContentType = std::result::Result<String, NotPublished>;
 
 /// The content type of a body with `headers` as a message's (without
 /// one: `application/octet-stream`), or why it cannot be one.
@@ -258,7 +271,7 @@ fn content_type(headers: &http::HeaderMap) -> ContentType {
     let text = String::from_utf8_lossy(value.as_bytes());
     match content_type_problem(&text) {
         None => Ok(text.into_owned()),
-        Some(why) => Err(format!("bad_content_type: {why}")),
+        Some(why) => Err(NotPublished::BadContentType(why)),
     }
 }
 
@@ -270,7 +283,7 @@ enum Decoded {
     Gzip(Bytes),
     /// A coding pollgate does not decode, or a gzip body that does not
     /// decode (within `limits.max_body`): why it is not published.
-    Not(String),
+    Not(NotPublished),
 }
 
 /// Makes a strong `ETag` of `header` weak (`W/"..."`), as a body decoded
@@ -309,19 +322,18 @@ fn decoded(headers: &http::HeaderMap, body: &[u8], max: u64) -> Decoded {
                 .read_to_end(&mut plain);
             match read {
                 Ok(n) if n as u64 <= max => Decoded::Gzip(Bytes::from(plain)),
-                Ok(_) => Decoded::Not(
-                    "encoded_answer: the upstream's gzip answer is larger than limits.max_body once decoded"
-                        .into(),
-                ),
-                Err(e) => Decoded::Not(format!(
-                    "encoded_answer: the upstream's gzip answer does not decode ({e})"
+                Ok(_) => Decoded::Not(NotPublished::EncodedAnswer(
+                    "the upstream's gzip answer is larger than limits.max_body once decoded".into(),
                 )),
+                Err(e) => Decoded::Not(NotPublished::EncodedAnswer(format!(
+                    "the upstream's gzip answer does not decode ({e})"
+                ))),
             }
         }
-        _ => Decoded::Not(format!(
-            "encoded_answer: the upstream answered in the content coding '{}', which is not decoded",
+        _ => Decoded::Not(NotPublished::EncodedAnswer(format!(
+            "the upstream answered in the content coding '{}', which is not decoded",
             codings.join(", ").escape_default()
-        )),
+        ))),
     }
 }
 
@@ -425,7 +437,9 @@ mod tests {
             http::header::CONTENT_ENCODING,
             http::HeaderValue::from_static("br"),
         );
-        assert!(matches!(decoded(&br, b"x", 9), Decoded::Not(why) if why.contains("br")));
+        assert!(
+            matches!(decoded(&br, b"x", 9), Decoded::Not(why) if why.to_string().contains("br"))
+        );
         assert!(matches!(
             decoded(&http::HeaderMap::new(), b"x", 9),
             Decoded::Identity

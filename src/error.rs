@@ -9,7 +9,7 @@ use crate::admission::Refused;
 use crate::broker::BrokerError;
 use crate::hub::HubError;
 use crate::malformed::Malformed;
-use crate::metrics::Refusal;
+use crate::metrics::{Outcome, Refusal};
 use crate::respond;
 use bytes::Bytes;
 
@@ -207,6 +207,19 @@ impl RequestError {
             | RequestError::BrokerDown => Some(("Retry-After", RETRY_AFTER.into())),
             _ => None,
         }
+    }
+
+    /// Counts a poll answered with this error: a refusal (429, 503) as
+    /// `rejected`, with its reason unless the layer that refused counted
+    /// it ([`RequestError::counted_as`]); any other error as `error`.
+    pub fn count(&self) {
+        if !matches!(self.status(), 429 | 503) {
+            return Outcome::Error.count();
+        }
+        if let Some(refusal) = self.counted_as() {
+            refusal.count();
+        }
+        Outcome::Rejected.count();
     }
 
     /// The answer's body, `{"error", "detail"}`.

@@ -211,8 +211,9 @@ impl Http1App for Front {
     ) -> bool {
         let mut client = h1::Exchange::new(raw.stream, raw.buf, raw.limits.max_head, kept);
         let (req, route, manner) = (poll.req, poll.route, poll.manner);
+        let poller = &self.poller;
         h1::serve(
-            &self.poller,
+            (&poller.admission, &poller.holder),
             &mut client,
             req,
             route,

@@ -14,10 +14,10 @@
 //! the admission ([`crate::admission::Admission::admit`]) and the hold
 //! ([`crate::hold::Holder::wait`]).
 
+use crate::admission::Admission;
 use crate::answer::Answer;
 use crate::error::RequestError;
-use crate::hold::{self, Client, Waited};
-use crate::poll::{self, Poller};
+use crate::hold::{self, Client, Holder, Waited};
 use crate::respond;
 use crate::routes::SubscribeRoute;
 use crate::subscription::Request;
@@ -106,7 +106,7 @@ pub struct Manner {
 /// ([`crate::fairness::TrustedProxies::forwarded`]). Returns whether the
 /// connection can serve another request.
 pub async fn serve(
-    poller: &Poller,
+    (admission, holder): (&Admission, &Holder),
     client: &mut Exchange<'_>,
     req: Result<Request, RequestError>,
     route: &SubscribeRoute,
@@ -115,15 +115,13 @@ pub async fn serve(
 ) -> bool {
     let req = match req {
         Ok(req) => req,
-        Err(e) => return refuse(poller, client, e, &manner).await,
+        Err(e) => return refuse(holder, client, e, &manner).await,
     };
-    let admitted = poller
-        .admission
-        .admit(|| poller.admission.clients.of_stream(client.stream, forwarded));
+    let admitted = admission.admit(|| admission.clients.of_stream(client.stream, forwarded));
     let _admitted = match admitted {
         Ok(admitted) => admitted,
         Err(refused) => {
-            return refuse(poller, client, RequestError::Admission(refused), &manner).await
+            return refuse(holder, client, RequestError::Admission(refused), &manner).await
         }
     };
     // On plain TCP (a TLS session's state is the task's), the answer can
@@ -139,20 +137,20 @@ pub async fn serve(
     }
     // Once it returns, the poll is stopped: no answer is written for it
     // from elsewhere (`Held::stop`).
-    let waited = poller.holder.wait(client, &req, route).await;
+    let waited = holder.wait(client, &req, route).await;
     let direct = client.direct.take();
     match waited {
         Waited::Reply(reply) => {
             let keepalive = manner.keepalive && !reply.close;
             let written = match direct.as_deref().map(DirectWrite::settle) {
                 Some(Settled::Sent) => true,
-                Some(Settled::Partly(rest)) => write_whole(poller, client, &rest).await,
+                Some(Settled::Partly(rest)) => write_whole(holder, client, &rest).await,
                 Some(Settled::Unsent) | None => {
                     let manner = Manner {
                         keepalive,
                         ..manner
                     };
-                    write_whole(poller, client, &whole_answer(&reply.answer, &manner)).await
+                    write_whole(holder, client, &whole_answer(&reply.answer, &manner)).await
                 }
             };
             if written {
@@ -160,7 +158,7 @@ pub async fn serve(
             }
             written && keepalive
         }
-        Waited::Failed(e) => refuse(poller, client, RequestError::Hub(e), &manner).await,
+        Waited::Failed(e) => refuse(holder, client, RequestError::Hub(e), &manner).await,
         Waited::Gone => false,
     }
 }
@@ -264,23 +262,23 @@ fn whole_answer<'a>(answer: &'a Answer, manner: &Manner) -> std::borrow::Cow<'a,
     .into()
 }
 
-/// Answers `e`, counting it ([`poll::count_refused`]); false when the
+/// Answers `e`, counting it ([`RequestError::count`]); false when the
 /// client could not take it, or the connection closes after it.
 async fn refuse(
-    poller: &Poller,
+    holder: &Holder,
     client: &mut Exchange<'_>,
     e: RequestError,
     manner: &Manner,
 ) -> bool {
-    poll::count_refused(&e);
+    e.count();
     let whole = crate::error::refusal_answer(&e, &[], &manner.cors, manner.keepalive);
-    write_whole(poller, client, &whole).await && manner.keepalive
+    write_whole(holder, client, &whole).await && manner.keepalive
 }
 
 /// Writes `whole` straight to the socket (one write, as a rule); gives up
 /// when the client takes no bytes for the write timeout. Returns whether
 /// it was written.
-async fn write_whole(poller: &Poller, client: &mut Exchange<'_>, whole: &[u8]) -> bool {
+async fn write_whole(holder: &Holder, client: &mut Exchange<'_>, whole: &[u8]) -> bool {
     let stream = &mut *client.stream;
     let mut rest = whole;
     while !rest.is_empty() {
@@ -291,7 +289,7 @@ async fn write_whole(poller: &Poller, client: &mut Exchange<'_>, whole: &[u8]) -
                 .await
                 .or_else(|e| Error::e_because(ErrorType::WriteError, "writing an answer", e))
         };
-        match poller.write(write).await {
+        match holder.write(write).await {
             Ok(0) | Err(_) => return false,
             Ok(n) => rest = &rest[n..],
         }
@@ -302,7 +300,7 @@ async fn write_whole(poller: &Poller, client: &mut Exchange<'_>, whole: &[u8]) -
             .await
             .or_else(|e| Error::e_because(ErrorType::WriteError, "writing an answer", e))
     };
-    poller.write(flush).await.is_ok()
+    holder.write(flush).await.is_ok()
 }
 
 #[cfg(test)]

@@ -16,10 +16,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Holds polls against the hub, until the instance drains.
+/// Holds polls against the hub, until the instance drains, and writes
+/// their answers within the write timeout.
 pub struct Holder {
     pub hub: Arc<Hub>,
     pub life: Arc<Lifecycle>,
+    /// Longest a client may accept no bytes of an answer.
+    pub write_timeout: Duration,
 }
 
 /// What ended a hold.
@@ -83,6 +86,15 @@ impl Reply {
 }
 
 impl Holder {
+    /// Runs a write to the client, giving up (and counting it) when the
+    /// client accepts no bytes for `write_timeout` ([`crate::respond::within`]).
+    pub async fn write<T>(
+        &self,
+        write: impl Future<Output = pingora::Result<T>>,
+    ) -> pingora::Result<T> {
+        crate::respond::within(self.write_timeout, write).await
+    }
+
     /// Runs a parsed, admitted poll to its end: an answer at once, or a hold
     /// until a message, the timeout, draining or the client leaving.
     pub async fn wait(
@@ -240,6 +252,7 @@ mod tests {
                 crate::hub::DELIVERY_QUEUE,
             ),
             life: Arc::new(Lifecycle::default()),
+            write_timeout: Duration::from_secs(5),
         }
     }
 

@@ -20,7 +20,6 @@ use crate::template::Params;
 use pingora::protocols::http::ServerSession as Session;
 use pingora::{Error, ErrorType, Result};
 use std::future::Future;
-use std::time::Duration;
 
 /// Serves subscribe routes.
 pub struct Poller {
@@ -30,8 +29,6 @@ pub struct Poller {
     pub admission: Admission,
     pub cors: Cors,
     pub authorizer: Authorizer,
-    /// Longest a client may accept no bytes of an answer.
-    pub write_timeout: Duration,
 }
 
 /// The error that ends a request whose client left.
@@ -71,8 +68,7 @@ impl Poller {
         if req.format == Format::Sse {
             // Boxed: SSE is rare, and its state would enlarge every poll.
             let cors = self.cors_headers(session);
-            let sse =
-                crate::sse::stream(&self.holder, cors, self.write_timeout, session, route, req);
+            let sse = crate::sse::stream(&self.holder, cors, session, route, req);
             return Box::pin(sse).await;
         }
         match self.holder.wait(session, &req, route).await {
@@ -88,9 +84,9 @@ impl Poller {
         }
     }
 
-    /// Answers `e` (with the CORS headers), counting it ([`count_refused`]).
+    /// Answers `e` (with the CORS headers), counting it ([`RequestError::count`]).
     pub async fn refuse(&self, session: &mut Session, e: RequestError) -> Result<()> {
-        count_refused(&e);
+        e.count();
         let extra = self.cors_headers(session);
         self.write(crate::error::refusal(session, &e, &extra)).await
     }
@@ -137,10 +133,10 @@ impl Poller {
         }
     }
 
-    /// Runs a write to the client, giving up (and counting it) when the
-    /// client accepts no bytes for `write_timeout` ([`respond::within`]).
+    /// Runs a write to the client within the write timeout
+    /// ([`Holder::write`]).
     pub async fn write<T>(&self, write: impl Future<Output = Result<T>>) -> Result<T> {
-        respond::within(self.write_timeout, write).await
+        self.holder.write(write).await
     }
 
     /// Writes an answer in its format and counts it.
@@ -194,17 +190,4 @@ pub fn cors_headers(cors: &Cors, origin: Option<&str>) -> Vec<(&'static str, Str
         ),
         ("Vary", "Origin".into()),
     ]
-}
-
-/// Counts a poll answered with the error `e`: a refusal (429, 503) as
-/// `rejected`, with its reason unless the layer that refused counted it;
-/// any other error as `error`.
-pub fn count_refused(e: &RequestError) {
-    if !matches!(e.status(), 429 | 503) {
-        return Outcome::Error.count();
-    }
-    if let Some(refusal) = e.counted_as() {
-        refusal.count();
-    }
-    Outcome::Rejected.count();
 }

@@ -208,6 +208,7 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Star
             holder: Holder {
                 hub: hub.clone(),
                 life: life.clone(),
+                write_timeout: config.limits.write_timeout,
             },
             admission: Admission {
                 held: HeldSlots::new(config.limits.max_held),
@@ -216,7 +217,6 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Star
             },
             cors: config.cors.clone(),
             authorizer: Authorizer::new(upstreams.clone()),
-            write_timeout: config.limits.write_timeout,
         },
         watcher: Watcher::new(hub.clone(), upstreams.clone(), config.limits.max_body),
         life: life.clone(),

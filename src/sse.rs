@@ -9,7 +9,6 @@ use crate::hold::Holder;
 use crate::hold::{count_delivered, woken_by, Client, Ending};
 use crate::hub::Polled;
 use crate::metrics::{self, Outcome};
-use crate::respond::within;
 use crate::routes::SubscribeRoute;
 use crate::subscription::Request;
 use bytes::Bytes;
@@ -23,11 +22,10 @@ pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 /// Streams Server-Sent Events until the client leaves or draining.
 /// Returns once the stream ended (Ok) or the client left (Err).
 /// `cors` are the stream's CORS headers; a client that accepts no bytes for
-/// `write_timeout` is dropped.
+/// the holder's write timeout is dropped.
 pub(crate) async fn stream(
     holder: &Holder,
     cors: Vec<(&'static str, String)>,
-    write_timeout: Duration,
     session: &mut Session,
     route: &SubscribeRoute,
     req: Request,
@@ -44,9 +42,13 @@ pub(crate) async fn stream(
         h.insert_header(k, v)?;
     }
     session.set_keepalive(None);
-    within(write_timeout, session.write_response_header(Box::new(h))).await?;
+    holder
+        .write(session.write_response_header(Box::new(h)))
+        .await?;
     let hello = Bytes::from_static(b": pollgate\n\n");
-    within(write_timeout, session.write_response_body(hello, false)).await?;
+    holder
+        .write(session.write_response_body(hello, false))
+        .await?;
     let mut cursor = req.cursor;
     loop {
         let poll = holder
@@ -55,11 +57,9 @@ pub(crate) async fn stream(
             .await;
         let mut held = match poll {
             Ok(Polled::Ready(answer)) => {
-                within(
-                    write_timeout,
-                    session.write_response_body(answer.body.clone(), false),
-                )
-                .await?;
+                holder
+                    .write(session.write_response_body(answer.body.clone(), false))
+                    .await?;
                 count_delivered(&answer, false);
                 cursor = Some(answer.cursor.clone());
                 continue;
@@ -84,7 +84,8 @@ pub(crate) async fn stream(
                 break ending;
             }
             let ping = Bytes::from_static(b": keep-alive\n\n");
-            if within(write_timeout, session.write_response_body(ping, false))
+            if holder
+                .write(session.write_response_body(ping, false))
                 .await
                 .is_err()
             {
@@ -94,11 +95,9 @@ pub(crate) async fn stream(
         drop(held_gauge);
         match ending {
             Ending::Woken(answer) => {
-                within(
-                    write_timeout,
-                    session.write_response_body(answer.body.clone(), false),
-                )
-                .await?;
+                holder
+                    .write(session.write_response_body(answer.body.clone(), false))
+                    .await?;
                 count_delivered(&answer, true);
                 cursor = Some(answer.cursor.clone());
             }
@@ -112,5 +111,5 @@ pub(crate) async fn stream(
         }
     }
     Outcome::Timeout.count();
-    within(write_timeout, session.finish_body()).await
+    holder.write(session.finish_body()).await
 }

@@ -378,6 +378,7 @@ impl Admin {
                     "last_id": info.last_id.to_string(),
                     "history": info.history,
                     "subscribers": info.subscribers,
+                    "subscribers_total": info.subscribers_total,
                 }),
             ),
             Err(e) => AdminReply::refused(RequestError::broker(e)),

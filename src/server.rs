@@ -328,8 +328,13 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Star
     }
 }
 
+/// Every this many seconds, the subscriber counts of every channel are
+/// shared with the fleet, not only those that changed.
+const OCCUPANCY_ALL: u32 = 20;
+
 /// Expires histories, forgets idle channels and the rates of idle
-/// clients, once a second; checks the upstreams' addresses.
+/// clients, and shares the subscriber counts with the fleet, once a
+/// second; checks the upstreams' addresses.
 struct Housekeeping {
     hub: Arc<Hub>,
     upstreams: Arc<Upstreams>,
@@ -342,6 +347,10 @@ impl BackgroundService for Housekeeping {
         let (upstreams, mut until) = (self.upstreams.clone(), shutdown.clone());
         tokio::spawn(async move { upstreams.check_health(&mut until).await });
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // The subscriber counts shared with the fleet, and the ticks since
+        // all of them were last (every OCCUPANCY_ALL ticks, well within the
+        // broker's expiry of them).
+        let (mut shared, mut ticks) = (std::collections::HashMap::new(), 0u32);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -349,6 +358,8 @@ impl BackgroundService for Housekeeping {
                     self.hub.sweep();
                     self.clients.housekeep();
                     metrics::BROKER_UP.set(self.hub.broker().is_up() as i64);
+                    ticks = (ticks + 1) % OCCUPANCY_ALL;
+                    self.hub.share_occupancy(&mut shared, ticks == 0).await;
                 }
                 _ = shutdown.changed() => return,
             }

@@ -97,14 +97,14 @@ async fn channel_info_reports_history_and_local_subscribers(backend: Backend) {
     assert_eq!(status, 200);
     assert_eq!(
         v,
-        json!({"channel": "info", "last_id": id, "history": 1, "subscribers": 1})
+        json!({"channel": "info", "last_id": id, "history": 1, "subscribers": 1, "subscribers_total": 1})
     );
     pg.publish("info", "text/plain", "y").await;
     held.await.unwrap();
     let (_, _, v) = get_json(&pg.admin("/v1/channels/never")).await;
     assert_eq!(
         v,
-        json!({"channel": "never", "last_id": "0-0", "history": 0, "subscribers": 0})
+        json!({"channel": "never", "last_id": "0-0", "history": 0, "subscribers": 0, "subscribers_total": 0})
     );
 }
 

@@ -803,3 +803,61 @@ async fn publishes_wait_for_replicas_or_answer_not_replicated() {
     let h = master.cli(&["XLEN", "pollgate:{w}:h"]);
     assert_eq!(h.trim(), "3", "{h}");
 }
+
+/// `subscribers_total` of `channel` on `pg`'s admin API once it equals
+/// `want`, or what it last was after `limit`.
+async fn total_once(pg: &Pollgate, channel: &str, want: u64, limit: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let (_, _, info) = get_json(&pg.admin(&format!("/v1/channels/{channel}"))).await;
+        if info["subscribers_total"] == want || tokio::time::Instant::now() > deadline {
+            return info;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn subscribers_total_counts_every_instance_and_forgets_a_dead_one() {
+    let redis = RedisServer::start();
+    let mut gw = gateways(&redis.url(), 2, "");
+    let mut held = Vec::new();
+    for (i, n) in [(0, 1), (1, 2)] {
+        for _ in 0..n {
+            let url = gw[i].url("/sub/occ?timeout=60");
+            held.push(tokio::spawn(async move { get_json(&url).await }));
+        }
+        gw[i].wait_metric("pollgate_held_requests", n as f64).await;
+    }
+    // Each instance counts its own; both add up to the fleet's.
+    let info = total_once(&gw[0], "occ", 3, Duration::from_secs(5)).await;
+    assert_eq!(
+        (
+            info["subscribers"].as_u64(),
+            info["subscribers_total"].as_u64()
+        ),
+        (Some(1), Some(3)),
+        "{info}"
+    );
+    let info = total_once(&gw[1], "occ", 3, Duration::from_secs(5)).await;
+    assert_eq!(info["subscribers"], 2, "{info}");
+    // An instance SIGKILLed says nothing more: its heartbeat expires and
+    // its subscribers stop counting.
+    gw[1].kill();
+    let info = total_once(&gw[0], "occ", 1, Duration::from_secs(10)).await;
+    assert_eq!(info["subscribers_total"], 1, "{info}");
+    // A poll answered and not renewed: the count goes down by itself.
+    gw[0].publish("occ", "text/plain", "bye").await;
+    let info = total_once(&gw[0], "occ", 0, Duration::from_secs(5)).await;
+    assert_eq!(
+        (
+            info["subscribers"].as_u64(),
+            info["subscribers_total"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{info}"
+    );
+    for h in held {
+        let _ = h.await;
+    }
+}

@@ -154,6 +154,21 @@ pub trait Broker: Send + Sync {
         true
     }
 
+    /// Shares this instance's subscriber counts (`counts`: channel and
+    /// count, a 0 for a channel it no longer holds) with the fleet, and
+    /// says the instance is alive; called about once a second (with the
+    /// counts that changed, and now and then all of them). Brokers without
+    /// a fleet do nothing.
+    async fn report_occupancy(&self, _counts: &[(Arc<str>, usize)]) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// The subscribers of `channel` on the other instances of the fleet,
+    /// as those alive reported them (0 for a broker without a fleet).
+    async fn others_occupancy(&self, _channel: &str) -> Result<usize, BrokerError> {
+        Ok(0)
+    }
+
     /// Periodic housekeeping (expiring histories); called about once a second.
     fn maintain(&self) {}
 

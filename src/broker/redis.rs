@@ -22,6 +22,7 @@ mod catch_up;
 mod cluster;
 mod conn;
 mod layout;
+mod occupancy;
 mod sentinel;
 mod slots;
 
@@ -103,6 +104,8 @@ pub struct RedisBroker {
     replica_timeout: Duration,
     /// `broker.url` with its password as `***`.
     shown_url: String,
+    /// This instance's id among the fleet's (occupancy, `occupancy.rs`).
+    instance: String,
 }
 
 /// A spawned task, aborted when this is dropped.
@@ -158,6 +161,7 @@ impl RedisBroker {
             replicas: 0,
             replica_timeout: Duration::from_secs(1),
             shown_url: crate::secret::redact_url(url),
+            instance: format!("{:016x}", fastrand::u64(..)),
         })
     }
 
@@ -472,6 +476,14 @@ impl Broker for RedisBroker {
             content_type,
             data,
         )))
+    }
+
+    async fn report_occupancy(&self, counts: &[(Arc<str>, usize)]) -> Result<(), BrokerError> {
+        self.report(counts).await
+    }
+
+    async fn others_occupancy(&self, channel: &str) -> Result<usize, BrokerError> {
+        self.others(channel).await
     }
 
     async fn history(&self, channel: &str) -> Result<History, BrokerError> {

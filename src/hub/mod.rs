@@ -208,6 +208,8 @@ pub struct ChannelInfo {
     pub last_id: MessageId,
     pub history: usize,
     pub subscribers: usize,
+    /// Across the fleet (this instance's count on a broker without one).
+    pub subscribers_total: usize,
 }
 
 impl Hub {
@@ -564,11 +566,46 @@ impl Hub {
         let subscribers = self
             .lookup_channel(name)
             .map_or(0, |ch| ch.state.lock().waiters.len());
+        // This instance's own count as it is now, not as last shared.
+        let subscribers_total = subscribers + self.broker.others_occupancy(name).await?;
         Ok(ChannelInfo {
             last_id: history.last_id(),
             history: history.len(),
             subscribers,
+            subscribers_total,
         })
+    }
+
+    /// Each channel of this instance with its subscribers (held polls and
+    /// SSE streams) now.
+    pub fn occupancy(&self) -> Vec<(Arc<str>, usize)> {
+        self.channels
+            .values()
+            .into_iter()
+            .map(|ch| (ch.name.clone(), ch.state.lock().waiters.len()))
+            .collect()
+    }
+
+    /// Shares this instance's subscriber counts with the fleet
+    /// ([`Broker::report_occupancy`]): those that changed since `last` (the
+    /// counts shared before, updated), or, when `all`, every channel with
+    /// subscribers. Given up after a second: the next call tries again.
+    pub async fn share_occupancy(&self, last: &mut HashMap<Arc<str>, usize>, all: bool) {
+        let now: HashMap<Arc<str>, usize> = self.occupancy().into_iter().collect();
+        let mut changed: Vec<(Arc<str>, usize)> = now
+            .iter()
+            .filter(|(name, n)| (all && **n > 0) || last.get(*name).copied().unwrap_or(0) != **n)
+            .map(|(name, n)| (name.clone(), *n))
+            .collect();
+        for (name, n) in last.iter() {
+            if *n > 0 && !now.contains_key(name) {
+                changed.push((name.clone(), 0));
+            }
+        }
+        let report = self.broker.report_occupancy(&changed);
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), report).await {
+            *last = now.into_iter().filter(|(_, n)| *n > 0).collect();
+        }
     }
 
     /// Forgets channels that have had no waiter for `linger`.

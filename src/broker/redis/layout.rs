@@ -12,7 +12,14 @@
 //!   with the payload `<id>\n<content type>\n<data>` (a loss notice:
 //!   `<id>\n!lost\n<lost id>`).
 //!
-//! The `{C}` hash tag keeps all three on one Cluster slot.
+//! - `NS:{C}:occ` — a hash of each instance's subscribers of the channel
+//!   (field: the instance's id), expiring [`OCCUPANCY_TTL`] after its last
+//!   write (`occupancy.rs`).
+//!
+//! The `{C}` hash tag keeps all of them on one Cluster slot. And per
+//! instance, `NS:instance:<id>`: its heartbeat, expiring
+//! [`HEARTBEAT_TTL`] after the last one (a dead instance's counts are then
+//! no longer added up).
 
 use super::conn::Conn;
 use crate::history::History;
@@ -116,6 +123,12 @@ redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('GET', KEYS[1])
 "#;
 
+/// How long an instance's heartbeat lasts: it is renewed every second.
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
+/// How long a channel's occupancy hash lasts after its last write: the
+/// counts of every channel with subscribers are written again more often.
+pub const OCCUPANCY_TTL: Duration = Duration::from_secs(60);
+
 /// Key and name scheme of one namespace.
 pub struct Layout {
     namespace: String,
@@ -147,6 +160,16 @@ impl Layout {
 
     fn history_key(&self, channel: &str) -> String {
         format!("{}:{{{channel}}}:h", self.namespace)
+    }
+
+    /// The hash of `channel`'s subscribers per instance.
+    pub fn occupancy_key(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:occ", self.namespace)
+    }
+
+    /// The heartbeat key of instance `id`.
+    pub fn instance_key(&self, id: &str) -> String {
+        format!("{}:instance:{id}", self.namespace)
     }
 
     fn floor_key(&self, channel: &str) -> String {

@@ -89,7 +89,7 @@ impl SentinelRedis {
                     format!(
                         "port {port}\nbind 127.0.0.1\ndir {}\n\
                          sentinel monitor {MASTER} 127.0.0.1 {mport} 2\n\
-                         sentinel down-after-milliseconds {MASTER} 1000\n\
+                         sentinel down-after-milliseconds {MASTER} 2000\n\
                          sentinel failover-timeout {MASTER} {failover_timeout}\n\
                          sentinel parallel-syncs {MASTER} 1\n",
                         dir.display()
@@ -168,8 +168,7 @@ impl SentinelRedis {
             let p = self.master_port();
             p != 0 && p != old_port
         });
-        self.servers[old].restart();
-        self.rejoin(old);
+        self.restart_empty(old);
     }
 
     /// The replica falls behind, then the master is SIGKILLed: the
@@ -190,8 +189,7 @@ impl SentinelRedis {
             let p = self.master_port();
             p != 0 && p != old_port
         });
-        self.servers[old].restart();
-        self.rejoin(old);
+        self.restart_empty(old);
     }
 
     /// `SENTINEL FAILOVER`: the replica becomes master, the master a
@@ -208,20 +206,34 @@ impl SentinelRedis {
         self.rejoin(old);
     }
 
+    /// Restarts server `i`, which comes back without its data, and makes it
+    /// a replica of the new master. It is never to be promoted (priority
+    /// 0): on a busy machine the sentinels may think the new master down
+    /// for a moment, and promoting an empty server would lose everything.
+    fn restart_empty(&mut self, i: usize) {
+        self.servers[i].restart();
+        self.servers[i].cli(&["CONFIG", "SET", "replica-priority", "0"]);
+        self.rejoin(i);
+    }
+
     /// Makes server `i` a replica of the new master and waits until it
     /// replicates. The sentinels would do the same, but only once it has
     /// reported the wrong role for 8 s and they next read its INFO (every
     /// 10 s): the test does not wait that long.
     fn rejoin(&self, i: usize) {
         let new = self.master_port().to_string();
-        self.servers[i].cli(&["REPLICAOF", "127.0.0.1", &new]);
         wait_for(
             "the old master replicates the new one",
-            Duration::from_secs(20),
+            Duration::from_secs(30),
             || {
                 let info = self.servers[i].cli(&["INFO", "replication"]);
-                info.contains(&format!("master_port:{new}"))
-                    && info.contains("master_link_status:up")
+                if !info.contains(&format!("master_port:{new}")) {
+                    // Again until it takes: a server just restarted may
+                    // not have been listening yet on a busy machine.
+                    self.servers[i].cli(&["REPLICAOF", "127.0.0.1", &new]);
+                    return false;
+                }
+                info.contains("master_link_status:up")
             },
         );
     }

@@ -19,7 +19,6 @@ use crate::target::RequestTarget;
 use crate::template::Params;
 use pingora::protocols::http::ServerSession as Session;
 use pingora::{Error, ErrorType, Result};
-use std::future::Future;
 
 /// Serves subscribe routes.
 pub struct Poller {
@@ -88,7 +87,9 @@ impl Poller {
     pub async fn refuse(&self, session: &mut Session, e: RequestError) -> Result<()> {
         e.count();
         let extra = self.cors_headers(session);
-        self.write(crate::error::refusal(session, &e, &extra)).await
+        self.holder
+            .write(crate::error::refusal(session, &e, &extra))
+            .await
     }
 
     /// Asks the route's authorize upstream. Returns false when the client
@@ -120,7 +121,8 @@ impl Poller {
                 for (k, v) in self.cors_headers(session) {
                     h.insert_header(k, v)?;
                 }
-                self.write(respond::send(session, h, denial.body.clone()))
+                self.holder
+                    .write(respond::send(session, h, denial.body.clone()))
                     .await?;
                 Ok(false)
             }
@@ -131,12 +133,6 @@ impl Poller {
                 Ok(false)
             }
         }
-    }
-
-    /// Runs a write to the client within the write timeout
-    /// ([`Holder::write`]).
-    pub async fn write<T>(&self, write: impl Future<Output = Result<T>>) -> Result<T> {
-        self.holder.write(write).await
     }
 
     /// Writes an answer in its format and counts it.
@@ -157,7 +153,8 @@ impl Poller {
         for (k, v) in self.cors_headers(session) {
             h.insert_header(k, v)?;
         }
-        self.write(respond::send(session, h, answer.body.clone()))
+        self.holder
+            .write(respond::send(session, h, answer.body.clone()))
             .await?;
         count_answered(answer, outcome, live);
         Ok(())

@@ -170,7 +170,7 @@ impl Watcher {
                 continue;
             };
             if !matches(known.as_deref(), &rep.etag) {
-                return poller.write(answer(session, rep, false)).await;
+                return poller.holder.write(answer(session, rep, false)).await;
             }
             let Some(held) = held else {
                 continue; // changed while fetching: fetch again
@@ -186,7 +186,7 @@ impl Watcher {
                     if matches!(ending, Ending::Drain) {
                         session.set_keepalive(None);
                     }
-                    return poller.write(answer(session, rep, true)).await;
+                    return poller.holder.write(answer(session, rep, true)).await;
                 }
                 Ending::Gone => return poll::gone(),
             }

@@ -7,6 +7,7 @@ use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::message::{content_type_problem, is_json, is_json_type, OCTET_STREAM};
 use crate::metrics;
+use crate::presence::Presence;
 use crate::respond;
 use crate::target::RequestTarget;
 use crate::template::channel_problem;
@@ -30,6 +31,8 @@ pub struct Admin {
     /// Bearer token; empty = open.
     pub token: String,
     pub max_body: u64,
+    /// This instance's presence, when tracked (`webhooks:`).
+    pub presence: Option<Arc<Presence>>,
 }
 
 /// An admin call, as read from its head (on the raw connection or on a
@@ -247,6 +250,9 @@ impl Admin {
             (&Method::GET, ["v1", "channels", channel @ ..]) => {
                 self.channel_info(&channel.join("/")).await
             }
+            (&Method::GET, ["v1", "presence", channel @ ..]) => {
+                self.presence(&channel.join("/")).await
+            }
             (_, ["metrics"] | ["healthz"] | ["readyz"] | ["v1", "publish"]) => {
                 let path = call.target.path();
                 let allow = if path == "/v1/publish" { "POST" } else { "GET" };
@@ -383,6 +389,34 @@ impl Admin {
             ),
             Err(e) => AdminReply::refused(RequestError::broker(e)),
         }
+    }
+}
+
+impl Admin {
+    /// `GET /v1/presence/{channel}`: the identified subscribers present
+    /// across the fleet, oldest first.
+    async fn presence(&self, channel: &str) -> AdminReply {
+        if let Some(why) = channel_problem(channel) {
+            return AdminReply::refused(RequestError::BadChannel(why));
+        }
+        let Some(presence) = &self.presence else {
+            let detail = "presence is not tracked: it needs `webhooks:` in the config";
+            return AdminReply::refused(RequestError::NotFound(detail.into()));
+        };
+        let mut list = match self.hub.broker().presence(channel).await {
+            Ok(Some(fleet)) => fleet,
+            Ok(None) => presence.list(channel),
+            Err(e) => return AdminReply::refused(RequestError::broker(e)),
+        };
+        list.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        let subscribers: Vec<serde_json::Value> = list
+            .into_iter()
+            .map(|(id, since)| serde_json::json!({ "subscriber": id, "since": since }))
+            .collect();
+        AdminReply::json(
+            200,
+            &serde_json::json!({ "channel": channel, "subscribers": subscribers }),
+        )
     }
 }
 

@@ -23,6 +23,9 @@ use pingora::{Error, ErrorType, Result};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The answer header naming the subscriber (docs/presence.md).
+pub const SUBSCRIBER: &str = "pollgate-subscriber";
+
 /// Largest authorization answer body passed back to the client.
 const MAX_DENIAL_BODY: u64 = 64 * 1024;
 /// Upstream headers passed on with a denial.
@@ -132,7 +135,9 @@ impl Credentials {
 /// What the upstream decided.
 #[derive(Clone, Debug)]
 pub enum Decision {
-    Allow,
+    /// Allowed, with the subscriber's identity when the upstream named one
+    /// (`Pollgate-Subscriber`, for presence).
+    Allow(Option<Arc<str>>),
     Deny(Arc<Denial>),
 }
 
@@ -247,7 +252,16 @@ impl Authorizer {
             .await?;
         let status = answer.header.status.as_u16();
         if (200..300).contains(&status) {
-            return Ok(Decision::Allow);
+            let Some(named) = answer.header.headers.get(SUBSCRIBER) else {
+                return Ok(Decision::Allow(None));
+            };
+            return match crate::presence::subscriber_id(named.as_bytes()) {
+                Some(id) => Ok(Decision::Allow(Some(id))),
+                None => Error::e_explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "its Pollgate-Subscriber is not 1 to 256 bytes of UTF-8 without control characters",
+                ),
+            };
         }
         let headers = answer
             .header

@@ -8,6 +8,7 @@ use crate::answer::Answer;
 use crate::hub::{Held, Hub, HubError, Polled};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{self, Outcome};
+use crate::presence::{Presence, Seat};
 use crate::routes::SubscribeRoute;
 use crate::subscription::Request;
 use crate::waiter::{Answerer, Wake};
@@ -23,6 +24,8 @@ pub struct Holder {
     pub life: Arc<Lifecycle>,
     /// Longest a client may accept no bytes of an answer.
     pub write_timeout: Duration,
+    /// Where polls count as present (when presence is tracked).
+    pub presence: Option<Arc<Presence>>,
 }
 
 /// What ended a hold.
@@ -95,6 +98,13 @@ impl Holder {
         crate::respond::within(self.write_timeout, write).await
     }
 
+    /// Counts `req`'s client as present on its channels until the seat is
+    /// dropped (None when presence is not tracked).
+    pub fn seat<'a>(&'a self, req: &'a Request) -> Option<Seat<'a>> {
+        let presence = self.presence.as_ref()?;
+        Some(presence.enter(&req.channels, req.subscriber.clone()))
+    }
+
     /// Runs a parsed, admitted poll to its end: an answer at once, or a hold
     /// until a message, the timeout, draining or the client leaving.
     pub async fn wait(
@@ -103,6 +113,8 @@ impl Holder {
         req: &Request,
         route: &SubscribeRoute,
     ) -> Waited {
+        // Present on its channels until it ends, then for the linger.
+        let _seat = self.seat(req);
         let deadline = tokio::time::Instant::now() + jitter(req.timeout);
         let mut cursor = req.cursor.clone();
         let answerer = client.answerer();
@@ -253,6 +265,7 @@ mod tests {
             ),
             life: Arc::new(Lifecycle::default()),
             write_timeout: Duration::from_secs(5),
+            presence: None,
         }
     }
 

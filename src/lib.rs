@@ -27,6 +27,7 @@ pub mod malformed;
 pub mod message;
 pub mod metrics;
 pub mod poll;
+pub mod presence;
 pub mod relay;
 pub mod respond;
 pub mod routes;

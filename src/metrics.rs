@@ -29,6 +29,43 @@ pub static DELIVERY_OVERFLOWS: LazyLock<IntCounter> = LazyLock::new(|| {
     .unwrap()
 });
 
+/// Webhook events sent (answered 2xx), by event.
+pub static WEBHOOKS_SENT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "pollgate_webhook_events_sent_total",
+        "Presence webhook events the receiver accepted (2xx), by event",
+        &["event"]
+    )
+    .unwrap()
+});
+
+/// Webhook attempts that failed (and are retried).
+pub static WEBHOOK_RETRIES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "pollgate_webhook_retries_total",
+        "Presence webhook requests that failed or were not answered 2xx, and are retried"
+    )
+    .unwrap()
+});
+
+/// Webhook events dropped because the queue was full.
+pub static WEBHOOKS_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "pollgate_webhook_events_dropped_total",
+        "Presence webhook events dropped because the instance's queue was full"
+    )
+    .unwrap()
+});
+
+/// Webhook events waiting to be sent.
+pub static WEBHOOK_QUEUE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "pollgate_webhook_queue",
+        "Presence webhook events waiting to be sent (or being retried)"
+    )
+    .unwrap()
+});
+
 /// Long-polls currently held.
 pub static HELD: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("pollgate_held_requests", "Long-polls currently held").unwrap()
@@ -365,6 +402,9 @@ pub fn init() {
     for r in Refusal::ALL {
         REFUSED.with_label_values(&[r.label()]);
     }
+    LazyLock::force(&WEBHOOK_RETRIES);
+    LazyLock::force(&WEBHOOKS_DROPPED);
+    LazyLock::force(&WEBHOOK_QUEUE);
 }
 
 /// The default registry in Prometheus text format.

@@ -30,6 +30,12 @@ pub struct Poller {
     pub authorizer: Authorizer,
 }
 
+/// A poll the authorize upstream allowed.
+pub struct Allowed {
+    /// Who it is, when the upstream said (`Pollgate-Subscriber`).
+    pub subscriber: Option<std::sync::Arc<str>>,
+}
+
 /// The error that ends a request whose client left.
 pub fn gone() -> Result<()> {
     Error::e_explain(ErrorType::ConnectionClosed, "client left a held poll")
@@ -48,7 +54,7 @@ impl Poller {
         route: &SubscribeRoute,
         params: &Params<'_>,
     ) -> Result<()> {
-        let req = match SubscribeHead::of(session.req_header(), target).parse(route, params) {
+        let mut req = match SubscribeHead::of(session.req_header(), target).parse(route, params) {
             Ok(r) => r,
             Err(e) => return self.refuse(session, e).await,
         };
@@ -60,8 +66,9 @@ impl Poller {
             Err(refused) => return self.refuse(session, RequestError::Admission(refused)).await,
         };
         if let Some(authorize) = &route.authorize {
-            if !Box::pin(self.authorized(session, target, authorize)).await? {
-                return Ok(());
+            match Box::pin(self.authorized(session, target, authorize)).await? {
+                Some(allowed) => req.subscriber = allowed.subscriber,
+                None => return Ok(()),
             }
         }
         if req.format == Format::Sse {
@@ -92,21 +99,21 @@ impl Poller {
             .await
     }
 
-    /// Asks the route's authorize upstream. Returns false when the client
+    /// Asks the route's authorize upstream. Returns None when the client
     /// was answered (denied, or the upstream failed).
     pub async fn authorized(
         &self,
         session: &mut Session,
         target: &RequestTarget,
         authorize: &Authorize,
-    ) -> Result<bool> {
+    ) -> Result<Option<Allowed>> {
         let peer = crate::upstream::Peer::of(session);
         match self
             .authorizer
             .check(session.req_header(), target, &peer, authorize)
             .await
         {
-            Ok(Decision::Allow) => Ok(true),
+            Ok(Decision::Allow(subscriber)) => Ok(Some(Allowed { subscriber })),
             Ok(Decision::Deny(denial)) => {
                 Outcome::Rejected.count();
                 let mut h = pingora::http::ResponseHeader::build(
@@ -124,13 +131,13 @@ impl Poller {
                 self.holder
                     .write(respond::send(session, h, denial.body.clone()))
                     .await?;
-                Ok(false)
+                Ok(None)
             }
             Err(e) => {
                 let detail = format!("authorization upstream {}: {e}", authorize.upstream);
                 self.refuse(session, RequestError::upstream(&e, detail))
                     .await?;
-                Ok(false)
+                Ok(None)
             }
         }
     }

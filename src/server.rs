@@ -20,6 +20,8 @@ use crate::lifecycle::Lifecycle;
 use crate::listener::{ClientListener, ListenError, Task};
 use crate::metrics;
 use crate::poll::Poller;
+use crate::presence::webhooks::{Lane, Webhooks};
+use crate::presence::Presence;
 use crate::routes::RouteTable;
 use crate::tls::{Certificates, TlsError};
 use crate::upstream::Upstreams;
@@ -193,6 +195,10 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Star
 
     let routes = Arc::new(routes);
     let upstreams = Arc::new(Upstreams::new(&config.upstreams));
+    let presence = config
+        .webhooks
+        .as_ref()
+        .map(|hooks| Arc::new(Presence::new(hooks.linger)));
     let keepalive_secs = config.listener.keepalive_timeout.as_secs().max(1);
     let gateway = Gateway::new(
         &config,
@@ -209,6 +215,7 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Star
                 hub: hub.clone(),
                 life: life.clone(),
                 write_timeout: config.limits.write_timeout,
+                presence: presence.clone(),
             },
             admission: Admission {
                 held: HeldSlots::new(config.limits.max_held),
@@ -241,6 +248,7 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Star
         life: life.clone(),
         token: config.publish.token.clone(),
         max_body: config.limits.max_body,
+        presence: presence.clone(),
     };
     // Held polls are woken (and answered) from the listeners' runtime, and
     // the broker's connection runs on it too: an announcement reaches its
@@ -297,13 +305,29 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Star
         "pollgate housekeeping",
         Housekeeping {
             hub: hub.clone(),
-            upstreams,
+            upstreams: upstreams.clone(),
             clients,
         },
     );
 
     server.add_service(listener);
     server.add_service(housekeeping);
+    if let (Some(presence), Some(hooks)) = (presence, &config.webhooks) {
+        let (webhooks, lanes) = match Webhooks::new(hooks, upstreams.clone(), hub.broker().clone())
+        {
+            Some((webhooks, lanes)) => (Some(webhooks), lanes),
+            None => (None, Vec::new()),
+        };
+        server.add_service(background_service(
+            "pollgate presence",
+            PresenceService {
+                presence,
+                broker: hub.broker().clone(),
+                webhooks,
+                lanes: parking_lot::Mutex::new(lanes),
+            },
+        ));
+    }
     tracing::info!(
         listen = %config.listen,
         tls = config.tls.as_ref().map_or("", |t| t.listen.as_str()),
@@ -364,6 +388,32 @@ impl BackgroundService for Housekeeping {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+/// Presence (`webhooks:`): the fleet task ([`crate::presence::fleet`])
+/// and the webhook lanes, until shutdown.
+struct PresenceService {
+    presence: Arc<Presence>,
+    broker: Arc<dyn Broker>,
+    webhooks: Option<Arc<Webhooks>>,
+    /// The webhook lanes, taken when the service starts (once).
+    lanes: parking_lot::Mutex<Vec<Lane>>,
+}
+
+#[async_trait]
+impl BackgroundService for PresenceService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let mut lanes = tokio::task::JoinSet::new();
+        if let Some(webhooks) = &self.webhooks {
+            for lane in std::mem::take(&mut *self.lanes.lock()) {
+                let webhooks = webhooks.clone();
+                lanes.spawn(async move { webhooks.run_lane(lane).await });
+            }
+        }
+        let (presence, broker) = (self.presence.clone(), self.broker.clone());
+        crate::presence::fleet::run(presence, broker, self.webhooks.clone(), shutdown).await;
+        lanes.abort_all();
     }
 }
 

@@ -49,7 +49,9 @@ pub(crate) async fn stream(
     holder
         .write(session.write_response_body(hello, false))
         .await?;
-    let mut cursor = req.cursor;
+    // Present from the first byte until the stream closes, then lingers.
+    let _seat = holder.seat(&req);
+    let mut cursor = req.cursor.clone();
     loop {
         let poll = holder
             .hub

@@ -28,6 +28,8 @@ pub struct Request {
     /// How long the poll may be held (before jitter).
     pub timeout: Duration,
     pub format: Format,
+    /// Who polls, as the authorize upstream named them (presence).
+    pub subscriber: Option<std::sync::Arc<str>>,
 }
 
 impl<'a> SubscribeHead<'a> {
@@ -95,6 +97,7 @@ impl<'a> SubscribeHead<'a> {
             cursor,
             timeout,
             format,
+            subscriber: None,
         })
     }
 

@@ -128,7 +128,10 @@ impl Watcher {
             }
         };
         if let Some(authorize) = &route.authorize {
-            if !Box::pin(poller.authorized(session, target, authorize)).await? {
+            if Box::pin(poller.authorized(session, target, authorize))
+                .await?
+                .is_none()
+            {
                 return Ok(());
             }
         }

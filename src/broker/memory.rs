@@ -74,6 +74,8 @@ pub struct MemoryBroker {
     max_kept: usize,
     /// This process's start (ms since the Unix epoch): its history's epoch.
     epoch: Epoch,
+    /// This process's id (webhook event ids).
+    instance: String,
 }
 
 impl MemoryBroker {
@@ -100,6 +102,7 @@ impl MemoryBroker {
             epoch: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(1, |d| d.as_millis() as Epoch),
+            instance: format!("{:016x}", fastrand::u64(..)),
         }
     }
 
@@ -194,6 +197,10 @@ impl Broker for MemoryBroker {
 
     fn address(&self) -> String {
         "memory://".into()
+    }
+
+    fn instance(&self) -> &str {
+        &self.instance
     }
 
     async fn publish(

@@ -92,6 +92,34 @@ pub trait Sink: Send + Sync {
     }
 }
 
+/// One instance's presence on a channel beginning or ending: the instance
+/// has (or no longer has) a client there (`subscriber` None), or has a given
+/// subscriber there (see [`Broker::apply_presence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    pub channel: Arc<str>,
+    /// The subscriber's identity; None for the instance's occupancy.
+    pub subscriber: Option<Arc<str>>,
+    /// True: present from now on; false: no longer present.
+    pub present: bool,
+    /// When, in Unix milliseconds.
+    pub at: u64,
+}
+
+/// What the broker's presence sweep found ([`Broker::sweep_presence`]).
+#[derive(Debug, Default)]
+pub struct PresenceSweep {
+    /// Leaves of instances whose heartbeat expired that changed the fleet's
+    /// presence (a subscriber left everywhere, a channel became vacant), in
+    /// order per channel, each with its place in the channel's order (see
+    /// [`Broker::apply_presence`]).
+    pub left: Vec<(PresenceChange, u64)>,
+    /// This instance's own presence was dropped from the fleet's (its
+    /// heartbeat had expired: a stall, or a broker that lost its data): it
+    /// must be told again in full.
+    pub forgotten: bool,
+}
+
 /// Room for one announcement in a [`Sink`], taken by [`Sink::room`].
 pub trait Room: Send {
     /// Announces `message` in this room; never refused.
@@ -168,6 +196,56 @@ pub trait Broker: Send + Sync {
     async fn others_occupancy(&self, _channel: &str) -> Result<usize, BrokerError> {
         Ok(0)
     }
+
+    /// Applies this instance's presence changes to the fleet's, in order.
+    /// Returns, for each, None when it did not change the fleet's presence,
+    /// or the place of the change in the channel's fleet-wide order when
+    /// it did (a channel became occupied or vacant, a subscriber joined or
+    /// left, present nowhere else): its events are sent in that order
+    /// ([`Broker::presence_turn`]). Brokers without a fleet: every change
+    /// is the fleet's, and the order is this instance's (place 0).
+    async fn apply_presence(
+        &self,
+        changes: &[PresenceChange],
+    ) -> Result<Vec<Option<u64>>, BrokerError> {
+        Ok(vec![Some(0); changes.len()])
+    }
+
+    /// Returns true once the change at `place` of `channel`'s order may be
+    /// sent: every earlier one was sent ([`Broker::presence_sent`]), or
+    /// never will be (dropped, or held by an instance that died).
+    async fn presence_turn(&self, _channel: &str, _place: u64) -> Result<bool, BrokerError> {
+        Ok(true)
+    }
+
+    /// Records that the change at `place` of `channel`'s order was sent
+    /// (or needed no sending): the next one's turn comes.
+    async fn presence_sent(&self, _channel: &str, _place: u64) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// Records that the change at `place` of `channel`'s order will never
+    /// be sent (dropped): the next ones do not wait for it.
+    async fn presence_dropped(&self, _channel: &str, _place: u64) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// The identified subscribers present on `channel` across the fleet,
+    /// each with when it joined (Unix ms); None for a broker without a
+    /// fleet (this instance's own list is the whole list).
+    async fn presence(&self, _channel: &str) -> Result<Option<Vec<(String, u64)>>, BrokerError> {
+        Ok(None)
+    }
+
+    /// Renews this instance's place in the fleet's presence and makes the
+    /// instances whose heartbeat expired leave; called about once a second
+    /// while presence is tracked. Brokers without a fleet find nothing.
+    async fn sweep_presence(&self) -> Result<PresenceSweep, BrokerError> {
+        Ok(PresenceSweep::default())
+    }
+
+    /// This instance's id in the fleet (random, per process).
+    fn instance(&self) -> &str;
 
     /// Periodic housekeeping (expiring histories); called about once a second.
     fn maintain(&self) {}

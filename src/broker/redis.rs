@@ -23,10 +23,11 @@ mod cluster;
 mod conn;
 mod layout;
 mod occupancy;
+mod presence;
 mod sentinel;
 mod slots;
 
-use super::{Broker, BrokerError, Sink, UrlError};
+use super::{Broker, BrokerError, PresenceChange, PresenceSweep, Sink, UrlError};
 use crate::history::History;
 use crate::message::Message;
 use crate::metrics;
@@ -106,6 +107,8 @@ pub struct RedisBroker {
     shown_url: String,
     /// This instance's id among the fleet's (occupancy, `occupancy.rs`).
     instance: String,
+    /// This instance has put itself in the fleet's presence (`presence.rs`).
+    in_presence: AtomicBool,
 }
 
 /// A spawned task, aborted when this is dropped.
@@ -162,6 +165,7 @@ impl RedisBroker {
             replica_timeout: Duration::from_secs(1),
             shown_url: crate::secret::redact_url(url),
             instance: format!("{:016x}", fastrand::u64(..)),
+            in_presence: AtomicBool::new(false),
         })
     }
 
@@ -486,6 +490,33 @@ impl Broker for RedisBroker {
         self.others(channel).await
     }
 
+    async fn apply_presence(
+        &self,
+        changes: &[PresenceChange],
+    ) -> Result<Vec<Option<u64>>, BrokerError> {
+        self.apply(changes).await
+    }
+
+    async fn presence_turn(&self, channel: &str, place: u64) -> Result<bool, BrokerError> {
+        self.turn(channel, place).await
+    }
+
+    async fn presence_sent(&self, channel: &str, place: u64) -> Result<(), BrokerError> {
+        self.sent(channel, place, true).await
+    }
+
+    async fn presence_dropped(&self, channel: &str, place: u64) -> Result<(), BrokerError> {
+        self.sent(channel, place, false).await
+    }
+
+    async fn presence(&self, channel: &str) -> Result<Option<Vec<(String, u64)>>, BrokerError> {
+        self.present(channel).await.map(Some)
+    }
+
+    async fn sweep_presence(&self) -> Result<PresenceSweep, BrokerError> {
+        self.sweep().await
+    }
+
     async fn history(&self, channel: &str) -> Result<History, BrokerError> {
         let _room = self.room().await?;
         let mut conn = self.connection()?;
@@ -509,6 +540,10 @@ impl Broker for RedisBroker {
 
     fn unwatch(&self, channel: &str) {
         let _ = self.control.send(Control::Unwatch(channel.to_string()));
+    }
+
+    fn instance(&self) -> &str {
+        &self.instance
     }
 
     fn address(&self) -> String {

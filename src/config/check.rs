@@ -3,10 +3,14 @@
 //! serving it would expose ([`Config::open_admin`]). The routes are checked
 //! where they are compiled (`RouteTable::compile`).
 
-use super::{redact_url, Config, ConfigErrors, MAX_HOLD, MAX_TCP_KEEPALIVE};
+use super::{redact_url, Config, ConfigErrors, WebhooksConfig, MAX_HOLD, MAX_TCP_KEEPALIVE};
 use crate::units;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
+
+/// Shortest and longest `webhooks.linger`.
+const MIN_LINGER: Duration = Duration::from_millis(100);
+const MAX_LINGER: Duration = Duration::from_secs(24 * 3600);
 
 impl Config {
     /// Checks everything that parsing cannot, but the routes (see
@@ -190,6 +194,9 @@ impl Config {
         if self.broker.delivery_queue == 0 {
             bad("broker.delivery_queue", "must be at least 1".into());
         }
+        if let Some(hooks) = &self.webhooks {
+            self.check_webhooks(hooks, &mut bad);
+        }
         if let Some(why) = self.open_admin() {
             bad("publish.token", why);
         }
@@ -280,6 +287,9 @@ impl Config {
         if let Some(tls) = &self.tls {
             all.push(("tls.handshake_timeout".into(), tls.handshake_timeout, max));
         }
+        if let Some(hooks) = &self.webhooks {
+            all.push(("webhooks.linger".into(), hooks.linger, MAX_LINGER));
+        }
         for (name, up) in &self.upstreams {
             let check = match (&up.health_check, up.health_check_interval) {
                 (None, Some(interval)) => ("health_check_interval", interval),
@@ -308,6 +318,56 @@ impl Config {
             }
         }
         all
+    }
+
+    /// The problems of `webhooks`, each given to `bad` with its key.
+    fn check_webhooks(&self, hooks: &WebhooksConfig, bad: &mut impl FnMut(&str, String)) {
+        if hooks.linger < MIN_LINGER {
+            bad("webhooks.linger", "must be at least 100ms".into());
+        }
+        for (i, e) in hooks.events.iter().enumerate() {
+            if hooks.events[..i].contains(e) {
+                bad(
+                    &format!("webhooks.events[{i}]"),
+                    format!("'{}' is listed twice", e.name()),
+                );
+            }
+        }
+        let Some(upstream) = &hooks.upstream else {
+            if !hooks.secret.is_empty() {
+                bad(
+                    "webhooks.secret",
+                    "is set without webhooks.upstream, where events go".into(),
+                );
+            }
+            return;
+        };
+        if !self.upstreams.contains_key(upstream) {
+            bad(
+                "webhooks.upstream",
+                format!("no upstream named '{upstream}' in upstreams"),
+            );
+        }
+        let origin_form = hooks.path.starts_with('/')
+            && hooks.path.parse::<http::uri::PathAndQuery>().is_ok()
+            && !hooks.path.contains('#');
+        if !origin_form {
+            bad(
+                "webhooks.path",
+                format!(
+                    "'{}' is not a path like /pollgate/events",
+                    hooks.path.escape_default()
+                ),
+            );
+        }
+        if hooks.secret.is_empty() {
+            bad(
+                "webhooks.secret",
+                "is empty: every webhook request is signed with it (Pollgate-Signature); set e.g. \
+                 secret: \"${POLLGATE_WEBHOOK_SECRET}\""
+                    .into(),
+            );
+        }
     }
 
     /// Why serving this config would leave the publish API open to the

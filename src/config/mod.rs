@@ -49,6 +49,73 @@ pub struct Config {
     pub cors: Cors,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Presence and its webhooks; presence is tracked only when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<WebhooksConfig>,
+}
+
+/// `webhooks`: presence tracking (`linger`), and where its events are
+/// POSTed (`upstream` and `path`; none when `upstream` is unset).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// The upstream events are POSTed to; unset: presence is tracked (for
+    /// `GET /v1/presence/{channel}`) and no event is sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    pub path: String,
+    /// The events sent (all four by default).
+    pub events: Vec<WebhookEvent>,
+    /// How long a client stays present after its last poll ended.
+    #[serde(with = "units::duration")]
+    pub linger: Duration,
+    /// Key of each request's `Pollgate-Signature` (HMAC-SHA256); a secret.
+    pub secret: String,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            upstream: None,
+            path: "/pollgate/events".into(),
+            events: WebhookEvent::ALL.to_vec(),
+            linger: Duration::from_secs(15),
+            secret: String::new(),
+        }
+    }
+}
+
+/// A presence event (`webhooks.events`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookEvent {
+    /// The first client anywhere in the fleet on a channel.
+    ChannelOccupied,
+    /// The last client anywhere in the fleet on a channel left.
+    ChannelVacated,
+    /// An identified subscriber became present (anywhere in the fleet).
+    SubscriberJoined,
+    /// An identified subscriber is no longer present anywhere.
+    SubscriberLeft,
+}
+
+impl WebhookEvent {
+    pub const ALL: [WebhookEvent; 4] = [
+        WebhookEvent::ChannelOccupied,
+        WebhookEvent::ChannelVacated,
+        WebhookEvent::SubscriberJoined,
+        WebhookEvent::SubscriberLeft,
+    ];
+
+    /// The event's name, as in the config and the request body.
+    pub fn name(self) -> &'static str {
+        match self {
+            WebhookEvent::ChannelOccupied => "channel_occupied",
+            WebhookEvent::ChannelVacated => "channel_vacated",
+            WebhookEvent::SubscriberJoined => "subscriber_joined",
+            WebhookEvent::SubscriberLeft => "subscriber_left",
+        }
+    }
 }
 
 /// The HTTPS listener.
@@ -410,6 +477,7 @@ impl Default for Config {
             cors: Cors::default(),
             upstreams: BTreeMap::new(),
             routes: Vec::new(),
+            webhooks: None,
         }
     }
 }
@@ -475,6 +543,9 @@ impl Config {
         }
         if !c.publish.token.is_empty() {
             c.publish.token = "***".into();
+        }
+        if let Some(hooks) = c.webhooks.as_mut().filter(|h| !h.secret.is_empty()) {
+            hooks.secret = "***".into();
         }
         c
     }

@@ -24,6 +24,10 @@ impl Broker for Counting {
     ) -> Result<Arc<Message>, BrokerError> {
         self.inner.publish(ch, ct, data).await
     }
+    fn instance(&self) -> &str {
+        "counting"
+    }
+
     fn address(&self) -> String {
         self.inner.address()
     }

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod example;
 pub mod fleet;
 pub mod h2c;
+pub mod hooks;
 pub mod legacy;
 pub mod pki;
 pub mod proxy;

@@ -16,10 +16,18 @@
 //!   (field: the instance's id), expiring [`OCCUPANCY_TTL`] after its last
 //!   write (`occupancy.rs`).
 //!
+//! - `NS:{C}:here`, `NS:{C}:present`, `NS:{C}:refs`, `NS:{C}:order` —
+//!   presence, while it is tracked (`webhooks:`): which instance has
+//!   clients and which subscribers there, who is present fleet-wide since
+//!   when, on how many instances, and the order of the channel's events
+//!   (`presence.rs`).
+//!
 //! The `{C}` hash tag keeps all of them on one Cluster slot. And per
 //! instance, `NS:instance:<id>`: its heartbeat, expiring
 //! [`HEARTBEAT_TTL`] after the last one (a dead instance's counts are then
-//! no longer added up).
+//! no longer added up); with presence, `NS:instances` (the set of instance
+//! ids that have presence) and `NS:instance:<id>:channels` (the channels
+//! where instance `<id>` has presence), read when it dies.
 
 use super::conn::Conn;
 use crate::history::History;
@@ -165,6 +173,23 @@ impl Layout {
     /// The hash of `channel`'s subscribers per instance.
     pub fn occupancy_key(&self, channel: &str) -> String {
         format!("{}:{{{channel}}}:occ", self.namespace)
+    }
+
+    /// The presence hashes of `channel`: `here`, `present`, `refs`
+    /// (`presence.rs`).
+    pub fn presence_keys(&self, channel: &str) -> [String; 4] {
+        ["here", "present", "refs", "order"]
+            .map(|k| format!("{}:{{{channel}}}:{k}", self.namespace))
+    }
+
+    /// The set of instances that have presence.
+    pub fn instances_key(&self) -> String {
+        format!("{}:instances", self.namespace)
+    }
+
+    /// The set of the channels where instance `id` has presence.
+    pub fn instance_channels_key(&self, id: &str) -> String {
+        format!("{}:instance:{id}:channels", self.namespace)
     }
 
     /// The heartbeat key of instance `id`.

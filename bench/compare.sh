@@ -99,7 +99,11 @@ done
 BENCH_THREADS=2 BENCH_TLS_PORT=18495 target/release/pollgate serve -c bench/conf/pollgate.yaml \
   --listen 127.0.0.1:18095 --admin-listen 127.0.0.1:19095 --log-level warn 2>"$OUT/pollgate-threads2.log" &
 started+=($!); PGT=$!
-for p in 18080 19090 18443 18081 18444 18082 18083 5561 18090 18091 19190 18095 19095; do wait_port $p; done
+# pollgate with presence tracked (the churn row's cost of presence)
+BENCH_PRESENCE="webhooks: {linger: 15s}" BENCH_TLS_PORT=18496 target/release/pollgate serve -c bench/conf/pollgate.yaml \
+  --listen 127.0.0.1:18096 --admin-listen 127.0.0.1:19096 --log-level warn 2>"$OUT/pollgate-presence.log" &
+started+=($!); PGP=$!
+for p in 18080 19090 18443 18081 18444 18082 18083 5561 18090 18091 19190 18095 19095 18096 19096; do wait_port $p; done
 stop_pushpin
 sleep 2
 
@@ -173,6 +177,10 @@ for rep in $(seq "$REPS"); do
   target/release/pollgate-bench --server pollgate --label "fanout 1ch threads 2" --sub 127.0.0.1:18095 \
     --publish 127.0.0.1:19095 --pid "$PGT" --prefix "t2${rep}c" \
     --scenario fanout --subscribers $F_SUBS --channels 1 --messages $F_MSGS --interval 0ms >> "$RESULTS.tmp" || true
+  echo "== churn presence / pollgate" >&2
+  target/release/pollgate-bench --server pollgate --label "churn presence" --sub 127.0.0.1:18096 \
+    --publish 127.0.0.1:19096 --pid "$PGP" --prefix "p${rep}c" \
+    --scenario churn --subscribers $C_SUBS --channels $C_CH --rate $C_RATE --duration $C_DUR >> "$RESULTS.tmp" || true
   echo "== fanout 1ch redis (2 instances) / pollgate" >&2
   target/release/pollgate-bench --server pollgate --label "fanout 1ch redis" --sub 127.0.0.1:18090 127.0.0.1:18091 \
     --publish 127.0.0.1:19190 --pid "$PGR0" --pid "$PGR1" --prefix "redis${rep}c" \

@@ -116,6 +116,7 @@ lines += [
     f"| extra RSS per held poll over HTTP/2 on TLS, 100 per connection (KiB) | {fmt(extra('hold h2', 'pollgate'))} | {fmt(extra('hold h2', 'nchan'))} |",
     f"| fanout 1ch deliveries per core-second, `threads: 1` | {fmt(one)} | – |",
     f"| fanout 1ch deliveries per core-second, `threads: 2` | {fmt(two)} ({fmt(two / one if one and two else None, '×')}) | – |",
+    f"| churn: server CPU per delivery (µs), presence off / on (`webhooks: {{linger: 15s}}`) | {fmt(med('churn', 'pollgate', 'server_cpu_us_per_delivery'))} / {fmt(med('churn presence', 'pollgate', 'server_cpu_us_per_delivery'))} | – |",
     "",
     "| Watch routes (one resource, one write a second) | backend requests per change | backend requests/s | change → client p50 / p99 (ms) | clients |",
     "|---|---|---|---|---|",

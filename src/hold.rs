@@ -100,7 +100,7 @@ impl Holder {
 
     /// Counts `req`'s client as present on its channels until the seat is
     /// dropped (None when presence is not tracked).
-    pub fn seat<'a>(&'a self, req: &'a Request) -> Option<Seat<'a>> {
+    pub fn seat(&self, req: &Request) -> Option<Seat> {
         let presence = self.presence.as_ref()?;
         Some(presence.enter(&req.channels, req.subscriber.clone()))
     }

@@ -51,7 +51,7 @@ pub(crate) async fn stream(
         .await?;
     // Present from the first byte until the stream closes, then lingers.
     let _seat = holder.seat(&req);
-    let mut cursor = req.cursor.clone();
+    let mut cursor = req.cursor;
     loop {
         let poll = holder
             .hub

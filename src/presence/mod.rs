@@ -7,7 +7,8 @@
 //! [`Presence`] keeps this instance's part: per channel, how many polls
 //! are held now and when the last one ended, for clients of any kind (the
 //! channel's occupancy) and per identified subscriber (the authorize
-//! upstream's `Pollgate-Subscriber`). Each change of it, the first poll
+//! upstream's `Pollgate-Subscriber`); a poll's [`Seat`] keeps its
+//! channels' entries, so that its end costs no lookup. Each change of it, the first poll
 //! of a channel or a subscriber here and the end of its linger, is queued
 //! in order; [`fleet::run`] applies the queue to the fleet's presence in
 //! the broker, which says which changes are the fleet's (a channel
@@ -79,15 +80,20 @@ struct Local {
     all: Polls,
     /// Polls per identified subscriber.
     subscribers: HashMap<Arc<str>, Polls>,
+    /// Swept (its linger ended): no longer in the map; a poll that finds
+    /// it takes the channel's new one.
+    removed: bool,
 }
+
+type Shared = Arc<Mutex<Local>>;
 
 /// This instance's presence, and the changes to it not yet applied to the
 /// fleet's.
 pub struct Presence {
     linger: Duration,
-    channels: DashMap<Arc<str>, Local, RandomState>,
+    channels: DashMap<Arc<str>, Shared, RandomState>,
     /// Changes in the order they happened (per channel: pushed under the
-    /// channel's shard lock).
+    /// channel's lock).
     changes: Mutex<Vec<PresenceChange>>,
     /// Woken when a change is queued.
     queued: Notify,
@@ -95,15 +101,27 @@ pub struct Presence {
 
 /// A poll (or an SSE stream) counted as present on its channels until it
 /// is dropped, when its linger starts.
-pub struct Seat<'a> {
-    presence: &'a Presence,
-    channels: &'a [compact_str::CompactString],
+pub struct Seat {
+    /// The channels it holds a place in (one, as a rule).
+    held: smallvec::SmallVec<[Shared; 1]>,
     subscriber: Option<Arc<str>>,
 }
 
-impl Drop for Seat<'_> {
+impl Drop for Seat {
     fn drop(&mut self) {
-        self.presence.leave(self.channels, self.subscriber.as_ref());
+        let now = Instant::now();
+        let end = |polls: &mut Polls| {
+            polls.held = polls.held.saturating_sub(1);
+            polls.last = now;
+        };
+        for local in &self.held {
+            let mut local = local.lock();
+            end(&mut local.all);
+            let id = self.subscriber.as_ref();
+            if let Some(polls) = id.and_then(|id| local.subscribers.get_mut(id)) {
+                end(polls);
+            }
+        }
     }
 }
 
@@ -125,56 +143,48 @@ impl Presence {
 
     /// Counts a poll of `subscriber` (None: not identified) on `channels`
     /// as held until the returned seat is dropped.
-    pub fn enter<'a>(
-        &'a self,
-        channels: &'a [compact_str::CompactString],
+    pub fn enter(
+        &self,
+        channels: &[compact_str::CompactString],
         subscriber: Option<Arc<str>>,
-    ) -> Seat<'a> {
+    ) -> Seat {
+        let mut held = smallvec::SmallVec::new();
         for name in channels {
-            let mut local = match self.channels.get_mut(name.as_str()) {
-                Some(local) => local,
-                None => self
-                    .channels
-                    .entry(Arc::from(name.as_str()))
-                    .or_insert_with(|| {
-                        self.queue(name.as_str().into(), None, true);
-                        Local {
-                            all: Polls::new(),
-                            subscribers: HashMap::new(),
-                        }
-                    }),
-            };
-            local.all.held += 1;
-            if let Some(id) = &subscriber {
-                let polls = local.subscribers.entry(id.clone()).or_insert_with(|| {
-                    self.queue(name.as_str().into(), Some(id.clone()), true);
-                    Polls::new()
-                });
-                polls.held += 1;
+            loop {
+                let local = match self.channels.get(name.as_str()) {
+                    Some(local) => local.clone(),
+                    None => {
+                        let entry = self.channels.entry(Arc::from(name.as_str()));
+                        entry
+                            .or_insert_with(|| {
+                                self.queue(name.as_str().into(), None, true);
+                                Arc::new(Mutex::new(Local {
+                                    all: Polls::new(),
+                                    subscribers: HashMap::new(),
+                                    removed: false,
+                                }))
+                            })
+                            .clone()
+                    }
+                };
+                let mut seated = local.lock();
+                if seated.removed {
+                    continue;
+                }
+                seated.all.held += 1;
+                if let Some(id) = &subscriber {
+                    let polls = seated.subscribers.entry(id.clone()).or_insert_with(|| {
+                        self.queue(name.as_str().into(), Some(id.clone()), true);
+                        Polls::new()
+                    });
+                    polls.held += 1;
+                }
+                drop(seated);
+                held.push(local);
+                break;
             }
         }
-        Seat {
-            presence: self,
-            channels,
-            subscriber,
-        }
-    }
-
-    fn leave(&self, channels: &[compact_str::CompactString], subscriber: Option<&Arc<str>>) {
-        let now = Instant::now();
-        for name in channels {
-            let Some(mut local) = self.channels.get_mut(name.as_str()) else {
-                continue;
-            };
-            let end = |polls: &mut Polls| {
-                polls.held = polls.held.saturating_sub(1);
-                polls.last = now;
-            };
-            end(&mut local.all);
-            if let Some(polls) = subscriber.and_then(|id| local.subscribers.get_mut(id)) {
-                end(polls);
-            }
-        }
+        Seat { held, subscriber }
     }
 
     fn queue(&self, channel: Arc<str>, subscriber: Option<Arc<str>>, present: bool) {
@@ -192,6 +202,7 @@ impl Presence {
     pub fn sweep(&self, now: Instant) {
         let linger = self.linger;
         self.channels.retain(|name, local| {
+            let mut local = local.lock();
             local.subscribers.retain(|id, polls| {
                 let gone = polls.gone(now, linger);
                 if gone {
@@ -201,6 +212,7 @@ impl Presence {
             });
             let gone = local.subscribers.is_empty() && local.all.gone(now, linger);
             if gone {
+                local.removed = true;
                 self.queue(name.clone(), None, false);
             }
             !gone
@@ -223,14 +235,14 @@ impl Presence {
         let mut all = Vec::new();
         for entry in self.channels.iter() {
             let (name, local) = entry.pair();
-            let at = local.all.since;
+            let local = local.lock();
             let change = |subscriber, at| PresenceChange {
                 channel: name.clone(),
                 subscriber,
                 present: true,
                 at,
             };
-            all.push(change(None, at));
+            all.push(change(None, local.all.since));
             for (id, polls) in &local.subscribers {
                 all.push(change(Some(id.clone()), polls.since));
             }
@@ -241,14 +253,14 @@ impl Presence {
     /// The identified subscribers present on `channel` here, with since
     /// when (Unix ms), oldest first.
     pub fn list(&self, channel: &str) -> Vec<(String, u64)> {
-        let mut list: Vec<(String, u64)> = self
-            .channels
-            .get(channel)
-            .map(|local| {
+        let mut list: Vec<(String, u64)> = match self.channels.get(channel) {
+            Some(local) => {
+                let local = local.lock();
                 let subs = local.subscribers.iter();
                 subs.map(|(id, p)| (id.to_string(), p.since)).collect()
-            })
-            .unwrap_or_default();
+            }
+            None => Vec::new(),
+        };
         list.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
         list
     }

@@ -252,6 +252,38 @@ impl Webhooks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::memory::MemoryBroker;
+
+    /// Events of one channel past its lane's room (no lane runs here) are
+    /// dropped and counted; those of the configured events only are queued.
+    #[tokio::test]
+    async fn a_full_lane_drops_and_counts() {
+        let config = WebhooksConfig {
+            upstream: Some("app".into()),
+            events: vec![WebhookEvent::SubscriberJoined],
+            secret: "k".into(),
+            ..WebhooksConfig::default()
+        };
+        let broker = Arc::new(MemoryBroker::new(10, Duration::from_secs(60), 100));
+        let upstreams = Arc::new(Upstreams::new(&Default::default()));
+        let (hooks, _lanes) = Webhooks::new(&config, upstreams, broker).unwrap();
+        let change = |subscriber: Option<&str>| PresenceChange {
+            channel: "room:1".into(),
+            subscriber: subscriber.map(Arc::from),
+            present: true,
+            at: 1,
+        };
+        assert!(
+            !hooks.wants(&change(None)),
+            "channel_occupied is not asked for"
+        );
+        assert!(hooks.wants(&change(Some("ann"))));
+        let dropped = metrics::WEBHOOKS_DROPPED.get();
+        for _ in 0..QUEUE / LANES + 7 {
+            hooks.send(&change(Some("ann")), 0);
+        }
+        assert_eq!(metrics::WEBHOOKS_DROPPED.get() - dropped, 7);
+    }
 
     /// RFC 4231, test case 2.
     #[test]

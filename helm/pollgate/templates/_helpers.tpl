@@ -49,6 +49,81 @@ Key of the publish token inside that Secret.
 {{- end }}
 
 {{/*
+Name of the Secret holding the webhooks' signing secret (with
+webhooks.upstream): webhooks.existingSecret when given, else the Secret this
+chart creates (webhook-secret.yaml).
+*/}}
+{{- define "pollgate.webhookSecretName" -}}
+{{- if .Values.webhooks.existingSecret }}
+{{- .Values.webhooks.existingSecret }}
+{{- else }}
+{{- printf "%s-webhook" (include "pollgate.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
+{{/*
+Key of the signing secret inside that Secret.
+*/}}
+{{- define "pollgate.webhookSecretKey" -}}
+{{- .Values.webhooks.existingSecretKey | default "secret" }}
+{{- end }}
+
+{{/*
+Whether events are sent, and so signed: webhooks.enabled with an upstream
+("true" or nothing).
+*/}}
+{{- define "pollgate.webhooksSigned" -}}
+{{- if and .Values.webhooks.enabled .Values.webhooks.upstream }}true{{ end }}
+{{- end }}
+
+{{/*
+The events of webhooks.events (all four when it is left out). Fails on a
+name that is not an event, or one listed twice.
+*/}}
+{{- define "pollgate.webhookEvents" -}}
+{{- $all := list "channel_occupied" "channel_vacated" "subscriber_joined" "subscriber_left" }}
+{{- $events := .Values.webhooks.events }}
+{{- if kindIs "invalid" $events }}
+{{- $events = $all }}
+{{- end }}
+{{- $seen := list }}
+{{- range $events }}
+{{- if not (has . $all) }}
+{{- fail (printf "webhooks.events: %q is not an event; the events are %s" (toString .) (join ", " $all)) }}
+{{- end }}
+{{- if has . $seen }}
+{{- fail (printf "webhooks.events: %q is listed twice" .) }}
+{{- end }}
+{{- $seen = append $seen . }}
+{{- end }}
+{{- toJson $seen }}
+{{- end }}
+
+{{/*
+Fails on webhooks values that contradict each other or the rest of the
+values, naming them. Nothing when webhooks.enabled is false.
+*/}}
+{{- define "pollgate.webhooksCheck" -}}
+{{- $w := .Values.webhooks }}
+{{- if $w.enabled }}
+{{- $events := include "pollgate.webhookEvents" . | fromJsonArray }}
+{{- if not (hasPrefix "/" ($w.path | default "/pollgate/events")) }}
+{{- fail (printf "webhooks.path %q is not a path like /pollgate/events" $w.path) }}
+{{- end }}
+{{- if $w.upstream }}
+{{- if not (hasKey (.Values.upstreams | default dict) $w.upstream) }}
+{{- fail (printf "webhooks.upstream is %q, which is not in upstreams (%s): name one of them, or leave webhooks.upstream empty to track presence without sending events" $w.upstream (keys (.Values.upstreams | default dict) | sortAlpha | join ", " | default "none")) }}
+{{- end }}
+{{- if not $events }}
+{{- fail "webhooks.events is empty while webhooks.upstream is set: no event would be sent; list some, or leave webhooks.upstream empty to track presence only" }}
+{{- end }}
+{{- else if $w.existingSecret }}
+{{- fail "webhooks.existingSecret is set but webhooks.upstream is empty: the secret signs the events, which are only sent to an upstream; set webhooks.upstream or leave webhooks.existingSecret empty" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Name of the kubernetes.io/tls Secret of the HTTPS listener: tls.secretName,
 else <fullname>-tls, which the chart's cert-manager Certificate writes.
 With tls.enabled, one of the two is required.

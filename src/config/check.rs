@@ -517,7 +517,8 @@ mod tests {
              upstreams: {app: {addrs: [\"127.0.0.1:1\"]}}\n\
              routes:\n\
              - {path: /s, subscribe: {channels: [a]}}\n\
-             - {path: /w, upstream: app, watch: {channels: [a]}}\n",
+             - {path: /w, upstream: app, watch: {channels: [a]}}\n\
+             webhooks: {linger: 1s}\n",
         )
         .unwrap();
         let fields = include_str!("mod.rs")

@@ -1,5 +1,6 @@
 // Type declarations of pollgate.js, the client for pollgate's subscribe and
-// watch routes. The contract is in README.md.
+// watch routes, and its member list for presence. The contract is in
+// README.md.
 
 /** One message of a subscribe answer, as pollgate sends it. */
 export interface Message<T = unknown> {
@@ -144,6 +145,68 @@ export function watch<T = unknown>(url: string | URL, options?: WatchOptions<T>)
 
 /** The current cursor of a subscribe route, without waiting. */
 export function position(url: string | URL, options?: RequestOptions): Promise<string>;
+
+/** Member ids, or entries naming one in `subscriber` (pollgate's `GET /v1/presence`). */
+export type MemberList = ReadonlyArray<string | { subscriber: string; since?: number }>;
+
+/** Who is present, as a backend answers it. */
+export interface PresenceSnapshot {
+  /** The members. */
+  members?: MemberList;
+  /** The members, as pollgate's `GET /v1/presence/{channel}` names them. */
+  subscribers?: MemberList;
+  /** Grows with each change; a snapshot older than the version held is ignored. */
+  version?: number | null;
+}
+
+/** One arrival or departure, as a backend publishes it. */
+export interface PresenceUpdate {
+  /** What happened; pollgate's webhook event names are taken too. */
+  event: "joined" | "left" | "subscriber_joined" | "subscriber_left";
+  /** Who came or went. */
+  subscriber?: string;
+  /** Everyone present after it: replaces the set when given. */
+  members?: MemberList;
+  /** Grows with each change; an update not above the version held is ignored. */
+  version?: number | null;
+}
+
+/** What `onChange` is told besides the members. */
+export interface PresenceChange {
+  /** Ids that came. */
+  joined: string[];
+  /** Ids that went. */
+  left: string[];
+}
+
+/** Options of `presence`. */
+export interface PresenceOptions {
+  /** The members to start from (no `onChange` for them). */
+  members?: MemberList;
+  /** Their version. */
+  version?: number | null;
+  /** Called each time the set changes, with the members after it. */
+  onChange?: (members: string[], change: PresenceChange) => void;
+}
+
+/** Who is present: a member set kept from snapshots and presence updates. */
+export class Presence {
+  /** The members, in the order they came (or the last list's order). */
+  readonly members: string[];
+  /** The version of what is held, or null. */
+  readonly version: number | null;
+  /** Whether `id` is present. */
+  has(id: string): boolean;
+  /** Replaces the set with a snapshot, unless it is older. Returns whether the set changed. */
+  reset(snapshot: PresenceSnapshot): boolean;
+  /** Applies a presence update; anything else, a repeat or older news is
+   * ignored. Returns whether the set changed. */
+  apply(update: PresenceUpdate): boolean;
+  apply(message: unknown): boolean;
+}
+
+/** Keeps who is present from a snapshot and presence updates. */
+export function presence(options?: PresenceOptions): Presence;
 
 /** The delay before retry `attempt` (1, 2, ...), with jitter, in milliseconds. */
 export function backoff(attempt: number, options?: Backoff, random?: () => number): number;

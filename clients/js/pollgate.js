@@ -17,6 +17,8 @@
 //   keeping the ETag.
 // - `position` reads a subscribe route's current cursor, to start from it
 //   after loading a snapshot from the backend.
+// - `presence` keeps who is here (a member list) from a snapshot and the
+//   presence updates a backend publishes, ignoring repeats and stale ones.
 //
 // The whole contract is in the package's README.md.
 
@@ -137,6 +139,97 @@ export async function position(url, options = {}) {
   );
   if (!response.ok) throw await errorOf(response);
   return (await response.json()).cursor;
+}
+
+/**
+ * Keeps who is present (a set of member ids) from a snapshot of the
+ * backend's and the presence updates it publishes, e.g. from pollgate's
+ * presence webhooks. `onChange(members, {joined, left})` is called each
+ * time the set changes.
+ *
+ * A snapshot is `{members, version}` (or pollgate's `{subscribers}`); an
+ * update is `{event: "joined" | "left", subscriber, members?, version?}`
+ * (the webhooks' `subscriber_joined` and `subscriber_left` too). An update
+ * with `members` replaces the set; one without adds or removes its
+ * subscriber. A `version` is a number that grows with each change: what
+ * carries one not above the version held is a repeat or older news, and is
+ * ignored (a snapshot older than it, too).
+ *
+ * @returns {Presence}
+ */
+export function presence(options = {}) {
+  return new Presence(options);
+}
+
+const JOINED = new Set(["joined", "subscriber_joined"]);
+const LEFT = new Set(["left", "subscriber_left"]);
+
+/** Who is present (see `presence`). */
+export class Presence {
+  constructor({ members = [], version = null, onChange } = {}) {
+    this._members = new Set(memberIds(members));
+    /** The version of what is held, or null. */
+    this.version = version;
+    this._onChange = onChange;
+  }
+
+  /** The members, in the order they came (or the last list's order). */
+  get members() {
+    return [...this._members];
+  }
+
+  /** Whether `id` is present. */
+  has(id) {
+    return this._members.has(id);
+  }
+
+  /** Replaces the set with a snapshot, unless it is older. Returns whether the set changed. */
+  reset(snapshot) {
+    const list = snapshot?.members ?? snapshot?.subscribers;
+    if (!Array.isArray(list) || this._older(snapshot.version, false)) return false;
+    return this._become(memberIds(list), snapshot.version);
+  }
+
+  /**
+   * Applies a presence update; anything else (another kind of message, a
+   * repeat, older news) is ignored. Returns whether the set changed.
+   */
+  apply(update) {
+    const joined = JOINED.has(update?.event);
+    if (!joined && !LEFT.has(update?.event)) return false;
+    if (this._older(update.version, true)) return false;
+    if (Array.isArray(update.members)) return this._become(memberIds(update.members), update.version);
+    if (typeof update.subscriber !== "string") return false;
+    const next = new Set(this._members);
+    if (joined) next.add(update.subscriber);
+    else next.delete(update.subscriber);
+    return this._become(next, update.version);
+  }
+
+  // Whether `version` is older than what is held (or the same, `orSame`).
+  _older(version, orSame) {
+    if (typeof version !== "number" || typeof this.version !== "number") return false;
+    return orSame ? version <= this.version : version < this.version;
+  }
+
+  _become(ids, version) {
+    if (typeof version === "number") this.version = version;
+    const next = new Set(ids);
+    const joined = [...next].filter((id) => !this._members.has(id));
+    const left = [...this._members].filter((id) => !next.has(id));
+    this._members = next;
+    if (joined.length === 0 && left.length === 0) return false;
+    this._onChange?.(this.members, { joined, left });
+    return true;
+  }
+}
+
+// The ids of a member list: strings, or objects with `subscriber` (as in
+// pollgate's GET /v1/presence).
+function memberIds(list) {
+  return list
+    .map((member) => (typeof member === "string" ? member : member?.subscriber))
+    .filter((id) => typeof id === "string");
 }
 
 /** A running subscription (see `subscribe` and `watch`). */

@@ -1,6 +1,7 @@
 // The chat demo in a real headless Chromium (Debian's, driven by
 // playwright-core): two pages on two pollgate instances that share one
-// real Redis, in front of the unchanged chat backend.
+// real Redis, in front of the chat backend, which publishes who is in the
+// room through instance one.
 //
 //   node --test --test-concurrency=1 test/browser/
 //
@@ -10,7 +11,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
-import { ChatBackend, Gateway, Redis, chatConfig, until } from "./harness.js";
+import { ChatBackend, Gateway, Redis, chatConfig, freePort, until } from "./harness.js";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 
@@ -22,8 +23,9 @@ let browser;
 
 before(async () => {
   redis = await Redis.start();
-  backend = await ChatBackend.start();
-  one = await Gateway.start(redis, chatConfig(backend));
+  const adminPort = await freePort();
+  backend = await ChatBackend.start({ admin: `http://127.0.0.1:${adminPort}` });
+  one = await Gateway.start(redis, chatConfig(backend), { adminPort });
   two = await Gateway.start(redis, chatConfig(backend));
   browser = await chromium.launch({ executablePath: CHROMIUM });
 });
@@ -79,6 +81,25 @@ async function waitForMessages(page, wanted, timeout = 15000) {
   assert.equal(new Set(all).size, all.length, `each once: ${JSON.stringify(all)}`);
 }
 
+/** Waits until the page lists `wanted` (in any order) as in the room. */
+async function waitForMembers(page, wanted, timeout = 15000) {
+  const shown = () =>
+    page.evaluate(() => [...document.querySelectorAll("#members li")].map((e) => e.dataset.member));
+  await page
+    .waitForFunction(
+      (wanted) => {
+        const all = [...document.querySelectorAll("#members li")].map((e) => e.dataset.member);
+        return JSON.stringify(all.sort()) === JSON.stringify([...wanted].sort());
+      },
+      wanted,
+      { timeout },
+    )
+    .catch(async (error) => {
+      error.message += `\npage lists: ${JSON.stringify(await shown())}`;
+      throw error;
+    });
+}
+
 async function heldPolls(gateway, atLeast) {
   await until(`${atLeast} held polls`, async () => (await gateway.metric("pollgate_held_requests")) >= atLeast);
 }
@@ -103,6 +124,25 @@ test("two pages see each other's messages at once", async () => {
   assert.deepEqual(ann.problems, []);
   assert.deepEqual(bob.problems, []);
   await ann.context.close();
+  await bob.context.close();
+});
+
+test("each page lists who is in the room; a page closed leaves it after the linger", async () => {
+  const ann = await openChat(one, "1", "ann");
+  const bob = await openChat(two, "1", "bob");
+  await waitForMembers(ann.page, ["ann", "bob"]);
+  await waitForMembers(bob.page, ["ann", "bob"]);
+  assert.equal(await bob.page.locator("#members li.you").getAttribute("data-member"), "bob");
+  assert.deepEqual(await texts(ann.page), [], "presence messages are not chat messages");
+
+  // Ann's held poll ends with her page; she leaves once the demo's linger
+  // (5 s) has passed without a poll of hers.
+  const closed = Date.now();
+  await ann.context.close();
+  await waitForMembers(bob.page, ["bob"]);
+  const took = Date.now() - closed;
+  assert.ok(took >= 4500 && took < 12000, `ann left ${took} ms after her page closed`);
+  assert.deepEqual(bob.problems, []);
   await bob.context.close();
 });
 

@@ -49,10 +49,13 @@ export async function until(what, check, ms = 15000) {
 
 // A child process whose output is kept (and shown if the test fails).
 class Child {
-  constructor(name, command, args) {
+  constructor(name, command, args, env = {}) {
     this.name = name;
     this.output = "";
-    this.process = spawn(command, args, { stdio: ["ignore", "pipe", "pipe"] });
+    this.process = spawn(command, args, {
+      stdio: ["ignore", "pipe", "pipe"],
+      env: { ...process.env, ...env },
+    });
     const keep = (chunk) => {
       this.output = (this.output + chunk).slice(-20000);
     };
@@ -97,12 +100,18 @@ export class Redis {
   }
 }
 
-/** The chat example's backend, which also serves the chat page. */
+/**
+ * The chat example's backend, which also serves the chat page. It publishes
+ * presence messages to the admin API at `admin` (by default an address
+ * where nothing listens: never a gateway outside the test).
+ */
 export class ChatBackend {
-  static async start() {
+  static async start({ admin = "http://127.0.0.1:1" } = {}) {
     const backend = new ChatBackend();
     backend.port = await freePort();
-    backend.child = new Child("chat-backend", CHAT_BACKEND, [`127.0.0.1:${backend.port}`]);
+    backend.child = new Child("chat-backend", CHAT_BACKEND, [`127.0.0.1:${backend.port}`], {
+      POLLGATE_ADMIN: admin,
+    });
     await until("the chat backend", () => canConnect(backend.port));
     return backend;
   }
@@ -114,7 +123,8 @@ export class ChatBackend {
 
 /**
  * conf/examples/chat.yaml without its listen addresses, pointed at `backend`.
- * With `routes`, those routes instead of the example's (same upstream).
+ * With `routes`, those routes instead of the example's routes and of what
+ * follows them (its `webhooks:`), on the same upstream.
  */
 export function chatConfig(backend, routes) {
   let example = readFileSync(join(repo, "conf/examples/chat.yaml"), "utf8")
@@ -126,12 +136,16 @@ export function chatConfig(backend, routes) {
   return example;
 }
 
-/** A pollgate instance with the Redis broker, on `config` (see chatConfig). */
+/**
+ * A pollgate instance with the Redis broker, on `config` (see chatConfig),
+ * with its admin API on `adminPort` when given (e.g. one the backend was
+ * told), else on a free port.
+ */
 export class Gateway {
-  static async start(redis, config) {
+  static async start(redis, config, { adminPort } = {}) {
     const gateway = new Gateway();
     gateway.port = await freePort();
-    gateway.adminPort = await freePort();
+    gateway.adminPort = adminPort ?? (await freePort());
     config = [
       `listen: "127.0.0.1:${gateway.port}"`,
       `admin_listen: "127.0.0.1:${gateway.adminPort}"`,

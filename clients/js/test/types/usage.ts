@@ -8,9 +8,12 @@ import {
   backoff,
   retryAfter,
   isRetryableStatus,
+  presence,
   DEFAULT_BACKOFF,
   PollgateError,
   type Message,
+  type Presence,
+  type PresenceSnapshot,
   type Subscription,
 } from "@pollgate/client";
 
@@ -60,5 +63,22 @@ async function usage(): Promise<void> {
   order.close();
   const ms: number = backoff(3, DEFAULT_BACKOFF) + retryAfter("5") + (isRetryableStatus(503) ? 1 : 0);
   void ms;
+
+  const here: Presence = presence({
+    members: ["ann"],
+    version: 1,
+    onChange(members: string[], { joined, left }) {
+      void [members.join(", "), joined.length, left.length];
+    },
+  });
+  const snapshot: PresenceSnapshot = await (await fetch("/rooms/1/members")).json();
+  const changed: boolean = here.reset(snapshot);
+  here.reset({ subscribers: [{ subscriber: "bob", since: 1796640000000 }] });
+  here.apply({ event: "joined", subscriber: "cat", members: ["ann", "cat"], version: 2 });
+  here.apply({ event: "subscriber_left", subscriber: "cat" });
+  subscribe("/rooms/1/events", { onMessage: (message) => here.apply(message.data) });
+  const present: boolean = here.has("ann");
+  const version: number | null = here.version;
+  void [changed, present, version, here.members.length];
 }
 void usage;

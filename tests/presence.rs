@@ -413,6 +413,22 @@ webhooks:
     ] {
         assert!(err.contains(needle), "{needle} in {err}");
     }
+    // A good block is shown by `check`, its secret as ***.
+    let f = temp_file(
+        "hooks-ok.yaml",
+        "upstreams:\n  app:\n    addrs: [\"127.0.0.1:3000\"]\n\
+         webhooks:\n  upstream: app\n  linger: 2s\n  secret: \"${HOOK_SECRET}\"\n",
+    );
+    let (code, out, err) = run_cli(
+        &["check", "-c", f.to_str().unwrap()],
+        &[("HOOK_SECRET", "do-not-print")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("linger: 2s") && out.contains("secret: '***'"),
+        "{out}"
+    );
+    assert!(!out.contains("do-not-print") && !err.contains("do-not-print"));
     let f = temp_file("hooks2.yaml", "webhooks:\n  events: [channel_opened]\n");
     let (code, _, err) = run_cli(&["check", "-c", f.to_str().unwrap()], &[]);
     assert_eq!(code, 2);

@@ -313,11 +313,11 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Star
     server.add_service(listener);
     server.add_service(housekeeping);
     if let (Some(presence), Some(hooks)) = (presence, &config.webhooks) {
-        let (webhooks, lanes) = match Webhooks::new(hooks, upstreams.clone(), hub.broker().clone())
-        {
-            Some((webhooks, lanes)) => (Some(webhooks), lanes),
-            None => (None, Vec::new()),
-        };
+        let (webhooks, lanes) =
+            match Webhooks::new(hooks, upstreams.clone(), hub.broker().clone(), life.clone()) {
+                Some((webhooks, lanes)) => (Some(webhooks), lanes),
+                None => (None, Vec::new()),
+            };
         server.add_service(background_service(
             "pollgate presence",
             PresenceService {

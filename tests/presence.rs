@@ -437,3 +437,28 @@ webhooks:
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_instance_sends_what_it_queued_before_it_exits() {
+    let (who, mut hooks) = (Identities::start().await, Receiver::start(SECRET).await);
+    let mut pg = Pollgate::start(&format!(
+        "grace_period: 10s\n{}",
+        config(&who, &hooks, "300ms")
+    ));
+    hooks.stop();
+    let ann = Poller::start(pg.port, "7", "ann");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(ann);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Four events wait for a receiver that is down; the instance is told
+    // to stop meanwhile, and comes back 2 s later.
+    pg.signal("-TERM");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    hooks.up().await;
+    let events = hooks
+        .wait_for(Duration::from_secs(10), |e| e.len() >= 4)
+        .await;
+    assert_eq!(names(&events).len(), 4, "{events:?}");
+    let status = tokio::task::block_in_place(|| pg.wait_exit(Duration::from_secs(10)));
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)));
+}

@@ -10,9 +10,12 @@
 //! so that a channel's events arrive in order whichever instances decided
 //! them. What a full lane cannot take is dropped and counted
 //! (`pollgate_webhook_events_dropped_total`), and passed over in the order.
+//! A queued event counts as in flight ([`Lifecycle::enter`]): a draining
+//! instance sends what it queued, within `grace_period`, before it exits.
 
 use crate::broker::{Broker, PresenceChange};
 use crate::config::{WebhookEvent, WebhooksConfig};
+use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics;
 use crate::upstream::Upstreams;
 use ahash::RandomState;
@@ -49,6 +52,8 @@ pub struct Event {
     pub at: u64,
     /// Its place in the channel's fleet-wide order.
     pub place: u64,
+    /// Holds a drain until the event is sent (or dropped).
+    _in_flight: InFlight,
 }
 
 impl Event {
@@ -106,6 +111,7 @@ where
 /// Where events go, and the lanes they wait in.
 pub struct Webhooks {
     broker: Arc<dyn Broker>,
+    life: Arc<Lifecycle>,
     upstreams: Arc<Upstreams>,
     upstream: String,
     path: String,
@@ -124,12 +130,13 @@ pub type Lane = mpsc::Receiver<Event>;
 impl Webhooks {
     /// The webhooks of `config` (None without `upstream`), sending through
     /// `upstreams` in the order kept by `broker`, with event ids of the
-    /// broker's instance; and their lanes, each to be run by
-    /// [`Webhooks::run_lane`].
+    /// broker's instance, each event in flight in `life` until sent; and
+    /// their lanes, each to be run by [`Webhooks::run_lane`].
     pub fn new(
         config: &WebhooksConfig,
         upstreams: Arc<Upstreams>,
         broker: Arc<dyn Broker>,
+        life: Arc<Lifecycle>,
     ) -> Option<(Arc<Webhooks>, Vec<Lane>)> {
         let upstream = config.upstream.clone()?;
         let (lanes, queues): (Vec<_>, Vec<_>) =
@@ -137,6 +144,7 @@ impl Webhooks {
         let instance = broker.instance().to_string();
         let hooks = Webhooks {
             broker,
+            life,
             upstreams,
             upstream,
             path: config.path.clone(),
@@ -168,6 +176,7 @@ impl Webhooks {
             subscriber: change.subscriber.clone(),
             at: change.at,
             place,
+            _in_flight: self.life.enter(),
         };
         let lane = self.pick.hash_one(&*event.channel) as usize % LANES;
         match self.lanes[lane].try_send(event) {
@@ -266,7 +275,8 @@ mod tests {
         };
         let broker = Arc::new(MemoryBroker::new(10, Duration::from_secs(60), 100));
         let upstreams = Arc::new(Upstreams::new(&Default::default()));
-        let (hooks, _lanes) = Webhooks::new(&config, upstreams, broker).unwrap();
+        let life = Arc::new(Lifecycle::default());
+        let (hooks, _lanes) = Webhooks::new(&config, upstreams, broker, life).unwrap();
         let change = |subscriber: Option<&str>| PresenceChange {
             channel: "room:1".into(),
             subscriber: subscriber.map(Arc::from),
@@ -303,6 +313,7 @@ mod tests {
             subscriber: Some("ann".into()),
             at: 7,
             place: 1,
+            _in_flight: Lifecycle::default().enter(),
         };
         let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
         assert_eq!(

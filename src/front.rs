@@ -209,6 +209,8 @@ impl Http1App for Front {
         raw: &mut Raw<'_>,
         kept: &mut h1::Kept,
     ) -> bool {
+        // Parsed: the poll keeps no read buffer while it is held.
+        raw.release();
         let mut client = h1::Exchange::new(raw.stream, raw.buf, raw.limits.max_head, kept);
         let (req, route, manner) = (poll.req, poll.route, poll.manner);
         let poller = &self.poller;

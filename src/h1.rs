@@ -81,7 +81,10 @@ impl Client for Exchange<'_> {
     async fn gone(&mut self) {
         while self.buf.len() <= self.max_buffered {
             if self.buf.capacity() == self.buf.len() {
-                self.buf.reserve(1024);
+                // Small while nothing came (a held poll's whole buffer):
+                // a client rarely sends anything before its answer.
+                self.buf
+                    .reserve(if self.buf.is_empty() { 64 } else { 1024 });
             }
             match self.stream.read_buf(self.buf).await {
                 Ok(0) | Err(_) => return,

@@ -217,6 +217,21 @@ impl Raw<'_> {
         Ok(Bytes::copy_from_slice(&self.buf[self.head_len..end]))
     }
 
+    /// Drops a request without a body from the buffer once nothing more is
+    /// read of it (a long-poll, before it is held); a buffer left empty is
+    /// freed, so that a held poll keeps no read buffer (what the client
+    /// sends meanwhile is read into a new one).
+    pub fn release(&mut self) {
+        if self.body_len != 0 {
+            return;
+        }
+        bytes::Buf::advance(self.buf, self.head_len);
+        self.head_len = 0;
+        if self.buf.is_empty() {
+            *self.buf = BytesMut::new();
+        }
+    }
+
     /// Whether the body that `declared` announces was read (or there is
     /// none): otherwise the connection cannot carry another request.
     pub fn body_consumed(&self, declared: Option<u64>) -> bool {
@@ -330,7 +345,7 @@ pub async fn serve<A: Http1App>(
                 if !app.serve_lean(work, &mut raw, &mut kept).await {
                     return;
                 }
-                let used = head_len + raw.body_len;
+                let used = raw.head_len + raw.body_len;
                 bytes::Buf::advance(&mut buf, used);
                 keepalive = Some(settings.keepalive_secs);
                 continue;

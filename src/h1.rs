@@ -114,7 +114,8 @@ pub async fn serve(
     manner: Manner,
     forwarded: Option<IpAddr>,
 ) -> bool {
-    let req = match req {
+    // By reference: the poll's state then holds the request once.
+    let req = match &req {
         Ok(req) => req,
         Err(e) => return refuse(holder, client, e, &manner).await,
     };
@@ -122,7 +123,7 @@ pub async fn serve(
     let _admitted = match admitted {
         Ok(admitted) => admitted,
         Err(refused) => {
-            return refuse(holder, client, RequestError::Admission(refused), &manner).await
+            return refuse(holder, client, &RequestError::Admission(refused), &manner).await
         }
     };
     // On plain TCP (a TLS session's state is the task's), the answer can
@@ -138,7 +139,7 @@ pub async fn serve(
     }
     // Once it returns, the poll is stopped: no answer is written for it
     // from elsewhere (`Held::stop`).
-    let waited = holder.wait(client, &req, route).await;
+    let waited = holder.wait(client, req, route).await;
     let direct = client.direct.take();
     match waited {
         Waited::Reply(reply) => {
@@ -159,7 +160,7 @@ pub async fn serve(
             }
             written && keepalive
         }
-        Waited::Failed(e) => refuse(holder, client, RequestError::Hub(e), &manner).await,
+        Waited::Failed(e) => refuse(holder, client, &RequestError::Hub(e), &manner).await,
         Waited::Gone => false,
     }
 }
@@ -268,11 +269,11 @@ fn whole_answer<'a>(answer: &'a Answer, manner: &Manner) -> std::borrow::Cow<'a,
 async fn refuse(
     holder: &Holder,
     client: &mut Exchange<'_>,
-    e: RequestError,
+    e: &RequestError,
     manner: &Manner,
 ) -> bool {
     e.count();
-    let whole = crate::error::refusal_answer(&e, &[], &manner.cors, manner.keepalive);
+    let whole = crate::error::refusal_answer(e, &[], &manner.cors, manner.keepalive);
     write_whole(holder, client, &whole).await && manner.keepalive
 }
 

@@ -332,74 +332,111 @@ pub async fn serve<A: Http1App>(
             head::Ends::Chunked => Rest::Chunked(Default::default()),
             head::Ends::Unknown => Rest::Open,
         };
-        let handoff = match app.plan(head, last) {
-            Plan::Lean(work) => {
-                let _in_flight = life.enter();
-                let mut raw = Raw {
-                    stream: &mut stream,
-                    buf: &mut buf,
-                    limits,
+        // The lean path's work is taken out of the plan before it is
+        // awaited, so that a held poll does not also carry the plan.
+        let work = match app.plan(head, last) {
+            Plan::Lean(work) => work,
+            Plan::Session(handoff) => {
+                let turn = Turn {
                     head_len,
-                    body_len: 0,
+                    rest,
+                    keepalive,
+                    reuses: (request_limit > 0).then(|| request_limit - served),
+                    last,
                 };
-                if !app.serve_lean(work, &mut raw, &mut kept).await {
-                    return;
+                // Boxed: a held poll then carries only the lean path.
+                let on_session = Box::pin(on_session(
+                    &app, handoff, stream, &mut buf, turn, limits, shutdown,
+                ));
+                match on_session.await {
+                    Some((next, kept_alive)) => (stream, keepalive) = (next, kept_alive),
+                    None => return,
                 }
-                let used = raw.head_len + raw.body_len;
-                bytes::Buf::advance(&mut buf, used);
-                keepalive = Some(settings.keepalive_secs);
                 continue;
             }
-            Plan::Session(handoff) => handoff,
         };
-        // What Pingora's parser refuses (with a bare 400) is refused here
-        // with the JSON one.
-        if let Err(e) = pingora_refusal(&buf[..head_len]).await {
-            Refusal::BadTarget.count();
-            refuse(&mut stream, &e, limits).await;
+        let _in_flight = life.enter();
+        let mut raw = Raw {
+            stream: &mut stream,
+            buf: &mut buf,
+            limits,
+            head_len,
+            body_len: 0,
+        };
+        if !app.serve_lean(work, &mut raw, &mut kept).await {
             return;
         }
-        let (prefix, gate) = match rest.after(&buf[head_len..]) {
-            Err(body) => (
-                buf.split_to(head_len + body),
-                Gate::new(stream, Rest::Bytes(0), limits.max_head),
-            ),
-            Ok(rest) => (buf.split(), Gate::new(stream, rest, limits.max_head)),
-        };
-        let mut session = ServerSession::new_http1(Box::new(gate));
-        session.set_keepalive(keepalive);
-        if request_limit > 0 {
-            session.set_keepalive_reuses_remaining(Some(request_limit - served));
-        }
-        session.set_pipelined_prefix(prefix);
-        let reused = app.serve_session(session, handoff, shutdown).await;
-        let Some((next, settings)) = reused.map(|r| r.consume()) else {
-            return;
-        };
-        if last {
-            return;
-        }
-        let mut session = ServerSession::new_http1(next);
-        if let Some(settings) = settings {
-            settings.apply_to_session(&mut session);
-        }
-        keepalive = session.get_keepalive();
-        let ServerSession::H1(h1) = session else {
-            return;
-        };
-        let Ok(gate) = h1.into_inner().into_any().downcast::<Gate>() else {
-            return;
-        };
-        // The bytes read while the session served (a pipelined request)
-        // come after those the session was not given.
-        match gate.release() {
-            Some((inner, kept)) => {
-                buf.extend_from_slice(&kept);
-                stream = inner;
-            }
-            None => return,
-        }
+        let used = raw.head_len + raw.body_len;
+        bytes::Buf::advance(&mut buf, used);
+        keepalive = Some(settings.keepalive_secs);
     }
+}
+
+/// What a request handed to a Pingora session needs of the loop.
+struct Turn {
+    head_len: usize,
+    /// What follows its head.
+    rest: Rest,
+    /// The keep-alive the previous answer set.
+    keepalive: Option<u64>,
+    /// Requests the connection may still serve (None: no limit).
+    reuses: Option<u32>,
+    /// The connection's last request.
+    last: bool,
+}
+
+/// Serves a request whose head is in `buf` on a Pingora session. Returns
+/// the connection to read the next request from, with the keep-alive its
+/// answer set, or None when the connection ends.
+async fn on_session<'a, A: Http1App>(
+    app: &'a Arc<A>,
+    handoff: A::Handoff<'a>,
+    stream: Stream,
+    buf: &mut BytesMut,
+    turn: Turn,
+    limits: HeadLimits,
+    shutdown: &'a ShutdownWatch,
+) -> Option<(Stream, Option<u64>)> {
+    let (head_len, mut stream) = (turn.head_len, stream);
+    // What Pingora's parser refuses (with a bare 400) is refused here
+    // with the JSON one.
+    if let Err(e) = pingora_refusal(&buf[..head_len]).await {
+        Refusal::BadTarget.count();
+        refuse(&mut stream, &e, limits).await;
+        return None;
+    }
+    let (prefix, gate) = match turn.rest.after(&buf[head_len..]) {
+        Err(body) => (
+            buf.split_to(head_len + body),
+            Gate::new(stream, Rest::Bytes(0), limits.max_head),
+        ),
+        Ok(rest) => (buf.split(), Gate::new(stream, rest, limits.max_head)),
+    };
+    let mut session = ServerSession::new_http1(Box::new(gate));
+    session.set_keepalive(turn.keepalive);
+    if turn.reuses.is_some() {
+        session.set_keepalive_reuses_remaining(turn.reuses);
+    }
+    session.set_pipelined_prefix(prefix);
+    let reused = app.serve_session(session, handoff, shutdown).await;
+    let (next, settings) = reused.map(|r| r.consume())?;
+    if turn.last {
+        return None;
+    }
+    let mut session = ServerSession::new_http1(next);
+    if let Some(settings) = settings {
+        settings.apply_to_session(&mut session);
+    }
+    let keepalive = session.get_keepalive();
+    let ServerSession::H1(h1) = session else {
+        return None;
+    };
+    let gate = h1.into_inner().into_any().downcast::<Gate>().ok()?;
+    // The bytes read while the session served (a pipelined request)
+    // come after those the session was not given.
+    let (inner, kept) = gate.release()?;
+    buf.extend_from_slice(&kept);
+    Some((inner, keepalive))
 }
 
 /// The keep-alive to set on `session` before answering its request:

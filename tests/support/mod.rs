@@ -282,13 +282,29 @@ impl Pollgate {
 
     /// Publishes `data` as `content_type`; returns the id.
     pub async fn publish(&self, channel: &str, content_type: &str, data: &str) -> String {
-        let r = client()
+        let started = Instant::now();
+        let sent = client()
             .post(self.admin(&format!("/v1/publish/{channel}")))
             .header("Content-Type", content_type)
             .body(data.to_string())
             .send()
-            .await
-            .unwrap();
+            .await;
+        // A publish that fails in transit says how long it took and what
+        // the kernel held on the admin port's connections then (a 6 MB
+        // publish once failed with ETIMEDOUT on a loaded machine).
+        let r = sent.unwrap_or_else(|e| {
+            let port = self.admin_port;
+            let filter = format!("( sport = :{port} or dport = :{port} )");
+            let ss = Command::new("ss").args(["-tmi", &filter]).output();
+            let ss = ss.map_or(String::new(), |o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+            });
+            panic!(
+                "publish of {} bytes to {channel} failed after {:?}: {e:?}\n{ss}",
+                data.len(),
+                started.elapsed()
+            )
+        });
         assert_eq!(r.status(), 200, "publish to {channel}");
         let v: serde_json::Value = r.json().await.unwrap();
         v["id"].as_str().unwrap().to_string()

@@ -6,6 +6,7 @@
 //! stop counting within [`HEARTBEAT_TTL`], and its fields expire with the
 //! hash.
 
+use super::conn::Conn;
 use super::layout::{HEARTBEAT_TTL, OCCUPANCY_TTL};
 use super::{unavailable, RedisBroker};
 use crate::broker::BrokerError;
@@ -13,20 +14,30 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 impl RedisBroker {
+    /// Renews this instance's heartbeat (for [`HEARTBEAT_TTL`]).
+    pub(super) async fn beat(&self, conn: &mut Conn) -> redis::RedisResult<()> {
+        redis::cmd("SET")
+            .arg(self.layout.instance_key(&self.instance))
+            .arg(1)
+            .arg("PX")
+            .arg(HEARTBEAT_TTL.as_millis() as u64)
+            .query_async(conn)
+            .await
+    }
+
+    /// Whether instance `id`'s heartbeat is there (it is alive).
+    pub(super) async fn alive(&self, conn: &mut Conn, id: &str) -> redis::RedisResult<bool> {
+        redis::cmd("EXISTS")
+            .arg(self.layout.instance_key(id))
+            .query_async(conn)
+            .await
+    }
+
     /// Renews this instance's heartbeat and writes `counts` (a 0 removes
     /// the instance's field).
     pub(super) async fn report(&self, counts: &[(Arc<str>, usize)]) -> Result<(), BrokerError> {
         let conn = self.connection()?;
-        let heartbeat = async {
-            let mut c = conn.clone();
-            redis::cmd("SET")
-                .arg(self.layout.instance_key(&self.instance))
-                .arg(1)
-                .arg("PX")
-                .arg(HEARTBEAT_TTL.as_millis() as u64)
-                .query_async::<()>(&mut c)
-                .await
-        };
+        let heartbeat = async { self.beat(&mut conn.clone()).await };
         let writes = counts.iter().map(|(channel, n)| {
             let mut c = conn.clone();
             let key = self.layout.occupancy_key(channel);
@@ -74,9 +85,8 @@ impl RedisBroker {
         let others = counts.iter().filter(|(id, _)| **id != self.instance);
         let alive = others.map(|(id, n)| {
             let mut c = conn.clone();
-            let key = self.layout.instance_key(id);
             async move {
-                let alive: bool = redis::cmd("EXISTS").arg(key).query_async(&mut c).await?;
+                let alive = self.alive(&mut c, id).await?;
                 Ok::<usize, redis::RedisError>(if alive { *n } else { 0 })
             }
         });

@@ -25,7 +25,6 @@
 //! fields, channel by channel ([`DROP_SCRIPT`]; whichever instance runs it
 //! first gets the changes, so each is reported once).
 
-use super::layout::HEARTBEAT_TTL;
 use super::{unavailable, RedisBroker};
 use crate::broker::{BrokerError, PresenceChange, PresenceSweep};
 use redis::Script;
@@ -249,14 +248,7 @@ impl RedisBroker {
     /// presence of every instance whose heartbeat expired.
     pub(super) async fn sweep(&self) -> Result<PresenceSweep, BrokerError> {
         let mut conn = self.connection()?;
-        redis::cmd("SET")
-            .arg(self.layout.instance_key(&self.instance))
-            .arg(1)
-            .arg("PX")
-            .arg(HEARTBEAT_TTL.as_millis() as u64)
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        self.beat(&mut conn).await.map_err(unavailable)?;
         let instances = self.layout.instances_key();
         let added: u32 = redis::cmd("SADD")
             .arg(&instances)
@@ -277,12 +269,7 @@ impl RedisBroker {
             .await
             .map_err(unavailable)?;
         for id in members.iter().filter(|id| **id != self.instance) {
-            let alive: bool = redis::cmd("EXISTS")
-                .arg(self.layout.instance_key(id))
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            if !alive {
+            if !self.alive(&mut conn, id).await.map_err(unavailable)? {
                 self.drop_instance(id, &mut sweep.left).await?;
             }
         }
@@ -310,12 +297,7 @@ impl RedisBroker {
             if owner == self.instance {
                 return Ok(false);
             }
-            let alive: bool = redis::cmd("EXISTS")
-                .arg(self.layout.instance_key(&owner))
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            if alive {
+            if self.alive(&mut conn, &owner).await.map_err(unavailable)? {
                 return Ok(false);
             }
             dead = owner;

@@ -32,11 +32,10 @@ use crate::http1::{self, Settings};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Refusal;
 use crate::tcp::TcpConn;
-use crate::tls::Certificates;
+use crate::tls::{Certificates, TlsConn};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use pingora::apps::{HttpServerApp, ServerApp};
-use pingora::listeners::tls::Acceptor;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service;
@@ -82,8 +81,8 @@ struct Endpoint {
 enum Serves {
     /// Clients over plain TCP (HTTP/1.1, or HTTP/2 with prior knowledge).
     Clients,
-    /// Clients over TLS, with this acceptor.
-    Tls(Arc<Acceptor>),
+    /// Clients over TLS, with this configuration.
+    Tls(Arc<rustls::ServerConfig>),
     /// The admin API (publish, metrics, health): on the runtime of the
     /// held polls, so that a publish reaches its waiters without crossing
     /// threads.
@@ -153,7 +152,7 @@ impl ClientListener {
                 endpoints.push(Endpoint {
                     bound: bind_now(&addr)?,
                     addr,
-                    serves: Serves::Tls(Arc::new(certs.acceptor())),
+                    serves: Serves::Tls(certs.server_config()),
                 });
                 handshake
             }
@@ -266,7 +265,7 @@ impl Acceptance {
     async fn serve(self, tcp: TcpStream, serves: Serves, shutdown: ShutdownWatch) {
         let tls = match serves {
             Serves::Clients => None,
-            Serves::Tls(acceptor) => Some(acceptor),
+            Serves::Tls(config) => Some(config),
             Serves::Admin(admin) => {
                 // As a client connection, without a request limit.
                 let settings = Settings {
@@ -294,8 +293,8 @@ impl Acceptance {
         let conn = TcpConn::new(tcp);
         let stream: Stream = match tls {
             None => Box::new(conn),
-            Some(acceptor) => {
-                let handshake = tokio::time::timeout(self.handshake, acceptor.tls_handshake(conn));
+            Some(config) => {
+                let handshake = tokio::time::timeout(self.handshake, TlsConn::accept(conn, config));
                 match Box::pin(handshake).await {
                     Ok(Ok(tls)) => {
                         started = tokio::time::Instant::now();

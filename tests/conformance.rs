@@ -21,9 +21,8 @@ use bytes::Bytes;
 use pollgate::config::Config;
 use pollgate::routes::{Action, Match, RouteTable};
 use pollgate::target::RequestTarget;
-use std::sync::Arc;
 use std::time::Duration;
-use support::pki::{install, pki, Pki};
+use support::pki::{install, pki, tls_config, Pki};
 use support::rawbackend::{gzip, RawBackend, MEANT};
 use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -189,20 +188,6 @@ fn h1_request(version: &str, method: &str, path: &str, body: &str, extra: &str) 
          Keep-Alive: timeout=9\r\nProxy-Authorization: Basic eDp5\r\nAccept-Encoding: gzip, br\r\n\
          Authorization: Bearer good\r\n{extra}{length}\r\n{body}"
     )
-}
-
-/// A rustls client config trusting `pki`'s authority, offering `alpn`.
-fn tls_config(pki: &Pki, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der.clone().into()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    Arc::new(config)
 }
 
 /// A running gateway with a TLS listener in front of a raw backend.

@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use support::backend::Backend;
-use support::pki::{install, pki, trusting, trusting_builder, Pki};
+use support::pki::{install, pki, tls_config, trusting, trusting_builder, Pki};
 use support::*;
 
 /// A gateway with a TLS listener on the `pki` pair, `extra` config and
@@ -207,30 +207,11 @@ fn an_unreadable_certificate_is_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_connection_silent_after_the_handshake_is_closed_at_the_header_timeout() {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
     use tokio::io::AsyncReadExt;
 
     let pki = pki();
     let (pg, base, _, _) = start(&pki, "limits:\n  header_timeout: 1s\n");
-    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let mut tls = connect_tls(&pki, &base, b"h2").await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
 
     // Nothing sent after the handshake: closed (EOF or an error) soon
@@ -298,4 +279,143 @@ async fn a_certificate_read_that_blocks_stalls_no_poll() {
         "the pair read from the FIFO was never served"
     );
     writer.join().unwrap();
+}
+
+/// A raw TLS connection (rustls) to the gateway at `base` that trusts
+/// only `pki` and offers `alpn`.
+async fn connect_tls(
+    pki: &Pki,
+    base: &str,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::ServerName;
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls_config(pki, alpn));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// Reads HTTP/1.1 answers from `tls` until `count` whole ones (each with a
+/// `Content-Length`) have come; returns their bodies.
+async fn read_answers(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    count: usize,
+) -> Vec<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut bodies = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while bodies.len() < count {
+        let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf))
+            .await
+            .expect("answers within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed after {} answers", bodies.len());
+        got.extend_from_slice(&buf[..n]);
+        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() < end + 4 + len {
+                break;
+            }
+            bodies.push(got[end + 4..end + 4 + len].to_vec());
+            got.drain(..end + 4 + len);
+        }
+    }
+    bodies
+}
+
+/// What a strict client checks of the TLS connection itself: large bodies
+/// cross it whole both ways on HTTP/1.1 and HTTP/2, pipelined requests are
+/// answered in order, a client's `close_notify` is answered with the end
+/// of the stream, a held poll whose client leaves is released, and bytes
+/// that are not TLS are refused without harm to anyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_carry_large_bodies_pipelines_and_closes_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = pki();
+    let backend = Backend::start().await;
+    let config = format!(
+        "limits:\n  max_body: 4MiB\nupstreams:\n  app:\n    addrs: [\"{}\"]\n{}  - path: \"/api/{{rest}}\"\n    upstream: app\n",
+        backend.addr(),
+        ROUTES.trim_start()
+    );
+    let (pg, base, _, _) = start(&pki, &config);
+
+    // 3 MB up to the backend, on both protocols.
+    let body: Vec<u8> = (0..3_000_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let h1 = trusting_builder(&pki).http1_only().build().unwrap();
+    for client in [trusting(&pki), h1.clone()] {
+        let r = client
+            .post(format!("{base}/api/upload"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        assert_eq!(backend.seen().last().unwrap().body, body);
+    }
+    // A 3 MB message down to a poll held over TLS.
+    let url = format!("{base}/raw/big");
+    let held = tokio::spawn(async move { h1.get(url).send().await.unwrap().bytes().await });
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    let text = String::from_utf8(body.clone()).unwrap();
+    pg.publish("big", "text/plain", &text).await;
+    assert_eq!(held.await.unwrap().unwrap(), body);
+
+    // Two requests in one write: two answers, in order.
+    let mut tls = connect_tls(&pki, &base, b"http/1.1").await;
+    tls.write_all(
+        b"GET /oldest/big?timeout=0 HTTP/1.1\r\nHost: localhost\r\n\r\n\
+          GET /sub/none?timeout=0 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let bodies = read_answers(&mut tls, 2).await;
+    assert!(
+        bodies[0].len() > body.len(),
+        "the first answer is the message"
+    );
+    assert!(!bodies[1].is_empty() && bodies[1].len() < 1000);
+    // The client's close_notify: the server ends the stream too.
+    tls.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    assert!(matches!(end, Ok(Ok(0))), "{end:?}");
+
+    // A poll held over TLS whose client goes away is released.
+    let mut tls = connect_tls(&pki, &base, b"http/1.1").await;
+    tls.write_all(b"GET /sub/left HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    drop(tls);
+    pg.wait_metric("pollgate_held_requests", 0.0).await;
+
+    // Bytes that are not TLS: the connection is closed, others are served.
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    plain
+        .write_all(b"GET /sub/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await;
+    assert!(closed.is_ok(), "closed");
+    assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"));
+    let r = trusting(&pki)
+        .get(format!("{base}/sub/after?timeout=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    pg.assert_no_panic();
 }

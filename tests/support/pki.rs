@@ -49,3 +49,17 @@ pub fn trusting_builder(pki: &Pki) -> reqwest::ClientBuilder {
         .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
         .pool_max_idle_per_host(0)
 }
+
+/// A rustls client config trusting `pki`'s authority, offering `alpn`.
+pub fn tls_config(pki: &Pki, alpn: &[u8]) -> std::sync::Arc<rustls::ClientConfig> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone().into()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    std::sync::Arc::new(config)
+}

@@ -1,5 +1,6 @@
 //! TLS on the client listener: the certificate and key of `tls:`, served
-//! through Pingora's rustls acceptor with ALPN `h2` and `http/1.1`.
+//! by rustls with ALPN `h2` and `http/1.1`; each connection is a
+//! [`TlsConn`] (`conn.rs`).
 //!
 //! The pair is re-read when its files change (a cert-manager rotation
 //! swaps the Secret's files) and on SIGHUP ([`Certificates::reload`]). New
@@ -12,12 +13,14 @@
 //! that blocks, on a hung network mount say, stalls no poll. One read at a
 //! time: while one is under way, checks are skipped.
 
-use pingora::listeners::tls::Acceptor;
 use pingora::tls::sign::CertifiedKey;
 use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert, ServerConfig};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+mod conn;
+pub(crate) use conn::TlsConn;
 
 /// How often the certificate files are checked for a change.
 const FILES_CHECK: Duration = Duration::from_secs(2);
@@ -199,15 +202,16 @@ impl Certificates {
         }
     }
 
-    /// A Pingora acceptor serving the current pair (whatever it is at each
+    /// The rustls configuration of the listener's handshakes
+    /// ([`TlsConn::accept`]): the current pair (whatever it is at each
     /// handshake), offering HTTP/2 and HTTP/1.1.
-    pub fn acceptor(self: &Arc<Self>) -> Acceptor {
+    pub fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
         pingora::tls::install_default_crypto_provider();
         let mut config = ServerConfig::builder()
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Acceptor::from_server_config(Arc::new(config))
+        Arc::new(config)
     }
 }
 

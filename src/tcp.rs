@@ -33,7 +33,9 @@ const MAX_GATHER: usize = 16 * 1024;
 #[derive(Debug)]
 pub(crate) struct TcpConn {
     tcp: Arc<TcpStream>,
-    digest: Arc<SocketDigest>,
+    /// Made when first asked for (a Pingora session, a per-client limit):
+    /// most held polls never need one, and it is some 400 bytes.
+    digest: std::sync::OnceLock<Arc<SocketDigest>>,
     pending: Vec<u8>,
 }
 
@@ -178,10 +180,9 @@ impl AsyncWrite for TcpConn {
 
 impl TcpConn {
     pub(crate) fn new(tcp: TcpStream) -> TcpConn {
-        let digest = Arc::new(SocketDigest::from_raw_fd(tcp.as_raw_fd()));
         TcpConn {
             tcp: Arc::new(tcp),
-            digest,
+            digest: std::sync::OnceLock::new(),
             pending: Vec::new(),
         }
     }
@@ -235,6 +236,9 @@ impl GetProxyDigest for TcpConn {
 
 impl GetSocketDigest for TcpConn {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        Some(self.digest.clone())
+        let digest = self
+            .digest
+            .get_or_init(|| Arc::new(SocketDigest::from_raw_fd(self.tcp.as_raw_fd())));
+        Some(digest.clone())
     }
 }

@@ -28,7 +28,9 @@ use pingora::protocols::http::v2::server::H2Options;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 /// The app behind the client listener.
@@ -102,16 +104,21 @@ impl Front {
         let req = session.req_header();
         if req.method == http::Method::CONNECT {
             // Pingora's proxy refuses it with a bare 405: the JSON one.
-            return refuse_connect(session).await;
+            // Boxed, as rare: its state would enlarge every held stream.
+            return Box::pin(refuse_connect(session)).await;
         }
         let target = std::str::from_utf8(req.raw_path())
             .ok()
             .and_then(|raw| RequestTarget::parse(raw).ok());
         let method = req.method.as_str();
-        match target.and_then(|t| Some((self.held_route(method, &t)?, t))) {
-            Some(((route, params), target)) => self.hold(session, target, route, params).await,
-            None => self.proxy.process_new_http(session, shutdown).await,
-        }
+        // Taken apart before the hold, not kept beside it as the scrutinee
+        // of a `match` would be.
+        let Some(((route, params), target)) =
+            target.and_then(|t| Some((self.held_route(method, &t)?, t)))
+        else {
+            return self.proxy.process_new_http(session, shutdown).await;
+        };
+        self.hold(session, target, route, params).await
     }
 
     /// Serves one long-poll or watch request on `session` (whose head is
@@ -240,6 +247,33 @@ impl Http1App for Front {
 }
 
 impl Front {
+    /// What serves a connection or stream Pingora hands over: an HTTP/1
+    /// connection's loop, or one HTTP/2 stream. Boxed, and chosen outside
+    /// an async body, so that the caller's future keeps neither the
+    /// session twice nor the other protocol's state.
+    fn serving<'a>(
+        self: &'a Arc<Self>,
+        session: ServerSession,
+        shutdown: &'a ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'a>> {
+        match session {
+            ServerSession::H1(h1) => {
+                let serving = http1::serve(
+                    self.clone(),
+                    h1.into_inner(),
+                    self.settings(0),
+                    &self.life,
+                    shutdown,
+                );
+                Box::pin(async move {
+                    serving.await;
+                    None
+                })
+            }
+            session => Box::pin(self.serve_h2(session, shutdown)),
+        }
+    }
+
     /// How this front door serves an HTTP/1 connection, with at most
     /// `request_limit` requests (0: no limit).
     pub fn settings(&self, request_limit: u32) -> Settings {
@@ -261,21 +295,7 @@ impl HttpServerApp for Front {
         session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        match session {
-            ServerSession::H1(h1) => {
-                let serving = http1::serve(
-                    self.clone(),
-                    h1.into_inner(),
-                    self.settings(0),
-                    &self.life,
-                    shutdown,
-                );
-                Box::pin(serving).await;
-                None
-            }
-            // Boxed: an HTTP/1 connection's task must not carry its state.
-            session => Box::pin(self.serve_h2(session, shutdown)).await,
-        }
+        self.serving(session, shutdown).await
     }
 
     fn server_options(&self) -> Option<&HttpServerOptions> {

@@ -19,6 +19,8 @@ use crate::target::RequestTarget;
 use crate::template::Params;
 use pingora::protocols::http::ServerSession as Session;
 use pingora::{Error, ErrorType, Result};
+use std::future::Future;
+use std::pin::Pin;
 
 /// Serves subscribe routes.
 pub struct Poller {
@@ -91,12 +93,20 @@ impl Poller {
     }
 
     /// Answers `e` (with the CORS headers), counting it ([`RequestError::count`]).
-    pub async fn refuse(&self, session: &mut Session, e: RequestError) -> Result<()> {
-        e.count();
-        let extra = self.cors_headers(session);
-        self.holder
-            .write(crate::error::refusal(session, &e, &extra))
-            .await
+    /// Boxed: refusals are rare, and writing one on a Pingora session is a
+    /// large future that would otherwise enlarge every poll held on one.
+    pub fn refuse<'a>(
+        &'a self,
+        session: &'a mut Session,
+        e: RequestError,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>> {
+        Box::pin(async move {
+            e.count();
+            let extra = self.cors_headers(session);
+            self.holder
+                .write(crate::error::refusal(session, &e, &extra))
+                .await
+        })
     }
 
     /// Asks the route's authorize upstream. Returns None when the client

@@ -50,7 +50,8 @@ impl Cursor {
         if t.len() > 64 * channels.max(1) {
             return Err(Malformed("cursor is too long".into()));
         }
-        let (t, epoch) = match t.rsplit_once('_') {
+        let last_underscore = memchr::memrchr(b'_', t.as_bytes());
+        let (t, epoch) = match last_underscore.map(|at| (&t[..at], &t[at + 1..])) {
             Some((ids, epoch)) => match epoch.parse::<Epoch>() {
                 Ok(e) if !epoch.starts_with('+') => (ids, Some(e)),
                 _ => {
@@ -65,7 +66,7 @@ impl Cursor {
         let mut ids = Positions::new();
         let mut rest = t;
         loop {
-            let end = rest.bytes().position(|b| b == b'.');
+            let end = memchr::memchr(b'.', rest.as_bytes());
             match rest[..end.unwrap_or(rest.len())].parse::<MessageId>() {
                 Ok(id) => ids.push(id),
                 Err(_) => {

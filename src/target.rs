@@ -195,11 +195,11 @@ impl RequestTarget {
         let mut rest = self.query().unwrap_or("");
         std::iter::from_fn(move || {
             while !rest.is_empty() {
-                let end = rest.bytes().position(|b| b == b'&').unwrap_or(rest.len());
+                let end = memchr::memchr(b'&', rest.as_bytes()).unwrap_or(rest.len());
                 let pair = &rest[..end];
                 rest = rest.get(end + 1..).unwrap_or("");
                 if !pair.is_empty() {
-                    return Some(match pair.bytes().position(|b| b == b'=') {
+                    return Some(match memchr::memchr(b'=', pair.as_bytes()) {
                         Some(eq) => (&pair[..eq], &pair[eq + 1..]),
                         None => (pair, ""),
                     });
@@ -214,7 +214,7 @@ impl RequestTarget {
 /// UTF-8 is replaced. Borrowed when there is nothing to decode (cursors and
 /// timeouts, as a rule).
 pub fn form_decode(value: &str) -> Cow<'_, str> {
-    if !value.bytes().any(|b| b == b'+' || b == b'%') {
+    if memchr::memchr2(b'+', b'%', value.as_bytes()).is_none() {
         return Cow::Borrowed(value);
     }
     let spaced = value.replace('+', " ");

@@ -438,15 +438,17 @@ impl Ssl for TlsConn {
 #[async_trait]
 impl Peek for TlsConn {}
 
+// What Pingora asks of the connection below TLS is the TCP connection's.
+
 impl GetTimingDigest for TlsConn {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        Vec::new()
+        self.tcp.get_timing_digest()
     }
 }
 
 impl GetProxyDigest for TlsConn {
     fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        None
+        self.tcp.get_proxy_digest()
     }
 }
 

@@ -452,8 +452,8 @@ impl Http1App for Admin {
         })
     }
 
-    async fn serve_lean(&self, call: Call, raw: &mut Raw<'_>, _: &mut ()) -> bool {
-        let reply = self.answer(&call, raw).await;
+    async fn serve_lean(&self, call: &mut Call, raw: &mut Raw<'_>, _: &mut ()) -> bool {
+        let reply = self.answer(call, raw).await;
         // A body left unread would be taken for the next request.
         let keepalive =
             call.keepalive && raw.body_consumed(call.content_length) && !self.life.is_draining();

@@ -212,21 +212,20 @@ impl Http1App for Front {
 
     async fn serve_lean<'a>(
         &'a self,
-        poll: LeanPoll<'a>,
+        poll: &mut LeanPoll<'a>,
         raw: &mut Raw<'_>,
         kept: &mut h1::Kept,
     ) -> bool {
         // Parsed: the poll keeps no read buffer while it is held.
         raw.release();
-        let mut client = h1::Exchange::new(raw.stream, raw.buf, raw.limits.max_head, kept);
-        let (req, route, manner) = (poll.req, poll.route, poll.manner);
+        let mut client = h1::Exchange::new(raw, kept);
         let poller = &self.poller;
         h1::serve(
             (&poller.admission, &poller.holder),
             &mut client,
-            req,
-            route,
-            manner,
+            &poll.req,
+            poll.route,
+            &poll.manner,
             poll.forwarded,
         )
         .await

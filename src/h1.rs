@@ -17,7 +17,9 @@
 use crate::admission::Admission;
 use crate::answer::Answer;
 use crate::error::RequestError;
-use crate::hold::{self, Client, Holder, Waited};
+use crate::hold::{self, Client, Ending, Holder, Waited};
+use crate::http1::{ConnTimer, Raw};
+use crate::metrics::Outcome;
 use crate::respond;
 use crate::routes::SubscribeRoute;
 use crate::subscription::Request;
@@ -27,11 +29,15 @@ use parking_lot::Mutex;
 use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
 use socket2::SockRef;
+use std::future::Future;
 use std::io::IoSlice;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// The connection of a poll held on the lean path.
 pub struct Exchange<'a> {
@@ -39,6 +45,11 @@ pub struct Exchange<'a> {
     /// The connection's read buffer: what arrives while the poll is held
     /// (a pipelined request) is kept for the next turn.
     pub buf: &'a mut BytesMut,
+    /// The connection's timer: the poll's timeout.
+    timer: &'a mut ConnTimer,
+    /// Resolves when the instance drains (a poll whose answer was settled
+    /// from the delivering task is no longer the hub's to release).
+    drained: Pin<&'a mut (dyn Future<Output = ()> + Send)>,
     /// Most bytes kept that way before the client counts as gone.
     pub max_buffered: usize,
     /// What the connection keeps from one poll to the next.
@@ -49,24 +60,25 @@ pub struct Exchange<'a> {
 
 /// What the lean path keeps for a connection from one poll to the next:
 /// the writer of its answers from the delivering task (plain TCP), made
-/// for the first poll.
+/// for the first poll, and its share of the timeouts' jitter.
 #[derive(Default)]
 pub struct Kept {
     direct: Option<Arc<DirectWrite>>,
+    /// The connection's share of the jitter ([`hold::shorten`]), drawn
+    /// once: each poll's deadline is then later than the one before, and
+    /// moves the connection's timer ([`ConnTimer`]) at little cost.
+    share: Option<u16>,
 }
 
 impl<'a> Exchange<'a> {
     /// The exchange of a request read from `stream` into `buf`.
-    pub fn new(
-        stream: &'a mut Stream,
-        buf: &'a mut BytesMut,
-        max_buffered: usize,
-        kept: &'a mut Kept,
-    ) -> Self {
+    pub fn new(raw: &'a mut Raw<'_>, kept: &'a mut Kept) -> Self {
         Exchange {
-            stream,
-            buf,
-            max_buffered,
+            stream: &mut *raw.stream,
+            buf: &mut *raw.buf,
+            timer: &mut *raw.timer,
+            drained: raw.drained.as_mut(),
+            max_buffered: raw.limits.max_head,
             kept,
             direct: None,
         }
@@ -79,15 +91,35 @@ impl Client for Exchange<'_> {
     }
 
     async fn gone(&mut self) {
-        // Read into a few bytes of the poll's own state, not into a buffer
-        // allocated for the wait (a held poll keeps none): a client rarely
-        // sends anything before its answer, and what it sends is kept.
-        let mut probe = [0u8; 64];
-        while self.buf.len() <= self.max_buffered {
-            match self.stream.read(&mut probe).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => self.buf.extend_from_slice(&probe[..n]),
-            }
+        gone(self.stream, self.buf, self.max_buffered).await
+    }
+
+    fn jittered(&mut self, timeout: Duration) -> Duration {
+        let share = *self.kept.share.get_or_insert_with(|| fastrand::u16(..));
+        hold::shorten(timeout, share)
+    }
+
+    async fn until(&mut self, deadline: Instant) -> Ending {
+        tokio::select! {
+            biased;
+            _ = self.timer.at(deadline) => Ending::Timeout,
+            _ = self.drained.as_mut() => Ending::Drain,
+            _ = gone(self.stream, self.buf, self.max_buffered) => Ending::Gone,
+        }
+    }
+}
+
+/// Resolves when the client of `stream` has left, or has sent more than
+/// `max_buffered` bytes meanwhile. What it sends is kept in `buf`.
+async fn gone(stream: &mut Stream, buf: &mut BytesMut, max_buffered: usize) {
+    // Read into a few bytes of the poll's own state, not into a buffer
+    // allocated for the wait (a held poll keeps none): a client rarely
+    // sends anything before its answer, and what it sends is kept.
+    let mut probe = [0u8; 64];
+    while buf.len() <= max_buffered {
+        match stream.read(&mut probe).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&probe[..n]),
         }
     }
 }
@@ -109,21 +141,20 @@ pub struct Manner {
 pub async fn serve(
     (admission, holder): (&Admission, &Holder),
     client: &mut Exchange<'_>,
-    req: Result<Request, RequestError>,
+    req: &Result<Request, RequestError>,
     route: &SubscribeRoute,
-    manner: Manner,
+    manner: &Manner,
     forwarded: Option<IpAddr>,
 ) -> bool {
-    // By reference: the poll's state then holds the request once.
-    let req = match &req {
+    let req = match req {
         Ok(req) => req,
-        Err(e) => return refuse(holder, client, e, &manner).await,
+        Err(e) => return refuse(holder, client, e, manner).await,
     };
     let admitted = admission.admit(|| admission.clients.of_stream(client.stream, forwarded));
     let _admitted = match admitted {
         Ok(admitted) => admitted,
         Err(refused) => {
-            return refuse(holder, client, &RequestError::Admission(refused), &manner).await
+            return refuse(holder, client, &RequestError::Admission(refused), manner).await
         }
     };
     // On plain TCP (a TLS session's state is the task's), the answer can
@@ -143,16 +174,16 @@ pub async fn serve(
     let direct = client.direct.take();
     match waited {
         Waited::Reply(reply) => {
-            let keepalive = manner.keepalive && !reply.close;
+            // A drain that began meanwhile closes the connection after the
+            // answer (its own wait for the drain has ended, if it did).
+            let keepalive = manner.keepalive && !reply.close && !holder.life.is_draining();
             let written = match direct.as_deref().map(DirectWrite::settle) {
-                Some(Settled::Sent) => true,
+                // Counted by the delivering task.
+                Some(Settled::Sent) => return keepalive,
                 Some(Settled::Partly(rest)) => write_whole(holder, client, &rest).await,
                 Some(Settled::Unsent) | None => {
-                    let manner = Manner {
-                        keepalive,
-                        ..manner
-                    };
-                    write_whole(holder, client, &whole_answer(&reply.answer, &manner)).await
+                    let whole = whole_answer(&reply.answer, keepalive, &manner.cors);
+                    write_whole(holder, client, &whole).await
                 }
             };
             if written {
@@ -160,7 +191,7 @@ pub async fn serve(
             }
             written && keepalive
         }
-        Waited::Failed(e) => refuse(holder, client, &RequestError::Hub(e), &manner).await,
+        Waited::Failed(e) => refuse(holder, client, &RequestError::Hub(e), manner).await,
         Waited::Gone => false,
     }
 }
@@ -227,7 +258,8 @@ impl DirectWrite {
 impl Answerer for DirectWrite {
     fn answer(&self, answer: &Arc<Answer>) -> bool {
         let mut turn = self.turn.lock();
-        let whole = whole_answer(answer, &turn.manner);
+        let manner = &turn.manner;
+        let whole = whole_answer(answer, manner.keepalive, &manner.cors);
         // Through the socket's readiness: a socket known full is not tried,
         // and one found full is marked so for the poll's task. The socket is
         // non-blocking; MSG_NOSIGNAL: a closed peer is an error, no SIGPIPE.
@@ -238,30 +270,33 @@ impl Answerer for DirectWrite {
             // Full or failing: the poll's task writes it (and sees the error).
             _ => return false,
         };
-        turn.written = match whole.get(sent..) {
-            Some(rest) if !rest.is_empty() => Settled::Partly(rest.to_vec()),
-            _ => Settled::Sent,
-        };
-        true
+        if let Some(rest) = whole.get(sent..).filter(|rest| !rest.is_empty()) {
+            turn.written = Settled::Partly(rest.to_vec());
+            return false;
+        }
+        turn.written = Settled::Sent;
+        hold::count_answered(answer, Outcome::Message, true);
+        // Settled unless the connection closes after it (the poll's task
+        // closes it).
+        turn.manner.keepalive
     }
 }
 
-/// The bytes of `answer` as written to a client of this `manner`: shared
-/// by every waiter of the answer when the manner adds nothing to it.
-fn whole_answer<'a>(answer: &'a Answer, manner: &Manner) -> std::borrow::Cow<'a, [u8]> {
-    if manner.keepalive && manner.cors.is_empty() {
+/// The bytes of `answer` as written to a client that keeps its connection
+/// (`keepalive`) or not, with these CORS headers: shared by every waiter
+/// of the answer when they add nothing to it.
+fn whole_answer<'a>(
+    answer: &'a Answer,
+    keepalive: bool,
+    cors: &[(&'static str, String)],
+) -> std::borrow::Cow<'a, [u8]> {
+    if keepalive && cors.is_empty() {
         let body = &answer.body;
         return answer
             .h1_whole(|head| respond::assemble(head, &[], body, true))
             .into();
     }
-    respond::assemble(
-        answer.h1_head(),
-        &manner.cors,
-        &answer.body,
-        manner.keepalive,
-    )
-    .into()
+    respond::assemble(answer.h1_head(), cors, &answer.body, keepalive).into()
 }
 
 /// Answers `e`, counting it ([`RequestError::count`]); false when the

@@ -39,9 +39,30 @@ pub enum Ending {
 }
 
 /// The connection a poll is held on.
-pub trait Client {
+pub trait Client: Send {
     /// Resolves when the client has left (closed its connection).
     fn gone(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// `timeout` up to a tenth shorter ([`jitter`]). A connection that
+    /// keeps one timer for its polls ([`Client::until`]) draws its share
+    /// once, so that each poll's deadline comes after the one before.
+    fn jittered(&mut self, timeout: Duration) -> Duration {
+        jitter(timeout)
+    }
+
+    /// Resolves with [`Ending::Timeout`] at `deadline`, or with
+    /// [`Ending::Gone`] when the client leaves first. This sets a timer for
+    /// the one poll; a connection that serves poll after poll keeps one
+    /// timer for them all (`h1.rs`).
+    fn until(&mut self, deadline: tokio::time::Instant) -> impl Future<Output = Ending> + Send {
+        async move {
+            tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(deadline) => Ending::Timeout,
+                _ = self.gone() => Ending::Gone,
+            }
+        }
+    }
 
     /// What may write the poll's answer straight from the delivering task
     /// (None: the poll's task writes it).
@@ -115,7 +136,7 @@ impl Holder {
     ) -> Waited {
         // Present on its channels until it ends, then for the linger.
         let _seat = self.seat(req);
-        let deadline = tokio::time::Instant::now() + jitter(req.timeout);
+        let deadline = tokio::time::Instant::now() + client.jittered(req.timeout);
         let mut cursor = req.cursor.clone();
         let answerer = client.answerer();
         loop {
@@ -178,8 +199,10 @@ impl Holder {
         mut held: Held,
         deadline: tokio::time::Instant,
     ) -> Ending {
-        // Down again when this future ends, or is dropped while it waits.
-        let _held = metrics::GaugeGuard::up(&metrics::HELD);
+        // Down again when `held` drops (this future ends, or is dropped
+        // while it waits), or when its answer is settled from the
+        // delivering task.
+        held.count_held();
         // A drain wakes the held polls through the hub, but for one
         // registered after the hub released them (`Hub::release_all`).
         let mut ending = if self.life.is_draining() {
@@ -188,8 +211,7 @@ impl Holder {
             tokio::select! {
                 biased;
                 woken = held.woken() => woken_by(woken),
-                _ = tokio::time::sleep_until(deadline) => Ending::Timeout,
-                _ = client.gone() => Ending::Gone,
+                ending = client.until(deadline) => ending,
             }
         };
         // A wake-up that came meanwhile wins: its answer may be on the
@@ -229,12 +251,20 @@ pub(crate) fn count_delivered(answer: &Answer, live: bool) {
     }
 }
 
-/// Up to 10% shorter, so that reconnects spread (drawn in whole
+/// Up to 10% shorter, so that reconnects spread ([`shorten`] by a share
+/// drawn now).
+pub fn jitter(timeout: Duration) -> Duration {
+    shorten(timeout, fastrand::u16(..))
+}
+
+/// `timeout` shorter by `share` 65 536ths of a tenth of it (in whole
 /// microseconds, without floats or 128-bit divisions: this runs once per
 /// poll).
-pub fn jitter(timeout: Duration) -> Duration {
+pub fn shorten(timeout: Duration, share: u16) -> Duration {
     let tenth = u64::try_from((timeout / 10).as_micros()).unwrap_or(u64::MAX);
-    timeout.saturating_sub(Duration::from_micros(fastrand::u64(..=tenth)))
+    let share = u64::from(share);
+    let off = (tenth >> 16) * share + (((tenth & 0xffff) * share) >> 16);
+    timeout.saturating_sub(Duration::from_micros(off))
 }
 
 #[cfg(test)]

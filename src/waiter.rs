@@ -5,7 +5,11 @@
 //!
 //! The wake-up slot goes `Waiting` → `Fired` (the delivering task writes
 //! the answer through the poll's [`Answerer`], if it has one, under the
-//! slot's lock) → `Done` (taken by the poll's task). The poll's task may
+//! slot's lock) → `Done` (taken by the poll's task). An answer the
+//! answerer settled wholly does not wake the poll's task: the task takes
+//! it when it next runs for its own reasons (the client's next request,
+//! its leaving, the poll's timeout, a drain), which saves a wake-up and a
+//! read that would wait, per delivery. The poll's task may
 //! also stop a slot that is still `Waiting` ([`Waiter::stop`]): no answer
 //! is written for the poll after that, so its connection can go on to the
 //! next request, or close, without a write arriving from elsewhere.
@@ -31,12 +35,15 @@ pub enum Wake {
 }
 
 /// Writes an answer to a held poll's client straight from the task that
-/// delivers the message, instead of waking the poll's own task to write it
-/// (which is still woken, to go on with its connection).
+/// delivers the message, instead of waking the poll's own task to write it.
 pub trait Answerer: Send + Sync {
-    /// Tries to write `answer` now, without waiting. True when it was taken
-    /// (wholly, or in part for the poll's task to finish). Called at most
-    /// once per held poll, and never after it stopped ([`Waiter::stop`]).
+    /// Tries to write `answer` now, without waiting. Returns true when it
+    /// is settled: written whole, counted, and the connection goes on as
+    /// it is, so the poll's task need not be woken for it (nor counted as
+    /// held any longer). False when the poll's task has to go on at once:
+    /// to write the answer or its rest, or to close the connection. Called
+    /// at most once per held poll, and never after it stopped
+    /// ([`Waiter::stop`]).
     fn answer(&self, answer: &Arc<Answer>) -> bool;
 }
 
@@ -48,6 +55,8 @@ pub struct Waiter {
     pub format: Format,
     /// Set by the first [`Waiter::fire`] (read without the slot's lock).
     pub fired: AtomicBool,
+    /// Counted in `pollgate_held_requests` ([`Waiter::count_held`]).
+    held: AtomicBool,
     /// The poll's wake-up, in the waiter itself (no channel of its own).
     slot: Mutex<WakeSlot>,
     answerer: Option<Arc<dyn Answerer>>,
@@ -88,6 +97,7 @@ impl Waiter {
             cursor,
             format,
             fired: AtomicBool::new(false),
+            held: AtomicBool::new(false),
             slot: Mutex::new(WakeSlot::default()),
             answerer,
         }
@@ -105,16 +115,38 @@ impl Waiter {
             }
             // Under the lock: `stop` waits out this write (one write that
             // does not block) on the lock itself, instead of spinning.
-            if let (Wake::Answer(answer), Some(answerer)) = (&wake, &self.answerer) {
-                answerer.answer(answer);
-            }
+            let settled = match (&wake, &self.answerer) {
+                (Wake::Answer(answer), Some(answerer)) => answerer.answer(answer),
+                _ => false,
+            };
             slot.phase = Phase::Fired(wake);
-            slot.waker.take()
+            if settled {
+                self.uncount_held();
+                None
+            } else {
+                slot.waker.take()
+            }
         };
         if let Some(waker) = waker {
             waker.wake();
         }
         true
+    }
+
+    /// Counts the poll in `pollgate_held_requests` until it ends
+    /// ([`Waiter::uncount_held`]) or its answer is settled by its answerer,
+    /// whichever comes first.
+    pub fn count_held(&self) {
+        if !self.held.swap(true, Ordering::Relaxed) {
+            crate::metrics::HELD.inc();
+        }
+    }
+
+    /// No longer counts the poll as held (once, whoever calls it first).
+    pub fn uncount_held(&self) {
+        if self.held.swap(false, Ordering::Relaxed) {
+            crate::metrics::HELD.dec();
+        }
     }
 
     /// Resolves with the wake-up, once (see [`crate::hub::Held::woken`]).

@@ -31,6 +31,8 @@ pub(super) fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 /// What is read of a request head, borrowed from the connection's buffer.
 #[derive(Debug)]
 pub struct Head<'a> {
+    /// Its length in bytes, up to and with its blank line.
+    pub len: usize,
     pub method: &'a str,
     pub target: RequestTarget,
     /// The client keeps the connection after the answer (HTTP/1.1 unless
@@ -125,9 +127,23 @@ pub fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
 /// the characters RFC 3986 allows there; no user information (`@`), no
 /// space, nothing else. Checked by bytes: this runs for every request.
 fn valid_host(value: &[u8]) -> bool {
-    const PUNCTUATION: &[u8] = b"-._~%:[]!$&'()*+,;=";
-    let allowed = |b: &u8| b.is_ascii_alphanumeric() || PUNCTUATION.contains(b);
-    !value.is_empty() && value.iter().all(allowed)
+    /// The bytes allowed, by value.
+    const ALLOWED: [bool; 256] = {
+        const PUNCTUATION: &[u8] = b"-._~%:[]!$&'()*+,;=";
+        let mut allowed = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            allowed[b] = (b as u8).is_ascii_alphanumeric();
+            b += 1;
+        }
+        let mut i = 0;
+        while i < PUNCTUATION.len() {
+            allowed[PUNCTUATION[i] as usize] = true;
+            i += 1;
+        }
+        allowed
+    };
+    !value.is_empty() && value.iter().all(|&b| ALLOWED[usize::from(b)])
 }
 
 /// A `Content-Length` value: 1 to 19 digits (no sign, no spaces).
@@ -138,15 +154,16 @@ fn length_value(value: &[u8]) -> Option<u64> {
     Some(value.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
-/// The [`Head`] of a whole request head, by the same parser (httparse)
-/// Pingora uses. The error is the refusal to answer with.
-pub fn parse_head(head: &[u8], require_host: bool) -> Result<Head<'_>, RequestError> {
+/// The [`Head`] of the whole request head `buf` starts with (more may
+/// follow it), by the same parser (httparse) Pingora uses. The error is
+/// the refusal to answer with.
+pub fn parse_head(buf: &[u8], require_host: bool) -> Result<Head<'_>, RequestError> {
     // Uninitialized: zeroing room for MAX_HEADERS headers would cost more
     // than parsing the few a long-poll has.
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
-    match req.parse_with_uninit_headers(head, &mut headers) {
-        Ok(httparse::Status::Complete(_)) => {}
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
+        Ok(httparse::Status::Complete(len)) => len,
         Err(httparse::Error::TooManyHeaders) => {
             let detail = format!("more than {MAX_HEADERS} header lines");
             return Err(RequestError::HeaderTooLarge(detail));
@@ -154,10 +171,11 @@ pub fn parse_head(head: &[u8], require_host: bool) -> Result<Head<'_>, RequestEr
         Ok(httparse::Status::Partial) | Err(_) => {
             return Err(RequestError::BadRequest("malformed request head".into()))
         }
-    }
+    };
     let target = RequestTarget::parse(req.path.unwrap_or_default())?;
     let http11 = req.version == Some(1);
     let mut parsed = Head {
+        len,
         method: req.method.unwrap_or_default(),
         target,
         keepalive: http11,

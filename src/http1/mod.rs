@@ -25,16 +25,20 @@ use pingora::server::ShutdownWatch;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod buffers;
 mod chunked;
 mod gate;
 mod head;
+mod timer;
 
 use gate::{pingora_refusal, Gate, Rest};
 use head::head_end;
 pub use head::{content_length, declared_length, parse_head, text, Head};
+pub use timer::ConnTimer;
 
 /// Bounds on reading a request.
 #[derive(Clone, Copy, Debug)]
@@ -89,10 +93,11 @@ pub trait Http1App: Send + Sync + 'static {
     fn plan<'a>(&'a self, head: Head<'_>, last: bool) -> Plan<Self::Lean<'a>, Self::Handoff<'a>>;
 
     /// Serves a request on the raw connection. Returns whether the
-    /// connection can serve another request.
+    /// connection can serve another request. (`work` by reference: the
+    /// loop keeps it, and the future of a lean request stays small.)
     fn serve_lean<'a>(
         &'a self,
-        work: Self::Lean<'a>,
+        work: &mut Self::Lean<'a>,
         raw: &mut Raw<'_>,
         kept: &mut Self::Kept,
     ) -> impl Future<Output = bool> + Send;
@@ -120,30 +125,40 @@ enum NoHead {
 
 /// Reads until a whole request head is in `buf` (which may hold bytes of
 /// it already, and may end up holding more: a pipelined body or request).
-/// Returns the head's length. Waits up to `idle` for the first byte, then
-/// `limits.header_timeout` for the rest. A connection idle between two
+/// Returns the head's length, or None when what was first read ends with
+/// a blank line (a whole head, as a rule: the parse finds where it ends,
+/// without a search for it first). Waits up to `idle` for the first byte, then
+/// `limits.header_timeout` for the rest, on the connection's `timer`
+/// (their bounds need not be exact: [`ConnTimer::not_before`]). A
+/// connection idle between two
 /// requests (`between`) is closed when the instance drains; a new one is
 /// not: its first request is on its way (perhaps already in the socket,
 /// where closing would reset it), and is served.
 async fn read_head(
     stream: &mut Stream,
     buf: &mut BytesMut,
+    timer: &mut ConnTimer,
     idle: Duration,
     limits: HeadLimits,
-    drained: &mut Pin<&mut impl Future<Output = ()>>,
+    mut drained: Pin<&mut (dyn Future<Output = ()> + Send)>,
     between: bool,
-) -> Result<usize, NoHead> {
+) -> Result<Option<usize>, NoHead> {
     // The header timeout runs from the head's first byte.
     let mut started = !buf.is_empty();
     let wait = if started { limits.header_timeout } else { idle };
-    let mut deadline = tokio::time::Instant::now() + wait;
+    // Set when a read first has to wait.
+    let mut deadline = None;
     let mut scanned = 0;
     loop {
+        let blank_line_last = buf.ends_with(b"\n\r\n") || buf.ends_with(b"\n\n");
+        if scanned == 0 && blank_line_last && buf.len() <= limits.max_head {
+            return Ok(None);
+        }
         if let Some(end) = head_end(buf, scanned) {
             return if end > limits.max_head {
                 Err(NoHead::TooLarge)
             } else {
-                Ok(end)
+                Ok(Some(end))
             };
         }
         if buf.len() > limits.max_head {
@@ -151,23 +166,34 @@ async fn read_head(
         }
         if !started && !buf.is_empty() {
             started = true;
-            deadline = tokio::time::Instant::now() + limits.header_timeout;
+            deadline = Some(tokio::time::Instant::now() + limits.header_timeout);
         }
         scanned = buf.len();
-        if buf.capacity() - buf.len() < 256 {
-            buf.reserve(1024);
+        if buf.capacity() == 0 {
+            *buf = buffers::take();
+        } else if buf.capacity() - buf.len() < 256 {
+            buf.reserve(buffers::SIZE);
         }
-        // Biased to the read: a request already in the socket (the usual
-        // case right after an answer) is read without setting up the rest.
-        let read = tokio::select! {
-            biased;
-            r = stream.read_buf(buf) => r.map_err(|_| NoHead::Closed)?,
-            _ = drained.as_mut(), if between && buf.is_empty() => return Err(NoHead::Closed),
-            _ = tokio::time::sleep_until(deadline) => {
-                return Err(if buf.is_empty() { NoHead::Closed } else { NoHead::TooSlow });
+        let empty = buf.is_empty();
+        let mut read = std::pin::pin!(stream.read_buf(buf));
+        // A request already in the socket (the usual case right after an
+        // answer) is read without setting up a timer.
+        let tried = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+        let read = match tried {
+            Poll::Ready(read) => read,
+            Poll::Pending => {
+                let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+                tokio::select! {
+                    biased;
+                    read = read => read,
+                    _ = drained.as_mut(), if between && empty => return Err(NoHead::Closed),
+                    _ = timer.not_before(deadline) => {
+                        return Err(if empty { NoHead::Closed } else { NoHead::TooSlow });
+                    }
+                }
             }
         };
-        if read == 0 {
+        if read.map_err(|_| NoHead::Closed)? == 0 {
             return Err(NoHead::Closed);
         }
     }
@@ -176,6 +202,10 @@ async fn read_head(
 /// A request being served on the raw connection.
 pub struct Raw<'c> {
     pub stream: &'c mut Stream,
+    /// The connection's timer, for the waits of a request served lean.
+    pub timer: &'c mut ConnTimer,
+    /// Resolves when the instance drains (then the connection closes).
+    pub drained: Pin<&'c mut (dyn Future<Output = ()> + Send)>,
     /// The connection's read buffer: the request's head, then whatever
     /// arrived after it (its body, a pipelined request).
     pub buf: &'c mut BytesMut,
@@ -219,8 +249,8 @@ impl Raw<'_> {
 
     /// Drops a request without a body from the buffer once nothing more is
     /// read of it (a long-poll, before it is held); a buffer left empty is
-    /// freed, so that a held poll keeps no read buffer (what the client
-    /// sends meanwhile is read into a new one).
+    /// given up (to be recycled), so that a held poll keeps no read buffer
+    /// (what the client sends meanwhile is read into a new one).
     pub fn release(&mut self) {
         if self.body_len != 0 {
             return;
@@ -228,7 +258,7 @@ impl Raw<'_> {
         bytes::Buf::advance(self.buf, self.head_len);
         self.head_len = 0;
         if self.buf.is_empty() {
-            *self.buf = BytesMut::new();
+            buffers::give(std::mem::take(self.buf));
         }
     }
 
@@ -276,13 +306,14 @@ pub async fn serve<A: Http1App>(
 ) {
     let limits = settings.limits;
     let request_limit = settings.request_limit;
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut buf = buffers::take();
+    let mut timer = ConnTimer::default();
     // The keep-alive the previous answer set (None before the first).
     let mut keepalive: Option<u64> = None;
     let mut served: u32 = 0;
     // Registered once for the connection, not once per wait between
     // requests (it resolves once: the connection then closes).
-    let mut drained = std::pin::pin!(life.drained());
+    let mut drained: Pin<&mut (dyn Future<Output = ()> + Send)> = std::pin::pin!(life.drained());
     let mut kept = A::Kept::default();
     loop {
         let idle = keepalive.map_or(limits.header_timeout, Duration::from_secs);
@@ -291,30 +322,40 @@ pub async fn serve<A: Http1App>(
         // is answered, so that a drain waits for the request it is
         // about to send (see `read_head`) instead of exiting under it.
         let _first = (!between).then(|| life.enter());
-        let head_len =
-            match read_head(&mut stream, &mut buf, idle, limits, &mut drained, between).await {
-                Ok(len) => len,
-                Err(NoHead::Closed) => return,
-                Err(NoHead::TooLarge) => {
-                    Refusal::HeaderTooLarge.count();
-                    let detail = format!(
-                        "the request head is larger than limits.max_head ({} bytes)",
-                        limits.max_head
-                    );
-                    refuse(&mut stream, &RequestError::HeaderTooLarge(detail), limits).await;
-                    return;
-                }
-                Err(NoHead::TooSlow) => {
-                    Refusal::HeaderTimeout.count();
-                    let detail = "the request head did not arrive within limits.header_timeout";
-                    let e = RequestError::HeaderTimeout(detail.into());
-                    refuse(&mut stream, &e, limits).await;
-                    return;
-                }
-            };
+        let head_end = match read_head(
+            &mut stream,
+            &mut buf,
+            &mut timer,
+            idle,
+            limits,
+            drained.as_mut(),
+            between,
+        )
+        .await
+        {
+            Ok(end) => end,
+            Err(NoHead::Closed) => return,
+            Err(NoHead::TooLarge) => {
+                Refusal::HeaderTooLarge.count();
+                let detail = format!(
+                    "the request head is larger than limits.max_head ({} bytes)",
+                    limits.max_head
+                );
+                refuse(&mut stream, &RequestError::HeaderTooLarge(detail), limits).await;
+                return;
+            }
+            Err(NoHead::TooSlow) => {
+                Refusal::HeaderTimeout.count();
+                let detail = "the request head did not arrive within limits.header_timeout";
+                let e = RequestError::HeaderTimeout(detail.into());
+                refuse(&mut stream, &e, limits).await;
+                return;
+            }
+        };
         served += 1;
         let last = request_limit > 0 && served >= request_limit;
-        let head = match parse_head(&buf[..head_len], settings.require_host) {
+        let head = &buf[..head_end.unwrap_or(buf.len())];
+        let head = match parse_head(head, settings.require_host) {
             Ok(head) => head,
             Err(e) => {
                 match e {
@@ -325,6 +366,7 @@ pub async fn serve<A: Http1App>(
                 return;
             }
         };
+        let head_len = head.len;
         // A Pingora session gets the bytes of its request and no more (see
         // `Gate`).
         let rest = match head.ends {
@@ -334,7 +376,7 @@ pub async fn serve<A: Http1App>(
         };
         // The lean path's work is taken out of the plan before it is
         // awaited, so that a held poll does not also carry the plan.
-        let work = match app.plan(head, last) {
+        let mut work = match app.plan(head, last) {
             Plan::Lean(work) => work,
             Plan::Session(handoff) => {
                 let turn = Turn {
@@ -358,12 +400,14 @@ pub async fn serve<A: Http1App>(
         let _in_flight = life.enter();
         let mut raw = Raw {
             stream: &mut stream,
+            timer: &mut timer,
+            drained: drained.as_mut(),
             buf: &mut buf,
             limits,
             head_len,
             body_len: 0,
         };
-        if !app.serve_lean(work, &mut raw, &mut kept).await {
+        if !app.serve_lean(&mut work, &mut raw, &mut kept).await {
             return;
         }
         let used = raw.head_len + raw.body_len;

@@ -110,11 +110,18 @@ impl Held {
     pub fn stop(&mut self) -> Option<Wake> {
         self.registration.waiter.stop()
     }
+
+    /// Counts the poll in `pollgate_held_requests` until it is dropped, or
+    /// its answer is settled from the delivering task ([`Answerer::answer`]).
+    pub fn count_held(&self) {
+        self.registration.waiter.count_held();
+    }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         self.stop();
+        self.registration.waiter.uncount_held();
     }
 }
 

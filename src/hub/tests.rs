@@ -357,7 +357,7 @@ struct Recording(AtomicUsize);
 impl Answerer for Recording {
     fn answer(&self, _: &Arc<Answer>) -> bool {
         self.0.fetch_add(1, Ordering::SeqCst);
-        true
+        false // the poll's task is woken, as a test's poll waits for it
     }
 }
 
@@ -434,7 +434,7 @@ struct Written(AtomicUsize);
 impl crate::waiter::Answerer for Written {
     fn answer(&self, _: &Arc<Answer>) -> bool {
         self.0.fetch_add(1, Ordering::SeqCst);
-        true
+        false // the poll's task is woken, as a test's poll waits for it
     }
 }
 

@@ -44,6 +44,39 @@ fn open_poll(port: u16, path: &str) -> TcpStream {
     s
 }
 
+/// A poll answered straight from the publish (plain HTTP/1.1, keep-alive)
+/// is no longer held once its answer is written, though its client has not
+/// asked again; and a drain closes that idle connection at once.
+#[tokio::test]
+async fn an_answered_poll_is_no_longer_held_and_a_drain_closes_its_idle_connection() {
+    let mut pg = Pollgate::start(&format!("grace_period: 5s\n{ROUTES}"));
+    let mut s = open_poll(pg.port, "/sub/settled");
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    pg.publish("settled", "text/plain", "x").await;
+    let (status, headers, body) = read_answer(&mut s);
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        headers.contains(&("connection".into(), "keep-alive".into())),
+        "{headers:?}"
+    );
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["messages"][0]["data"], "x");
+    pg.wait_metric("pollgate_held_requests", 0.0).await;
+    let answered = "pollgate_subscribe_requests_total{outcome=\"message\"}";
+    assert_eq!(pg.metric(answered).await, 1.0);
+    let started = Instant::now();
+    pg.signal("-TERM");
+    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+    let mut rest = [0u8; 64];
+    assert_eq!(s.read(&mut rest).unwrap(), 0, "closed, nothing more sent");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "closed at once, not at the poll's timeout or the grace period's end"
+    );
+    let status = pg.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert!(status.success(), "{status:?}");
+}
+
 #[tokio::test]
 async fn sigterm_answers_every_held_poll_with_its_cursor_and_exits_0() {
     let mut pg = Pollgate::start(&format!("grace_period: 5s\n{ROUTES}"));

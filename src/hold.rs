@@ -5,6 +5,7 @@
 //! requests hold through it; what the answer is written to is theirs.
 
 use crate::answer::Answer;
+use crate::cursor::Cursor;
 use crate::hub::{Held, Hub, HubError, Polled};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{self, Outcome};
@@ -137,12 +138,15 @@ impl Holder {
         // Present on its channels until it ends, then for the linger.
         let _seat = self.seat(req);
         let deadline = tokio::time::Instant::now() + client.jittered(req.timeout);
-        let mut cursor = req.cursor.clone();
+        // The cursor to poll from again after a resync (the request's
+        // before).
+        let mut repoll: Option<Cursor> = None;
         let answerer = client.answerer();
         loop {
+            let cursor = repoll.as_ref().or(req.cursor.as_ref());
             // Held at once as a rule; the whole poll (boxed, so that its
             // state is not carried while the poll is held) otherwise.
-            let now = cursor.as_ref().and_then(|c| {
+            let now = cursor.and_then(|c| {
                 self.hub
                     .hold_now(&req.channels, c, req.format, answerer.as_ref())
             });
@@ -151,11 +155,12 @@ impl Holder {
                 None => {
                     let hub = &self.hub;
                     let (first, format, answerer) = (route.first, req.format, answerer.clone());
+                    let cursor = cursor.cloned();
                     let poll = hub.poll_answered_by(&req.channels, cursor, first, format, answerer);
                     Box::pin(poll).await
                 }
             };
-            let held = match polled {
+            let mut held = match polled {
                 Ok(Polled::Ready(answer)) => {
                     let outcome = if answer.gap {
                         Outcome::Gap
@@ -167,12 +172,12 @@ impl Holder {
                 Ok(Polled::Held(held)) => held,
                 Err(e) => return Waited::Failed(e),
             };
-            let current = held.cursor.clone();
-            let empty = || Arc::new(Answer::build(req.format, &current, false, &[]));
-            return match self.hold(client, held, deadline).await {
+            let ending = self.hold(client, &mut held, deadline).await;
+            let empty = || Arc::new(Answer::build(req.format, held.cursor(), false, &[]));
+            return match ending {
                 Ending::Woken(answer) => Waited::Reply(Reply::new(answer, Outcome::Message, true)),
                 Ending::Repoll => {
-                    cursor = Some(current);
+                    repoll = Some(held.cursor().clone());
                     continue;
                 }
                 Ending::Timeout => Waited::Reply(Reply::new(empty(), Outcome::Timeout, false)),
@@ -196,12 +201,11 @@ impl Holder {
     pub async fn hold(
         &self,
         client: &mut impl Client,
-        mut held: Held,
+        held: &mut Held,
         deadline: tokio::time::Instant,
     ) -> Ending {
-        // Down again when `held` drops (this future ends, or is dropped
-        // while it waits), or when its answer is settled from the
-        // delivering task.
+        // Down again when `held` drops, or when its answer is settled from
+        // the delivering task.
         held.count_held();
         // A drain wakes the held polls through the hub, but for one
         // registered after the hub released them (`Hub::release_all`).
@@ -316,7 +320,12 @@ mod tests {
         let before = metrics::HELD.get();
         let mut client = Staying;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let mut hold = Box::pin(holder.hold(&mut client, held, deadline));
+        let holder = &holder;
+        // As a poll's task holds it: the `Held` in the future.
+        let mut hold = Box::pin(async move {
+            let mut held = held;
+            holder.hold(&mut client, &mut held, deadline).await
+        });
         let waited = tokio::time::timeout(Duration::from_millis(20), hold.as_mut()).await;
         assert!(waited.is_err(), "still held");
         assert_eq!(metrics::HELD.get(), before + 1, "counted while held");

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod admission;
 pub mod answer;
+pub mod ascii;
 pub mod authorize;
 pub mod broker;
 pub mod cli;

@@ -183,9 +183,10 @@ pub fn content_type_problem(content_type: &str) -> Option<String> {
     }
     // The common case, `type/subtype` of token characters and no
     // parameters, needs no parser (this runs for every publish).
-    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    const TCHAR: [bool; 256] = crate::ascii::alphanumeric_and(b"!#$%&'*+-.^_`|~");
     if let Some((kind, sub)) = content_type.split_once('/') {
-        let token = |t: &str| !t.is_empty() && t.as_bytes().iter().all(tchar);
+        let token =
+            |t: &str| !t.is_empty() && crate::ascii::first_outside(t.as_bytes(), &TCHAR).is_none();
         if token(kind) && token(sub) {
             return None;
         }

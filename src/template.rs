@@ -83,9 +83,8 @@ pub struct RenderError {
 /// The first character of `name` a channel name may not hold. Every
 /// allowed character is ASCII, so a byte test finds it.
 fn disallowed(name: &str) -> Option<char> {
-    let allowed =
-        |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'/' | b'-');
-    let at = name.bytes().position(|b| !allowed(b))?;
+    const ALLOWED: [bool; 256] = crate::ascii::alphanumeric_and(b"_.:@/-");
+    let at = crate::ascii::first_outside(name.as_bytes(), &ALLOWED)?;
     name[at..].chars().next()
 }
 

@@ -155,7 +155,7 @@ impl Watcher {
                 .await;
             let (held, position) = match poll {
                 Ok(Polled::Held(held)) => {
-                    let at = held.cursor.clone();
+                    let at = held.cursor().clone();
                     (Some(held), at)
                 }
                 Ok(Polled::Ready(answer)) => (None, answer.cursor.clone()),
@@ -175,12 +175,12 @@ impl Watcher {
             if !matches(known.as_deref(), &rep.etag) {
                 return poller.holder.write(answer(session, rep, false)).await;
             }
-            let Some(held) = held else {
+            let Some(mut held) = held else {
                 continue; // changed while fetching: fetch again
             };
             // Down again after the hold, or if this future is dropped in it.
             let watching = metrics::GaugeGuard::up(&metrics::HELD_WATCHERS);
-            let ending = poller.holder.hold(session, held, deadline).await;
+            let ending = poller.holder.hold(session, &mut held, deadline).await;
             drop(watching);
             match ending {
                 Ending::Woken(answer) => cursor = Some(answer.cursor.clone()),

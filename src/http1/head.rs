@@ -127,23 +127,8 @@ pub fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
 /// the characters RFC 3986 allows there; no user information (`@`), no
 /// space, nothing else. Checked by bytes: this runs for every request.
 fn valid_host(value: &[u8]) -> bool {
-    /// The bytes allowed, by value.
-    const ALLOWED: [bool; 256] = {
-        const PUNCTUATION: &[u8] = b"-._~%:[]!$&'()*+,;=";
-        let mut allowed = [false; 256];
-        let mut b = 0;
-        while b < 256 {
-            allowed[b] = (b as u8).is_ascii_alphanumeric();
-            b += 1;
-        }
-        let mut i = 0;
-        while i < PUNCTUATION.len() {
-            allowed[PUNCTUATION[i] as usize] = true;
-            i += 1;
-        }
-        allowed
-    };
-    !value.is_empty() && value.iter().all(|&b| ALLOWED[usize::from(b)])
+    const ALLOWED: [bool; 256] = crate::ascii::alphanumeric_and(b"-._~%:[]!$&'()*+,;=");
+    !value.is_empty() && crate::ascii::first_outside(value, &ALLOWED).is_none()
 }
 
 /// A `Content-Length` value: 1 to 19 digits (no sign, no spaces).

@@ -89,12 +89,16 @@ pub enum Polled {
 
 /// A registered poll. Dropping it deregisters the waiter (and stops it).
 pub struct Held {
-    /// The subscription's cursor while it waits (the timeout answer's cursor).
-    pub cursor: Cursor,
     registration: Registration,
 }
 
 impl Held {
+    /// The subscription's cursor while it waits (the timeout answer's
+    /// cursor).
+    pub fn cursor(&self) -> &Cursor {
+        &self.registration.waiter.cursor
+    }
+
     /// Resolves with the poll's wake-up: a message arrived, the poll must
     /// be redone, or the instance drains. Resolves once: await it again
     /// after that and it never does.
@@ -520,7 +524,7 @@ impl Hub {
         answerer: Option<Arc<dyn Answerer>>,
     ) -> Option<Held> {
         let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
-        let waiter = Arc::new(Waiter::new(id, cursor.clone(), format, answerer));
+        let waiter = Arc::new(Waiter::new(id, cursor, format, answerer));
         let mut registration = Registration {
             waiter: waiter.clone(),
             channels: Channels::with_capacity(channels.len()),
@@ -528,7 +532,7 @@ impl Hub {
         for (i, ch) in channels.into_iter().enumerate() {
             let moved = {
                 let mut st = ch.state.lock();
-                let moved = st.removed || st.window.last_id() != cursor.0[i];
+                let moved = st.removed || st.window.last_id() != waiter.cursor.0[i];
                 if !moved {
                     st.waiters.insert(waiter.id, (waiter.clone(), i));
                 }
@@ -549,10 +553,7 @@ impl Hub {
                 hook(&waiter);
             }
         }
-        Some(Held {
-            cursor,
-            registration,
-        })
+        Some(Held { registration })
     }
 
     /// Returns true while a poll is held on `name` here (its channel has

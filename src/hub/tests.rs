@@ -334,7 +334,7 @@ async fn a_poll_at_the_newest_message_of_a_known_channel_is_held_at_once() {
     let (hub, broker) = hub();
     let names = vec!["room".to_string()];
     let first = held_newest(&hub, &names).await;
-    let at = first.cursor.clone();
+    let at = first.cursor().clone();
     // Unknown channel: it must be loaded first.
     let other = vec!["other".to_string()];
     assert!(hub.hold_now(&other, &at, Format::Envelope, None).is_none());

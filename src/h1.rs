@@ -165,7 +165,10 @@ pub async fn serve(
         none => direct_for(client.stream).inspect(|direct| *none = Some(direct.clone())),
     };
     if let Some(direct) = direct {
-        direct.begin(manner.clone());
+        // A poll that takes a presence seat is not settled from the
+        // delivering task: its seat is left when its task ends it, which
+        // must be when it is answered (the linger counts from then).
+        direct.begin(manner.clone(), holder.presence.is_none());
         client.direct = Some(direct);
     }
     // Once it returns, the poll is stopped: no answer is written for it
@@ -213,6 +216,9 @@ struct DirectWrite {
 /// The poll a [`DirectWrite`] answers now.
 struct Turn {
     manner: Manner,
+    /// An answer written whole settles the poll (see [`Answerer::answer`])
+    /// when the connection stays open after it.
+    settles: bool,
     written: Settled,
 }
 
@@ -236,15 +242,18 @@ impl DirectWrite {
             socket,
             turn: Mutex::new(Turn {
                 manner: Manner::default(),
+                settles: false,
                 written: Settled::Unsent,
             }),
         }
     }
 
-    /// Makes it the writer of a new poll's answer, in `manner`.
-    fn begin(&self, manner: Manner) {
+    /// Makes it the writer of a new poll's answer, in `manner`; an answer
+    /// written whole `settles` the poll, or wakes its task.
+    fn begin(&self, manner: Manner, settles: bool) {
         *self.turn.lock() = Turn {
             manner,
+            settles,
             written: Settled::Unsent,
         };
     }
@@ -277,8 +286,8 @@ impl Answerer for DirectWrite {
         turn.written = Settled::Sent;
         hold::count_answered(answer, Outcome::Message, true);
         // Settled unless the connection closes after it (the poll's task
-        // closes it).
-        turn.manner.keepalive
+        // closes it), or the poll's task has more to do at once.
+        turn.settles && turn.manner.keepalive
     }
 }
 
@@ -381,10 +390,11 @@ mod tests {
             drop(stream);
             let (mut other, _) = listener.accept().await.unwrap();
             let reused = other.as_raw_fd() == fd;
-            direct.begin(Manner {
+            let manner = Manner {
                 keepalive: true,
                 cors: Vec::new(),
-            });
+            };
+            direct.begin(manner, true);
             direct.answer(&answer);
             drop(direct);
             let mut buf = [0u8; 256];

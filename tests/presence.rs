@@ -181,6 +181,45 @@ async fn a_subscriber_who_polls_again_within_linger_joins_once_and_leaves_once()
     );
 }
 
+/// A poll answered by a publish, whose client keeps its connection but
+/// does not poll again, leaves `linger` after the answer, not after the
+/// poll's own timeout (10 s).
+#[tokio::test]
+async fn a_client_answered_by_a_publish_that_does_not_poll_again_leaves_after_linger() {
+    use std::io::{Read, Write};
+    let (who, hooks) = (Identities::start().await, Receiver::start(SECRET).await);
+    let pg = Pollgate::start(&config(&who, &hooks, "1s"));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", pg.port)).unwrap();
+    s.write_all(b"GET /open/7 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    hooks
+        .wait_for(Duration::from_secs(10), |e| !e.is_empty())
+        .await;
+    pg.wait_metric("pollgate_held_requests", 1.0).await;
+    pg.publish("room:7", "text/plain", "x").await;
+    let answered = Instant::now();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "an answer");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+    let events = hooks
+        .wait_for(Duration::from_secs(8), |e| e.len() >= 2)
+        .await;
+    assert_eq!(
+        names(&events),
+        [pair("channel_occupied", ""), pair("channel_vacated", "")]
+    );
+    assert!(
+        answered.elapsed() < Duration::from_secs(5),
+        "vacated a linger after the answer: {:?}",
+        answered.elapsed()
+    );
+    drop(s);
+}
+
 #[tokio::test]
 async fn an_sse_stream_is_present_until_it_closes_then_for_linger() {
     let (who, hooks) = (Identities::start().await, Receiver::start(SECRET).await);

@@ -19,6 +19,11 @@ pub const fn alphanumeric_and(extra: &[u8]) -> [bool; 256] {
     table
 }
 
+/// Whether every byte of `bytes` is in `table` (true for none).
+pub fn all_in(bytes: &[u8], table: &[bool; 256]) -> bool {
+    first_outside(bytes, table).is_none()
+}
+
 /// Where the first byte of `bytes` outside `table` is (None when all are in).
 pub fn first_outside(bytes: &[u8], table: &[bool; 256]) -> Option<usize> {
     bytes.iter().position(|&b| !table[usize::from(b)])
@@ -39,6 +44,7 @@ mod tests {
         want.extend_from_slice(b"-.");
         want.sort_unstable();
         assert_eq!(inside, want);
+        assert!(all_in(b"ab-c.9", &T) && all_in(b"", &T));
         assert_eq!(first_outside(b"ab-c.9", &T), None);
         assert_eq!(first_outside(b"ab c", &T), Some(2));
         assert_eq!(first_outside("é".as_bytes(), &T), Some(0));

@@ -185,8 +185,7 @@ pub fn content_type_problem(content_type: &str) -> Option<String> {
     // parameters, needs no parser (this runs for every publish).
     const TCHAR: [bool; 256] = crate::ascii::alphanumeric_and(b"!#$%&'*+-.^_`|~");
     if let Some((kind, sub)) = content_type.split_once('/') {
-        let token =
-            |t: &str| !t.is_empty() && crate::ascii::first_outside(t.as_bytes(), &TCHAR).is_none();
+        let token = |t: &str| !t.is_empty() && crate::ascii::all_in(t.as_bytes(), &TCHAR);
         if token(kind) && token(sub) {
             return None;
         }

@@ -128,7 +128,7 @@ pub fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
 /// space, nothing else. Checked by bytes: this runs for every request.
 fn valid_host(value: &[u8]) -> bool {
     const ALLOWED: [bool; 256] = crate::ascii::alphanumeric_and(b"-._~%:[]!$&'()*+,;=");
-    !value.is_empty() && crate::ascii::first_outside(value, &ALLOWED).is_none()
+    !value.is_empty() && crate::ascii::all_in(value, &ALLOWED)
 }
 
 /// A `Content-Length` value: 1 to 19 digits (no sign, no spaces).

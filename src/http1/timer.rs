@@ -19,8 +19,7 @@ pub struct ConnTimer {
 impl ConnTimer {
     /// Resolves at `deadline` (a poll's timeout).
     pub async fn at(&mut self, deadline: Instant) {
-        let sleep = self.set(deadline);
-        sleep.await
+        set(&mut self.sleep, deadline).await
     }
 
     /// Resolves at `deadline`, or a little later (the wait for a request
@@ -29,11 +28,9 @@ impl ConnTimer {
     /// poll's timeout, later than the one before, then moves it later
     /// again at the cost of one atomic operation.
     pub async fn not_before(&mut self, deadline: Instant) {
-        if self.sleep.as_ref().is_none_or(|s| s.deadline() > deadline) {
-            self.set(deadline);
-        }
-        let Some(sleep) = &mut self.sleep else {
-            return; // made by `set`
+        let sleep = match &mut self.sleep {
+            Some(sleep) if sleep.deadline() <= deadline => sleep,
+            slot => set(slot, deadline),
         };
         loop {
             sleep.as_mut().await;
@@ -43,18 +40,18 @@ impl ConnTimer {
             sleep.as_mut().reset(deadline);
         }
     }
+}
 
-    /// The timer, due at `deadline`.
-    fn set(&mut self, deadline: Instant) -> &mut Pin<Box<Sleep>> {
-        match &mut self.sleep {
-            Some(sleep) => {
-                if sleep.deadline() != deadline {
-                    sleep.as_mut().reset(deadline);
-                }
-                sleep
+/// The timer in `slot`, due at `deadline` (made when there is none).
+fn set(slot: &mut Option<Pin<Box<Sleep>>>, deadline: Instant) -> &mut Pin<Box<Sleep>> {
+    match slot {
+        Some(sleep) => {
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
             }
-            none => none.insert(Box::pin(tokio::time::sleep_until(deadline))),
+            sleep
         }
+        none => none.insert(Box::pin(tokio::time::sleep_until(deadline))),
     }
 }
 

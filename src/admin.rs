@@ -437,7 +437,11 @@ impl Http1App for Admin {
     type Handoff<'a> = ();
     type Kept = ();
 
-    fn plan(&self, head: Head<'_>, last: bool) -> Plan<Call, ()> {
+    fn plan(&self, head: Head<'_>, last: bool, _: &mut ()) -> Plan<Call, ()> {
+        let target = match RequestTarget::parse(head.target) {
+            Ok(target) => target,
+            Err(e) => return Plan::Refused(e.into()),
+        };
         let method = match Method::from_bytes(head.method.as_bytes()) {
             Ok(m) if head.framed && m != Method::HEAD => m,
             _ => return Plan::Session(()),
@@ -448,7 +452,7 @@ impl Http1App for Admin {
             content_type: head.content_type.map(str::to_owned),
             content_length: head.content_length,
             keepalive: head.keepalive && !last,
-            target: head.target,
+            target,
         })
     }
 

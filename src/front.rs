@@ -18,7 +18,7 @@ use crate::http1::{self, Head, HeadLimits, Http1App, Plan, Raw, Settings};
 use crate::lifecycle::Lifecycle;
 use crate::poll::{cors_headers, Poller};
 use crate::routes::{Action, Match, RouteTable, SubscribeRoute, WatchRoute};
-use crate::subscription::{Request, SubscribeHead};
+use crate::subscription::{self, Channels, Request, SubscribeHead};
 use crate::target::RequestTarget;
 use crate::template::Params;
 use crate::watch::Watcher;
@@ -66,10 +66,33 @@ pub struct LeanPoll<'a> {
     forwarded: Option<IpAddr>,
 }
 
-/// The facts a subscribe request is parsed from.
-fn subscribe_head<'h>(head: &'h Head<'_>) -> SubscribeHead<'h> {
+/// What a client connection keeps from one request to the next: the lean
+/// path's (its direct writer, its share of the jitter) and its last lean
+/// poll's route and channels.
+#[derive(Default)]
+pub struct Kept {
+    lean: h1::Kept,
+    last: Option<LastPoll>,
+}
+
+/// The route and channels of the connection's last lean poll, for its
+/// path: a client polls the same path again and again (only its cursor
+/// changes), and the same path (its bytes as sent, with the method GET)
+/// matches the same route with the same captures, so the target's parse,
+/// the route's search and the channels' rendering are done once per
+/// connection instead of once per poll.
+struct LastPoll {
+    /// The target's path as sent (origin-form: before `?`).
+    path: String,
+    /// Where the route is in the route table.
+    route: usize,
+    channels: Channels,
+}
+
+/// The facts a subscribe request is parsed from (`query`: its target's).
+fn subscribe_head<'h>(head: &'h Head<'_>, query: Option<&'h str>) -> SubscribeHead<'h> {
     SubscribeHead {
-        target: &head.target,
+        query,
         last_event_id: head.last_event_id,
         if_none_match: head.if_none_match,
         accept: head.accept,
@@ -90,6 +113,50 @@ impl Front {
                 Action::Watch(_) | Action::Proxy(_) => None,
             },
             _ => None,
+        }
+    }
+
+    /// The subscribe route at `index` of the route table, when the request
+    /// of `head` (described by `facts`) is served lean on it.
+    fn lean_route(
+        &self,
+        head: &Head,
+        facts: &SubscribeHead,
+        index: usize,
+    ) -> Option<&SubscribeRoute> {
+        match &self.routes.at(index).action {
+            Action::Subscribe(sub)
+                if head.bare() && sub.authorize.is_none() && !facts.wants_sse() =>
+            {
+                Some(sub)
+            }
+            _ => None,
+        }
+    }
+
+    /// The lean path's work for the poll of `head` on `sub`, parsed as `req`.
+    fn lean_poll<'a>(
+        &'a self,
+        head: &Head,
+        last: bool,
+        sub: &'a SubscribeRoute,
+        req: Result<Request, RequestError>,
+    ) -> LeanPoll<'a> {
+        let clients = &self.poller.admission.clients;
+        let forwarded = if clients.reads_forwarded() {
+            let fields = head.forwarded_for.iter().copied();
+            clients.trusted.forwarded(fields)
+        } else {
+            None
+        };
+        LeanPoll {
+            forwarded,
+            req,
+            route: sub,
+            manner: h1::Manner {
+                keepalive: head.keepalive && !last && !self.life.is_draining(),
+                cors: cors_headers(&self.poller.cors, head.origin),
+            },
         }
     }
 
@@ -179,46 +246,63 @@ async fn refuse_connect(mut session: ServerSession) -> Option<ReusedHttpStream> 
 impl Http1App for Front {
     type Lean<'a> = LeanPoll<'a>;
     type Handoff<'a> = (RequestTarget, Option<(Holds<'a>, Params<'a>)>);
-    type Kept = h1::Kept;
+    type Kept = Kept;
 
     /// The lean path takes a subscribe request whose head is bare, whose
     /// route has no `authorize:` and which does not ask for SSE; a Pingora
-    /// session takes the rest (a held route, or the proxy).
-    fn plan<'a>(&'a self, head: Head<'_>, last: bool) -> Plan<LeanPoll<'a>, Self::Handoff<'a>> {
-        let route = self.held_route(head.method, &head.target);
-        if let Some((Holds::Subscribe(sub), params)) = &route {
-            let facts = subscribe_head(&head);
-            if head.bare() && sub.authorize.is_none() && !facts.wants_sse() {
-                let clients = &self.poller.admission.clients;
-                let forwarded = if clients.reads_forwarded() {
-                    let fields = head.forwarded_for.iter().copied();
-                    clients.trusted.forwarded(fields)
-                } else {
-                    None
-                };
-                return Plan::Lean(LeanPoll {
-                    forwarded,
-                    req: facts.parse(sub, params),
-                    route: sub,
-                    manner: h1::Manner {
-                        keepalive: head.keepalive && !last && !self.life.is_draining(),
-                        cors: cors_headers(&self.poller.cors, head.origin),
-                    },
-                });
+    /// session takes the rest (a held route, or the proxy). A target that
+    /// does not parse is refused.
+    fn plan<'a>(
+        &'a self,
+        head: Head<'_>,
+        last: bool,
+        kept: &mut Kept,
+    ) -> Plan<LeanPoll<'a>, Self::Handoff<'a>> {
+        let (path, query) = crate::target::split_query(head.target);
+        let again = kept
+            .last
+            .as_ref()
+            .filter(|l| head.method == "GET" && l.path == path);
+        if let Some(again) = again {
+            let facts = subscribe_head(&head, query);
+            if let Some(sub) = self.lean_route(&head, &facts, again.route) {
+                let req = facts.parse_on(sub, again.channels.clone());
+                return Plan::Lean(self.lean_poll(&head, last, sub, req));
             }
         }
-        Plan::Session((head.target, route))
+        let target = match RequestTarget::parse(head.target) {
+            Ok(target) => target,
+            Err(e) => return Plan::Refused(e.into()),
+        };
+        let route = self.held_route(head.method, &target);
+        if let Some((Holds::Subscribe(sub), params)) = &route {
+            let facts = subscribe_head(&head, target.query());
+            if head.bare() && sub.authorize.is_none() && !facts.wants_sse() {
+                let req = subscription::channels(sub, params).and_then(|channels| {
+                    if head.method == "GET" && head.target.starts_with('/') {
+                        kept.last = Some(LastPoll {
+                            path: path.to_owned(),
+                            route: self.routes.index_of(sub),
+                            channels: channels.clone(),
+                        });
+                    }
+                    facts.parse_on(sub, channels)
+                });
+                return Plan::Lean(self.lean_poll(&head, last, sub, req));
+            }
+        }
+        Plan::Session((target, route))
     }
 
     async fn serve_lean<'a>(
         &'a self,
         poll: &mut LeanPoll<'a>,
         raw: &mut Raw<'_>,
-        kept: &mut h1::Kept,
+        kept: &mut Kept,
     ) -> bool {
         // Parsed: the poll keeps no read buffer while it is held.
         raw.release();
-        let mut client = h1::Exchange::new(raw, kept);
+        let mut client = h1::Exchange::new(raw, &mut kept.lean);
         let poller = &self.poller;
         h1::serve(
             (&poller.admission, &poller.holder),

@@ -111,6 +111,21 @@ impl RouteTable {
         }
     }
 
+    /// The route at `index` (as [`RouteTable::index_of`] gave it).
+    pub fn at(&self, index: usize) -> &Route {
+        &self.routes[index]
+    }
+
+    /// Where the route whose subscribe action is `sub` is in the table
+    /// (`sub` is one of this table's).
+    pub fn index_of(&self, sub: &SubscribeRoute) -> usize {
+        let is_it = |r: &Route| matches!(&r.action, Action::Subscribe(s) if std::ptr::eq(s, sub));
+        self.routes
+            .iter()
+            .position(is_it)
+            .expect("a route of this table")
+    }
+
     /// Finds the first route for `method` and the request `target`.
     pub fn find(&self, method: &str, target: &RequestTarget) -> Match<'_> {
         let mut allowed: Vec<String> = Vec::new();

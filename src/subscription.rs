@@ -6,14 +6,15 @@ use crate::answer::Format;
 use crate::cursor::Cursor;
 use crate::error::RequestError;
 use crate::routes::SubscribeRoute;
-use crate::target::{form_decode, RequestTarget};
+use crate::target::{form_decode, query_pairs, RequestTarget};
 use crate::template::Params;
 use compact_str::CompactString;
 use std::time::Duration;
 
 /// What a subscribe request says, read from its head by either HTTP path.
 pub struct SubscribeHead<'a> {
-    pub target: &'a RequestTarget,
+    /// The target's query as sent (without `?`).
+    pub query: Option<&'a str>,
     pub last_event_id: Option<&'a str>,
     pub if_none_match: Option<&'a str>,
     pub accept: Option<&'a str>,
@@ -21,8 +22,8 @@ pub struct SubscribeHead<'a> {
 
 /// The subscription a request asks for.
 pub struct Request {
-    /// The channel names, rendered (one, as a rule).
-    pub channels: smallvec::SmallVec<[CompactString; 1]>,
+    /// The channel names, rendered.
+    pub channels: Channels,
     /// Where to start from (None: the route's `first`).
     pub cursor: Option<Cursor>,
     /// How long the poll may be held (before jitter).
@@ -39,7 +40,7 @@ impl<'a> SubscribeHead<'a> {
         target: &'a RequestTarget,
     ) -> SubscribeHead<'a> {
         SubscribeHead {
-            target,
+            query: target.query(),
             last_event_id: header_str(req, "Last-Event-ID"),
             if_none_match: header_str(req, "If-None-Match"),
             accept: header_str(req, "Accept"),
@@ -49,19 +50,19 @@ impl<'a> SubscribeHead<'a> {
     /// The subscription this request asks for on `route` (whose path
     /// captured `params`); the error is a 400 `bad_request`.
     pub fn parse(&self, route: &SubscribeRoute, params: &Params) -> Result<Request, RequestError> {
-        let target = self.target;
-        let mut channels = smallvec::SmallVec::with_capacity(route.channels.len());
-        for t in &route.channels {
-            let name = t
-                .render(params)
-                .map_err(|e| RequestError::BadRequest(e.to_string()))?;
-            if !channels.contains(&name) {
-                channels.push(name);
-            }
-        }
+        self.parse_on(route, channels(route, params)?)
+    }
+
+    /// [`SubscribeHead::parse`], with the route's `channels` rendered
+    /// already.
+    pub fn parse_on(
+        &self,
+        route: &SubscribeRoute,
+        channels: Channels,
+    ) -> Result<Request, RequestError> {
         // One pass over the query; the first of each parameter counts.
         let (mut cursor_q, mut timeout_q, mut format_q) = (None, None, None);
-        for (name, value) in target.query_pairs() {
+        for (name, value) in query_pairs(self.query.unwrap_or("")) {
             let slot = match name {
                 "cursor" => &mut cursor_q,
                 "timeout" => &mut timeout_q,
@@ -105,6 +106,25 @@ impl<'a> SubscribeHead<'a> {
     pub fn wants_sse(&self) -> bool {
         self.accept.is_some_and(|a| a.contains("text/event-stream"))
     }
+}
+
+/// The channel names of a subscription: one per channel template of
+/// `route`, rendered from `params`, each once (one, as a rule).
+pub type Channels = smallvec::SmallVec<[CompactString; 1]>;
+
+/// The channels `route` subscribes to for a path that captured `params`;
+/// the error is a 400 `bad_request`.
+pub fn channels(route: &SubscribeRoute, params: &Params) -> Result<Channels, RequestError> {
+    let mut channels = Channels::with_capacity(route.channels.len());
+    for t in &route.channels {
+        let name = t
+            .render(params)
+            .map_err(|e| RequestError::BadRequest(e.to_string()))?;
+        if !channels.contains(&name) {
+            channels.push(name);
+        }
+    }
+    Ok(channels)
 }
 
 /// How long a request may be held: the client's `timeout=` (seconds, a

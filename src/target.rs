@@ -106,10 +106,7 @@ impl RequestTarget {
                 (Some(authority), path)
             }
         };
-        let (path, query) = match origin.bytes().position(|b| b == b'?') {
-            Some(q) => (&origin[..q], Some(&origin[q + 1..])),
-            None => (origin, None),
-        };
+        let (path, query) = split_query(origin);
         let path = match path.bytes().position(|b| b == b'#') {
             Some(end) => &path[..end],
             None => path,
@@ -192,22 +189,46 @@ impl RequestTarget {
     /// still encoded (see [`form_decode`]); a parameter without `=` has an
     /// empty value. One pass over the query reads every parameter.
     pub fn query_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
-        let mut rest = self.query().unwrap_or("");
-        std::iter::from_fn(move || {
-            while !rest.is_empty() {
-                let end = memchr::memchr(b'&', rest.as_bytes()).unwrap_or(rest.len());
-                let pair = &rest[..end];
-                rest = rest.get(end + 1..).unwrap_or("");
-                if !pair.is_empty() {
-                    return Some(match memchr::memchr(b'=', pair.as_bytes()) {
-                        Some(eq) => (&pair[..eq], &pair[eq + 1..]),
-                        None => (pair, ""),
-                    });
-                }
-            }
-            None
-        })
+        query_pairs(self.query().unwrap_or(""))
     }
+}
+
+/// The parameters of `query` (as sent, without `?`), as
+/// [`RequestTarget::query_pairs`] reads them.
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    let mut rest = query;
+    std::iter::from_fn(move || {
+        while !rest.is_empty() {
+            let end = memchr::memchr(b'&', rest.as_bytes()).unwrap_or(rest.len());
+            let pair = &rest[..end];
+            rest = rest.get(end + 1..).unwrap_or("");
+            if !pair.is_empty() {
+                return Some(match memchr::memchr(b'=', pair.as_bytes()) {
+                    Some(eq) => (&pair[..eq], &pair[eq + 1..]),
+                    None => (pair, ""),
+                });
+            }
+        }
+        None
+    })
+}
+
+/// The path and the query (without `?`, None when there is no `?`) of an
+/// origin-form target, both as sent.
+pub fn split_query(origin: &str) -> (&str, Option<&str>) {
+    match memchr::memchr(b'?', origin.as_bytes()) {
+        Some(q) => (&origin[..q], Some(&origin[q + 1..])),
+        None => (origin, None),
+    }
+}
+
+/// The authority (`host:port`) a raw request target names: Some for an
+/// absolute-form target that parses as one, None for any other.
+pub fn authority_of(raw: &str) -> Option<&str> {
+    if raw.starts_with('/') {
+        return None;
+    }
+    absolute_form(raw).ok().map(|(authority, _)| authority)
 }
 
 /// A query value form-decoded: `+` is a space, escapes are decoded, invalid

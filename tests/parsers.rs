@@ -125,7 +125,7 @@ routes:
         let Match::Found(route, params) = table.find("GET", &target) else { return Ok(()) };
         let Action::Subscribe(route) = &route.action else { unreachable!() };
         let head = SubscribeHead {
-            target: &target,
+            query: target.query(),
             last_event_id: last_event_id.as_deref(),
             if_none_match: None,
             accept: accept.as_deref(),

@@ -267,6 +267,22 @@ async fn keep_alive_between_polls(backend: Backend) {
     assert!(status.contains("200"));
     let (status, _, _) = raw_exchange(&mut s, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(status.contains("404"));
+    // Another path on the same connection is its own channel, and back.
+    pg.publish("k2", "text/plain", "y").await;
+    for (path, channel, data) in [("/sub/k2", "k2", "y"), ("/sub/k", "k", "x")] {
+        let req = format!("GET {path}?cursor=0-0 HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (status, _, body) = raw_exchange(&mut s, &req);
+        assert!(status.contains("200"), "{status}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["messages"][0]["channel"], channel);
+        assert_eq!(v["messages"][0]["data"], data);
+    }
+    // A target that does not parse is refused there too.
+    let bad = "GET /sub/%zz?cursor=0-0 HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (status, _, body) = raw_exchange(&mut s, bad);
+    assert!(status.contains("400"), "{status}");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"], "bad_request", "{v}");
 }
 
 async fn pipelined_requests_and_connection_close_are_honoured(backend: Backend) {

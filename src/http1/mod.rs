@@ -72,6 +72,8 @@ pub enum Plan<L, S> {
     Lean(L),
     /// Serve it on a Pingora session ([`Http1App::serve_session`]).
     Session(S),
+    /// Refuse it (a target that does not parse), and close.
+    Refused(RequestError),
 }
 
 /// An app served by [`serve`].
@@ -88,9 +90,16 @@ pub trait Http1App: Send + Sync + 'static {
     /// next.
     type Kept: Default + Send;
 
-    /// Decides how to serve the request of `head`; `last` when the
-    /// connection closes after it (`listener.keepalive_request_limit`).
-    fn plan<'a>(&'a self, head: Head<'_>, last: bool) -> Plan<Self::Lean<'a>, Self::Handoff<'a>>;
+    /// Decides how to serve the request of `head` (its target not parsed
+    /// yet); `last` when the connection closes after it
+    /// (`listener.keepalive_request_limit`). `kept` is what the lean path
+    /// kept of the connection's earlier requests.
+    fn plan<'a>(
+        &'a self,
+        head: Head<'_>,
+        last: bool,
+        kept: &mut Self::Kept,
+    ) -> Plan<Self::Lean<'a>, Self::Handoff<'a>>;
 
     /// Serves a request on the raw connection. Returns whether the
     /// connection can serve another request. (`work` by reference: the
@@ -376,8 +385,13 @@ pub async fn serve<A: Http1App>(
         };
         // The lean path's work is taken out of the plan before it is
         // awaited, so that a held poll does not also carry the plan.
-        let mut work = match app.plan(head, last) {
+        let mut work = match app.plan(head, last, &mut kept) {
             Plan::Lean(work) => work,
+            Plan::Refused(e) => {
+                Refusal::BadTarget.count();
+                refuse(&mut stream, &e, limits).await;
+                return;
+            }
             Plan::Session(handoff) => {
                 let turn = Turn {
                     head_len,

@@ -41,6 +41,45 @@ impl Cursor {
     /// Surrounding quotes and a weak-ETag prefix (`W/"..."`) are accepted, as
     /// `If-None-Match` carries them.
     pub fn parse(text: &str, channels: usize) -> Result<Cursor, Malformed> {
+        match Cursor::parse_plain(text.as_bytes(), channels) {
+            Some(cursor) => Ok(cursor),
+            // Quoted, spaced, or not a cursor: the whole parse (with its
+            // error).
+            None => Cursor::parse_any(text, channels),
+        }
+    }
+
+    /// A cursor exactly as pollgate issues it, for `channels` channels,
+    /// in one pass (every poll sends one); None for anything else.
+    fn parse_plain(t: &[u8], channels: usize) -> Option<Cursor> {
+        if t.len() > 64 * channels.max(1) {
+            return None;
+        }
+        let mut ids = Positions::new();
+        let mut at = 0;
+        loop {
+            let ms = digits(t, &mut at)?;
+            (t.get(at) == Some(&b'-')).then_some(())?;
+            at += 1;
+            let seq = digits(t, &mut at)?;
+            ids.push(MessageId { ms, seq });
+            match t.get(at) {
+                Some(b'.') => at += 1,
+                Some(b'_') => {
+                    at += 1;
+                    let epoch = digits(t, &mut at)?;
+                    return (at == t.len() && ids.len() == channels)
+                        .then(|| Cursor(ids, Some(epoch)));
+                }
+                None => return (ids.len() == channels).then(|| Cursor(ids, None)),
+                Some(_) => return None,
+            }
+        }
+    }
+
+    /// [`Cursor::parse`] of any text: quotes, a weak-ETag prefix and
+    /// spaces around it taken off; the error says what is wrong.
+    fn parse_any(text: &str, channels: usize) -> Result<Cursor, Malformed> {
         let t = text.trim();
         let t = t.strip_prefix("W/").unwrap_or(t);
         let t = t
@@ -99,6 +138,18 @@ impl Cursor {
     }
 }
 
+/// The decimal number at `*at` in `t` (at least one digit, no sign), and
+/// `*at` moved past it; None when there is none or it overflows.
+fn digits(t: &[u8], at: &mut usize) -> Option<u64> {
+    let start = *at;
+    let mut n: u64 = 0;
+    while let Some(d) = t.get(*at).map(|b| b.wrapping_sub(b'0')).filter(|d| *d < 10) {
+        n = n.checked_mul(10)?.checked_add(u64::from(d))?;
+        *at += 1;
+    }
+    (*at > start).then_some(n)
+}
+
 fn shorten(s: &str) -> String {
     s.chars().take(40).collect()
 }
@@ -123,6 +174,29 @@ impl fmt::Display for Cursor {
 mod tests {
     use super::*;
 
+    /// The one-pass parse takes what the whole parse takes the same way,
+    /// and leaves it everything else.
+    #[test]
+    fn the_one_pass_parse_agrees_with_the_whole_parse() {
+        let alphabet = b"0123456789-._W\" +";
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..50_000 {
+            let len = rng.usize(0..24);
+            let text: String = (0..len)
+                .map(|_| char::from(alphabet[rng.usize(..alphabet.len())]))
+                .collect();
+            for channels in 1..3 {
+                if let Some(fast) = Cursor::parse_plain(text.as_bytes(), channels) {
+                    assert_eq!(
+                        Cursor::parse_any(&text, channels).ok(),
+                        Some(fast),
+                        "{text}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn round_trips_and_rejects() {
         let c = Cursor::parse("\"1-2.3-4_77\"", 2).unwrap();
@@ -138,6 +212,27 @@ mod tests {
         assert!(Cursor::parse("1-2", 2).is_err());
         assert!(Cursor::parse("garbage", 1).is_err());
         assert!(Cursor::parse("", 1).is_err());
+        // Past u64, in an id or the epoch.
+        assert!(Cursor::parse("18446744073709551616-0_1", 1).is_err());
+        assert!(Cursor::parse("1-0_18446744073709551616", 1).is_err());
+        assert_eq!(
+            Cursor::parse("18446744073709551615-0_18446744073709551615", 1).unwrap(),
+            Cursor(
+                smallvec::smallvec![MessageId {
+                    ms: u64::MAX,
+                    seq: 0
+                }],
+                Some(u64::MAX)
+            )
+        );
+        for bad in [
+            "1-", "-1", "1--2", "1-2.", "1-2..3-4", "1-2_3.4", "1-2_3x", "+1-2",
+        ] {
+            assert!(
+                Cursor::parse(bad, 1).is_err() && Cursor::parse(bad, 2).is_err(),
+                "{bad}"
+            );
+        }
         assert_eq!(
             c.with(1, MessageId { ms: 9, seq: 0 }).to_string(),
             "1-2.9-0_77"

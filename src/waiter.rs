@@ -22,6 +22,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
+/// Most waiters of ended polls a thread keeps for its next polls.
+pub const SPARES: usize = 64;
+
+thread_local! {
+    /// The waiters of ended polls kept by this thread ([`Waiter::recycle`]).
+    static SPARE: std::cell::RefCell<Vec<Arc<Waiter>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Why a held poll wakes up.
 #[derive(Debug)]
 pub enum Wake {
@@ -101,6 +109,42 @@ impl Waiter {
             slot: Mutex::new(WakeSlot::default()),
             answerer,
         }
+    }
+
+    /// [`Waiter::new`], shared: in the allocation of a waiter whose poll
+    /// ended on this thread ([`Waiter::recycle`]) when there is one, so
+    /// that a poll after poll allocates and frees nothing for its waiter.
+    pub fn shared(
+        id: u64,
+        cursor: Cursor,
+        format: Format,
+        answerer: Option<Arc<dyn Answerer>>,
+    ) -> Arc<Waiter> {
+        let waiter = Waiter::new(id, cursor, format, answerer);
+        if let Some(mut spare) = SPARE.with_borrow_mut(Vec::pop) {
+            if let Some(slot) = Arc::get_mut(&mut spare) {
+                *slot = waiter;
+                return spare;
+            }
+        }
+        Arc::new(waiter)
+    }
+
+    /// Keeps the waiter of an ended poll for this thread's next
+    /// [`Waiter::shared`] (at most [`SPARES`]), when nothing else holds it
+    /// any longer. What it held (its answer, its answerer and so its
+    /// connection's socket) is let go now.
+    pub fn recycle(mut waiter: Arc<Waiter>) {
+        let Some(ended) = Arc::get_mut(&mut waiter) else {
+            return;
+        };
+        ended.answerer = None;
+        *ended.slot.get_mut() = WakeSlot::default();
+        SPARE.with_borrow_mut(|spare| {
+            if spare.len() < SPARES {
+                spare.push(waiter);
+            }
+        });
     }
 
     /// Wakes the poll (after writing its answer, when it has an
@@ -188,5 +232,45 @@ impl Waiter {
         }
         slot.phase = Phase::Done;
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::MessageId;
+
+    struct Unwritable;
+
+    impl Answerer for Unwritable {
+        fn answer(&self, _: &Arc<Answer>) -> bool {
+            false
+        }
+    }
+
+    fn at_start() -> Cursor {
+        Cursor(smallvec::smallvec![MessageId::ZERO], Some(1))
+    }
+
+    /// An ended poll's waiter is the next poll's, fresh, and holds nothing
+    /// of the old poll meanwhile; one still held elsewhere is not reused.
+    #[test]
+    fn an_ended_waiter_is_reused_fresh_and_holds_nothing_meanwhile() {
+        let answerer: Arc<dyn Answerer> = Arc::new(Unwritable);
+        let gone = Arc::downgrade(&answerer);
+        let first = Waiter::shared(1, at_start(), Format::Envelope, Some(answerer));
+        assert!(first.fire(Wake::Repoll));
+        let place = Arc::as_ptr(&first);
+        Waiter::recycle(first);
+        assert!(gone.upgrade().is_none(), "the answerer (its socket) is let go");
+        let second = Waiter::shared(2, at_start(), Format::Raw, None);
+        assert_eq!(Arc::as_ptr(&second), place, "the same allocation");
+        assert_eq!((second.id, second.format), (2, Format::Raw));
+        assert!(!second.fired.load(Ordering::Relaxed));
+        assert!(second.stop().is_none(), "nothing fired for the new poll");
+        let elsewhere = second.clone();
+        Waiter::recycle(second);
+        let third = Waiter::shared(3, at_start(), Format::Envelope, None);
+        assert_ne!(Arc::as_ptr(&third), Arc::as_ptr(&elsewhere));
     }
 }

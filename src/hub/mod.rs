@@ -96,14 +96,14 @@ impl Held {
     /// The subscription's cursor while it waits (the timeout answer's
     /// cursor).
     pub fn cursor(&self) -> &Cursor {
-        &self.registration.waiter.cursor
+        &self.registration.waiter().cursor
     }
 
     /// Resolves with the poll's wake-up: a message arrived, the poll must
     /// be redone, or the instance drains. Resolves once: await it again
     /// after that and it never does.
     pub fn woken(&mut self) -> impl Future<Output = Wake> + Send + '_ {
-        self.registration.waiter.woken()
+        self.registration.waiter().woken()
     }
 
     /// Stops the poll's wake-up: once this returns, no answer is written
@@ -112,27 +112,37 @@ impl Held {
     /// over (its answer being written, without blocking) is waited out.
     /// Dropping a `Held` stops it too.
     pub fn stop(&mut self) -> Option<Wake> {
-        self.registration.waiter.stop()
+        self.registration.waiter().stop()
     }
 
     /// Counts the poll in `pollgate_held_requests` until it is dropped, or
     /// its answer is settled from the delivering task ([`Answerer::answer`]).
     pub fn count_held(&self) {
-        self.registration.waiter.count_held();
+        self.registration.waiter().count_held();
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         self.stop();
-        self.registration.waiter.uncount_held();
+        self.registration.waiter().uncount_held();
     }
 }
 
-/// Removes a waiter from its channels when the poll ends.
+/// Removes a waiter from its channels when the poll ends (and gives it
+/// back for the thread's next poll, [`Waiter::recycle`]).
 struct Registration {
-    waiter: Arc<Waiter>,
+    /// Taken only when the registration drops.
+    waiter: Option<Arc<Waiter>>,
     channels: Channels,
+}
+
+impl Registration {
+    fn waiter(&self) -> &Waiter {
+        self.waiter
+            .as_deref()
+            .expect("a registration's waiter is taken when it drops")
+    }
 }
 
 /// The channels of one poll (one, as a rule).
@@ -140,13 +150,16 @@ type Channels = SmallVec<[Arc<Channel>; 1]>;
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        // A single-channel waiter that fired was already taken off its channel.
-        if self.channels.len() == 1 && self.waiter.fired.load(Ordering::Relaxed) {
+        let Some(waiter) = self.waiter.take() else {
             return;
+        };
+        // A single-channel waiter that fired was already taken off its channel.
+        if !(self.channels.len() == 1 && waiter.fired.load(Ordering::Relaxed)) {
+            for ch in &self.channels {
+                ch.state.lock().remove_waiter(waiter.id);
+            }
         }
-        for ch in &self.channels {
-            ch.state.lock().remove_waiter(self.waiter.id);
-        }
+        Waiter::recycle(waiter);
     }
 }
 
@@ -524,9 +537,9 @@ impl Hub {
         answerer: Option<Arc<dyn Answerer>>,
     ) -> Option<Held> {
         let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
-        let waiter = Arc::new(Waiter::new(id, cursor, format, answerer));
+        let waiter = Waiter::shared(id, cursor, format, answerer);
         let mut registration = Registration {
-            waiter: waiter.clone(),
+            waiter: Some(waiter.clone()),
             channels: Channels::with_capacity(channels.len()),
         };
         for (i, ch) in channels.into_iter().enumerate() {

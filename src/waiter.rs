@@ -262,7 +262,10 @@ mod tests {
         assert!(first.fire(Wake::Repoll));
         let place = Arc::as_ptr(&first);
         Waiter::recycle(first);
-        assert!(gone.upgrade().is_none(), "the answerer (its socket) is let go");
+        assert!(
+            gone.upgrade().is_none(),
+            "the answerer (its socket) is let go"
+        );
         let second = Waiter::shared(2, at_start(), Format::Raw, None);
         assert_eq!(Arc::as_ptr(&second), place, "the same allocation");
         assert_eq!((second.id, second.format), (2, Format::Raw));

@@ -61,7 +61,7 @@ impl Hub {
         // the last key is checked before the map.
         type Key<'a> = (Format, usize, &'a Cursor);
         let mut last: Option<(Key, Arc<Answer>)> = None;
-        let mut answers: HashMap<Key, Arc<Answer>> = HashMap::new();
+        let mut answers: HashMap<Key, Arc<Answer>, ahash::RandomState> = HashMap::default();
         for (waiter, index) in waiters.values() {
             let key = (waiter.format, *index, &waiter.cursor);
             let answer = match &last {

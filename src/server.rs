@@ -178,12 +178,6 @@ pub fn run(config: Config, routes: RouteTable, upgrade: bool) -> Result<(), Star
 
     let conf = ServerConf {
         threads: config.threads,
-        // One thread: tokio's single-threaded scheduler (Pingora's
-        // "no steal" runtime), which has no other worker to coordinate
-        // with on each wake-up and poll. Several: one work-stealing
-        // runtime, so that connections accepted on one listener task
-        // spread over the threads.
-        work_stealing: config.threads > 1,
         upgrade_sock: config.upgrade_sock.clone(),
         // Draining is done (held polls answered, in-flight requests
         // finished) before Pingora is told to stop; this last second lets

@@ -145,9 +145,8 @@ impl Pollgate {
     /// Starts pollgate on `backend`: for Redis, with its own fresh server.
     pub fn start_on(backend: Backend, body: &str) -> Pollgate {
         match backend {
-            // One thread (tokio's single-threaded scheduler) on the memory
-            // broker, two (work stealing) on Redis: a test run on both
-            // brokers runs on both schedulers too.
+            // One worker thread on the memory broker (as benchmarked), two
+            // on Redis: a test run on both brokers runs on both counts.
             Backend::Memory if !body.contains("threads:") => {
                 Self::start(&format!("threads: 1\n{body}"))
             }

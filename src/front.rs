@@ -345,7 +345,7 @@ impl Front {
                     self.clone(),
                     h1.into_inner(),
                     self.settings(0),
-                    &self.life,
+                    (&self.life, None),
                     shutdown,
                 );
                 Box::pin(async move {

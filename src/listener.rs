@@ -29,7 +29,7 @@ use crate::admin::Admin;
 use crate::config::ListenerConfig;
 use crate::front::Front;
 use crate::http1::{self, Settings};
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::Refusal;
 use crate::tcp::TcpConn;
 use crate::tls::{Certificates, TlsConn};
@@ -255,14 +255,28 @@ impl Acceptance {
                 let probe = socket2::TcpKeepalive::new().with_time(self.tcp_keepalive);
                 let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&probe);
             }
-            tokio::spawn(self.clone().serve(tcp, serves.clone(), shutdown.clone()));
+            // A client connection counts as in flight from its accept
+            // until its first request is answered (through the TLS
+            // handshake and, on HTTP/2, until its first stream), so that
+            // a drain does not end under a connection it accepted.
+            let accepted = (!admin).then(|| self.life.enter());
+            let serving = self
+                .clone()
+                .serve(tcp, serves.clone(), shutdown.clone(), accepted);
+            tokio::spawn(serving);
         }
     }
 
     /// Serves one accepted connection: TLS handshake on a TLS endpoint,
     /// then HTTP/2 or HTTP/1; on the admin endpoint, the admin app,
     /// request after request.
-    async fn serve(self, tcp: TcpStream, serves: Serves, shutdown: ShutdownWatch) {
+    async fn serve(
+        self,
+        tcp: TcpStream,
+        serves: Serves,
+        shutdown: ShutdownWatch,
+        accepted: Option<InFlight>,
+    ) {
         let tls = match serves {
             Serves::Clients => None,
             Serves::Tls(config) => Some(config),
@@ -274,7 +288,7 @@ impl Acceptance {
                     ..self.settings
                 };
                 let conn = Box::new(TcpConn::new(tcp));
-                http1::serve(admin, conn, settings, &self.life, &shutdown).await;
+                http1::serve(admin, conn, settings, (&self.life, None), &shutdown).await;
                 return;
             }
         };
@@ -313,10 +327,12 @@ impl Acceptance {
         };
         if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             let deadline = started + self.settings.limits.header_timeout;
-            serve_h2(self.front.clone(), stream, deadline, &shutdown).await;
+            let first = (deadline, accepted);
+            serve_h2(self.front.clone(), &self.life, stream, first, &shutdown).await;
         } else {
             let front = self.front.clone();
-            http1::serve(front, stream, self.settings, &self.life, &shutdown).await;
+            let life = (&*self.life, accepted);
+            http1::serve(front, stream, self.settings, life, &shutdown).await;
         }
     }
 }
@@ -328,20 +344,26 @@ impl Acceptance {
 /// dropped (closed without a `GOAWAY`) and counted as a `header_timeout`
 /// refusal. Once a request has arrived, the connection lasts as Pingora's
 /// HTTP/2 server keeps it (`listener.keepalive_timeout` with no stream
-/// open). Returns when the connection is done.
+/// open). The connection counts as in flight (`accepted`, from its accept)
+/// until its first stream does, and each stream while it is served. Returns
+/// when the connection is done.
 async fn serve_h2(
     front: Arc<Front>,
+    life: &Arc<Lifecycle>,
     stream: Stream,
-    deadline: tokio::time::Instant,
+    (deadline, accepted): (tokio::time::Instant, Option<InFlight>),
     shutdown: &ShutdownWatch,
 ) {
     let app = Arc::new(FirstRequest {
         front,
+        life: life.clone(),
         arrived: tokio::sync::Notify::new(),
     });
     let serving = app.process_new(stream, shutdown);
     let first = async {
         let arrived = tokio::time::timeout_at(deadline, app.arrived.notified()).await;
+        // The first stream counts itself from here.
+        drop(accepted);
         if arrived.is_ok() {
             // From now on the connection is Pingora's to keep or close.
             std::future::pending::<()>().await;
@@ -360,19 +382,22 @@ async fn serve_h2(
 /// stream arrives (see [`serve_h2`]).
 struct FirstRequest {
     front: Arc<Front>,
+    life: Arc<Lifecycle>,
     /// Notified at each stream; its first permit ends the deadline.
     arrived: tokio::sync::Notify,
 }
 
 #[async_trait]
 impl HttpServerApp for FirstRequest {
-    /// Serves one HTTP/2 stream with the front door, once it has noted
-    /// that a request arrived; returns what the front door returns (None).
+    /// Serves one HTTP/2 stream with the front door (counted in flight
+    /// while it is), once it has noted that a request arrived; returns what
+    /// the front door returns (None).
     async fn process_new_http(
         self: &Arc<Self>,
         session: pingora::protocols::http::ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<pingora::apps::ReusedHttpStream> {
+        let _in_flight = self.life.enter();
         self.arrived.notify_one();
         self.front.process_new_http(session, shutdown).await
     }

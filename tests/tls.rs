@@ -281,6 +281,58 @@ async fn a_certificate_read_that_blocks_stalls_no_poll() {
     writer.join().unwrap();
 }
 
+/// A drain waits for the client connections it accepted: one whose TLS
+/// handshake (HTTP/1.1) or first HTTP/2 stream comes after the drain began
+/// is answered, with its cursor, and only then does the instance exit.
+/// (A drain with nothing in flight ends at once: without the wait, the
+/// instance would be gone long before these requests.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_for_the_first_request_of_a_connection_it_accepted() {
+    use rustls::pki_types::ServerName;
+    use tokio::io::AsyncWriteExt;
+
+    let pki = pki();
+    let (mut pg, base, _, _) = start(&pki, "grace_period: 20s\nlimits:\n  header_timeout: 10s\n");
+    let at = pg.publish("late", "text/plain", "one").await;
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    // Connected, no handshake yet; and an HTTP/2 connection without a stream.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let h2 = connect_tls(&pki, &base, b"h2").await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // accepted by now
+    pg.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+
+    let connector = tokio_rustls::TlsConnector::from(tls_config(&pki, b"http/1.1"));
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("the handshake is served");
+    let head = format!("GET /sub/late?cursor={at}&timeout=30 HTTP/1.1\r\nHost: x\r\n\r\n");
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let body = read_answers(&mut tls, 1).await.remove(0);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(position(v["cursor"].as_str().unwrap()), at.as_str(), "{v}");
+
+    let (mut client, connection) = h2::client::handshake(h2).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let path = format!("/sub/late?cursor={at}&timeout=30");
+    let (response, _) = support::h2c::get(&mut client, &path, &[]).await;
+    let (status, _, body) = support::h2c::answer(response).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(position(v["cursor"].as_str().unwrap()), at.as_str(), "{v}");
+
+    let exit = pg
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits once they were answered");
+    assert!(exit.success(), "{exit}");
+}
+
 /// A raw TLS connection (rustls) to the gateway at `base` that trusts
 /// only `pki` and offers `alpn`.
 async fn connect_tls(

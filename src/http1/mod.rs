@@ -15,7 +15,7 @@
 //! `Gate` and `pingora_refusal` in `gate.rs`.
 
 use crate::error::RequestError;
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::Refusal;
 use bytes::{Bytes, BytesMut};
 use pingora::apps::ReusedHttpStream;
@@ -305,12 +305,14 @@ async fn refuse(stream: &mut Stream, e: &RequestError, limits: HeadLimits) {
 /// first must start within the header timeout, later ones within the
 /// keep-alive; at most `settings.request_limit` requests when it is not 0.
 /// A request the app plans lean is served on the raw connection; any other
-/// gets a Pingora session.
+/// gets a Pingora session. The connection counts as in flight until its
+/// first request is answered, from `accepted` when the listener counted it
+/// from its accept (through a TLS handshake) and from now otherwise.
 pub async fn serve<A: Http1App>(
     app: Arc<A>,
     mut stream: Stream,
     settings: Settings,
-    life: &Lifecycle,
+    (life, accepted): (&Lifecycle, Option<InFlight>),
     shutdown: &ShutdownWatch,
 ) {
     let limits = settings.limits;
@@ -324,13 +326,14 @@ pub async fn serve<A: Http1App>(
     // requests (it resolves once: the connection then closes).
     let mut drained: Pin<&mut (dyn Future<Output = ()> + Send)> = std::pin::pin!(life.drained());
     let mut kept = A::Kept::default();
+    let mut accepted = accepted;
     loop {
         let idle = keepalive.map_or(limits.header_timeout, Duration::from_secs);
         let between = keepalive.is_some();
         // A new connection counts as in flight until its first request
         // is answered, so that a drain waits for the request it is
         // about to send (see `read_head`) instead of exiting under it.
-        let _first = (!between).then(|| life.enter());
+        let _first = (!between).then(|| accepted.take().unwrap_or_else(|| life.enter()));
         let head_end = match read_head(
             &mut stream,
             &mut buf,

@@ -89,6 +89,12 @@ struct LastPoll {
     channels: Channels,
 }
 
+/// Whether a subscribe request on `sub` (its head `head`, described by
+/// `facts`) takes the lean path: a bare head, no `authorize:`, no SSE.
+fn serves_lean(head: &Head, facts: &SubscribeHead, sub: &SubscribeRoute) -> bool {
+    head.bare() && sub.authorize.is_none() && !facts.wants_sse()
+}
+
 /// The facts a subscribe request is parsed from (`query`: its target's).
 fn subscribe_head<'h>(head: &'h Head<'_>, query: Option<&'h str>) -> SubscribeHead<'h> {
     SubscribeHead {
@@ -125,11 +131,7 @@ impl Front {
         index: usize,
     ) -> Option<&SubscribeRoute> {
         match &self.routes.at(index).action {
-            Action::Subscribe(sub)
-                if head.bare() && sub.authorize.is_none() && !facts.wants_sse() =>
-            {
-                Some(sub)
-            }
+            Action::Subscribe(sub) if serves_lean(head, facts, sub) => Some(sub),
             _ => None,
         }
     }
@@ -277,7 +279,7 @@ impl Http1App for Front {
         let route = self.held_route(head.method, &target);
         if let Some((Holds::Subscribe(sub), params)) = &route {
             let facts = subscribe_head(&head, target.query());
-            if head.bare() && sub.authorize.is_none() && !facts.wants_sse() {
+            if serves_lean(&head, &facts, sub) {
                 let req = subscription::channels(sub, params).and_then(|channels| {
                     if head.method == "GET" && head.target.starts_with('/') {
                         kept.last = Some(LastPoll {
@@ -345,7 +347,8 @@ impl Front {
                     self.clone(),
                     h1.into_inner(),
                     self.settings(0),
-                    (&self.life, None),
+                    &self.life,
+                    None,
                     shutdown,
                 );
                 Box::pin(async move {

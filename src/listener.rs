@@ -288,7 +288,7 @@ impl Acceptance {
                     ..self.settings
                 };
                 let conn = Box::new(TcpConn::new(tcp));
-                http1::serve(admin, conn, settings, (&self.life, None), &shutdown).await;
+                http1::serve(admin, conn, settings, &self.life, None, &shutdown).await;
                 return;
             }
         };
@@ -327,12 +327,11 @@ impl Acceptance {
         };
         if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             let deadline = started + self.settings.limits.header_timeout;
-            let first = (deadline, accepted);
-            serve_h2(self.front.clone(), &self.life, stream, first, &shutdown).await;
+            serve_h2(self.front.clone(), stream, deadline, accepted, &shutdown).await;
         } else {
             let front = self.front.clone();
-            let life = (&*self.life, accepted);
-            http1::serve(front, stream, self.settings, life, &shutdown).await;
+            let settings = self.settings;
+            http1::serve(front, stream, settings, &self.life, accepted, &shutdown).await;
         }
     }
 }
@@ -349,14 +348,13 @@ impl Acceptance {
 /// when the connection is done.
 async fn serve_h2(
     front: Arc<Front>,
-    life: &Arc<Lifecycle>,
     stream: Stream,
-    (deadline, accepted): (tokio::time::Instant, Option<InFlight>),
+    deadline: tokio::time::Instant,
+    accepted: Option<InFlight>,
     shutdown: &ShutdownWatch,
 ) {
     let app = Arc::new(FirstRequest {
         front,
-        life: life.clone(),
         arrived: tokio::sync::Notify::new(),
     });
     let serving = app.process_new(stream, shutdown);
@@ -382,7 +380,6 @@ async fn serve_h2(
 /// stream arrives (see [`serve_h2`]).
 struct FirstRequest {
     front: Arc<Front>,
-    life: Arc<Lifecycle>,
     /// Notified at each stream; its first permit ends the deadline.
     arrived: tokio::sync::Notify,
 }
@@ -397,7 +394,7 @@ impl HttpServerApp for FirstRequest {
         session: pingora::protocols::http::ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<pingora::apps::ReusedHttpStream> {
-        let _in_flight = self.life.enter();
+        let _in_flight = self.front.life.enter();
         self.arrived.notify_one();
         self.front.process_new_http(session, shutdown).await
     }

@@ -312,7 +312,8 @@ pub async fn serve<A: Http1App>(
     app: Arc<A>,
     mut stream: Stream,
     settings: Settings,
-    (life, accepted): (&Lifecycle, Option<InFlight>),
+    life: &Lifecycle,
+    mut accepted: Option<InFlight>,
     shutdown: &ShutdownWatch,
 ) {
     let limits = settings.limits;
@@ -326,7 +327,6 @@ pub async fn serve<A: Http1App>(
     // requests (it resolves once: the connection then closes).
     let mut drained: Pin<&mut (dyn Future<Output = ()> + Send)> = std::pin::pin!(life.drained());
     let mut kept = A::Kept::default();
-    let mut accepted = accepted;
     loop {
         let idle = keepalive.map_or(limits.header_timeout, Duration::from_secs);
         let between = keepalive.is_some();

@@ -28,6 +28,7 @@ pub mod malformed;
 pub mod message;
 pub mod metrics;
 pub mod poll;
+pub mod prefetch;
 pub mod presence;
 pub mod relay;
 pub mod respond;

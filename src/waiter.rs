@@ -147,6 +147,15 @@ impl Waiter {
         });
     }
 
+    /// Starts fetching what [`Waiter::fire`] will read of the answerer
+    /// ([`crate::prefetch`]), where the waiter's own memory is already
+    /// here: a delivery loop calls it a poll ahead.
+    pub fn prefetch_answerer(&self) {
+        if let Some(answerer) = &self.answerer {
+            crate::prefetch::arc(answerer);
+        }
+    }
+
     /// Wakes the poll (after writing its answer, when it has an
     /// [`Answerer`]); false when another channel was faster, or the poll
     /// stopped.

@@ -12,6 +12,7 @@ use crate::cursor::Cursor;
 use crate::history::{History, Lookup};
 use crate::message::{Message, MessageId};
 use crate::metrics;
+use crate::prefetch;
 use crate::waiter::Wake;
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -62,7 +63,18 @@ impl Hub {
         type Key<'a> = (Format, usize, &'a Cursor);
         let mut last: Option<(Key, Arc<Answer>)> = None;
         let mut answers: HashMap<Key, Arc<Answer>, ahash::RandomState> = HashMap::default();
+        // Each answer's send pushes the next polls' memory out of the near
+        // caches: the waiter two ahead and the answerer of the next one
+        // are fetched while this one is sent (`crate::prefetch`).
+        let mut next = waiters.values().map(|(waiter, _)| waiter).skip(1);
+        let mut after = next.clone().skip(1);
         for (waiter, index) in waiters.values() {
+            if let Some(waiter) = after.next() {
+                prefetch::arc(waiter);
+            }
+            if let Some(waiter) = next.next() {
+                waiter.prefetch_answerer();
+            }
             let key = (waiter.format, *index, &waiter.cursor);
             let answer = match &last {
                 Some((k, answer)) if *k == key => answer.clone(),

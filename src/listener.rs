@@ -263,7 +263,7 @@ impl Acceptance {
             let serving = self
                 .clone()
                 .serve(tcp, serves.clone(), shutdown.clone(), accepted);
-            tokio::spawn(serving);
+            tokio::spawn(crate::prefetch::Warm::new(serving));
         }
     }
 

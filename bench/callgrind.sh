@@ -9,6 +9,13 @@
 #   bench/callgrind.sh                       # target/release/pollgate, latency row
 #   SCENARIO=churn bench/callgrind.sh        # the churn row
 #   bench/callgrind.sh path/to/pollgate      # another build
+#   CACHE=1 bench/callgrind.sh               # also first-level cache misses per delivery
+#
+# CACHE=1 simulates a 32 KiB first-level data cache (8-way, 64-byte
+# lines): its misses per delivery count the cache lines a delivery
+# touches that were not touched since the connection's last delivery,
+# which is what a delivery's CPU time follows once its instructions are
+# few (docs/benchmarks.md, "Performance work"). Slower, still repeatable.
 #
 # Rows (small, since callgrind runs the server about 50 times slower):
 # latency = 300 subscribers x 1 channel x 20 messages at 200 ms; churn =
@@ -27,7 +34,8 @@ command -v valgrind >/dev/null || { echo "bench/callgrind.sh: needs valgrind (ap
   -keyout "$OUT/tls/key.pem" -out "$OUT/tls/cert.pem" 2>/dev/null
 ulimit -n 20000
 rm -f "$OUT"/cg.out.*
-BENCH_TLS=$OUT/tls valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/cg.out.%p" \
+cache=(); [ "${CACHE:-0}" = 1 ] && cache=(--cache-sim=yes --D1=32768,8,64)
+BENCH_TLS=$OUT/tls valgrind --tool=callgrind "${cache[@]}" --instr-atstart=no --callgrind-out-file="$OUT/cg.out.%p" \
   "$BIN" serve -c bench/conf/pollgate.yaml --log-level warn 2>"$OUT/valgrind.log" &
 PG=$!
 trap 'kill $PG 2>/dev/null || true' EXIT
@@ -49,4 +57,11 @@ trap - EXIT
 delivered=$(python3 -c "import json,sys;print(next(json.loads(l) for l in open(sys.argv[1]) if l.startswith('{'))['delivered'])" "$OUT/run.json")
 total=$(awk '/Collected/ {gsub(",", "", $4); print $4}' "$OUT/valgrind.log")
 echo "$SCENARIO: $delivered deliveries, $((total / delivered)) user-space instructions per delivery ($BIN)"
+if [ "${CACHE:-0}" = 1 ]; then
+  # The totals line counts the events in the order of the events line.
+  awk -v n="$delivered" '/^events:/ {for (i = 2; i <= NF; i++) e[i - 1] = $i}
+    /^totals:/ {for (i = 2; i <= NF; i++) t[e[i - 1]] += $i}
+    END {printf "first-level data cache misses per delivery: %.1f reads, %.1f writes\n", t["D1mr"] / n, t["D1mw"] / n}' \
+    $(ls -S "$OUT"/cg.out.* | head -1)
+fi
 echo "profile: callgrind_annotate \$(ls -S $OUT/cg.out.* | head -1)"

@@ -15,14 +15,19 @@ use support::*;
 const CLIENTS: usize = 8;
 const MESSAGES: usize = 400;
 
+/// What one client received: the messages per channel, in the order
+/// received, and the longest it waited for an answer.
+type Received = (Vec<u64>, Vec<u64>, Duration);
+
 /// Polls `/multi/x/y` on one kept-alive connection until it has `want`
-/// messages; returns them per channel, in the order received.
-fn poll_until(port: u16, want: usize) -> (Vec<u64>, Vec<u64>) {
+/// messages.
+fn poll_until(port: u16, want: usize) -> Received {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let (mut a, mut b) = (Vec::new(), Vec::new());
     let mut cursor = String::new();
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut longest = Duration::ZERO;
     while a.len() + b.len() < want {
         assert!(
             Instant::now() < deadline,
@@ -31,7 +36,9 @@ fn poll_until(port: u16, want: usize) -> (Vec<u64>, Vec<u64>) {
         );
         let request =
             format!("GET /multi/x/y?timeout=5&cursor={cursor} HTTP/1.1\r\nHost: t\r\n\r\n");
+        let asked = Instant::now();
         let (status, _, body) = raw_exchange(&mut s, &request);
+        longest = longest.max(asked.elapsed());
         assert!(status.contains("200"), "{status}");
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["gap"], false, "{v}");
@@ -52,12 +59,20 @@ fn poll_until(port: u16, want: usize) -> (Vec<u64>, Vec<u64>) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
         other => panic!("bytes nobody asked for: {other:?}"),
     }
-    (a, b)
+    (a, b, longest)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn multi_channel_lean_polls_get_exactly_one_answer_each_under_concurrent_publishes() {
-    let pg = Pollgate::start(&format!("threads: 2\n{ROUTES}"));
+/// Eight clients polling two channels while both are published to as
+/// fast as the publish API takes it, on two worker threads; returns what
+/// each client received.
+async fn run_clients() -> Vec<Received> {
+    // Every message stays in the history: a client starved of CPU on a
+    // busy machine may fall any number of messages behind, and is to get
+    // them all (a poll behind the history is told of a gap instead, which
+    // tests/subscribe.rs covers).
+    let pg = Pollgate::start(&format!(
+        "threads: 2\nbroker:\n  history: {MESSAGES}\n{ROUTES}"
+    ));
     let port = pg.port;
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| std::thread::spawn(move || poll_until(port, MESSAGES)))
@@ -81,10 +96,34 @@ async fn multi_channel_lean_polls_get_exactly_one_answer_each_under_concurrent_p
     for p in publishers {
         p.await.unwrap();
     }
+    clients.into_iter().map(|c| c.join().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_channel_lean_polls_get_exactly_one_answer_each_under_concurrent_publishes() {
     let expected: Vec<u64> = (0..(MESSAGES / 2) as u64).collect();
-    for c in clients {
-        let (a, b) = c.join().unwrap();
+    for (a, b, _) in run_clients().await {
         assert_eq!(a, expected, "channel a: each once, in order");
         assert_eq!(b, expected, "channel b: each once, in order");
+    }
+}
+
+/// A known bug, not yet found: now and then (about one run in fifteen
+/// with both cores loaded, on a debug build; the same before the
+/// session of 2026-12-08) one client waits for one answer until its
+/// poll's timeout (5 s) although messages came on its channels: a lost
+/// wake-up somewhere between the delivering task on one worker thread and
+/// the poll's task on the other. Nothing is lost (the test above holds),
+/// but the message is late by up to a timeout. Run it with
+/// `cargo test --test concurrency -- --ignored`, a few times, with the
+/// machine loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a known bug: an answer now and then waits for its poll's timeout"]
+async fn no_answer_waits_for_its_polls_timeout_under_concurrent_publishes() {
+    for (_, _, longest) in run_clients().await {
+        assert!(
+            longest < Duration::from_secs(3),
+            "an answer took {longest:?}"
+        );
     }
 }

@@ -122,6 +122,13 @@ async fn gone(stream: &mut Stream, buf: &mut BytesMut, max_buffered: usize) {
             Ok(0) | Err(_) => return,
             Ok(n) => buf.extend_from_slice(&probe[..n]),
         }
+        // What the client sent may be its next request, sent because the
+        // delivering task already wrote this poll's answer (settled: the
+        // poll's task was not woken for it). Reading it took the wake-up
+        // the task was counting on, so it lets the task run again at once:
+        // the hold then looks at its wake-up slot before waiting, instead
+        // of sleeping until the poll's timeout with the answer given.
+        tokio::task::yield_now().await;
     }
 }
 
